@@ -1,0 +1,163 @@
+"""A trained model as a directory: written atomically, verified on load, never unpickled.
+
+Layout (format 1)::
+
+    MODEL_DIR/
+      weights.safetensors   network tensors + item popularity (safetensors: no pickle)
+      items.json            item ids in index order
+      config.json           hyperparameters (GRU4RecConfig)
+      metadata.json         format, version id, created, training stats, metrics,
+                            and the SHA-256 of each of the three files above
+
+A directory is written under a temporary name next to its destination and renamed into
+place, so a reader sees a whole artifact or none. Loading checks every checksum and shape
+before building the model, so a truncated, tampered or incompatible artifact is refused
+with a reason instead of being served.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from model.config import GRU4RecConfig
+from model.data import ItemMap
+from model.errors import UserError
+from model.inference import Recommender, select_device
+from model.network import GRU4RecNetwork
+
+FORMAT = 1
+WEIGHTS, ITEMS, CONFIG, METADATA = "weights.safetensors", "items.json", "config.json", "metadata.json"
+POPULARITY_KEY = "__popularity__"
+
+
+def new_version_id() -> str:
+    """A sortable, unique version id: UTC time plus random bits."""
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    return f"v{stamp}-{secrets.token_hex(3)}"
+
+
+def save_model(recommender: Recommender, directory: str | os.PathLike[str], *,
+               training: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
+               version: str | None = None) -> Path:
+    """Write ``recommender`` to ``directory`` (which must not exist yet); return the path.
+
+    The version id is stored in the artifact and set on ``recommender``.
+    """
+    target = Path(directory)
+    if target.exists():
+        raise UserError(f"{target}: already exists; model directories are never overwritten")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    version = version or new_version_id()
+    staging = target.parent / f".{target.name}.tmp-{secrets.token_hex(4)}"
+    staging.mkdir()
+    try:
+        tensors = {name: t.detach().cpu().contiguous()
+                   for name, t in recommender.network.state_dict().items()}
+        tensors[POPULARITY_KEY] = torch.from_numpy(recommender.popularity.copy())
+        save_file(tensors, str(staging / WEIGHTS))
+        _write_json(staging / ITEMS, recommender.item_map.ids)
+        _write_json(staging / CONFIG, recommender.config.to_dict())
+        metadata = {
+            "format": FORMAT,
+            "version": version,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "n_items": recommender.n_items,
+            "state_size": recommender.state_size,
+            "training": training or {},
+            "metrics": metrics or {},
+            "files": {name: _sha256(staging / name) for name in (WEIGHTS, ITEMS, CONFIG)},
+        }
+        _write_json(staging / METADATA, metadata)
+        _fsync_dir(staging)
+        os.rename(staging, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    recommender.version = version
+    recommender.metadata = metadata
+    return target
+
+
+def load_model(directory: str | os.PathLike[str], device: str | None = None) -> Recommender:
+    """Load and verify a model directory; raise :class:`UserError` if anything is off."""
+    path = Path(directory)
+    if not path.is_dir():
+        raise UserError(f"{path}: not a model directory")
+    metadata = _read_json(path, METADATA)
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        raise UserError(f"{path}: unsupported artifact format {metadata.get('format')!r} "
+                        f"(this streamrec reads format {FORMAT})"
+                        if isinstance(metadata, dict) else f"{path}: {METADATA} is not an object")
+    files = metadata.get("files", {})
+    for name in (WEIGHTS, ITEMS, CONFIG):
+        if not (path / name).is_file():
+            raise UserError(f"{path}: missing {name} (partial or truncated artifact)")
+        if files.get(name) != _sha256(path / name):
+            raise UserError(f"{path}: checksum mismatch for {name} (corrupt or tampered)")
+    config = GRU4RecConfig.from_dict(_read_json(path, CONFIG))
+    item_ids = _read_json(path, ITEMS)
+    if not isinstance(item_ids, list) or not all(isinstance(i, str) for i in item_ids) \
+            or len(set(item_ids)) != len(item_ids):
+        raise UserError(f"{path}: {ITEMS} must be a list of distinct item id strings")
+    try:
+        tensors = load_file(str(path / WEIGHTS))
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"{path}: cannot read {WEIGHTS}: {exc}") from None
+    popularity = tensors.pop(POPULARITY_KEY, None)
+    network = GRU4RecNetwork(config, len(item_ids))
+    expected = {name: tuple(t.shape) for name, t in network.state_dict().items()}
+    found = {name: tuple(t.shape) for name, t in tensors.items()}
+    if popularity is None or expected != found or tuple(popularity.shape) != (len(item_ids),):
+        raise UserError(f"{path}: weights do not match config.json and items.json "
+                        f"(incompatible artifact)")
+    network.load_state_dict(tensors)
+    network.to(select_device(device))
+    return Recommender(network, ItemMap(item_ids), popularity.numpy().astype(np.float64),
+                       config, version=str(metadata.get("version", "unknown")),
+                       metadata=metadata)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, value: Any) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(value, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _read_json(directory: Path, name: str) -> Any:
+    try:
+        return json.loads((directory / name).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{directory}: missing {name} (not a model directory, or a partial "
+                        f"one)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{directory}: {name} is not valid JSON ({exc})") from None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,145 @@
+"""Next-item evaluation as in the GRU4Rec papers: Recall@K and MRR@K over the full catalogue.
+
+For every event of a test session but the last, the scorer ranks the session's next item
+against every item it knows. A target the scorer does not know cannot be ranked: it is
+skipped and counted (``n_skipped_unknown``), never silently dropped. Ties are resolved by
+``ties``: ``conservative`` (the target ranks below every item with an equal score, the
+default and the papers' choice), ``optimistic`` (above them) or ``median``.
+
+Any model that implements :class:`SessionScorer` is evaluated by the same loop: GRU4Rec
+through :class:`RecommenderScorer` and the baselines in :mod:`model.baselines`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from model.data import ClickLog, ItemMap
+from model.errors import UserError
+from model.inference import Recommender
+
+TIE_MODES = ("conservative", "optimistic", "median")
+DEFAULT_KS = (1, 5, 10, 20)
+
+
+class SessionScorer(Protocol):
+    """What the evaluation loop needs of a model; states are opaque to it."""
+
+    item_map: ItemMap
+
+    def start(self, n: int) -> Any:
+        """States for ``n`` new sessions."""
+
+    def advance(self, states: Any, items: np.ndarray) -> Any:
+        """States after one click per row; rows whose item is -1 keep their state."""
+
+    def score(self, states: Any, rows: np.ndarray) -> torch.Tensor:
+        """Scores of all items for the given rows, shape ``(len(rows), n_items)``."""
+
+
+class RecommenderScorer:
+    """GRU4Rec through :class:`Recommender`: the same calls the stream makes."""
+
+    def __init__(self, recommender: Recommender) -> None:
+        self.recommender = recommender
+        self.item_map = recommender.item_map
+
+    def start(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.recommender.initial_states(n),
+                torch.zeros(n, dtype=torch.bool, device=self.recommender.device))
+
+    def advance(self, states: tuple[torch.Tensor, torch.Tensor],
+                items: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, started = states
+        items_t = torch.from_numpy(items)
+        return (self.recommender.step(hidden, items_t),
+                started | (items_t >= 0).to(started.device))
+
+    def score(self, states: tuple[torch.Tensor, torch.Tensor], rows: np.ndarray) -> torch.Tensor:
+        hidden, started = states
+        index = torch.from_numpy(rows).to(hidden.device)
+        return self.recommender.scores(hidden[index], started[index])
+
+
+@dataclass
+class EvaluationResult:
+    ks: tuple[int, ...]
+    hits: dict[int, float] = field(default_factory=dict)
+    reciprocal_ranks: dict[int, float] = field(default_factory=dict)
+    n_predictions: int = 0
+    n_skipped_unknown: int = 0
+
+    def recall(self, k: int) -> float:
+        return self.hits[k] / self.n_predictions if self.n_predictions else 0.0
+
+    def mrr(self, k: int) -> float:
+        return self.reciprocal_ranks[k] / self.n_predictions if self.n_predictions else 0.0
+
+    def to_dict(self) -> dict[str, float | int]:
+        out: dict[str, float | int] = {}
+        for k in self.ks:
+            out[f"recall@{k}"] = self.recall(k)
+            out[f"mrr@{k}"] = self.mrr(k)
+        out["n_predictions"] = self.n_predictions
+        out["n_skipped_unknown"] = self.n_skipped_unknown
+        return out
+
+
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor, ties: str) -> torch.Tensor:
+    """1-based rank of each row's target among all columns (float: median can be x.5)."""
+    target_scores = scores.gather(1, targets.unsqueeze(1))
+    greater = (scores > target_scores).sum(dim=1).double()
+    if ties == "optimistic":
+        return greater + 1
+    equal = (scores == target_scores).sum(dim=1).double()  # includes the target itself
+    if ties == "conservative":
+        return greater + equal
+    return greater + (equal + 1) / 2
+
+
+def evaluate(scorer: SessionScorer, log: ClickLog, ks: Sequence[int] = DEFAULT_KS,
+             ties: str = "conservative", sessions_per_batch: int = 512) -> EvaluationResult:
+    """Recall@K and MRR@K of ``scorer`` on every next-click prediction in ``log``."""
+    if ties not in TIE_MODES:
+        raise UserError(f"unknown tie mode {ties!r}; use one of {', '.join(TIE_MODES)}")
+    if not ks or any(k < 1 for k in ks):
+        raise UserError(f"cutoffs must be positive integers, got {list(ks)}")
+    ks = tuple(sorted(set(int(k) for k in ks)))
+    result = EvaluationResult(ks=ks, hits=dict.fromkeys(ks, 0.0),
+                              reciprocal_ranks=dict.fromkeys(ks, 0.0))
+    items = log.item_indexes(scorer.item_map)
+    offsets = log.session_offsets()
+    for first in range(0, log.n_sessions, sessions_per_batch):
+        starts = offsets[first:first + sessions_per_batch + 1]
+        _evaluate_sessions(scorer, items, starts[:-1], starts[1:], ties, result)
+    return result
+
+
+def _evaluate_sessions(scorer: SessionScorer, items: np.ndarray, starts: np.ndarray,
+                       ends: np.ndarray, ties: str, result: EvaluationResult) -> None:
+    """Walk a group of sessions position by position, all sessions at once."""
+    lengths = ends - starts
+    states = scorer.start(len(starts))
+    for position in range(int(lengths.max()) - 1):
+        active = lengths > position + 1
+        clicked = np.where(active, items[np.minimum(starts + position, ends - 1)], -1)
+        states = scorer.advance(states, clicked)
+        rows = np.flatnonzero(active)
+        targets = items[starts[rows] + position + 1]
+        known = targets >= 0
+        result.n_skipped_unknown += int((~known).sum())
+        rows, targets = rows[known], targets[known]
+        if len(rows) == 0:
+            continue
+        scores = scorer.score(states, rows)
+        ranks = target_ranks(scores, torch.from_numpy(targets).to(scores.device), ties).cpu()
+        result.n_predictions += len(rows)
+        for k in result.ks:
+            hit = ranks <= k
+            result.hits[k] += float(hit.sum())
+            result.reciprocal_ranks[k] += float((hit / ranks).sum())

@@ -1,0 +1,101 @@
+"""The one inference path shared by offline evaluation and the stream.
+
+:class:`Recommender` is a trained network plus what is needed to serve it: the item map,
+item popularity (the fallback for a session that has not clicked a known item yet) and the
+version id. Its two operations are batched: advance many sessions' states by one click
+each, and rank the whole catalogue for many states. Offline evaluation and the Faust worker
+both call exactly these, so "the stream equals the offline evaluation" holds by
+construction.
+
+Unknown items (index -1) leave a session's state unchanged: the model has nothing to say
+about them, and resetting would throw away what the session told us so far.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.config import GRU4RecConfig
+from model.data import ItemMap
+from model.errors import UserError
+from model.network import GRU4RecNetwork
+
+
+def select_device(name: str | None = None) -> torch.device:
+    """``cuda`` when available and not overridden; a clear error for an unusable choice."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}: use cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"unsupported device {name!r}: use cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("device cuda requested but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+class Recommender:
+    """A servable GRU4Rec model: batched state updates and full-catalogue ranking."""
+
+    def __init__(self, network: GRU4RecNetwork, item_map: ItemMap, popularity: np.ndarray,
+                 config: GRU4RecConfig, version: str = "unsaved",
+                 metadata: dict[str, Any] | None = None) -> None:
+        if len(item_map) != network.n_items or len(popularity) != network.n_items:
+            raise ValueError("item map, popularity and network disagree on the catalogue size")
+        self.network = network.eval()
+        self.item_map = item_map
+        self.popularity = np.asarray(popularity, dtype=np.float64)
+        self.config = config
+        self.version = version
+        self.metadata = metadata or {}
+        self.device = network.item_output.device
+        peak = max(float(self.popularity.max(initial=0.0)), 1.0)
+        self._popularity_scores = torch.as_tensor(self.popularity / peak, dtype=torch.float32,
+                                                  device=self.device)
+
+    @property
+    def n_items(self) -> int:
+        return self.network.n_items
+
+    @property
+    def state_size(self) -> int:
+        return self.network.state_size
+
+    def initial_states(self, n: int) -> torch.Tensor:
+        return self.network.initial_state(n, self.device)
+
+    @torch.no_grad()
+    def step(self, states: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Advance each row of ``states`` by its clicked item; rows with item -1 keep theirs."""
+        states = states.to(self.device)
+        items = items.to(self.device)
+        known = items >= 0
+        if bool(known.all()):
+            return self.network.step(states, items)
+        advanced = states.clone()
+        if bool(known.any()):
+            advanced[known] = self.network.step(states[known], items[known])
+        return advanced
+
+    @torch.no_grad()
+    def scores(self, states: torch.Tensor, started: torch.Tensor) -> torch.Tensor:
+        """Scores of every item for each state; popularity for sessions not ``started``
+        (no known item clicked yet)."""
+        states = states.to(self.device)
+        started = started.to(self.device)
+        scores = self.network.score_all(self.network.last_output(states))
+        if not bool(started.all()):
+            scores[~started] = self._popularity_scores
+        return scores
+
+    @torch.no_grad()
+    def top_k(self, states: torch.Tensor, started: torch.Tensor,
+              k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` best item indexes and their scores for each state, best first."""
+        result = torch.topk(self.scores(states, started), min(k, self.n_items), dim=1)
+        return result.indices, result.values

@@ -1,0 +1,209 @@
+"""Training GRU4Rec: session-parallel mini-batches and the sampled-loss training loop.
+
+Session-parallel mini-batches (ICLR 2016): the ``batch_size`` slots of a mini-batch each
+follow one session, one event per step; when a session has no next event its slot's hidden
+state is reset and the slot takes the next session (sessions in order of their first
+event, never shuffled). When no session is left, the slot is dropped and the batch shrinks,
+so the last events of an epoch are trained on, not thrown away.
+
+The same loop warm-starts from an existing model (learning while serving): the item map
+and the network grow with the new items, and known items keep their rows.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from model.config import GRU4RecConfig
+from model.data import ClickLog, ItemMap
+from model.errors import UserError
+from model.inference import Recommender, select_device
+from model.losses import make_loss
+from model.network import GRU4RecNetwork
+from model.optim import AdagradNesterov
+from model.sampling import PopularitySampler
+from model.train_step import TrainingStep
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One step of session-parallel training.
+
+    Before the step, the caller keeps the state rows ``keep`` (None: all rows) and then
+    zeroes the rows flagged in ``reset`` (slots that start a new session).
+    """
+
+    inputs: np.ndarray
+    targets: np.ndarray
+    keep: np.ndarray | None
+    reset: np.ndarray
+
+
+def session_parallel_batches(items: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+                             batch_size: int) -> Iterator[Batch]:
+    """Yield the steps of one epoch over sessions ``items[starts[k]:ends[k]]``, in order k."""
+    usable = (ends - starts) >= 2
+    starts, ends = starts[usable], ends[usable]
+    n_sessions = len(starts)
+    slots = min(batch_size, n_sessions)
+    position = starts[:slots].copy()
+    end = ends[:slots].copy()
+    next_session = slots
+    reset = np.ones(slots, dtype=bool)
+    keep: np.ndarray | None = None
+    while len(position):
+        yield Batch(items[position], items[position + 1], keep, reset)
+        position += 1
+        finished = np.flatnonzero(position + 1 >= end)
+        reset = np.zeros(len(position), dtype=bool)
+        keep = None
+        if len(finished):
+            n_new = min(len(finished), n_sessions - next_session)
+            refill = finished[:n_new]
+            position[refill] = starts[next_session:next_session + n_new]
+            end[refill] = ends[next_session:next_session + n_new]
+            next_session += n_new
+            reset[refill] = True
+            if n_new < len(finished):
+                alive = np.ones(len(position), dtype=bool)
+                alive[finished[n_new:]] = False
+                keep = np.flatnonzero(alive)
+                position, end, reset = position[keep], end[keep], reset[keep]
+
+
+@dataclass(frozen=True)
+class TrainingSessions:
+    """A click log encoded for training: item indexes and session bounds in time order."""
+
+    items: np.ndarray
+    starts: np.ndarray
+    ends: np.ndarray
+
+    @property
+    def n_events(self) -> int:
+        return int((self.ends - self.starts).sum())
+
+    @property
+    def n_predictions(self) -> int:
+        return int(np.maximum(self.ends - self.starts - 1, 0).sum())
+
+    @classmethod
+    def from_log(cls, log: ClickLog, item_map: ItemMap) -> TrainingSessions:
+        """Encode ``log`` with ``item_map`` (grown by the log's new items)."""
+        item_map.add(log.item_ids)
+        offsets = log.session_offsets()
+        starts, ends = offsets[:-1], offsets[1:]
+        order = np.argsort(log.times[starts], kind="stable")
+        return cls(items=log.item_indexes(item_map), starts=starts[order], ends=ends[order])
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    epochs: int
+    n_events: int
+    final_loss: float
+    train_seconds: float
+    epoch_losses: tuple[float, ...]
+
+    @property
+    def events_per_s(self) -> float:
+        return self.n_events * self.epochs / max(self.train_seconds, 1e-9)
+
+
+def train(log: ClickLog, config: GRU4RecConfig | None = None, *, seed: int = 0,
+          device: str | None = None, base: Recommender | None = None,
+          progress: bool = True) -> tuple[Recommender, TrainStats]:
+    """Train GRU4Rec on ``log``; warm-start from ``base`` when given.
+
+    Warm-starting keeps ``base``'s weights and item indexes, adds rows for items first seen
+    in ``log``, and adds ``log``'s item counts to the popularity used for fallbacks.
+    ``base`` itself is left untouched.
+    """
+    config = config or (base.config if base else GRU4RecConfig())
+    torch_device = select_device(device)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    item_map = base.item_map.copy() if base else ItemMap()
+    sessions = TrainingSessions.from_log(log, item_map)
+    if sessions.n_predictions == 0:
+        raise UserError(f"{log.source}: no session has two or more events; nothing to train on")
+    if base is not None:
+        if base.config.layers != config.layers or base.config.embedding != config.embedding \
+                or base.config.constrained_embedding != config.constrained_embedding:
+            raise UserError("warm start needs the base model's architecture "
+                            "(layers, embedding, constrained_embedding)")
+        network = GRU4RecNetwork(config, base.network.n_items)
+        network.load_state_dict(base.network.state_dict())
+        network.grow(len(item_map), generator=generator)
+        popularity = np.zeros(len(item_map))
+        popularity[:len(base.popularity)] = base.popularity
+    else:
+        network = GRU4RecNetwork(config, len(item_map), generator=generator)
+        popularity = np.zeros(len(item_map))
+    counts = np.bincount(sessions.items, minlength=len(item_map)).astype(np.float64)
+    popularity += counts
+    network.to(torch_device)
+    stats = _fit(network, sessions, counts, config, seed, torch_device, progress)
+    network.eval()
+    return Recommender(network, item_map, popularity, config), stats
+
+
+def _fit(network: GRU4RecNetwork, sessions: TrainingSessions, support: np.ndarray,
+         config: GRU4RecConfig, seed: int, device: torch.device,
+         progress: bool) -> TrainStats:
+    network.train()
+    sampler = PopularitySampler(support, config.sample_alpha, config.sample_store_size,
+                                torch.Generator(device).manual_seed(seed), device)
+    log_q = sampler.log_probabilities() * config.logq if config.loss == "cross-entropy" \
+        and config.logq > 0 else None
+    optimizer = AdagradNesterov(network.parameters(), config.learning_rate, config.momentum)
+    step = TrainingStep(network, optimizer, make_loss(config.loss, config.bpreg), log_q)
+    epoch_losses: list[float] = []
+    started = time.perf_counter()
+    for epoch in range(config.n_epochs):
+        bar = tqdm(total=sessions.n_predictions, desc=f"epoch {epoch + 1}/{config.n_epochs}",
+                   unit="ev", file=sys.stderr, disable=not progress, leave=True,
+                   mininterval=0.5)
+        state = network.initial_state(min(config.batch_size, len(sessions.starts)), device)
+        loss_sum = torch.zeros((), device=device)
+        n_steps = 0
+        epoch_start = time.perf_counter()
+        for batch in session_parallel_batches(sessions.items, sessions.starts,
+                                              sessions.ends, config.batch_size):
+            if batch.keep is not None:
+                state = state[torch.from_numpy(batch.keep).to(device)]
+            if batch.reset.any():
+                state[torch.from_numpy(batch.reset).to(device)] = 0.0
+            inputs = torch.from_numpy(batch.inputs).to(device)
+            targets = torch.from_numpy(batch.targets).to(device)
+            out_items = torch.cat([targets, sampler.sample(config.n_sample)])
+            state, loss = step(state, inputs, out_items)
+            loss_sum += loss
+            n_steps += 1
+            if progress and n_steps % 200 == 0:
+                _show(bar, n_steps * config.batch_size, loss_sum.item() / n_steps, epoch_start)
+        epoch_loss = loss_sum.item() / max(n_steps, 1)
+        if not math.isfinite(epoch_loss):
+            raise UserError(f"training diverged in epoch {epoch + 1} (loss {epoch_loss}); "
+                            f"try a lower learning_rate than {config.learning_rate}")
+        _show(bar, sessions.n_predictions, epoch_loss, epoch_start)
+        bar.close()
+        epoch_losses.append(epoch_loss)
+    return TrainStats(epochs=config.n_epochs, n_events=sessions.n_events,
+                      final_loss=epoch_losses[-1],
+                      train_seconds=time.perf_counter() - started,
+                      epoch_losses=tuple(epoch_losses))
+
+
+def _show(bar: tqdm, done: int, loss: float, epoch_start: float) -> None:
+    bar.n = min(done, bar.total)
+    rate = done / max(time.perf_counter() - epoch_start, 1e-9)
+    bar.set_postfix(loss=f"{loss:.4f}", ev_s=f"{rate:,.0f}", refresh=True)

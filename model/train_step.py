@@ -1,0 +1,158 @@
+"""One GRU4Rec training step with a hand-written backward pass.
+
+A step is tiny (32 sessions, one GRU step, ~2,000 sampled items) and runs ~20,000 times
+per epoch, so autograd's bookkeeping and the scatter kernels behind an indexed gather's
+gradient cost more than the arithmetic. The step is therefore written out: the forward
+pass keeps what the backward pass needs, the backward pass is the chain rule of the
+network in :mod:`model.network` (which stays the reference: a test checks these gradients
+against autograd through it), and only the loss, a function of the score matrix, goes
+through autograd so every loss in :mod:`model.losses` works unchanged.
+
+Item rows are gathered once per step (the unique items of the batch); their gradient is
+accumulated per unique row and handed to the optimizer by index, so nothing scales with
+the catalogue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from model.losses import LossFunction
+from model.network import GRU4RecNetwork
+from model.optim import AdagradNesterov
+
+
+@dataclass
+class _LayerCache:
+    layer_input: torch.Tensor
+    previous: torch.Tensor
+    reset: torch.Tensor
+    update: torch.Tensor
+    candidate: torch.Tensor
+    hidden_candidate: torch.Tensor
+    dropout_mask: torch.Tensor | None
+
+
+class TrainingStep:
+    """Forward, backward and update for one session-parallel mini-batch."""
+
+    def __init__(self, network: GRU4RecNetwork, optimizer: AdagradNesterov,
+                 loss_fn: LossFunction, log_q: torch.Tensor | None) -> None:
+        self.network = network
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.log_q = log_q
+        self.layers = network.config.layers
+        self.p_embed = network.config.dropout_p_embed
+        self.p_hidden = network.config.dropout_p_hidden
+        item_params = network.item_parameters()
+        self.dense_params = [p for p in network.parameters()
+                             if all(p is not q for q in item_params)]
+
+    @staticmethod
+    def _dropout_mask(like: torch.Tensor, p: float) -> torch.Tensor | None:
+        if p <= 0:
+            return None
+        return torch.empty_like(like).bernoulli_(1.0 - p).div_(1.0 - p)
+
+    @torch.no_grad()
+    def __call__(self, state: torch.Tensor, inputs: torch.Tensor,
+                 out_items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Train on one batch: ``inputs`` are clicked items, ``out_items`` the targets
+        (first ``len(inputs)``) then the shared negatives. Returns (new state, loss)."""
+        net = self.network
+        n = len(inputs)
+        tied = net.item_input is None
+        if tied:
+            rows, inverse = torch.unique(torch.cat([inputs, out_items]), return_inverse=True)
+            in_inverse, out_inverse = inverse[:n], inverse[n:]
+            in_rows = out_rows = rows
+            out_table = in_table = net.item_output[rows]
+        else:
+            in_rows, in_inverse = torch.unique(inputs, return_inverse=True)
+            out_rows, out_inverse = torch.unique(out_items, return_inverse=True)
+            in_table = net.item_input[in_rows]
+            out_table = net.item_output[out_rows]
+        x = in_table[in_inverse]
+        out_weights = out_table[out_inverse]
+        out_bias = net.item_bias[out_items].t()
+
+        embed_mask = None if net.one_hot else self._dropout_mask(x, self.p_embed)
+        if embed_mask is not None:
+            x = x * embed_mask
+        caches: list[_LayerCache] = []
+        new_states = []
+        offset = 0
+        for i, units in enumerate(self.layers):
+            previous = state[:, offset:offset + units]
+            offset += units
+            if i == 0 and net.one_hot:
+                gates_x = x + net.biases[i]
+            else:
+                gates_x = torch.addmm(net.biases[i], x, net.input_weights[i - net.one_hot])
+            gates_h = previous @ net.hidden_weights[i]
+            reset_update = torch.sigmoid(gates_x[:, :2 * units] + gates_h[:, :2 * units])
+            reset, update = reset_update[:, :units], reset_update[:, units:]
+            hidden_candidate = gates_h[:, 2 * units:]
+            candidate = torch.tanh(gates_x[:, 2 * units:] + reset * hidden_candidate)
+            hidden = candidate + update * (previous - candidate)
+            new_states.append(hidden)
+            mask = self._dropout_mask(hidden, self.p_hidden)
+            caches.append(_LayerCache(x, previous, reset, update, candidate,
+                                      hidden_candidate, mask))
+            x = hidden * mask if mask is not None else hidden
+
+        scores = torch.addmm(out_bias, x, out_weights.t())
+        if self.log_q is not None:
+            scores -= self.log_q[out_items]
+        with torch.enable_grad():
+            scores.requires_grad_()
+            loss = self.loss_fn(scores)
+            loss.backward()
+        d_scores = scores.grad
+
+        d_out_weights = d_scores.t() @ x
+        d_out_bias = d_scores.sum(dim=0)
+        d_x = d_scores @ out_weights
+        for i in reversed(range(len(self.layers))):
+            d_x = self._layer_backward(i, caches[i], d_x)
+        if embed_mask is not None:
+            d_x = d_x * embed_mask
+
+        self.optimizer.step_dense(self.dense_params)
+        out_grad = torch.zeros_like(out_table).index_add_(0, out_inverse, d_out_weights)
+        bias_grad = out_table.new_zeros(len(out_rows), 1).index_add_(0, out_inverse,
+                                                             d_out_bias.unsqueeze(1))
+        if tied:
+            out_grad.index_add_(0, in_inverse, d_x)
+            used_as_output = torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
+            used_as_output[out_inverse] = True
+            self.optimizer.step_rows(net.item_output, rows, out_grad)
+            self.optimizer.step_rows(net.item_bias, rows[used_as_output],
+                                     bias_grad[used_as_output])
+        else:
+            in_grad = torch.zeros_like(in_table).index_add_(0, in_inverse, d_x)
+            self.optimizer.step_rows(net.item_input, in_rows, in_grad)
+            self.optimizer.step_rows(net.item_output, out_rows, out_grad)
+            self.optimizer.step_rows(net.item_bias, out_rows, bias_grad)
+        return torch.cat(new_states, dim=1), loss.detach()
+
+    def _layer_backward(self, i: int, cache: _LayerCache, d_output: torch.Tensor) -> torch.Tensor:
+        """Gradients of layer ``i``'s weights (stored in ``.grad``); returns d(layer input)."""
+        net = self.network
+        d_hidden = d_output * cache.dropout_mask if cache.dropout_mask is not None else d_output
+        update, candidate, reset = cache.update, cache.candidate, cache.reset
+        d_candidate_pre = d_hidden * (1 - update) * (1 - candidate * candidate)
+        d_update_pre = d_hidden * (cache.previous - candidate) * update * (1 - update)
+        d_reset_pre = d_candidate_pre * cache.hidden_candidate * reset * (1 - reset)
+        d_gates_x = torch.cat([d_reset_pre, d_update_pre, d_candidate_pre], dim=1)
+        d_gates_h = torch.cat([d_reset_pre, d_update_pre, d_candidate_pre * reset], dim=1)
+        net.hidden_weights[i].grad = cache.previous.t() @ d_gates_h
+        net.biases[i].grad = d_gates_x.sum(dim=0)
+        if i == 0 and net.one_hot:
+            return d_gates_x  # the gradient of the item's row of one-hot input weights
+        weights = net.input_weights[i - net.one_hot]
+        weights.grad = cache.layer_input.t() @ d_gates_x
+        return d_gates_x @ weights.t()

@@ -1,0 +1,1 @@
+"""The service around the model: Kafka, Faust, brokers, replay, metrics and the CLI."""

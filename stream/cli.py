@@ -1,0 +1,44 @@
+"""`streamrec`: one entry point, one subcommand per job.
+
+Each subcommand lives next to the code it drives and registers itself through an
+``add_parser(subparsers)`` function; this module only wires them together and turns a
+:class:`model.errors.UserError` into one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from model.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from stream import brokers, offline_commands
+
+    parser = argparse.ArgumentParser(
+        prog="streamrec",
+        description="Real-time session-based recommendations (GRU4Rec) on Kafka.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    offline_commands.add_parsers(subparsers)
+    brokers.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except UserError as exc:
+        print(f"streamrec {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"streamrec {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
