@@ -120,8 +120,10 @@ class TrainStats:
 
 def train(log: ClickLog, config: GRU4RecConfig | None = None, *, seed: int = 0,
           device: str | None = None, base: Recommender | None = None,
-          progress: bool = True) -> tuple[Recommender, TrainStats]:
+          progress: bool = True, max_batches: int | None = None) -> tuple[Recommender, TrainStats]:
     """Train GRU4Rec on ``log``; warm-start from ``base`` when given.
+
+    ``max_batches`` stops each epoch early (benchmarks on logs too large to finish).
 
     Warm-starting keeps ``base``'s weights and item indexes, adds rows for items first seen
     in ``log``, and adds ``log``'s item counts to the popularity used for fallbacks.
@@ -151,14 +153,14 @@ def train(log: ClickLog, config: GRU4RecConfig | None = None, *, seed: int = 0,
     counts = np.bincount(sessions.items, minlength=len(item_map)).astype(np.float64)
     popularity += counts
     network.to(torch_device)
-    stats = _fit(network, sessions, counts, config, seed, torch_device, progress)
+    stats = _fit(network, sessions, counts, config, seed, torch_device, progress, max_batches)
     network.eval()
     return Recommender(network, item_map, popularity, config), stats
 
 
 def _fit(network: GRU4RecNetwork, sessions: TrainingSessions, support: np.ndarray,
          config: GRU4RecConfig, seed: int, device: torch.device,
-         progress: bool) -> TrainStats:
+         progress: bool, max_batches: int | None) -> TrainStats:
     network.train()
     sampler = PopularitySampler(support, config.sample_alpha, config.sample_store_size,
                                 torch.Generator(device).manual_seed(seed), device)
@@ -188,6 +190,8 @@ def _fit(network: GRU4RecNetwork, sessions: TrainingSessions, support: np.ndarra
             state, loss = step(state, inputs, out_items)
             loss_sum += loss
             n_steps += 1
+            if n_steps == max_batches:
+                break
             if progress and n_steps % 200 == 0:
                 _show(bar, n_steps * config.batch_size, loss_sum.item() / n_steps, epoch_start)
         epoch_loss = loss_sum.item() / max(n_steps, 1)
@@ -197,7 +201,8 @@ def _fit(network: GRU4RecNetwork, sessions: TrainingSessions, support: np.ndarra
         _show(bar, sessions.n_predictions, epoch_loss, epoch_start)
         bar.close()
         epoch_losses.append(epoch_loss)
-    return TrainStats(epochs=config.n_epochs, n_events=sessions.n_events,
+    n_events = sessions.n_events if max_batches is None else n_steps * config.batch_size
+    return TrainStats(epochs=config.n_epochs, n_events=n_events,
                       final_loss=epoch_losses[-1],
                       train_seconds=time.perf_counter() - started,
                       epoch_losses=tuple(epoch_losses))

@@ -15,7 +15,7 @@ from model.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from stream import brokers, offline_commands
+    from stream import bench, brokers, offline_commands, replay, worker
 
     parser = argparse.ArgumentParser(
         prog="streamrec",
@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     offline_commands.add_parsers(subparsers)
     brokers.add_parser(subparsers)
+    worker.add_parser(subparsers)
+    replay.add_parser(subparsers)
+    bench.add_parser(subparsers)
     return parser
 
 

@@ -1,0 +1,245 @@
+"""The Faust worker: clicks in, per-session GRU state in a table, top-N out.
+
+Where a click goes:
+
+1. The ``clicks`` agent (concurrency 1) takes micro-batches of events
+   (``batch_size``/``batch_ms``).
+2. Each message is validated (:mod:`stream.events`); a bad one goes to the dead-letter
+   topic with its reason and original bytes, and the batch goes on.
+3. The sessions' states are read from the ``sessions`` table and the whole batch is scored
+   with one model call per wave (:mod:`stream.scoring`).
+4. The recommendations are published and their delivery awaited; only then is each new
+   state written to the table, in the context of its own event, so the changelog record
+   lands on the click's partition (faust-streaming #497). Because a state is never
+   written before its click's output was delivered, a click found already applied after a
+   crash (offset check) already has its output: state is exactly-once, output at least
+   once.
+5. Expiry: a timer sends, per assigned partition, a marker to the co-partitioned
+   ``<app>-expiry`` topic; when the agent reads it, it deletes that partition's idle
+   sessions in the marker's context, which writes changelog tombstones.
+
+An unexpected exception (a bug, not bad input) stops the process without committing the
+batch, so it is redelivered to the restarted worker instead of being acked and lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import faust
+from faust.streams import _current_event
+from faust.types import EventT
+
+from model.inference import Recommender
+from stream.events import Click, Rejected, encode_recommendation, parse_click
+from stream.scoring import SourcedClick, apply_clicks
+from stream.settings import WorkerSettings
+from stream.state import SessionState
+
+logger = logging.getLogger("streamrec.worker")
+
+
+def changelog_topic(settings: WorkerSettings) -> str:
+    return f"{settings.app_id}-sessions-changelog"
+
+
+def expiry_topic(settings: WorkerSettings) -> str:
+    return f"{settings.app_id}-expiry"
+
+
+@dataclass
+class WorkerCounters:
+    """Plain counts, exported as metrics and printed by the demo."""
+
+    events: int = 0
+    published: int = 0
+    duplicates: int = 0
+    unknown_items: int = 0
+    expired: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+
+
+class ClickProcessor:
+    """Everything the agent does with one batch; holds the current model."""
+
+    def __init__(self, settings: WorkerSettings, recommender: Recommender, table: faust.Table,
+                 output: faust.TopicT, dead_letters: faust.TopicT) -> None:
+        self.settings = settings
+        self.recommender = recommender
+        self.table = table
+        self.output = output
+        self.dead_letters = dead_letters
+        self.counters = WorkerCounters()
+        self.watermarks: dict[int, float] = {}
+
+    async def process(self, events: Sequence[EventT]) -> None:
+        logger.debug("batch of %d events", len(events))
+        now = time.time()
+        clicks: list[tuple[EventT, SourcedClick]] = []
+        for event in events:
+            message = event.message
+            if message.topic == expiry_topic(self.settings):
+                self._expire(event)
+                continue
+            parsed = parse_click(message.key, message.value, now)
+            if isinstance(parsed, Rejected):
+                await self._dead_letter(event, parsed)
+                continue
+            clicks.append((event, SourcedClick(parsed, message.partition, message.offset)))
+            mark = self.watermarks.get(message.partition, 0.0)
+            self.watermarks[message.partition] = max(mark, parsed.timestamp)
+        if clicks:
+            await self._answer(clicks)
+
+    async def _answer(self, clicks: list[tuple[EventT, SourcedClick]]) -> None:
+        stored: dict[str, SessionState | None] = {}
+        for _, sourced in clicks:
+            session_id = sourced.click.session_id
+            if session_id not in stored:
+                raw = self.table.get(session_id.encode("utf-8"))
+                stored[session_id] = SessionState.decode(raw) if raw is not None else None
+        recommender = self.recommender  # one version for the whole batch
+        outcomes = apply_clicks(recommender, [c for _, c in clicks], stored,
+                                self.settings.top_n)
+        deliveries = []
+        for (event, sourced), outcome in zip(clicks, outcomes):
+            self.counters.events += 1
+            if outcome.state is None:
+                self.counters.duplicates += 1
+                continue
+            self.counters.unknown_items += not outcome.known_item
+            value = encode_recommendation(sourced.click, outcome.items, outcome.scores,
+                                          recommender.version, sourced.partition,
+                                          sourced.offset)
+            deliveries.append(await self.output.send(
+                key=event.message.key, value=value, partition=sourced.partition, force=True))
+        await asyncio.gather(*deliveries)
+        self.counters.published += len(deliveries)
+        for (event, sourced), outcome in zip(clicks, outcomes):
+            if outcome.state is not None:
+                with _in_context_of(event):
+                    self.table[event.message.key] = outcome.state.encode()
+
+    async def _dead_letter(self, event: EventT, rejected: Rejected) -> None:
+        message = event.message
+        self.counters.rejected[rejected.reason] = self.counters.rejected.get(rejected.reason, 0) + 1
+        headers = [("streamrec-reason", rejected.reason.encode()),
+                   ("streamrec-detail", rejected.detail.encode("utf-8", "replace")[:1000]),
+                   ("streamrec-source", f"{message.topic}/{message.partition}/"
+                                        f"{message.offset}".encode())]
+        delivery = await self.dead_letters.send(key=message.key, value=message.value or b"",
+                                                headers=headers, force=True)
+        await delivery
+        logger.info("rejected %s/%s/%s: %s", message.topic, message.partition,
+                    message.offset, rejected.detail)
+
+    def expiry_markers(self) -> dict[int, float]:
+        """Per partition with sessions, the event time before which sessions expire."""
+        timeout = self.settings.session_timeout_s
+        return {p: mark - timeout for p, mark in self.watermarks.items()}
+
+    def _expire(self, event: EventT) -> None:
+        try:
+            before = float(json.loads(event.message.value)["before"])
+        except (ValueError, KeyError, TypeError):
+            logger.warning("ignored a malformed expiry marker")
+            return
+        partition = event.message.partition
+        doomed = []
+        for key, raw in self.table.items():
+            session_partition, last_time = SessionState.peek_partition_and_time(raw)
+            if session_partition == partition and last_time < before:
+                doomed.append(key)
+        with _in_context_of(event):
+            for key in doomed:
+                del self.table[key]
+        self.counters.expired += len(doomed)
+
+
+class _in_context_of:
+    """Make ``event`` Faust's current event, so table writes go to its partition.
+
+    Inside ``take_events()`` the agent task has no current event (a background drainer
+    fills the buffer: faust-streaming #497), and Faust refuses table writes. Setting the
+    private ``_current_event`` ContextVar for the duration of the write is the verified
+    workaround; it is confined to this class.
+    """
+
+    def __init__(self, event: EventT) -> None:
+        self._event = event
+
+    def __enter__(self) -> None:
+        self._token = _current_event.set(weakref.ref(self._event))
+
+    def __exit__(self, *exc: object) -> None:
+        _current_event.reset(self._token)
+
+
+def create_app(settings: WorkerSettings, recommender: Recommender) -> tuple[faust.App, ClickProcessor]:
+    """The Faust app (topics, table, agent, expiry timer) and its processor."""
+    data_dir = settings.faust_data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    session_timeout = settings.group_session_timeout_s
+    app = faust.App(
+        settings.app_id,
+        broker=f"kafka://{settings.bootstrap}",
+        store="memory://",
+        datadir=str(data_dir),
+        autodiscover=False,
+        topic_partitions=settings.partitions,
+        topic_replication_factor=1,
+        topic_disable_leader=True,
+        table_standby_replicas=0,
+        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=session_timeout,
+        broker_heartbeat_interval=session_timeout / 5,
+        broker_rebalance_timeout=max(2 * session_timeout, 20.0),
+        broker_request_timeout=max(3 * session_timeout, 30.0),
+        broker_commit_interval=1.0,
+        producer_linger_ms=1,
+        web_enabled=settings.web_port > 0,
+        web_port=settings.web_port or 6066,
+        web_tables_enabled=False,
+        web_bind="0.0.0.0",
+    )
+    # Raw bytes everywhere: Faust's default JSON codec would drop undecodable clicks
+    # before the agent could route them to the dead-letter topic.
+    raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw",
+           "value_serializer": "raw", "partitions": settings.partitions}
+    clicks = app.topic(settings.input_topic, expiry_topic(settings), **raw)
+    output = app.topic(settings.output_topic, **raw)
+    dead_letters = app.topic(settings.dlq_topic, **raw)
+    expiry = app.topic(expiry_topic(settings), **raw)
+    table = app.Table("sessions", key_type=bytes, value_type=bytes, default=None,
+                      partitions=settings.partitions,
+                      extra_topic_configs={"cleanup.policy": "compact",
+                                           "segment.ms": "600000",
+                                           "min.cleanable.dirty.ratio": "0.2"})
+    processor = ClickProcessor(settings, recommender, table, output, dead_letters)
+
+    @app.agent(clicks, concurrency=1)
+    async def answer_clicks(stream: faust.StreamT) -> None:
+        async for events in stream.take_events(settings.batch_size,
+                                               within=settings.batch_ms / 1000.0):
+            try:
+                await processor.process(events)
+            except Exception:  # a bug: do not let take_events() ack the batch
+                logger.critical("unexpected error; exiting so the batch is redelivered",
+                                exc_info=True)
+                logging.shutdown()
+                os._exit(70)
+
+    @app.timer(settings.expiry_interval_s)
+    async def send_expiry_markers() -> None:
+        for partition, before in processor.expiry_markers().items():
+            await expiry.send(key=b"expiry", value=json.dumps({"before": before}).encode(),
+                              partition=partition, force=True)
+
+    return app, processor

@@ -1,0 +1,131 @@
+"""Apply a batch of clicks to their sessions' states with one batched model call.
+
+This is the worker's computation with Kafka taken out (so it is tested on its own):
+given the clicks of a micro-batch, in input order, and the stored state of each session,
+it returns each click's new state and top-N list. It goes through
+:class:`model.inference.Recommender` exactly as offline evaluation does.
+
+- Two clicks of one session in a batch are applied in order: the batch is cut into
+  "waves" (the first click of every session, then the second, ...), one model call each.
+- A click whose offset is not above the session's last applied offset is a replay after a
+  crash: it is reported as a duplicate and changes nothing (idempotent state).
+- A state computed by another model version is rebuilt from the session's recent items
+  under the current model before the click is applied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from model.inference import Recommender
+from stream.events import Click
+from stream.state import RECENT_ITEMS, SessionState
+
+
+@dataclass(frozen=True, slots=True)
+class SourcedClick:
+    """A click and where it was read from (the idempotence key)."""
+
+    click: Click
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one click produced; ``state`` is None for a replayed duplicate."""
+
+    state: SessionState | None
+    items: tuple[str, ...]
+    scores: tuple[float, ...]
+    known_item: bool
+    rebuilt: bool
+
+
+def apply_clicks(recommender: Recommender, clicks: Sequence[SourcedClick],
+                 stored: dict[str, SessionState | None], top_n: int) -> list[Outcome]:
+    """New state and recommendations for each click, in input order."""
+    outcomes: list[Outcome | None] = [None] * len(clicks)
+    current = dict(stored)
+    seen: dict[str, int] = {}
+    waves: list[list[int]] = []
+    for i, sourced in enumerate(clicks):
+        wave = seen.get(sourced.click.session_id, 0)
+        seen[sourced.click.session_id] = wave + 1
+        if wave == len(waves):
+            waves.append([])
+        waves[wave].append(i)
+    for wave in waves:
+        fresh = []
+        for i in wave:
+            state = current.get(clicks[i].click.session_id)
+            if state is not None and clicks[i].offset <= state.last_offset:
+                outcomes[i] = Outcome(None, (), (), False, False)
+            else:
+                fresh.append(i)
+        if fresh:
+            _apply_wave(recommender, clicks, fresh, current, outcomes, top_n)
+    return outcomes  # type: ignore[return-value]
+
+
+def _apply_wave(recommender: Recommender, clicks: Sequence[SourcedClick], wave: list[int],
+                current: dict[str, SessionState | None], outcomes: list[Outcome | None],
+                top_n: int) -> None:
+    states = [current.get(clicks[i].click.session_id) for i in wave]
+    stale = [j for j, s in enumerate(states) if s is not None
+             and s.model_version != recommender.version]
+    hidden = torch.zeros(len(wave), recommender.state_size)
+    started = torch.zeros(len(wave), dtype=torch.bool)
+    for j, state in enumerate(states):
+        if state is not None and state.model_version == recommender.version:
+            hidden[j] = torch.from_numpy(state.hidden.copy())
+            started[j] = state.started
+    if stale:
+        rebuilt_hidden, rebuilt_started = rebuild_states(
+            recommender, [states[j].recent_items for j in stale])  # type: ignore[union-attr]
+        index = torch.tensor(stale)
+        hidden[index] = rebuilt_hidden.to(hidden.device)
+        started[index] = rebuilt_started
+    items = torch.tensor([recommender.item_map.index_of(clicks[i].click.item_id) for i in wave],
+                         dtype=torch.int64)
+    new_hidden = recommender.step(hidden, items)
+    new_started = started | (items >= 0)
+    top_items, top_scores = recommender.top_k(new_hidden, new_started.to(recommender.device),
+                                              top_n)
+    ids = recommender.item_map.ids
+    top_items, top_scores = top_items.cpu().numpy(), top_scores.cpu().numpy()
+    new_hidden_np = new_hidden.cpu().numpy()
+    stale_set = set(stale)
+    for j, i in enumerate(wave):
+        sourced = clicks[i]
+        previous = states[j]
+        recent = (previous.recent_items if previous else ()) + (sourced.click.item_id,)
+        state = SessionState(hidden=new_hidden_np[j].copy(),
+                             recent_items=recent[-RECENT_ITEMS:],
+                             last_offset=sourced.offset,
+                             last_time=max(sourced.click.timestamp,
+                                           previous.last_time if previous else 0.0),
+                             started=bool(new_started[j]),
+                             model_version=recommender.version,
+                             partition=sourced.partition)
+        current[sourced.click.session_id] = state
+        outcomes[i] = Outcome(state, tuple(ids[k] for k in top_items[j]),
+                              tuple(float(s) for s in top_scores[j]),
+                              bool(items[j] >= 0), j in stale_set)
+
+
+def rebuild_states(recommender: Recommender,
+                   histories: Sequence[Sequence[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states (and started flags) of sessions replayed from their item histories."""
+    longest = max((len(h) for h in histories), default=0)
+    index = np.full((len(histories), longest), -1, dtype=np.int64)
+    for row, history in enumerate(histories):
+        index[row, :len(history)] = [recommender.item_map.index_of(i) for i in history]
+    hidden = recommender.initial_states(len(histories))
+    for position in range(longest):
+        hidden = recommender.step(hidden, torch.from_numpy(index[:, position]))
+    return hidden, torch.from_numpy((index >= 0).any(axis=1))

@@ -1,0 +1,81 @@
+"""A session's serving state and its byte encoding (the value of the Faust table).
+
+What a session needs to be answered on its next click, and no more:
+
+- ``hidden``: the GRU hidden state (float32), the whole of what the model knows about the
+  session;
+- ``recent_items``: the last ``RECENT_ITEMS`` clicked item ids, so that a state computed
+  by an older model version can be recomputed under a new one (sessions are short: in
+  RSC15 99% have at most 20 clicks, and a GRU's state depends little on clicks further
+  back than that);
+- ``last_offset``: the input offset of the last applied click, the idempotence guard
+  (a replayed click with an offset not above it is not applied again);
+- ``last_time``: event time of the last click, for idle-session expiry;
+- ``partition``: the input partition the session lives on (expiry works per partition);
+- ``started``: whether any click was on an item the model knows (else popularity
+  answers);
+- ``model_version``: the version that computed ``hidden``.
+
+The encoding is a fixed binary header, length-prefixed strings and the raw float32
+vector: compact (≈ 450 bytes for 100 units) and fast to decode on every click.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+FORMAT = 1
+RECENT_ITEMS = 20
+# format, partition, offset, time, started, len(version), n_items, dims
+_HEADER = struct.Struct("<BHqdBBBH")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionState:
+    hidden: np.ndarray
+    recent_items: tuple[str, ...]
+    last_offset: int
+    last_time: float
+    started: bool
+    model_version: str
+    partition: int
+
+    def encode(self) -> bytes:
+        version = self.model_version.encode("utf-8")
+        items = [item.encode("utf-8") for item in self.recent_items[-RECENT_ITEMS:]]
+        hidden = np.ascontiguousarray(self.hidden, dtype=np.float32)
+        parts = [_HEADER.pack(FORMAT, self.partition, self.last_offset, self.last_time, self.started,
+                              len(version), len(items), hidden.size), version]
+        for item in items:
+            parts.append(struct.pack("<H", len(item)))
+            parts.append(item)
+        parts.append(hidden.tobytes())
+        return b"".join(parts)
+
+    @staticmethod
+    def peek_partition_and_time(data: bytes) -> tuple[int, float]:
+        """(partition, last_time) from the header alone: cheap enough to scan a table."""
+        _, partition, _, last_time, *_ = _HEADER.unpack_from(data)
+        return partition, last_time
+
+    @classmethod
+    def decode(cls, data: bytes) -> SessionState:
+        fmt, partition, offset, time, started, version_len, n_items, dims = _HEADER.unpack_from(data)
+        if fmt != FORMAT:
+            raise ValueError(f"unknown session state format {fmt}")
+        pos = _HEADER.size
+        version = data[pos:pos + version_len].decode("utf-8")
+        pos += version_len
+        items = []
+        for _ in range(n_items):
+            (length,) = struct.unpack_from("<H", data, pos)
+            pos += 2
+            items.append(data[pos:pos + length].decode("utf-8"))
+            pos += length
+        hidden = np.frombuffer(data, dtype=np.float32, count=dims, offset=pos)
+        return cls(hidden=hidden, recent_items=tuple(items), last_offset=offset,
+                   last_time=time, started=bool(started), model_version=version,
+                   partition=partition)

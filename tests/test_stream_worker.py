@@ -1,0 +1,226 @@
+"""The streaming worker against a real Kafka broker, with real clients (confluent-kafka, kcat).
+
+Each test starts ``streamrec worker`` as a subprocess on its own topics and app id.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from model.artifact import load_model, save_model
+from model.config import GRU4RecConfig
+from model.data import ClickLog, read_clicks
+from model.evaluate import RecommenderScorer, evaluate
+from model.synth import SynthSpec, generate
+from model.train import train
+from stream.events import Click
+from stream.online_quality import online_quality
+from support import DATA, REPO, StreamNames, WorkerProcess, clicks_in_time_order, \
+    produce_clicks, read_topic
+from stream.topics import ensure_topics
+
+pytestmark = pytest.mark.kafka
+
+
+@pytest.fixture(scope="module")
+def rsc15_model(tmp_path_factory: pytest.TempPathFactory):
+    if not (DATA / "train_full.tsv").exists():
+        pytest.skip(f"rsc15-100k sample not found at {DATA}")
+    recommender, _ = train(read_clicks(DATA / "train_full.tsv"),
+                           GRU4RecConfig(n_epochs=1), seed=0, progress=False)
+    path = tmp_path_factory.mktemp("models") / "rsc15"
+    save_model(recommender, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory: pytest.TempPathFactory):
+    log = generate(SynthSpec(sessions=2000, items=200, seed=3))
+    recommender, _ = train(log, GRU4RecConfig(layers=(16,), n_sample=64, n_epochs=1),
+                           seed=0, progress=False)
+    path = tmp_path_factory.mktemp("models") / "small"
+    save_model(recommender, path)
+    return path
+
+
+def expected_lists(model_dir, sessions: dict[str, list[str]], top_n: int = 20):
+    """The top-N after each click of each session, computed in-process, click by click."""
+    recommender = load_model(model_dir, device="cpu")
+    expected = {}
+    for session, items in sessions.items():
+        state = recommender.initial_states(1)
+        started = torch.zeros(1, dtype=torch.bool)
+        lists = []
+        for item in items:
+            index = torch.tensor([recommender.item_map.index_of(item)])
+            state = recommender.step(state, index)
+            started |= index >= 0
+            top, _ = recommender.top_k(state, started, top_n)
+            lists.append([recommender.item_map.ids[i] for i in top[0].tolist()])
+        expected[session] = lists
+    return expected
+
+
+def published_lists(messages):
+    by_session: dict[str, dict[int, list[str]]] = {}
+    for m in messages:
+        by_session.setdefault(m["session_id"], {})[m["source"]["offset"]] = [
+            r["item_id"] for r in m["recommendations"]]
+    return {s: [lists[o] for o in sorted(lists)] for s, lists in by_session.items()}
+
+
+def test_stream_equals_offline_evaluation(kafka_bootstrap, rsc15_model, tmp_path):
+    """Replaying test sessions through Kafka gives the offline Recall@20 / MRR@20."""
+    test = read_clicks(DATA / "test.tsv")
+    keep = test.sessions < 300
+    prefix = ClickLog(test.sessions[keep], test.items[keep], test.times[keep],
+                      test.session_ids[:300], test.item_ids)
+    recommender = load_model(rsc15_model)
+    offline = evaluate(RecommenderScorer(recommender), prefix, ks=(20,))
+    clicks = clicks_in_time_order(prefix)
+    names = StreamNames("equal")
+    with WorkerProcess(kafka_bootstrap, rsc15_model, names, tmp_path,
+                       "--batch-size", "64") as worker:
+        produce_clicks(kafka_bootstrap, names.clicks, clicks)
+        messages = read_topic(kafka_bootstrap, names.recommendations,
+                              lambda ms: len(ms) >= len(clicks), timeout=120)
+    assert len({(m["source"]["partition"], m["source"]["offset"]) for m in messages}) \
+        == len(clicks), worker.log()[-3000:]
+    online = online_quality(messages, 20, recommender.item_map)
+    assert online.n_predictions == offline.n_predictions
+    assert abs(online.recall - offline.recall(20)) <= 0.001
+    assert abs(online.mrr - offline.mrr(20)) <= 0.001
+    assert {m["model_version"] for m in messages} == {recommender.version}
+
+
+def test_kcat_contract_and_copartitioning(kafka_bootstrap, small_model, tmp_path):
+    """kcat produces a click and reads its recommendation; clicks of one session produced
+    by confluent-kafka and by kcat share a partition and a state."""
+    if shutil.which("kcat") is None:
+        pytest.skip("kcat not installed (make system-deps installs it)")
+    recommender = load_model(small_model)
+    first, second = recommender.item_map.ids[5], recommender.item_map.ids[7]
+    names = StreamNames("kcat")
+    with WorkerProcess(kafka_bootstrap, small_model, names, tmp_path, "--top-n", "7"):
+        produce_clicks(kafka_bootstrap, names.clicks, [Click("sess-α", first, 1000.0)])
+        line = f'sess-α\t{{"session_id": "sess-α", "item_id": "{second}", ' \
+               f'"timestamp": 1001.5, "extra": "ignored"}}\n'
+        subprocess.run(["kcat", "-b", kafka_bootstrap, "-P", "-t", names.clicks, "-K", "\t",
+                        "-X", "partitioner=murmur2_random"], input=line.encode(), check=True)
+        output = subprocess.run(
+            ["kcat", "-b", kafka_bootstrap, "-C", "-t", names.recommendations, "-o",
+             "beginning", "-c", "2", "-f", "%k\t%s\n", "-m", "60"],
+            capture_output=True, check=True, timeout=90).stdout.decode()
+    rows = [line.split("\t", 1) for line in output.strip().splitlines()]
+    assert [key for key, _ in rows] == ["sess-α", "sess-α"]
+    messages = sorted((json.loads(value) for _, value in rows),
+                      key=lambda m: m["source"]["offset"])
+    assert messages[0]["source"]["partition"] == messages[1]["source"]["partition"]
+    assert [m["item_id"] for m in messages] == [first, second]
+    assert messages[1]["timestamp"] == 1001.5
+    assert all(len(m["recommendations"]) == 7 for m in messages)
+    assert messages[0]["model_version"] == recommender.version
+    assert set(messages[0]) == {"session_id", "item_id", "timestamp", "recommendations",
+                                "model_version", "source"}
+    expected = expected_lists(small_model, {"sess-α": [first, second]}, top_n=7)
+    assert published_lists(messages)["sess-α"] == expected["sess-α"]
+
+
+def test_state_continues_across_restart_and_unknown_items(kafka_bootstrap, small_model,
+                                                          tmp_path):
+    """A new worker recovers session states from the changelog; unknown items leave the
+    state unchanged and a session with no known item gets the popularity list."""
+    recommender = load_model(small_model)
+    ids = recommender.item_map.ids
+    sessions = {"a": [ids[1], ids[2], "unknown-1", ids[3]],
+                "b": ["unknown-2", ids[4], ids[5], ids[6]],
+                "c": [ids[7], ids[8], ids[9], ids[10]]}
+    half = [Click(s, items[i], 100.0 + i) for i in range(2) for s, items in sessions.items()]
+    rest = [Click(s, items[i], 100.0 + i) for i in range(2, 4) for s, items in sessions.items()]
+    names = StreamNames("restart")
+    with WorkerProcess(kafka_bootstrap, small_model, names, tmp_path) as worker:
+        produce_clicks(kafka_bootstrap, names.clicks, half)
+        read_topic(kafka_bootstrap, names.recommendations, lambda ms: len(ms) >= 6)
+    assert worker.process.returncode == 0, worker.log()[-2000:]
+    with WorkerProcess(kafka_bootstrap, small_model, names, tmp_path):
+        produce_clicks(kafka_bootstrap, names.clicks, rest)
+        messages = read_topic(kafka_bootstrap, names.recommendations,
+                              lambda ms: len(ms) >= 12)
+    published = published_lists(messages)
+    assert published == expected_lists(small_model, sessions)
+    popular = [ids[i] for i in torch.topk(torch.tensor(recommender.popularity), 20).indices]
+    assert published["b"][0] == popular
+    assert published["a"][2] == published["a"][1]  # unknown item: state unchanged
+
+
+def test_replayed_click_does_not_advance_state_twice(kafka_bootstrap, small_model, tmp_path):
+    """After a SIGKILL, redelivered clicks are recognised by offset: every click is answered
+    and the final lists equal an uninterrupted run's."""
+    recommender = load_model(small_model)
+    ids = recommender.item_map.ids
+    sessions = {f"s{k}": [ids[(7 * k + j) % 150] for j in range(6)] for k in range(30)}
+    clicks = [Click(s, items[j], 10.0 + j) for j in range(6) for s, items in sessions.items()]
+    names = StreamNames("replay")
+    worker = WorkerProcess(kafka_bootstrap, small_model, names, tmp_path).start()
+    produce_clicks(kafka_bootstrap, names.clicks, clicks[:90])
+    read_topic(kafka_bootstrap, names.recommendations, lambda ms: len(ms) >= 60)
+    worker.kill()
+    produce_clicks(kafka_bootstrap, names.clicks, clicks[90:])
+    with WorkerProcess(kafka_bootstrap, small_model, names, tmp_path):
+        messages = read_topic(kafka_bootstrap, names.recommendations,
+                              lambda ms: len({(m["source"]["partition"], m["source"]["offset"])
+                                              for m in ms}) >= len(clicks), timeout=90)
+    sources = {(m["source"]["partition"], m["source"]["offset"]) for m in messages}
+    assert len(sources) == len(clicks)
+    last = {}
+    for m in sorted(messages, key=lambda m: (m["source"]["partition"], m["source"]["offset"])):
+        last[m["session_id"]] = [r["item_id"] for r in m["recommendations"]]
+    expected = expected_lists(small_model, sessions)
+    assert last == {s: lists[-1] for s, lists in expected.items()}
+
+
+def test_idle_sessions_expire_with_changelog_tombstones(kafka_bootstrap, small_model, tmp_path):
+    recommender = load_model(small_model)
+    item = recommender.item_map.ids[3]
+    names = StreamNames("expiry")
+    # One partition, so the later click advances the event-time watermark past "old".
+    with WorkerProcess(kafka_bootstrap, small_model, names, tmp_path, "--session-timeout-s",
+                       "60", "--expiry-interval-s", "1", partitions=1):
+        produce_clicks(kafka_bootstrap, names.clicks,
+                       [Click("old", item, 1000.0), Click("new", item, 2000.0)])
+        changelog = f"{names.app_id}-sessions-changelog"
+        records = read_topic(kafka_bootstrap, changelog,
+                             lambda ms: any(m.value() is None for m in ms),
+                             timeout=60, decode=False)
+    tombstones = [m.key() for m in records if m.value() is None]
+    assert tombstones == [b"old"]
+
+
+def test_partition_mismatch_is_a_clear_startup_error(kafka_bootstrap, small_model, tmp_path):
+    names = StreamNames("mismatch")
+    ensure_topics(kafka_bootstrap, {names.clicks: 2})
+    result = subprocess.run(
+        [sys.executable, "-m", "stream.cli", "worker", "--broker", kafka_bootstrap,
+         "--model", str(small_model), "--partitions", "4", "--web-port", "0",
+         *names.worker_args()], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode != 0
+    error_lines = result.stderr.strip().splitlines()
+    assert len(error_lines) == 1 and names.clicks in error_lines[0], result.stderr
+    assert "2" in error_lines[0] and "4" in error_lines[0]
+
+
+def test_missing_topic_without_creation_is_a_clear_startup_error(kafka_bootstrap, small_model):
+    names = StreamNames("missing")
+    result = subprocess.run(
+        [sys.executable, "-m", "stream.cli", "worker", "--broker", kafka_bootstrap,
+         "--model", str(small_model), "--create-topics", "false", "--web-port", "0",
+         *names.worker_args()], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode != 0
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert names.clicks in result.stderr
