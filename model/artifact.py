@@ -96,6 +96,8 @@ def load_model(directory: str | os.PathLike[str], device: str | None = None) -> 
     path = Path(directory)
     if not path.is_dir():
         raise UserError(f"{path}: not a model directory")
+    if path.resolve().name.startswith(".") and ".tmp-" in path.name:
+        raise UserError(f"{path}: an unfinished save (staging directory), never loaded")
     metadata = _read_json(path, METADATA)
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
         raise UserError(f"{path}: unsupported artifact format {metadata.get('format')!r} "

@@ -209,3 +209,15 @@ def _subset(log: ClickLog, keep: np.ndarray) -> ClickLog:
     return ClickLog(sessions=session_codes.astype(np.int64), items=item_codes.astype(np.int64),
                     times=log.times[keep], session_ids=log.session_ids[session_ids],
                     item_ids=log.item_ids[item_ids], source=log.source)
+
+
+def time_split(log: ClickLog, train_fraction: float) -> tuple[ClickLog, ClickLog]:
+    """Split whole sessions by start time: the earliest ``train_fraction`` of sessions
+    train, the rest test (no session is cut, the test period follows the training one)."""
+    if not 0.0 < train_fraction < 1.0:
+        raise UserError(f"train fraction must be in (0, 1), got {train_fraction}")
+    offsets = log.session_offsets()
+    session_start = log.times[offsets[:-1]]
+    cutoff = np.quantile(session_start, train_fraction)
+    in_train = (session_start <= cutoff)[log.sessions]
+    return _subset(log, in_train), _subset(log, ~in_train)

@@ -4,7 +4,8 @@ Every loss takes a score matrix ``scores`` of shape ``(B, B + S)``: row ``i`` sc
 mini-batch's targets (column ``i`` is row ``i``'s own target, the other ``B - 1`` targets
 are its in-batch negatives) followed by ``S`` shared extra negatives. Softmaxes are taken
 once, over these sampled columns, never over the catalogue. Every log has an epsilon or is
-computed in log-space, so no loss can reach ``log(0)``.
+computed in log-space, so no loss can reach ``log(0)``; a row without any negative (a
+one-row batch with ``n_sample=0``) contributes zero loss.
 """
 
 from __future__ import annotations
@@ -30,10 +31,15 @@ def _negative_mask(scores: torch.Tensor) -> torch.Tensor:
 
 
 def _softmax_over_negatives(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Softmax of each row over its negatives only (the target gets weight 0)."""
-    shifted = scores - scores.max(dim=1, keepdim=True).values.detach()
-    weights = torch.exp(shifted) * mask
-    return weights / weights.sum(dim=1, keepdim=True)
+    """Softmax of each row over its negatives only (the target gets weight 0).
+
+    The shift is the largest *negative* score, so a target far above every negative
+    cannot underflow all weights to zero; a row without negatives gets all-zero weights.
+    """
+    largest = scores.masked_fill(mask == 0, float("-inf")).max(dim=1, keepdim=True).values
+    shifted = scores - torch.nan_to_num(largest.detach(), neginf=0.0)
+    weights = torch.exp(shifted.clamp(max=0.0)) * mask
+    return weights / weights.sum(dim=1, keepdim=True).clamp(min=EPSILON)
 
 
 def cross_entropy(scores: torch.Tensor) -> torch.Tensor:
@@ -45,14 +51,14 @@ def bpr(scores: torch.Tensor) -> torch.Tensor:
     """BPR (2016): mean over negatives of -log sigmoid(target - negative)."""
     mask = _negative_mask(scores)
     pairwise = -F.logsigmoid(_target_scores(scores) - scores) * mask
-    return (pairwise.sum(dim=1) / mask.sum(dim=1)).mean()
+    return (pairwise.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
 
 
 def top1(scores: torch.Tensor) -> torch.Tensor:
     """TOP1 (2016): mean over negatives of sigmoid(negative - target) + sigmoid(negative^2)."""
     mask = _negative_mask(scores)
     pairwise = (torch.sigmoid(scores - _target_scores(scores)) + torch.sigmoid(scores**2)) * mask
-    return (pairwise.sum(dim=1) / mask.sum(dim=1)).mean()
+    return (pairwise.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
 
 
 def top1_max(scores: torch.Tensor) -> torch.Tensor:
@@ -68,7 +74,8 @@ def bpr_max(scores: torch.Tensor, bpreg: float) -> torch.Tensor:
     mask = _negative_mask(scores)
     weights = _softmax_over_negatives(scores, mask)
     ranking = torch.sigmoid(_target_scores(scores) - scores)
-    loss = -torch.log((weights * ranking).sum(dim=1) + EPSILON)
+    has_negatives = mask.sum(dim=1) > 0
+    loss = -torch.log((weights * ranking).sum(dim=1) + EPSILON) * has_negatives
     regulariser = bpreg * (weights * scores**2).sum(dim=1)
     return (loss + regulariser).mean()
 

@@ -174,7 +174,8 @@ def _fit(network: GRU4RecNetwork, sessions: TrainingSessions, support: np.ndarra
         bar = tqdm(total=sessions.n_predictions, desc=f"epoch {epoch + 1}/{config.n_epochs}",
                    unit="ev", file=sys.stderr, disable=not progress, leave=True,
                    mininterval=0.5)
-        state = network.initial_state(min(config.batch_size, len(sessions.starts)), device)
+        usable = int(((sessions.ends - sessions.starts) >= 2).sum())
+        state = network.initial_state(min(config.batch_size, usable), device)
         loss_sum = torch.zeros((), device=device)
         n_steps = 0
         epoch_start = time.perf_counter()

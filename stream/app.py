@@ -38,7 +38,7 @@ from faust.streams import _current_event
 from faust.types import EventT
 
 from model.inference import Recommender
-from stream.events import Click, Rejected, encode_recommendation, parse_click
+from stream.events import Rejected, encode_recommendation, parse_click
 from stream.scoring import SourcedClick, apply_clicks
 from stream.settings import WorkerSettings
 from stream.state import SessionState

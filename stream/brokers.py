@@ -63,6 +63,24 @@ _LOG_TAIL_LINES = 40
 _TANSU_ENV_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "SCHEMA_REGISTRY")
 # librdkafka would print every refused connection while a broker boots to stderr.
 _QUIET_LIBRDKAFKA = logging.getLogger("stream.brokers.librdkafka")
+# Runs beside each broker, blocked on a pipe from us. When the pipe closes because we are
+# gone, however abruptly (SIGKILL, a test runner's timeout, a crash), it stops the broker's
+# process group, so no broker outlives its owner holding a port and half a gigabyte. After
+# a normal stop() the group is already gone and it just exits.
+_WATCHDOG = """\
+import os, signal, sys, time
+sys.stdin.buffer.read()
+group = int(sys.argv[1])
+try:
+    os.killpg(group, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        os.killpg(group, 0)
+    os.killpg(group, signal.SIGKILL)
+except ProcessLookupError:
+    pass
+"""
 
 
 def cache_root() -> Path:
@@ -211,7 +229,7 @@ class _Broker(abc.ABC):
         self._dir: Path | None = None
         self._remove_dir: weakref.finalize[..., object] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
-        self._kill_proc: weakref.finalize[..., object] | None = None
+        self._watchdog: subprocess.Popen[bytes] | None = None
 
     @property
     def bootstrap(self) -> str:
@@ -265,9 +283,11 @@ class _Broker(abc.ABC):
                 command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 cwd=self._dir, env=env, start_new_session=True,
             )
-        # If the owner forgets stop() (a crashed test, an exception), the broker must not
-        # outlive this interpreter holding a port and half a gigabyte.
-        self._kill_proc = weakref.finalize(self, _kill_group, self._proc)
+        self._watchdog = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _WATCHDOG, str(self._proc.pid)],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             self._wait_ready(cluster_id)
         except BaseException:
@@ -300,7 +320,8 @@ class _Broker(abc.ABC):
         from the unclean shutdown on the same port, as a restarted production broker would.
         """
         if self._proc is not None:
-            _kill_group(self._proc)
+            _signal_group(self._proc, signal.SIGKILL)
+            self._proc.wait()
         self._forget_process()
 
     def __enter__(self) -> Self:
@@ -320,9 +341,11 @@ class _Broker(abc.ABC):
         """The broker's argv, environment and cluster id, after any on-disk preparation."""
 
     def _forget_process(self) -> None:
-        if self._kill_proc is not None:
-            self._kill_proc.detach()
-            self._kill_proc = None
+        """Release the watchdog of a broker that is gone."""
+        if self._watchdog is not None and self._watchdog.stdin is not None:
+            self._watchdog.stdin.close()
+            self._watchdog.wait()
+        self._watchdog = None
         self._proc = None
 
     def _wait_ready(self, cluster_id: str) -> None:
@@ -552,9 +575,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--data-dir needs --engine kafka: Tansu keeps messages in memory only")
     else:
         broker = Tansu(port=args.port)
-    # SIGTERM becomes KeyboardInterrupt so that both ways of asking us to stop take the
-    # path that stops the broker; its own process group does not see the terminal's Ctrl-C.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # Both signals become KeyboardInterrupt, so either way of asking us to stop takes the
+    # path that stops the broker (whose own process group never sees the terminal's
+    # Ctrl-C). Set explicitly: a shell starting us in the background ignores SIGINT.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         broker.start()  # interrupted: start() kills the broker and the CLI exits 130
         try:
@@ -571,7 +595,8 @@ def run(args: argparse.Namespace) -> int:
         finally:
             broker.stop()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 
@@ -612,11 +637,6 @@ def _reserve_ports(ports: list[int], count: int) -> list[int]:
 def _signal_group(proc: subprocess.Popen[bytes], signum: int) -> None:
     with contextlib.suppress(ProcessLookupError):  # already gone
         os.killpg(proc.pid, signum)
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    _signal_group(proc, signal.SIGKILL)
-    proc.wait()
 
 
 def _stamp_matches(jars: Path, stamp: str) -> bool:

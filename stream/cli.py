@@ -8,6 +8,7 @@ Each subcommand lives next to the code it drives and registers itself through an
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -15,7 +16,7 @@ from model.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from stream import bench, brokers, offline_commands, replay, worker
+    from stream import bench, brokers, demo, offline_commands, replay, worker
 
     parser = argparse.ArgumentParser(
         prog="streamrec",
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     brokers.add_parser(subparsers)
     worker.add_parser(subparsers)
     replay.add_parser(subparsers)
+    demo.add_parser(subparsers)
     bench.add_parser(subparsers)
     return parser
 
@@ -33,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _limit_torch_threads()
     try:
         return int(args.run(args) or 0)
     except UserError as exc:
@@ -41,6 +44,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"streamrec {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _limit_torch_threads() -> None:
+    """One torch thread unless ``STREAMREC_TORCH_THREADS`` says otherwise.
+
+    GRU4Rec's steps are many small kernels; on a 2-core machine shared with a broker (or
+    anything else), OpenMP threads that spin-wait for a descheduled sibling made training
+    up to 20x slower than one thread, and one thread loses little when the machine is idle.
+    """
+    import torch
+
+    raw = os.environ.get("STREAMREC_TORCH_THREADS", "1")
+    try:
+        threads = int(raw)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        print(f"streamrec: error: STREAMREC_TORCH_THREADS={raw!r} must be a positive integer",
+              file=sys.stderr)
+        sys.exit(2)
+    torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

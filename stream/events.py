@@ -55,8 +55,8 @@ def parse_click(key: bytes | None, value: bytes | None, now: float) -> Click | R
         return Rejected("oversized", f"value is {len(value)} bytes (limit {MAX_MESSAGE_BYTES})")
     try:
         data = json.loads(value)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return Rejected("not_json", f"value is not JSON: {exc}")
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # incl. JSONDecodeError
+        return Rejected("not_json", f"value is not JSON: {str(exc)[:200]}")
     if not isinstance(data, dict):
         return Rejected("not_object", "value is not a JSON object")
     session_id, item_id, timestamp = (data.get(k) for k in ("session_id", "item_id", "timestamp"))
@@ -65,13 +65,20 @@ def parse_click(key: bytes | None, value: bytes | None, now: float) -> Click | R
             return Rejected("missing_field", f"missing {name}")
         if not isinstance(field, str) or not field:
             return Rejected("bad_type", f"{name} must be a non-empty string")
-        if len(field.encode("utf-8")) > MAX_ID_BYTES:
+        try:
+            encoded = field.encode("utf-8")
+        except UnicodeEncodeError:
+            return Rejected("bad_type", f"{name} is not valid Unicode (lone surrogate)")
+        if len(encoded) > MAX_ID_BYTES:
             return Rejected("oversized", f"{name} longer than {MAX_ID_BYTES} bytes")
     if timestamp is None:
         return Rejected("missing_field", "missing timestamp")
     if isinstance(timestamp, bool) or not isinstance(timestamp, (int, float)):
         return Rejected("bad_type", "timestamp must be a number (Unix seconds)")
-    timestamp = float(timestamp)
+    try:
+        timestamp = float(timestamp)
+    except OverflowError:
+        timestamp = math.inf
     if not math.isfinite(timestamp) or timestamp < 0:
         return Rejected("bad_timestamp", f"timestamp {timestamp} is not a finite time >= 0")
     if timestamp > now + MAX_FUTURE_SKEW_S:

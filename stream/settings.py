@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -59,8 +60,9 @@ class WorkerSettings:
         positive = ("partitions", "top_n", "batch_size", "batch_ms", "session_timeout_s",
                     "expiry_interval_s", "group_session_timeout_s", "torch_threads")
         for name in positive:
-            if getattr(self, name) <= 0:
-                raise UserError(f"setting {name} must be > 0, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not (0 < value < math.inf):  # also refuses NaN
+                raise UserError(f"setting {name} must be a finite number > 0, got {value}")
         if not 0 <= self.web_port <= 65535:
             raise UserError(f"setting web_port must be a port number, got {self.web_port}")
         if self.fetch_max_wait_ms < 0:
@@ -118,7 +120,8 @@ class WorkerSettings:
         return cls(**values)
 
 
-def _parse_bool(raw: str) -> bool:
+def boolean(raw: str) -> bool:
+    """true/false, yes/no, on/off or 1/0."""
     lowered = raw.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
         return True
@@ -127,4 +130,4 @@ def _parse_bool(raw: str) -> bool:
     raise ValueError(raw)
 
 
-_TYPES = {"str": str, "int": int, "float": float, "bool": _parse_bool}
+_TYPES = {"str": str, "int": int, "float": float, "bool": boolean}

@@ -13,8 +13,13 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+import torch
 
 from stream.brokers import LocalKafka
+
+# The same default as the CLI (see stream.cli): GRU4Rec's steps are small kernels, and idle
+# OpenMP threads spinning against other processes made them many times slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Helpers for the streaming integration tests: a worker subprocess and topic readers.
+"""Helpers for the streaming integration tests: producing clicks and reading topics.
 
 Every test gets its own app id and topic names, so the tests run unchanged against a
 shared Kafka cluster (``STREAMREC_TEST_BROKER``).
@@ -7,14 +7,9 @@ shared Kafka cluster (``STREAMREC_TEST_BROKER``).
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
@@ -22,71 +17,11 @@ from confluent_kafka import Consumer, TopicPartition
 from model.data import ClickLog
 from stream.events import Click, encode_click
 from stream.kafka_config import producer_config
+from stream.pipeline import REPO, StreamNames, WorkerProcess
 
-REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "rsc15-100k"
-
-
-class StreamNames:
-    """Unique app id and topic names for one test."""
-
-    def __init__(self, prefix: str = "t") -> None:
-        tag = f"{prefix}-{uuid.uuid4().hex[:8]}"
-        self.app_id = f"app-{tag}"
-        self.clicks = f"clicks-{tag}"
-        self.recommendations = f"recs-{tag}"
-        self.dlq = f"dlq-{tag}"
-
-    def worker_args(self) -> list[str]:
-        return ["--app-id", self.app_id, "--input-topic", self.clicks,
-                "--output-topic", self.recommendations, "--dlq-topic", self.dlq]
-
-
-class WorkerProcess:
-    """``streamrec worker`` in a subprocess, with its log in a file."""
-
-    def __init__(self, bootstrap: str, model: Path, names: StreamNames, work_dir: Path,
-                 *extra: str, partitions: int = 4) -> None:
-        self.log_path = work_dir / f"worker-{uuid.uuid4().hex[:6]}.log"
-        self.command = [sys.executable, "-m", "stream.cli", "worker",
-                        "--broker", f"kafka://{bootstrap}", "--model", str(model),
-                        "--partitions", str(partitions), "--web-port", "0",
-                        "--data-dir", str(work_dir / "faust"), "--group-session-timeout-s", "6",
-                        "--log-level", "info", *names.worker_args(), *extra]
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> WorkerProcess:
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
-                                        cwd=REPO, start_new_session=True)
-        log.close()
-        return self
-
-    def stop(self, timeout: float = 20.0) -> int:
-        """SIGTERM, then wait; SIGKILL if it does not exit in time. Returns the exit code."""
-        assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.process.wait()
-
-    def kill(self) -> None:
-        assert self.process is not None
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def __enter__(self) -> WorkerProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+__all__ = ["DATA", "REPO", "StreamNames", "WorkerProcess", "clicks_in_time_order",
+           "produce_clicks", "read_topic"]
 
 
 def produce_clicks(bootstrap: str, topic: str, clicks: list[Click]) -> None:

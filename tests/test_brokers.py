@@ -238,6 +238,27 @@ def test_tansu_round_trip(topic_name: str) -> None:
 
 
 @needs_tansu
+def test_broker_does_not_outlive_a_killed_owner() -> None:
+    owner = subprocess.Popen(
+        [sys.executable, "-c",
+         "import time\nfrom stream.brokers import Tansu\n"
+         "broker = Tansu()\nbroker.start()\nprint(broker.bootstrap, flush=True)\n"
+         "time.sleep(300)\n"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        bootstrap = _readline_within(owner, 30).strip()
+        assert not _refuses_connections(bootstrap)
+    finally:
+        owner.kill()  # no cleanup code of the owner runs
+        owner.wait()
+    deadline = time.monotonic() + 15
+    while not _refuses_connections(bootstrap):
+        assert time.monotonic() < deadline, "the broker outlived its SIGKILLed owner"
+        time.sleep(0.1)
+
+
+@needs_tansu
 def test_requested_port_in_use_is_refused_before_starting() -> None:
     with socket.socket() as other:
         other.bind(("127.0.0.1", 0))

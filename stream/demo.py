@@ -1,0 +1,151 @@
+"""``streamrec demo``: the whole product on one machine in about a minute, no Docker.
+
+Starts a local broker (Tansu by default: pip-only, no Java), makes a synthetic click log
+(or uses ``--data``), trains a small GRU4Rec on the earlier part, starts a worker
+process, replays the later part into Kafka, shows live recommendations as they are
+consumed from the output topic, and ends with a summary: throughput, latency from click
+produced to recommendation consumed, and the recommendation quality measured on the
+stream (compared with the offline evaluation of the same clicks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from model.artifact import save_model
+from model.config import GRU4RecConfig
+from model.data import ClickLog, read_clicks, time_split
+from model.errors import UserError
+from model.evaluate import RecommenderScorer, evaluate
+from model.synth import SynthSpec, generate
+from model.train import train
+from stream.brokers import LocalKafka, Tansu
+from stream.offline_commands import print_json
+from stream.online_quality import online_quality
+from stream.pipeline import Received, StreamNames, TopicReader, WorkerProcess
+from stream.replay import replay
+from stream.topics import ensure_topics
+
+PARTITIONS = 4
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _demo_log(args: argparse.Namespace) -> ClickLog:
+    if args.data:
+        return read_clicks(args.data)
+    return generate(SynthSpec(sessions=args.sessions, items=args.items, seed=args.seed))
+
+
+def _show(received: Received) -> str:
+    value = received.value
+    top = ", ".join(r["item_id"] for r in value["recommendations"][:5])
+    return f"  session {value['session_id']:>8} clicked {value['item_id']:>10} -> {top}, ..."
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    log = _demo_log(args)
+    train_log, stream_log = time_split(log, 0.8)
+    _say(f"[1/4] training GRU4Rec on {len(train_log):,} clicks "
+         f"({train_log.n_sessions:,} sessions)")
+    recommender, stats = train(train_log, GRU4RecConfig(n_epochs=args.epochs, n_sample=512),
+                               seed=args.seed, progress=True)
+    offline = evaluate(RecommenderScorer(recommender), stream_log, ks=(20,))
+    broker = LocalKafka(port=0) if args.engine == "kafka" else Tansu(port=0)
+    with tempfile.TemporaryDirectory(prefix="streamrec-demo-") as tmp, broker:
+        work = Path(tmp)
+        model_dir = save_model(recommender, work / "model")
+        _say(f"[2/4] {args.engine} broker ready at {broker.bootstrap}; starting a worker")
+        names = StreamNames("demo")
+        ensure_topics(broker.bootstrap, {t: PARTITIONS for t in
+                                         (names.clicks, names.recommendations, names.dlq)})
+        inputs = TopicReader(broker.bootstrap, names.clicks, decode=False)
+        outputs = TopicReader(broker.bootstrap, names.recommendations)
+        inputs.start()
+        outputs.start()
+        worker = WorkerProcess(broker.bootstrap, model_dir, names, work,
+                               partitions=PARTITIONS).start()
+        try:
+            worker.wait_until_consuming(broker.bootstrap, names.app_id)
+            span = float(stream_log.times.max() - stream_log.times.min())
+            speed = max(span / args.replay_seconds, 1.0)
+            _say(f"[3/4] replaying {len(stream_log):,} clicks into '{names.clicks}' at "
+                 f"{speed:,.0f}x real time")
+            sent = replay(stream_log, broker.bootstrap, names.clicks, speed=speed)
+            if sent.failed:
+                raise UserError(f"replay failed: {sent.first_error}")
+            shown = 0
+            deadline = time.monotonic() + args.timeout
+            while len(outputs.messages) < sent.events_sent and time.monotonic() < deadline:
+                while shown < min(5, len(outputs.messages)):
+                    _say(_show(outputs.messages[shown]))
+                    shown += 1
+                time.sleep(0.1)
+            inputs.wait_for(sent.events_sent, 10)
+        finally:
+            exit_code = worker.stop()
+            inputs.close()
+            outputs.close()
+        if len(outputs.messages) < sent.events_sent:
+            raise UserError(f"only {len(outputs.messages)} of {sent.events_sent} clicks were "
+                            f"answered within {args.timeout} s; worker log:\n"
+                            + worker.log()[-2000:])
+        summary = _summarise(inputs.messages, outputs.messages, recommender.item_map)
+    summary.update({"engine": args.engine, "worker_exit_code": exit_code,
+                    "offline_recall@20": offline.recall(20), "offline_mrr@20": offline.mrr(20),
+                    "train_seconds": stats.train_seconds, "model_version": recommender.version,
+                    "demo_seconds": time.perf_counter() - started})
+    _say(f"[4/4] {summary['events']:,} clicks answered at {summary['events_per_s']:,.0f}/s; "
+         f"latency p50 {summary['p50_ms']:.1f} ms, p99 {summary['p99_ms']:.1f} ms; "
+         f"online Recall@20 {summary['online_recall@20']:.3f} "
+         f"(offline {offline.recall(20):.3f}), MRR@20 {summary['online_mrr@20']:.3f}")
+    print_json(summary)
+    return 0
+
+
+def _summarise(inputs: list, outputs: list[Received], known_items) -> dict:  # noqa: ANN001
+    """Throughput, latency (click produced -> recommendation consumed) and online quality."""
+    produced = {(m.partition(), m.offset()): m.timestamp()[1] / 1000.0 for m in inputs}
+    latencies = []
+    for received in outputs:
+        source = received.value["source"]
+        sent_at = produced.get((source["partition"], source["offset"]))
+        if sent_at is not None:
+            latencies.append(received.consumed_at - sent_at)
+    first = min(produced.values())
+    last = max(r.consumed_at for r in outputs)
+    quality = online_quality([r.value for r in outputs], 20, known_items)
+    return {"events": len(outputs), "events_per_s": len(outputs) / max(last - first, 1e-9),
+            "p50_ms": float(np.percentile(latencies, 50) * 1000),
+            "p99_ms": float(np.percentile(latencies, 99) * 1000),
+            "online_recall@20": quality.recall, "online_mrr@20": quality.mrr,
+            "n_predictions": quality.n_predictions}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "demo", help="run the whole pipeline locally and print a summary",
+        description="Broker, training, worker, replay and live recommendations on one "
+                    "machine. Last stdout line is a JSON summary.")
+    parser.add_argument("--engine", choices=("tansu", "kafka"), default="tansu",
+                        help="local broker: tansu (pip only, default) or kafka (needs Java)")
+    parser.add_argument("--data", default=None, help="click log to use instead of "
+                                                     "synthetic clicks")
+    parser.add_argument("--sessions", type=int, default=5000, help="synthetic sessions")
+    parser.add_argument("--items", type=int, default=1000, help="synthetic catalogue size")
+    parser.add_argument("--epochs", type=int, default=3, help="training epochs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--replay-seconds", type=float, default=20.0,
+                        help="compress the replayed clicks' event time into about this long")
+    parser.add_argument("--timeout", type=float, default=120.0,
+                        help="seconds to wait for all recommendations")
+    parser.set_defaults(run=run)

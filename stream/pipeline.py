@@ -1,0 +1,167 @@
+"""Run the whole pipeline locally: a worker process and a reader of its output topic.
+
+Used by ``streamrec demo``, the stream benchmarks and the integration tests, so that all
+three start and observe the worker the same way a user would: as a separate
+``streamrec worker`` process talking to a broker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, ConsumerGroupState, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from model.errors import UserError
+
+from stream.kafka_config import client_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class StreamNames:
+    """Unique app id and topic names, so runs never share groups, topics or state."""
+
+    def __init__(self, prefix: str = "run") -> None:
+        tag = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        self.app_id = f"app-{tag}"
+        self.clicks = f"clicks-{tag}"
+        self.recommendations = f"recs-{tag}"
+        self.dlq = f"dlq-{tag}"
+
+    def worker_args(self) -> list[str]:
+        return ["--app-id", self.app_id, "--input-topic", self.clicks,
+                "--output-topic", self.recommendations, "--dlq-topic", self.dlq]
+
+
+class WorkerProcess:
+    """``streamrec worker`` as a subprocess (own process group), logging to a file."""
+
+    def __init__(self, bootstrap: str, model: str | os.PathLike[str], names: StreamNames,
+                 work_dir: Path, *extra: str, partitions: int = 4) -> None:
+        self.log_path = work_dir / f"worker-{uuid.uuid4().hex[:6]}.log"
+        self.command = [sys.executable, "-m", "stream.cli", "worker",
+                        "--broker", f"kafka://{bootstrap}", "--model", str(model),
+                        "--partitions", str(partitions), "--web-port", "0",
+                        "--data-dir", str(work_dir / "faust"), "--group-session-timeout-s", "6",
+                        "--log-level", "info", *names.worker_args(), *extra]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, cwd=REPO,
+                                            start_new_session=True)
+        return self
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM and wait; SIGKILL if it has not exited in time. Returns the exit code."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_until_consuming(self, bootstrap: str, group: str, timeout: float = 60.0) -> None:
+        """Block until the worker's consumer group is stable with partitions assigned,
+        so that what is measured next is processing, not start-up."""
+        admin = AdminClient(client_config(bootstrap))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise UserError(f"worker exited with {self.process.returncode}:\n"
+                                + self.log()[-2000:])
+            try:
+                description = admin.describe_consumer_groups([group])[group].result(5)
+                # Tansu reports a stable group without its members' assignments.
+                if description.state == ConsumerGroupState.STABLE and (
+                        not description.members
+                        or any(m.assignment.topic_partitions for m in description.members)):
+                    return
+            except KafkaException:
+                pass
+            time.sleep(0.2)
+        raise UserError(f"worker group {group} did not start consuming within {timeout:g} s")
+
+    def __enter__(self) -> WorkerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@dataclass(frozen=True)
+class Received:
+    """A decoded message, the wall time it was consumed and its Kafka timestamp."""
+
+    value: dict[str, Any]
+    consumed_at: float
+    kafka_time: float
+
+
+class TopicReader(threading.Thread):
+    """Reads a topic from the beginning in the background, recording consume times."""
+
+    def __init__(self, bootstrap: str, topic: str, *, decode: bool = True) -> None:
+        super().__init__(daemon=True)
+        self.topic = topic
+        self.decode = decode
+        self.messages: list[Any] = []
+        self._stop_event = threading.Event()
+        self._consumer = Consumer(client_config(
+            bootstrap, **{"group.id": f"reader-{uuid.uuid4()}", "auto.offset.reset": "earliest",
+                          "enable.auto.commit": False, "fetch.wait.max.ms": 10}))
+        partitions = self._consumer.list_topics(topic, timeout=15).topics[topic].partitions
+        self._consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+
+    def run(self) -> None:
+        try:
+            while not self._stop_event.is_set():
+                for message in self._consumer.consume(1000, timeout=0.1):
+                    if message.error():
+                        continue
+                    now = time.time()
+                    if self.decode:
+                        self.messages.append(Received(json.loads(message.value()), now,
+                                                      message.timestamp()[1] / 1000.0))
+                    else:
+                        self.messages.append(message)
+        finally:
+            self._consumer.close()
+
+    def wait_for(self, count: int, timeout: float) -> bool:
+        """Wait until ``count`` messages were read; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while len(self.messages) < count:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def close(self) -> None:
+        self._stop_event.set()
+        self.join(10)

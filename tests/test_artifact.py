@@ -1,0 +1,292 @@
+"""Model directories: atomic save, verified load, and every way a bad artifact is refused."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.artifact import load_model, save_model
+from model.config import GRU4RecConfig
+from model.data import ItemMap
+from model.errors import UserError
+from model.inference import Recommender
+from model.network import GRU4RecNetwork
+
+REPO = Path(__file__).resolve().parents[1]
+FILES = ("weights.safetensors", "items.json", "config.json", "metadata.json")
+CONFIGS = {
+    "tied": GRU4RecConfig(layers=(8,), n_epochs=1),
+    "one-hot": GRU4RecConfig(layers=(8, 4), constrained_embedding=False, n_epochs=1),
+    "embedding": GRU4RecConfig(layers=(8,), constrained_embedding=False, embedding=5,
+                               n_epochs=1),
+}
+
+
+def make_recommender(config: GRU4RecConfig = CONFIGS["tied"], n_items: int = 6,
+                     seed: int = 0) -> Recommender:
+    generator = torch.Generator().manual_seed(seed)
+    network = GRU4RecNetwork(config, n_items, generator=generator)
+    with torch.no_grad():  # biases start at zero: make them worth round-tripping
+        network.item_bias.uniform_(-1, 1, generator=generator)
+        for bias in network.biases:
+            bias.uniform_(-1, 1, generator=generator)
+    item_map = ItemMap([f"item-{k:02d}" for k in range(n_items)])
+    popularity = np.arange(n_items, dtype=np.float64) * 3 + 1
+    return Recommender(network, item_map, popularity, config)
+
+
+def sample_scores(recommender: Recommender) -> torch.Tensor:
+    states = recommender.initial_states(3)
+    states = recommender.step(states, torch.tensor([0, 2, -1]))
+    states = recommender.step(states, torch.tensor([5, -1, -1]))
+    return recommender.scores(states, torch.tensor([True, True, False]))
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def refresh_checksum(model_dir: Path, name: str) -> None:
+    """Make metadata.json agree with an edited file, to reach the checks behind the hash."""
+    metadata_path = model_dir / "metadata.json"
+    metadata = json.loads(metadata_path.read_text())
+    metadata["files"][name] = sha256(model_dir / name)
+    metadata_path.write_text(json.dumps(metadata))
+
+
+def refused(model_dir: Path, *words: str) -> str:
+    with pytest.raises(UserError) as info:
+        load_model(model_dir, device="cpu")
+    message = str(info.value)
+    assert str(model_dir) in message, message
+    for word in words:
+        assert word in message, f"{word!r} missing from {message!r}"
+    return message
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> Path:
+    return save_model(make_recommender(), tmp_path / "models" / "m1", version="v-test-1")
+
+
+# --- round trip -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_round_trip_gives_the_same_model(tmp_path: Path, name: str) -> None:
+    original = make_recommender(CONFIGS[name])
+    target = tmp_path / "model"
+    assert save_model(original, target, version="v-round-trip") == target
+    loaded = load_model(target, device="cpu")
+    assert loaded.config == original.config
+    assert loaded.item_map.ids == original.item_map.ids
+    np.testing.assert_array_equal(loaded.popularity, original.popularity)
+    original_state = original.network.state_dict()
+    loaded_state = loaded.network.state_dict()
+    assert original_state.keys() == loaded_state.keys()
+    for key in original_state:
+        assert torch.equal(original_state[key].cpu(), loaded_state[key].cpu()), key
+    assert torch.equal(sample_scores(original).cpu(), sample_scores(loaded).cpu())
+    assert loaded.version == original.version == "v-round-trip"
+
+
+def test_version_and_metadata(tmp_path: Path) -> None:
+    recommender = make_recommender()
+    target = save_model(recommender, tmp_path / "model", version="v-keep-me",
+                        training={"epochs": 3, "final_loss": 1.25},
+                        metrics={"recall@20": 0.5})
+    metadata = json.loads((target / "metadata.json").read_text())
+    assert metadata["format"] == 1
+    assert metadata["version"] == "v-keep-me"
+    assert metadata["n_items"] == 6 and metadata["state_size"] == 8
+    assert metadata["training"] == {"epochs": 3, "final_loss": 1.25}
+    assert metadata["metrics"] == {"recall@20": 0.5}
+    assert metadata["files"] == {name: sha256(target / name)
+                                 for name in ("weights.safetensors", "items.json",
+                                              "config.json")}
+    loaded = load_model(target, device="cpu")
+    assert loaded.version == "v-keep-me"
+    assert loaded.metadata["files"] == metadata["files"]
+    assert recommender.version == "v-keep-me"
+
+
+def test_generated_version_ids_are_unique(tmp_path: Path) -> None:
+    first, second = make_recommender(), make_recommender()
+    save_model(first, tmp_path / "a")
+    save_model(second, tmp_path / "b")
+    assert first.version != second.version
+    assert load_model(tmp_path / "a", device="cpu").version == first.version
+
+
+def test_no_temporary_directory_is_left_after_a_save(tmp_path: Path) -> None:
+    parent = tmp_path / "models"
+    save_model(make_recommender(), parent / "m1")
+    save_model(make_recommender(), parent / "m2")
+    assert sorted(p.name for p in parent.iterdir()) == ["m1", "m2"]
+    assert sorted(p.name for p in (parent / "m1").iterdir()) == sorted(FILES)
+
+
+def test_failed_save_leaves_nothing_behind(tmp_path: Path) -> None:
+    parent = tmp_path / "models"
+    parent.mkdir()
+    with pytest.raises(TypeError):  # not JSON-serialisable: fails while writing metadata
+        save_model(make_recommender(), parent / "m1", training={"when": object()})
+    assert list(parent.iterdir()) == []
+
+
+# --- refusals -------------------------------------------------------------------------------
+
+def test_refuses_an_existing_target(saved: Path) -> None:
+    before = {name: sha256(saved / name) for name in FILES}
+    with pytest.raises(UserError, match="already exists"):
+        save_model(make_recommender(seed=1), saved)
+    assert {name: sha256(saved / name) for name in FILES} == before
+
+
+def test_refuses_an_existing_empty_directory(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="already exists"):
+        save_model(make_recommender(), tmp_path / "empty")
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+def test_refuses_a_flipped_byte_in_the_weights(saved: Path) -> None:
+    path = saved / "weights.safetensors"
+    data = bytearray(path.read_bytes())
+    data[len(data) - 20] ^= 0x01  # inside the tensor data, past the header
+    path.write_bytes(bytes(data))
+    refused(saved, "weights.safetensors", "checksum")
+
+
+def test_refuses_truncated_weights(saved: Path) -> None:
+    path = saved / "weights.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    refused(saved, "weights.safetensors")
+
+
+def test_refuses_truncated_weights_even_with_a_matching_checksum(saved: Path) -> None:
+    path = saved / "weights.safetensors"
+    path.write_bytes(path.read_bytes()[:-16])
+    refresh_checksum(saved, "weights.safetensors")
+    refused(saved, "weights.safetensors")
+
+
+def test_refuses_edited_items(saved: Path) -> None:
+    path = saved / "items.json"
+    ids = json.loads(path.read_text())
+    ids[0], ids[1] = ids[1], ids[0]
+    path.write_text(json.dumps(ids, indent=1))
+    refused(saved, "items.json", "checksum")
+
+
+@pytest.mark.parametrize(("ids", "word"), [
+    (["item-00", "item-00", "item-02", "item-03", "item-04", "item-05"], "items.json"),
+    (["item-00", "item-01", "item-02", "item-03", "item-04"], "weights"),
+    ({"item-00": 0}, "items.json"),
+])
+def test_refuses_inconsistent_items_with_a_matching_checksum(saved: Path, ids: object,
+                                                             word: str) -> None:
+    (saved / "items.json").write_text(json.dumps(ids))
+    refresh_checksum(saved, "items.json")
+    refused(saved, word)
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_refuses_a_missing_file(saved: Path, name: str) -> None:
+    (saved / name).unlink()
+    refused(saved, name, "missing")
+
+
+def test_refuses_config_with_an_unknown_key(saved: Path) -> None:
+    path = saved / "config.json"
+    config = json.loads(path.read_text())
+    config["attention_heads"] = 4
+    path.write_text(json.dumps(config))
+    refused(saved, "config.json", "checksum")
+    refresh_checksum(saved, "config.json")  # the config check itself, behind the checksum
+    with pytest.raises(UserError, match="attention_heads"):
+        load_model(saved, device="cpu")
+
+
+def test_refuses_config_that_does_not_match_the_weights(saved: Path) -> None:
+    path = saved / "config.json"
+    config = json.loads(path.read_text())
+    config["layers"] = [9]
+    path.write_text(json.dumps(config))
+    refresh_checksum(saved, "config.json")
+    refused(saved, "weights")
+
+
+@pytest.mark.parametrize("fmt", [2, 0, "1", None])
+def test_refuses_an_unsupported_format(saved: Path, fmt: object) -> None:
+    path = saved / "metadata.json"
+    metadata = json.loads(path.read_text())
+    metadata["format"] = fmt
+    path.write_text(json.dumps(metadata))
+    refused(saved, "format", repr(fmt))
+
+
+def test_refuses_metadata_that_is_not_json(saved: Path) -> None:
+    (saved / "metadata.json").write_text('{"format": 1, "vers')
+    refused(saved, "metadata.json")
+
+
+def test_refuses_a_path_that_is_not_a_directory(tmp_path: Path, saved: Path) -> None:
+    refused(tmp_path / "nothing-here")
+    refused(saved / "weights.safetensors")
+
+
+# --- staging directories --------------------------------------------------------------------
+
+CRASHING_SAVE = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, sys.argv[1])
+    import numpy as np
+    from model.artifact import save_model
+    from model.config import GRU4RecConfig
+    from model.data import ItemMap
+    from model.inference import Recommender
+    from model.network import GRU4RecNetwork
+
+    class KilledWhileWriting(dict):
+        # json asks for the items while writing metadata.json: die like a SIGKILL then
+        def items(self):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    config = GRU4RecConfig(layers=(8,))
+    rec = Recommender(GRU4RecNetwork(config, 4), ItemMap(["a", "b", "c", "d"]),
+                      np.ones(4), config)
+    save_model(rec, sys.argv[2], training=KilledWhileWriting(epochs=1))
+    print("not killed")
+""")
+
+
+def test_a_save_killed_midway_leaves_only_an_unloadable_staging_dir(tmp_path: Path) -> None:
+    target = tmp_path / "models" / "m1"
+    done = subprocess.run([sys.executable, "-c", CRASHING_SAVE, str(REPO), str(target)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == -9, done.stderr
+    assert not target.exists()
+    staging = list((tmp_path / "models").iterdir())
+    assert len(staging) == 1 and ".tmp-" in staging[0].name
+    assert (staging[0] / "weights.safetensors").is_file()
+    with pytest.raises(UserError):
+        load_model(staging[0], device="cpu")
+    with pytest.raises(UserError):
+        load_model(target, device="cpu")
+
+
+def test_a_complete_staging_dir_is_not_loadable(saved: Path) -> None:
+    # what a crash between writing metadata.json and the final rename leaves behind
+    staging = saved.parent / ".m2.tmp-0123abcd"
+    shutil.copytree(saved, staging)
+    with pytest.raises(UserError):
+        load_model(staging, device="cpu")
