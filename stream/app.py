@@ -46,6 +46,12 @@ from stream.state import SessionState
 logger = logging.getLogger("streamrec.worker")
 
 
+# Compacted, with small segments: the active segment is never compacted, and a state is
+# rewritten on every click, so large segments would make recovery replay stale copies.
+CHANGELOG_CONFIG = {"cleanup.policy": "compact", "segment.ms": "600000",
+                    "min.cleanable.dirty.ratio": "0.2"}
+
+
 def changelog_topic(settings: WorkerSettings) -> str:
     return f"{settings.app_id}-sessions-changelog"
 
@@ -182,12 +188,12 @@ class _in_context_of:
         _current_event.reset(self._token)
 
 
-def create_app(settings: WorkerSettings, recommender: Recommender) -> tuple[faust.App, ClickProcessor]:
-    """The Faust app (topics, table, agent, expiry timer) and its processor."""
+def faust_app(settings: WorkerSettings) -> faust.App:
+    """A Faust app configured for low-latency serving (also used by the no-op benchmark)."""
     data_dir = settings.faust_data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     session_timeout = settings.group_session_timeout_s
-    app = faust.App(
+    return faust.App(
         settings.app_id,
         broker=f"kafka://{settings.bootstrap}",
         store="memory://",
@@ -203,25 +209,30 @@ def create_app(settings: WorkerSettings, recommender: Recommender) -> tuple[faus
         broker_rebalance_timeout=max(2 * session_timeout, 20.0),
         broker_request_timeout=max(3 * session_timeout, 30.0),
         broker_commit_interval=1.0,
-        producer_linger_ms=1,
+        producer_linger_ms=5,
         web_enabled=settings.web_port > 0,
         web_port=settings.web_port or 6066,
         web_tables_enabled=False,
         web_bind="0.0.0.0",
     )
-    # Raw bytes everywhere: Faust's default JSON codec would drop undecodable clicks
-    # before the agent could route them to the dead-letter topic.
-    raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw",
-           "value_serializer": "raw", "partitions": settings.partitions}
-    clicks = app.topic(settings.input_topic, expiry_topic(settings), **raw)
-    output = app.topic(settings.output_topic, **raw)
-    dead_letters = app.topic(settings.dlq_topic, **raw)
-    expiry = app.topic(expiry_topic(settings), **raw)
+
+
+def raw_topic(app: faust.App, settings: WorkerSettings, *names: str) -> faust.TopicT:
+    """A topic of raw bytes. Faust's default JSON codec would drop undecodable clicks
+    before the agent could route them to the dead-letter topic."""
+    return app.topic(*names, key_type=bytes, value_type=bytes, key_serializer="raw",
+                     value_serializer="raw", partitions=settings.partitions)
+
+
+def create_app(settings: WorkerSettings, recommender: Recommender) -> tuple[faust.App, ClickProcessor]:
+    """The Faust app (topics, table, agent, expiry timer) and its processor."""
+    app = faust_app(settings)
+    clicks = raw_topic(app, settings, settings.input_topic, expiry_topic(settings))
+    output = raw_topic(app, settings, settings.output_topic)
+    dead_letters = raw_topic(app, settings, settings.dlq_topic)
+    expiry = raw_topic(app, settings, expiry_topic(settings))
     table = app.Table("sessions", key_type=bytes, value_type=bytes, default=None,
-                      partitions=settings.partitions,
-                      extra_topic_configs={"cleanup.policy": "compact",
-                                           "segment.ms": "600000",
-                                           "min.cleanable.dirty.ratio": "0.2"})
+                      partitions=settings.partitions, extra_topic_configs=CHANGELOG_CONFIG)
     processor = ClickProcessor(settings, recommender, table, output, dead_letters)
 
     @app.agent(clicks, concurrency=1)

@@ -20,6 +20,7 @@ from model.data import read_clicks
 from model.evaluate import RecommenderScorer, evaluate
 from model.synth import SynthSpec, generate, write_clicks
 from model.train import train
+from stream import bench_stream
 from stream.offline_commands import print_json
 
 
@@ -102,3 +103,5 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tmp-dir", default=None, help="where to write the temporary log")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=run_scale_bench)
+
+    bench_stream.add_parsers(benches)

@@ -376,6 +376,8 @@ class _Broker(abc.ABC):
                 metadata = admin.list_topics(timeout=min(1.0, remaining))
             except KafkaException:
                 continue  # not listening yet; the loop re-checks the process and the deadline
+            if metadata.cluster_id is None:
+                continue  # a client still negotiating versions may not report it yet
             if metadata.cluster_id != cluster_id:
                 raise UserError(
                     f"{self.bootstrap} is answered by another broker (cluster id "

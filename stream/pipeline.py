@@ -48,9 +48,10 @@ class WorkerProcess:
     """``streamrec worker`` as a subprocess (own process group), logging to a file."""
 
     def __init__(self, bootstrap: str, model: str | os.PathLike[str], names: StreamNames,
-                 work_dir: Path, *extra: str, partitions: int = 4) -> None:
+                 work_dir: Path, *extra: str, partitions: int = 4,
+                 subcommand: tuple[str, ...] = ("worker",)) -> None:
         self.log_path = work_dir / f"worker-{uuid.uuid4().hex[:6]}.log"
-        self.command = [sys.executable, "-m", "stream.cli", "worker",
+        self.command = [sys.executable, "-m", "stream.cli", *subcommand,
                         "--broker", f"kafka://{bootstrap}", "--model", str(model),
                         "--partitions", str(partitions), "--web-port", "0",
                         "--data-dir", str(work_dir / "faust"), "--group-session-timeout-s", "6",

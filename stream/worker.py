@@ -15,13 +15,9 @@ import torch
 
 from model.artifact import load_model
 from stream import faust_fixes
-from stream.app import changelog_topic, create_app, expiry_topic
+from stream.app import CHANGELOG_CONFIG, changelog_topic, create_app, expiry_topic
 from stream.settings import WorkerSettings
 from stream.topics import check_topics, ensure_topics
-
-CHANGELOG_CONFIG = {"cleanup.policy": "compact", "segment.ms": "600000",
-                    "min.cleanable.dirty.ratio": "0.2"}
-
 
 def prepare_topics(settings: WorkerSettings, timeout: float = 30.0) -> None:
     """Create (or, with ``create_topics`` off, require) co-partitioned topics."""

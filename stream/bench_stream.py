@@ -1,0 +1,208 @@
+"""``streamrec bench stream``: end-to-end throughput and latency of one worker.
+
+For each catalogue size (untrained GRU4Rec with 100 units: scoring cost does not depend
+on the weights), one worker process serves a synthetic stream on the local Kafka:
+
+- throughput: clicks replayed as fast as possible; events/s from the first click produced
+  to the last recommendation consumed;
+- latency: clicks replayed at 1,000 events/s; click produced -> recommendation consumed,
+  p50 and p99;
+- the scoring ceiling: the same model's batched GRU step + full-catalogue top-k in this
+  process, without Kafka;
+- and once, the engine ceiling: a no-op Faust agent (same Faust settings, consume ->
+  produce, no model) on the same broker.
+
+``ratio`` = events/s / min(scoring ceiling, no-op ceiling): how much of the achievable
+throughput the worker delivers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import faust
+import numpy as np
+import torch
+
+from model.artifact import save_model
+from model.config import GRU4RecConfig
+from model.data import ItemMap
+from model.errors import UserError
+from model.inference import Recommender
+from model.network import GRU4RecNetwork
+from model.synth import SynthSpec, generate
+from stream import faust_fixes
+from stream.app import faust_app, raw_topic
+from stream.brokers import LocalKafka
+from stream.events import Click
+from stream.kafka_config import bootstrap_servers
+from stream.offline_commands import print_json
+from stream.pipeline import StreamNames, TopicReader, WorkerProcess
+from stream.replay import replay
+from stream.settings import WorkerSettings
+from stream.topics import ensure_topics
+
+PARTITIONS = 4
+
+
+def untrained_model(n_items: int, directory: Path) -> Recommender:
+    """A default-sized GRU4Rec over ``n_items`` synthetic items, saved to ``directory``."""
+    config = GRU4RecConfig()
+    network = GRU4RecNetwork(config, n_items, generator=torch.Generator().manual_seed(0))
+    popularity = 1.0 / np.arange(1, n_items + 1)
+    recommender = Recommender(network, ItemMap(str(i + 1) for i in range(n_items)),
+                              popularity, config)
+    save_model(recommender, directory)
+    return recommender
+
+
+def scoring_ceiling(recommender: Recommender, batch: int = 256, seconds: float = 3.0) -> float:
+    """Events/s of the batched GRU step + top-20 over the catalogue, in this process."""
+    states = torch.randn(batch, recommender.state_size) * 0.1
+    items = torch.randint(0, recommender.n_items, (batch,))
+    started = torch.ones(batch, dtype=torch.bool)
+    done = 0
+    begin = time.perf_counter()
+    while time.perf_counter() - begin < seconds:
+        new_states = recommender.step(states, items)
+        recommender.top_k(new_states, started, 20)
+        done += batch
+    return done / (time.perf_counter() - begin)
+
+
+def _clicks(prefix: str, count: int, n_items: int, seed: int, rate: float | None) -> list[Click]:
+    """``count`` synthetic clicks; with ``rate``, event times spaced 1/rate apart."""
+    log = generate(SynthSpec(sessions=max(count // 3, 1), items=n_items, seed=seed))
+    order = np.argsort(log.times, kind="stable")[:count]
+    times = (np.arange(len(order)) / rate) if rate else log.times[order]
+    return [Click(f"{prefix}{log.session_ids[log.sessions[k]]}", log.item_ids[log.items[k]],
+                  float(t)) for k, t in zip(order, times)]
+
+
+def measure(bootstrap: str, model_dir: Path, n_items: int, events: int, work: Path,
+            subcommand: tuple[str, ...] = ("worker",)) -> dict[str, float]:
+    """Throughput (max speed) then latency (1,000 events/s) of one worker process."""
+    names = StreamNames("bench")
+    ensure_topics(bootstrap, {t: PARTITIONS for t in
+                              (names.clicks, names.recommendations, names.dlq)})
+    inputs = TopicReader(bootstrap, names.clicks, decode=False)
+    outputs = TopicReader(bootstrap, names.recommendations)
+    inputs.start()
+    outputs.start()
+    worker = WorkerProcess(bootstrap, model_dir, names, work, partitions=PARTITIONS,
+                           subcommand=subcommand).start()
+    try:
+        worker.wait_until_consuming(bootstrap, names.app_id)
+        burst = _clicks("a", events, n_items, seed=1, rate=None)
+        replay(burst, bootstrap, names.clicks, speed="max")
+        if not outputs.wait_for(len(burst), timeout=300):
+            raise UserError(f"only {len(outputs.messages)} of {len(burst)} answered:\n"
+                            + worker.log()[-2000:])
+        inputs.wait_for(len(burst), timeout=30)
+        first_sent = min(m.timestamp()[1] for m in inputs.messages) / 1000.0
+        throughput = len(burst) / (outputs.messages[len(burst) - 1].consumed_at - first_sent)
+        paced = _clicks("b", min(events, 5000), n_items, seed=2, rate=1000.0)
+        replay(paced, bootstrap, names.clicks, speed=1.0)
+        total = len(burst) + len(paced)
+        outputs.wait_for(total, timeout=120)
+        inputs.wait_for(total, timeout=30)
+    finally:
+        worker.stop()
+        inputs.close()
+        outputs.close()
+    sent = {(m.partition(), m.offset()): m.timestamp()[1] / 1000.0 for m in inputs.messages}
+    latencies = [r.consumed_at - sent[(r.value["source"]["partition"],
+                                       r.value["source"]["offset"])]
+                 for r in outputs.messages[len(burst):]
+                 if (r.value["source"]["partition"], r.value["source"]["offset"]) in sent]
+    p50, p99 = np.percentile(latencies, [50, 99]) * 1000
+    return {"events_per_s": throughput, "p50_ms": float(p50), "p99_ms": float(p99)}
+
+
+def run(args: argparse.Namespace) -> int:
+    torch.set_num_threads(1)
+    broker = None
+    if args.broker:
+        bootstrap = bootstrap_servers(args.broker)
+    else:
+        broker = LocalKafka(port=0)
+        broker.start()
+        bootstrap = broker.bootstrap
+    try:
+        with tempfile.TemporaryDirectory(prefix="streamrec-bench-") as tmp:
+            work = Path(tmp)
+            noop_model = work / "noop-model"
+            untrained_model(10, noop_model)
+            print("measuring the no-op Faust agent", file=sys.stderr)
+            noop = measure(bootstrap, noop_model, 10, args.events, work,
+                           subcommand=("bench", "noop-worker"))
+            runs = []
+            for n_items in args.items:
+                model_dir = work / f"model-{n_items}"
+                recommender = untrained_model(n_items, model_dir)
+                ceiling = scoring_ceiling(recommender)
+                print(f"{n_items} items: scoring ceiling {ceiling:,.0f} events/s; measuring "
+                      f"the worker", file=sys.stderr)
+                result = measure(bootstrap, model_dir, n_items, args.events, work)
+                runs.append({"items": n_items, "events_per_s": result["events_per_s"],
+                             "ceiling_events_per_s": ceiling,
+                             "ratio": result["events_per_s"]
+                             / min(ceiling, noop["events_per_s"]),
+                             "p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"],
+                             "p99_ms_at_1000_per_s": result["p99_ms"]})
+                print(json.dumps(runs[-1]), file=sys.stderr)
+    finally:
+        if broker is not None:
+            broker.stop()
+    print_json({"noop_events_per_s": noop["events_per_s"], "noop_p99_ms": noop["p99_ms"],
+                "events_per_run": args.events, "runs": runs})
+    return 0
+
+
+def run_noop_worker(args: argparse.Namespace) -> int:
+    """A Faust agent that answers each click with its source and nothing else."""
+    settings = WorkerSettings.from_args(args)
+    faust_fixes.apply(settings.fetch_max_wait_ms)
+    app = faust_app(settings)
+    clicks = raw_topic(app, settings, settings.input_topic)
+    output = raw_topic(app, settings, settings.output_topic)
+
+    @app.agent(clicks, concurrency=1)
+    async def echo(stream) -> None:  # noqa: ANN001
+        async for events in stream.take_events(settings.batch_size,
+                                               within=settings.batch_ms / 1000.0):
+            deliveries = []
+            for event in events:
+                message = event.message
+                value = json.dumps({"session_id": message.key.decode(), "item_id": "",
+                                    "recommendations": [], "source": {
+                                        "partition": message.partition,
+                                        "offset": message.offset}}).encode()
+                deliveries.append(await output.send(key=message.key, value=value,
+                                                    partition=message.partition, force=True))
+            await asyncio.gather(*deliveries)
+
+    faust.Worker(app, loglevel=settings.log_level, quiet=True).execute_from_commandline()
+    return 0
+
+
+def add_parsers(benches: argparse._SubParsersAction) -> None:
+    p = benches.add_parser("stream", help="end-to-end throughput and latency of one worker",
+                           description=__doc__.split("\n\n")[0])
+    p.add_argument("--items", type=int, nargs="+", default=[3000, 40000, 100000],
+                   help="catalogue sizes to measure (default: 3000 40000 100000)")
+    p.add_argument("--events", type=int, default=20000, help="clicks per throughput run")
+    p.add_argument("--broker", default=None,
+                   help="use this Kafka instead of starting a local one")
+    p.set_defaults(run=run)
+    p = benches.add_parser("noop-worker", help="(used by bench stream) a no-op Faust agent",
+                           description="Consume clicks and produce an empty answer for each: "
+                                       "the Faust engine's own ceiling.")
+    WorkerSettings.add_arguments(p)
+    p.set_defaults(run=run_noop_worker)
