@@ -7,12 +7,14 @@ skipped and counted (``n_skipped_unknown``), never silently dropped. Ties are re
 default and the papers' choice), ``optimistic`` (above them) or ``median``.
 
 Any model that implements :class:`SessionScorer` is evaluated by the same loop: GRU4Rec
-through :class:`RecommenderScorer` and the baselines in :mod:`model.baselines`.
+through :class:`RecommenderScorer` and the baselines in :mod:`model.baselines`. Analyses
+that need more than the totals (:mod:`model.report`) pass ``on_batch`` and receive each
+step's scores and ranks, so they never run a second loop that could drift from this one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -90,6 +92,22 @@ class EvaluationResult:
         return out
 
 
+@dataclass(frozen=True)
+class PredictionBatch:
+    """The predictions of one evaluation step, exactly as the metrics counted them.
+
+    Given to ``evaluate(on_batch=...)`` so that breakdowns (by position, by session length,
+    the top-K lists behind catalogue coverage) come from the same scores and ranks as the
+    totals. ``scores`` is only valid during the call: copy what you keep.
+    """
+
+    sessions: np.ndarray   # each prediction's session index in the evaluated log
+    position: int          # clicks seen so far in these sessions: 1 = after the first click
+    targets: np.ndarray    # item index (in the scorer's item map) of the next click
+    scores: torch.Tensor   # scores of every item, one row per prediction
+    ranks: torch.Tensor    # 1-based rank of the target under the tie mode (CPU, float64)
+
+
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor, ties: str) -> torch.Tensor:
     """1-based rank of each row's target among all columns (float: median can be x.5)."""
     target_scores = scores.gather(1, targets.unsqueeze(1))
@@ -103,8 +121,12 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, ties: str) -> torc
 
 
 def evaluate(scorer: SessionScorer, log: ClickLog, ks: Sequence[int] = DEFAULT_KS,
-             ties: str = "conservative", sessions_per_batch: int = 512) -> EvaluationResult:
-    """Recall@K and MRR@K of ``scorer`` on every next-click prediction in ``log``."""
+             ties: str = "conservative", sessions_per_batch: int = 512,
+             on_batch: Callable[[PredictionBatch], None] | None = None) -> EvaluationResult:
+    """Recall@K and MRR@K of ``scorer`` on every next-click prediction in ``log``.
+
+    ``on_batch``, when given, sees every step's predictions (see :class:`PredictionBatch`).
+    """
     if ties not in TIE_MODES:
         raise UserError(f"unknown tie mode {ties!r}; use one of {', '.join(TIE_MODES)}")
     if not ks or any(k < 1 for k in ks):
@@ -116,12 +138,15 @@ def evaluate(scorer: SessionScorer, log: ClickLog, ks: Sequence[int] = DEFAULT_K
     offsets = log.session_offsets()
     for first in range(0, log.n_sessions, sessions_per_batch):
         starts = offsets[first:first + sessions_per_batch + 1]
-        _evaluate_sessions(scorer, items, starts[:-1], starts[1:], ties, result)
+        _evaluate_sessions(scorer, items, starts[:-1], starts[1:], ties, result, first,
+                           on_batch)
     return result
 
 
 def _evaluate_sessions(scorer: SessionScorer, items: np.ndarray, starts: np.ndarray,
-                       ends: np.ndarray, ties: str, result: EvaluationResult) -> None:
+                       ends: np.ndarray, ties: str, result: EvaluationResult,
+                       first_session: int,
+                       on_batch: Callable[[PredictionBatch], None] | None) -> None:
     """Walk a group of sessions position by position, all sessions at once."""
     lengths = ends - starts
     states = scorer.start(len(starts))
@@ -143,3 +168,6 @@ def _evaluate_sessions(scorer: SessionScorer, items: np.ndarray, starts: np.ndar
             hit = ranks <= k
             result.hits[k] += float(hit.sum())
             result.reciprocal_ranks[k] += float((hit / ranks).sum())
+        if on_batch is not None:
+            on_batch(PredictionBatch(first_session + rows, position + 1, targets, scores,
+                                     ranks))

@@ -76,8 +76,15 @@ class GRU4RecNetwork(nn.Module):
         """Glorot-style uniform initialisation, as in the papers' code."""
         scale = self.config.init_scale
         for name, param in self.named_parameters():
-            if param.dim() == 2 and name != "item_bias":
+            gated = name.startswith(("input_weights", "hidden_weights")) or (
+                name == "item_input" and self.one_hot)
+            if param.dim() == 2 and name != "item_bias" and not gated:
                 _glorot_uniform_(param.data, scale, generator=generator)
+            elif gated:
+                # GRU matrices hold three gates side by side: each is initialised as the
+                # (fan_in x units) matrix it is, not as one three-times-wider matrix.
+                _glorot_uniform_(param.data, scale, fan=(param.shape[0], param.shape[1] // 3),
+                                 generator=generator)
             else:
                 param.data.zero_()
 
@@ -142,7 +149,9 @@ class GRU4RecNetwork(nn.Module):
                 continue
             rows = torch.zeros((extra, *old.shape[1:]), dtype=old.dtype, device=old.device)
             if name != "item_bias":
-                _glorot_uniform_(rows, self.config.init_scale, fan=old.shape, generator=generator)
+                fan = (old.shape[0], old.shape[1] // 3 if self.one_hot and name == "item_input"
+                       else old.shape[1])
+                _glorot_uniform_(rows, self.config.init_scale, fan=fan, generator=generator)
             setattr(self, name, nn.Parameter(torch.cat([old.data, rows])))
         self.n_items = n_items
 

@@ -31,10 +31,6 @@ class PopularitySampler:
         self._store = torch.empty(0, dtype=torch.int64)
         self._position = 0
 
-    def log_probabilities(self) -> torch.Tensor:
-        """log P(item) for the logQ correction (all items have P > 0 when support > 0)."""
-        return torch.from_numpy(np.log(np.maximum(self.probabilities, 1e-30))).float().to(self._device)
-
     def _draw(self, n: int) -> torch.Tensor:
         uniform = torch.rand(n, generator=self._generator, dtype=torch.float64,
                              device=self._cdf.device)

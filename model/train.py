@@ -164,7 +164,7 @@ def _fit(network: GRU4RecNetwork, sessions: TrainingSessions, support: np.ndarra
     network.train()
     sampler = PopularitySampler(support, config.sample_alpha, config.sample_store_size,
                                 torch.Generator(device).manual_seed(seed), device)
-    log_q = sampler.log_probabilities() * config.logq if config.loss == "cross-entropy" \
+    log_q = log_q_correction(support, config) if config.loss == "cross-entropy" \
         and config.logq > 0 else None
     optimizer = AdagradNesterov(network.parameters(), config.learning_rate, config.momentum)
     step = TrainingStep(network, optimizer, make_loss(config.loss, config.bpreg), log_q)
@@ -207,6 +207,18 @@ def _fit(network: GRU4RecNetwork, sessions: TrainingSessions, support: np.ndarra
                       final_loss=epoch_losses[-1],
                       train_seconds=time.perf_counter() - started,
                       epoch_losses=tuple(epoch_losses))
+
+
+def log_q_correction(support: np.ndarray, config: GRU4RecConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """logQ terms for the two kinds of sampled columns (Hidasi & Czapp 2023).
+
+    A column's score is lowered by ``logq * log Q(item)``, Q being how likely the item was to
+    be drawn as a candidate: the in-batch targets come from the data, so Q ~ popularity;
+    the shared extra negatives were drawn with popularity^alpha. Both use raw counts, as
+    the authors' code does.
+    """
+    log_support = torch.from_numpy(np.log(np.maximum(support, 1.0))).float()
+    return config.logq * log_support, config.logq * config.sample_alpha * log_support
 
 
 def _show(bar: tqdm, done: int, loss: float, epoch_start: float) -> None:

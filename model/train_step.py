@@ -39,7 +39,8 @@ class TrainingStep:
     """Forward, backward and update for one session-parallel mini-batch."""
 
     def __init__(self, network: GRU4RecNetwork, optimizer: AdagradNesterov,
-                 loss_fn: LossFunction, log_q: torch.Tensor | None) -> None:
+                 loss_fn: LossFunction,
+                 log_q: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         self.network = network
         self.optimizer = optimizer
         self.loss_fn = loss_fn
@@ -98,15 +99,17 @@ class TrainingStep:
             hidden_candidate = gates_h[:, 2 * units:]
             candidate = torch.tanh(gates_x[:, 2 * units:] + reset * hidden_candidate)
             hidden = candidate + update * (previous - candidate)
-            new_states.append(hidden)
             mask = self._dropout_mask(hidden, self.p_hidden)
             caches.append(_LayerCache(x, previous, reset, update, candidate,
                                       hidden_candidate, mask))
             x = hidden * mask if mask is not None else hidden
+            new_states.append(x)  # the dropped-out state is carried on, as in the papers' code
 
         scores = torch.addmm(out_bias, x, out_weights.t())
         if self.log_q is not None:
-            scores -= self.log_q[out_items]
+            for_targets, for_samples = self.log_q
+            scores[:, :n] -= for_targets[out_items[:n]]
+            scores[:, n:] -= for_samples[out_items[n:]]
         with torch.enable_grad():
             scores.requires_grad_()
             loss = self.loss_fn(scores)

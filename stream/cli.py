@@ -16,7 +16,7 @@ from model.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from stream import bench, brokers, demo, offline_commands, replay, worker
+    from stream import bench, brokers, demo, offline_commands, replay, report_command, worker
 
     parser = argparse.ArgumentParser(
         prog="streamrec",
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     offline_commands.add_parsers(subparsers)
+    report_command.add_parser(subparsers)
     brokers.add_parser(subparsers)
     worker.add_parser(subparsers)
     replay.add_parser(subparsers)

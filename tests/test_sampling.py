@@ -56,15 +56,6 @@ def test_alpha_zero_is_uniform_over_items_with_support() -> None:
     np.testing.assert_allclose(probabilities[SUPPORT > 0], 1 / 6)
 
 
-def test_log_probabilities_match_probabilities() -> None:
-    sampler = make(0.5)
-    log_p = sampler.log_probabilities()
-    positive = SUPPORT > 0
-    np.testing.assert_allclose(log_p.numpy()[positive],
-                               np.log(expected_probabilities(0.5)[positive]), rtol=1e-5)
-    assert torch.isfinite(log_p).all()
-
-
 @pytest.mark.parametrize("store_size", [0, 5, 9, 10, 1_000])
 def test_store_keeps_working_across_many_calls(store_size: int) -> None:
     sampler = make(1.0, store_size=store_size)
