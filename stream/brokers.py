@@ -63,13 +63,14 @@ _LOG_TAIL_LINES = 40
 _TANSU_ENV_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "SCHEMA_REGISTRY")
 # librdkafka would print every refused connection while a broker boots to stderr.
 _QUIET_LIBRDKAFKA = logging.getLogger("stream.brokers.librdkafka")
-# Runs beside each broker, blocked on a pipe from us. When the pipe closes because we are
-# gone, however abruptly (SIGKILL, a test runner's timeout, a crash), it stops the broker's
-# process group, so no broker outlives its owner holding a port and half a gigabyte. After
-# a normal stop() the group is already gone and it just exits.
+# Runs beside each broker, blocked on a pipe from us. When the pipe closes without the
+# byte we send on stop() or kill(), we are gone, however abruptly (SIGKILL, a test runner's
+# timeout, a crash): it then stops the broker's process group and deletes its temporary
+# data directory, so no broker outlives its owner holding a port and half a gigabyte.
 _WATCHDOG = """\
-import os, signal, sys, time
-sys.stdin.buffer.read()
+import os, shutil, signal, sys, time
+if sys.stdin.buffer.read():
+    sys.exit()  # released by its owner
 group = int(sys.argv[1])
 try:
     os.killpg(group, signal.SIGTERM)
@@ -80,6 +81,8 @@ try:
     os.killpg(group, signal.SIGKILL)
 except ProcessLookupError:
     pass
+if len(sys.argv) > 2:
+    shutil.rmtree(sys.argv[2], ignore_errors=True)
 """
 
 
@@ -272,24 +275,25 @@ class _Broker(abc.ABC):
             if temporary:
                 self._remove_dir = weakref.finalize(self, shutil.rmtree, self._dir, True)
         # Checked at every start: if another broker held our port, the readiness probe
-        # below would find *that* broker and report success.
+        # below would find *that* broker and report success, and ours would die.
         self._ports = _reserve_ports(
             self._ports or ([self._requested_port] if self._requested_port else []),
             self._ports_needed,
         )
-        command, env, cluster_id = self._command()
+        command, env = self._command()
         with open(self.log_path, "wb") as log:
             self._proc = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 cwd=self._dir, env=env, start_new_session=True,
             )
+        temporary_dir = [str(self._dir)] if self._remove_dir is not None else []
         self._watchdog = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", _WATCHDOG, str(self._proc.pid)],
+            [sys.executable, "-I", "-S", "-c", _WATCHDOG, str(self._proc.pid), *temporary_dir],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
         try:
-            self._wait_ready(cluster_id)
+            self._wait_ready()
         except BaseException:
             self.kill()
             raise
@@ -337,19 +341,21 @@ class _Broker(abc.ABC):
         self.stop()
 
     @abc.abstractmethod
-    def _command(self) -> tuple[list[str], dict[str, str], str]:
-        """The broker's argv, environment and cluster id, after any on-disk preparation."""
+    def _command(self) -> tuple[list[str], dict[str, str]]:
+        """The broker's argv and environment, after any on-disk preparation."""
 
     def _forget_process(self) -> None:
         """Release the watchdog of a broker that is gone."""
         if self._watchdog is not None and self._watchdog.stdin is not None:
-            self._watchdog.stdin.close()
+            with contextlib.suppress(BrokenPipeError):
+                self._watchdog.stdin.write(b"released")
+                self._watchdog.stdin.close()
             self._watchdog.wait()
         self._watchdog = None
         self._proc = None
 
-    def _wait_ready(self, cluster_id: str) -> None:
-        """Poll metadata until our broker (by cluster id) answers, it exits, or time is up."""
+    def _wait_ready(self) -> None:
+        """Poll metadata until the broker answers, it exits, or time is up."""
         assert self._proc is not None
         deadline = time.monotonic() + self.startup_timeout
         admin = AdminClient({
@@ -376,13 +382,6 @@ class _Broker(abc.ABC):
                 metadata = admin.list_topics(timeout=min(1.0, remaining))
             except KafkaException:
                 continue  # not listening yet; the loop re-checks the process and the deadline
-            if metadata.cluster_id is None:
-                continue  # a client still negotiating versions may not report it yet
-            if metadata.cluster_id != cluster_id:
-                raise UserError(
-                    f"{self.bootstrap} is answered by another broker (cluster id "
-                    f"{metadata.cluster_id!r}); choose another port"
-                )
             if metadata.brokers:
                 return
 
@@ -422,7 +421,7 @@ class LocalKafka(_Broker):
         self.heap = heap
         self._cache_dir = cache_dir
 
-    def _command(self) -> tuple[list[str], dict[str, str], str]:
+    def _command(self) -> tuple[list[str], dict[str, str]]:
         java = find_java()
         classpath = f"{fetch_kafka_jars(self._cache_dir)}/*"
         config = self.data_dir / "server.properties"
@@ -439,23 +438,17 @@ class LocalKafka(_Broker):
             "-cp",
             classpath,
         ]
-        meta = self.data_dir / "logs" / "meta.properties"
-        if not meta.exists():
+        if not (self.data_dir / "logs" / "meta.properties").exists():
             self._format(jvm, config)
-        found = re.search(r"^cluster\.id=(\S+)", meta.read_text(), re.MULTILINE)
-        if found is None:
-            raise UserError(f"{meta} has no cluster.id; delete {self.data_dir} to start afresh")
-        return [*jvm, "kafka.Kafka", str(config)], dict(os.environ), found.group(1)
+        return [*jvm, "kafka.Kafka", str(config)], dict(os.environ)
 
     def _format(self, jvm: Sequence[str], config: Path) -> None:
         """Write what a new KRaft log directory needs (as `kafka-storage.sh format` does)."""
-        # Kafka's Uuid text form: 16 random bytes, URL-safe base64 without padding.
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
         done = subprocess.run(
             # C1 only: this JVM lives a second, and C2 compiling would only slow it down.
             [*jvm, "-XX:TieredStopAtLevel=1", "kafka.tools.StorageTool", "format",
              "--ignore-formatted",
-             "-t", cluster_id, "-c", str(config)],
+             "-t", new_cluster_id(), "-c", str(config)],
             capture_output=True, text=True, check=False,
         )
         if done.returncode != 0:
@@ -516,9 +509,8 @@ class Tansu(_Broker):
     ) -> None:
         super().__init__(port, data_dir, startup_timeout)
 
-    def _command(self) -> tuple[list[str], dict[str, str], str]:
+    def _command(self) -> tuple[list[str], dict[str, str]]:
         url = f"tcp://{self.bootstrap}"
-        cluster_id = f"streamrec-{uuid.uuid4().hex}"
         env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV_VARS}
         env["NO_COLOR"] = "1"  # no ANSI escapes in broker.log
         command = [
@@ -526,9 +518,9 @@ class Tansu(_Broker):
             "--listener-url", url,
             "--advertised-listener-url", url,
             "--storage-engine", "memory://tansu/",
-            "--cluster-id", cluster_id,
+            "--cluster-id", "streamrec",
         ]
-        return command, env, cluster_id
+        return command, env
 
 
 def add_parser(subparsers: SubParsers) -> None:
@@ -639,6 +631,18 @@ def _reserve_ports(ports: list[int], count: int) -> list[int]:
 def _signal_group(proc: subprocess.Popen[bytes], signum: int) -> None:
     with contextlib.suppress(ProcessLookupError):  # already gone
         os.killpg(proc.pid, signum)
+
+
+def new_cluster_id() -> str:
+    """A random Kafka cluster id, in Kafka's Uuid text form (URL-safe base64, no padding).
+
+    Like Kafka's ``Uuid.randomUuid()`` it never starts with "-": StorageTool's argument
+    parser takes such an id for an option, which failed one fresh broker in 64.
+    """
+    while True:
+        text = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not text.startswith("-"):
+            return text
 
 
 def _stamp_matches(jars: Path, stamp: str) -> bool:

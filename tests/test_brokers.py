@@ -19,6 +19,7 @@ import sys
 import textwrap
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -41,9 +42,9 @@ def _tansu_missing() -> str | None:
     return None
 
 
+_TANSU_MISSING = _tansu_missing()
 needs_tansu = pytest.mark.skipif(
-    _tansu_missing() is not None,
-    reason=f"Tansu broker binary not available: {_tansu_missing()}",
+    _TANSU_MISSING is not None, reason=f"Tansu broker binary not available: {_TANSU_MISSING}"
 )
 
 
@@ -242,19 +243,19 @@ def test_broker_does_not_outlive_a_killed_owner() -> None:
     owner = subprocess.Popen(
         [sys.executable, "-c",
          "import time\nfrom stream.brokers import Tansu\n"
-         "broker = Tansu()\nbroker.start()\nprint(broker.bootstrap, flush=True)\n"
+         "broker = Tansu()\nbroker.start()\nprint(broker.bootstrap, broker.data_dir, flush=True)\n"
          "time.sleep(300)\n"],
         cwd=REPO, stdout=subprocess.PIPE, text=True,
     )
     try:
-        bootstrap = _readline_within(owner, 30).strip()
+        bootstrap, data_dir = _readline_within(owner, 30).split()
         assert not _refuses_connections(bootstrap)
     finally:
         owner.kill()  # no cleanup code of the owner runs
         owner.wait()
     deadline = time.monotonic() + 15
-    while not _refuses_connections(bootstrap):
-        assert time.monotonic() < deadline, "the broker outlived its SIGKILLed owner"
+    while not _refuses_connections(bootstrap) or Path(data_dir).exists():
+        assert time.monotonic() < deadline, "the broker or its data outlived its killed owner"
         time.sleep(0.1)
 
 
@@ -276,7 +277,7 @@ def test_broker_dying_during_startup_raises_with_its_log(monkeypatch: pytest.Mon
     monkeypatch.setattr(
         Tansu, "_command",
         lambda self: (
-            [str(brokers.tansu_binary()), "broker", "--no-such-flag"], dict(os.environ), "x"
+            [str(brokers.tansu_binary()), "broker", "--no-such-flag"], dict(os.environ)
         ),
     )
     broker = Tansu()
@@ -364,6 +365,14 @@ def test_failed_maven_fetch_reports_output_and_leaves_no_jars(
     assert sorted(p.name for p in version_dir.iterdir()) == [".lock"]
 
 
+def test_cluster_ids_never_look_like_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    dash_first = uuid.UUID(bytes=b"\xf8" + bytes(15))  # encodes to "-AAAA..."
+    ordinary = uuid.UUID(bytes=bytes(range(16)))
+    draws = iter([dash_first, ordinary])
+    monkeypatch.setattr(brokers.uuid, "uuid4", lambda: next(draws))
+    assert brokers.new_cluster_id() == "AAECAwQFBgcICQoLDA0ODw"
+
+
 def test_cache_dir_follows_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("STREAMREC_CACHE_DIR", str(tmp_path))
     assert brokers.cache_root() == tmp_path
@@ -375,11 +384,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def test_broker_help(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exited:
-        _parser().parse_args(["broker", "--help"])
-    assert exited.value.code == 0
-    help_text = capsys.readouterr().out
+def test_broker_help() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "stream.cli", "broker", "--help"],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    help_text = done.stdout
+    assert help_text.startswith("usage: streamrec broker")
     for expected in ("--engine {kafka,tansu}", "--port", "--data-dir", "Java 17", "Ctrl-C"):
         assert expected in help_text
     args = _parser().parse_args(["broker"])
