@@ -28,6 +28,7 @@ class GRU4RecConfig:
     dropout_p_hidden: float = 0.4
     learning_rate: float = 0.2
     momentum: float = 0.2
+    nesterov: bool = False
     n_sample: int = 2048
     sample_alpha: float = 0.5
     sample_store_size: int = 10_000_000

@@ -52,12 +52,16 @@ class GRU4RecNetwork(nn.Module):
         self.input_weights = nn.ParameterList()
         self.hidden_weights = nn.ParameterList()
         self.biases = nn.ParameterList()
+        # A hidden-side bias too, as in torch's GRUCell that the authors' code uses: its
+        # candidate part sits inside the reset gate, so it is not redundant with ``biases``.
+        self.hidden_biases = nn.ParameterList()
         previous = input_width
         for i, units in enumerate(layers):
             if not (i == 0 and self.one_hot):
                 self.input_weights.append(nn.Parameter(torch.empty(previous, 3 * units)))
             self.hidden_weights.append(nn.Parameter(torch.empty(units, 3 * units)))
             self.biases.append(nn.Parameter(torch.zeros(3 * units)))
+            self.hidden_biases.append(nn.Parameter(torch.zeros(3 * units)))
             previous = units
         self.reset_parameters(generator)
 
@@ -117,7 +121,7 @@ class GRU4RecNetwork(nn.Module):
                 gates_x = x + self.biases[i]
             else:
                 gates_x = torch.addmm(self.biases[i], x, self.input_weights[i - self.one_hot])
-            gates_h = h @ self.hidden_weights[i]
+            gates_h = torch.addmm(self.hidden_biases[i], h, self.hidden_weights[i])
             r_x, z_x, n_x = gates_x.chunk(3, dim=1)
             r_h, z_h, n_h = gates_h.chunk(3, dim=1)
             reset = torch.sigmoid(r_x + r_h)

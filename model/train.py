@@ -28,7 +28,7 @@ from model.errors import UserError
 from model.inference import Recommender, select_device
 from model.losses import make_loss
 from model.network import GRU4RecNetwork
-from model.optim import AdagradNesterov
+from model.optim import AdagradMomentum
 from model.sampling import PopularitySampler
 from model.train_step import TrainingStep
 
@@ -166,7 +166,7 @@ def _fit(network: GRU4RecNetwork, sessions: TrainingSessions, support: np.ndarra
                                 torch.Generator(device).manual_seed(seed), device)
     log_q = log_q_correction(support, config) if config.loss == "cross-entropy" \
         and config.logq > 0 else None
-    optimizer = AdagradNesterov(network.parameters(), config.learning_rate, config.momentum)
+    optimizer = AdagradMomentum(config.learning_rate, config.momentum, config.nesterov)
     step = TrainingStep(network, optimizer, make_loss(config.loss, config.bpreg), log_q)
     epoch_losses: list[float] = []
     started = time.perf_counter()

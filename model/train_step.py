@@ -21,7 +21,7 @@ import torch
 
 from model.losses import LossFunction
 from model.network import GRU4RecNetwork
-from model.optim import AdagradNesterov
+from model.optim import AdagradMomentum, FlatParameters
 
 
 @dataclass
@@ -38,7 +38,7 @@ class _LayerCache:
 class TrainingStep:
     """Forward, backward and update for one session-parallel mini-batch."""
 
-    def __init__(self, network: GRU4RecNetwork, optimizer: AdagradNesterov,
+    def __init__(self, network: GRU4RecNetwork, optimizer: AdagradMomentum,
                  loss_fn: LossFunction,
                  log_q: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         self.network = network
@@ -51,6 +51,21 @@ class TrainingStep:
         item_params = network.item_parameters()
         self.dense_params = [p for p in network.parameters()
                              if all(p is not q for q in item_params)]
+        self.flat = FlatParameters(self.dense_params)
+        self._grad_of = {id(p): g for p, g in zip(self.dense_params, self.flat.grads)}
+
+    def _unique(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sorted distinct items and each item's position among them.
+
+        Same result as ``torch.unique(..., return_inverse=True)``, by marking a catalogue-
+        sized table instead of sorting: several times faster for a few thousand items.
+        """
+        seen = torch.zeros(self.network.n_items, dtype=torch.bool, device=items.device)
+        seen[items] = True
+        rows = seen.nonzero().squeeze(1)
+        position = torch.empty(self.network.n_items, dtype=torch.int64, device=items.device)
+        position[rows] = torch.arange(len(rows), device=items.device)
+        return rows, position[items]
 
     @staticmethod
     def _dropout_mask(like: torch.Tensor, p: float) -> torch.Tensor | None:
@@ -67,18 +82,17 @@ class TrainingStep:
         n = len(inputs)
         tied = net.item_input is None
         if tied:
-            rows, inverse = torch.unique(torch.cat([inputs, out_items]), return_inverse=True)
+            rows, inverse = self._unique(torch.cat([inputs, out_items]))
             in_inverse, out_inverse = inverse[:n], inverse[n:]
             in_rows = out_rows = rows
-            out_table = in_table = net.item_output[rows]
+            out_table = in_table = net.item_output.index_select(0, rows)
         else:
-            in_rows, in_inverse = torch.unique(inputs, return_inverse=True)
-            out_rows, out_inverse = torch.unique(out_items, return_inverse=True)
-            in_table = net.item_input[in_rows]
-            out_table = net.item_output[out_rows]
-        x = in_table[in_inverse]
-        out_weights = out_table[out_inverse]
-        out_bias = net.item_bias[out_items].t()
+            in_rows, in_inverse = self._unique(inputs)
+            out_rows, out_inverse = self._unique(out_items)
+            in_table = net.item_input.index_select(0, in_rows)
+            out_table = net.item_output.index_select(0, out_rows)
+        x = in_table.index_select(0, in_inverse)
+        out_bias = net.item_bias.index_select(0, out_rows)
 
         embed_mask = None if net.one_hot else self._dropout_mask(x, self.p_embed)
         if embed_mask is not None:
@@ -93,7 +107,7 @@ class TrainingStep:
                 gates_x = x + net.biases[i]
             else:
                 gates_x = torch.addmm(net.biases[i], x, net.input_weights[i - net.one_hot])
-            gates_h = previous @ net.hidden_weights[i]
+            gates_h = torch.addmm(net.hidden_biases[i], previous, net.hidden_weights[i])
             reset_update = torch.sigmoid(gates_x[:, :2 * units] + gates_h[:, :2 * units])
             reset, update = reset_update[:, :units], reset_update[:, units:]
             hidden_candidate = gates_h[:, 2 * units:]
@@ -105,29 +119,33 @@ class TrainingStep:
             x = hidden * mask if mask is not None else hidden
             new_states.append(x)  # the dropped-out state is carried on, as in the papers' code
 
-        scores = torch.addmm(out_bias, x, out_weights.t())
+        # Score each distinct item once, then spread the rows to the sampled layout
+        # (duplicates included): cheaper than gathering a weight row per sampled column.
+        # Items are kept along dim 0 (item x batch), where gathers and scatters are fast.
+        unique_scores = torch.addmm(out_bias, out_table, x.t())
+        scores_by_item = unique_scores.index_select(0, out_inverse)
         if self.log_q is not None:
             for_targets, for_samples = self.log_q
-            scores[:, :n] -= for_targets[out_items[:n]]
-            scores[:, n:] -= for_samples[out_items[n:]]
+            scores_by_item -= torch.cat([for_targets.index_select(0, out_items[:n]),
+                                         for_samples.index_select(0, out_items[n:])]
+                                        ).unsqueeze(1)
         with torch.enable_grad():
-            scores.requires_grad_()
+            scores = scores_by_item.t().contiguous().requires_grad_()
             loss = self.loss_fn(scores)
             loss.backward()
-        d_scores = scores.grad
+        d_scores_by_item = scores.grad.t().contiguous()
 
-        d_out_weights = d_scores.t() @ x
-        d_out_bias = d_scores.sum(dim=0)
-        d_x = d_scores @ out_weights
+        d_unique_scores = torch.zeros_like(unique_scores).index_add_(0, out_inverse,
+                                                                     d_scores_by_item)
+        out_grad = d_unique_scores @ x
+        bias_grad = d_unique_scores.sum(dim=1, keepdim=True)
+        d_x = d_unique_scores.t() @ out_table
         for i in reversed(range(len(self.layers))):
             d_x = self._layer_backward(i, caches[i], d_x)
         if embed_mask is not None:
             d_x = d_x * embed_mask
 
-        self.optimizer.step_dense(self.dense_params)
-        out_grad = torch.zeros_like(out_table).index_add_(0, out_inverse, d_out_weights)
-        bias_grad = out_table.new_zeros(len(out_rows), 1).index_add_(0, out_inverse,
-                                                             d_out_bias.unsqueeze(1))
+        self.optimizer.step_flat(self.flat)
         if tied:
             out_grad.index_add_(0, in_inverse, d_x)
             used_as_output = torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
@@ -143,7 +161,7 @@ class TrainingStep:
         return torch.cat(new_states, dim=1), loss.detach()
 
     def _layer_backward(self, i: int, cache: _LayerCache, d_output: torch.Tensor) -> torch.Tensor:
-        """Gradients of layer ``i``'s weights (stored in ``.grad``); returns d(layer input)."""
+        """Gradients of layer ``i``'s weights (into the flat gradient); returns d(layer input)."""
         net = self.network
         d_hidden = d_output * cache.dropout_mask if cache.dropout_mask is not None else d_output
         update, candidate, reset = cache.update, cache.candidate, cache.reset
@@ -152,10 +170,12 @@ class TrainingStep:
         d_reset_pre = d_candidate_pre * cache.hidden_candidate * reset * (1 - reset)
         d_gates_x = torch.cat([d_reset_pre, d_update_pre, d_candidate_pre], dim=1)
         d_gates_h = torch.cat([d_reset_pre, d_update_pre, d_candidate_pre * reset], dim=1)
-        net.hidden_weights[i].grad = cache.previous.t() @ d_gates_h
-        net.biases[i].grad = d_gates_x.sum(dim=0)
+        grad = self._grad_of
+        torch.mm(cache.previous.t(), d_gates_h, out=grad[id(net.hidden_weights[i])])
+        torch.sum(d_gates_x, dim=0, out=grad[id(net.biases[i])])
+        torch.sum(d_gates_h, dim=0, out=grad[id(net.hidden_biases[i])])
         if i == 0 and net.one_hot:
             return d_gates_x  # the gradient of the item's row of one-hot input weights
         weights = net.input_weights[i - net.one_hot]
-        weights.grad = cache.layer_input.t() @ d_gates_x
+        torch.mm(cache.layer_input.t(), d_gates_x, out=grad[id(weights)])
         return d_gates_x @ weights.t()

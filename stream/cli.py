@@ -16,7 +16,8 @@ from model.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from stream import bench, brokers, demo, offline_commands, replay, report_command, worker
+    from stream import (bench, brokers, demo, offline_commands, registry, replay,
+                        report_command, trainer, worker)
 
     parser = argparse.ArgumentParser(
         prog="streamrec",
@@ -27,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     report_command.add_parser(subparsers)
     brokers.add_parser(subparsers)
     worker.add_parser(subparsers)
+    trainer.add_parser(subparsers)
+    registry.add_parser(subparsers)
     replay.add_parser(subparsers)
     demo.add_parser(subparsers)
     bench.add_parser(subparsers)
@@ -48,15 +51,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _limit_torch_threads() -> None:
-    """One torch thread unless ``STREAMREC_TORCH_THREADS`` says otherwise.
+    """Apply ``STREAMREC_TORCH_THREADS`` (torch's intra-op threads) when it is set.
 
-    GRU4Rec's steps are many small kernels; on a 2-core machine shared with a broker (or
-    anything else), OpenMP threads that spin-wait for a descheduled sibling made training
-    up to 20x slower than one thread, and one thread loses little when the machine is idle.
+    Unset, torch uses every core, which on an idle 2-core machine trains 1.5x faster than
+    one thread. On a machine busy with other work (a broker, other jobs), set it to 1:
+    idle OpenMP threads spin-wait for descheduled siblings and made GRU4Rec's many small
+    kernels many times slower there. The worker has its own ``--torch-threads`` (default 1),
+    since it always shares the machine with the Kafka client threads.
     """
     import torch
 
-    raw = os.environ.get("STREAMREC_TORCH_THREADS", "1")
+    raw = os.environ.get("STREAMREC_TORCH_THREADS")
+    if raw is None:
+        return
     try:
         threads = int(raw)
     except ValueError:
