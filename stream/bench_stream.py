@@ -110,7 +110,7 @@ def _produce_paced(bootstrap: str, topic: str, clicks: list[Click], rate: float)
 
 
 def measure(bootstrap: str, model_dir: Path, n_items: int, events: int, work: Path,
-            subcommand: tuple[str, ...] = ("worker",)) -> dict[str, float]:
+            subcommand: tuple[str, ...] = ("worker",), *worker_args: str) -> dict[str, float]:
     """Throughput (max speed) then latency (1,000 events/s) of one worker process."""
     names = StreamNames("bench")
     ensure_topics(bootstrap, {t: PARTITIONS for t in
@@ -119,8 +119,8 @@ def measure(bootstrap: str, model_dir: Path, n_items: int, events: int, work: Pa
     outputs = TopicReader(bootstrap, names.recommendations)
     inputs.start()
     outputs.start()
-    worker = WorkerProcess(bootstrap, model_dir, names, work, partitions=PARTITIONS,
-                           subcommand=subcommand).start()
+    worker = WorkerProcess(bootstrap, model_dir, names, work, *worker_args,
+                           partitions=PARTITIONS, subcommand=subcommand).start()
     try:
         worker.wait_until_consuming(bootstrap, names.app_id)
         burst = _clicks("a", events, n_items, seed=1, rate=None)
@@ -150,7 +150,7 @@ def measure(bootstrap: str, model_dir: Path, n_items: int, events: int, work: Pa
 
 
 def run(args: argparse.Namespace) -> int:
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.torch_threads)
     broker = None
     if args.broker:
         bootstrap = bootstrap_servers(args.broker)
@@ -173,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
                 ceiling = scoring_ceiling(recommender)
                 print(f"{n_items} items: scoring ceiling {ceiling:,.0f} events/s; measuring "
                       f"the worker", file=sys.stderr)
-                result = measure(bootstrap, model_dir, n_items, args.events, work)
+                result = measure(bootstrap, model_dir, n_items, args.events, work, ("worker",),
+                                 "--torch-threads", str(args.torch_threads))
                 runs.append({"items": n_items, "events_per_s": result["events_per_s"],
                              "ceiling_events_per_s": ceiling,
                              "ratio": result["events_per_s"]
@@ -185,7 +186,8 @@ def run(args: argparse.Namespace) -> int:
         if broker is not None:
             broker.stop()
     print_json({"noop_events_per_s": noop["events_per_s"], "noop_p99_ms": noop["p99_ms"],
-                "events_per_run": args.events, "runs": runs})
+                "events_per_run": args.events, "torch_threads": args.torch_threads,
+                "runs": runs})
     return 0
 
 
@@ -224,6 +226,8 @@ def add_parsers(benches: argparse._SubParsersAction) -> None:
     p.add_argument("--events", type=int, default=20000, help="clicks per throughput run")
     p.add_argument("--broker", default=None,
                    help="use this Kafka instead of starting a local one")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="torch threads of the worker and of the scoring ceiling (default 1)")
     p.set_defaults(run=run)
     p = benches.add_parser("noop-worker", help="(used by bench stream) a no-op Faust agent",
                            description="Consume clicks and produce an empty answer for each: "
