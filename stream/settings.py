@@ -29,7 +29,7 @@ def _setting(default: Any, help: str, **extra: Any) -> Any:
 @dataclass(frozen=True)
 class WorkerSettings:
     broker: str = _setting("kafka://127.0.0.1:9092", "Kafka bootstrap URL (kafka://HOST:PORT)")
-    model: str = _setting("", "model directory (required)")
+    model: str = _setting("", "model directory, or a model registry to follow (required)")
     partitions: int = _setting(4, "partitions of the input, output and changelog topics")
     top_n: int = _setting(20, "recommendations per click")
     batch_size: int = _setting(256, "most clicks scored in one batch")
@@ -50,6 +50,8 @@ class WorkerSettings:
     log_level: str = _setting("warning", "debug, info, warning or error")
     create_topics: bool = _setting(True, "create missing topics (false: a missing topic is "
                                          "a start-up error)")
+    model_poll_s: float = _setting(5.0, "with a registry as --model: how often to check "
+                                        "its current version, seconds")
 
     def __post_init__(self) -> None:
         bootstrap_servers(self.broker)
@@ -58,7 +60,8 @@ class WorkerSettings:
         if not Path(self.model).is_dir():
             raise UserError(f"model directory {self.model} does not exist or is unreadable")
         positive = ("partitions", "top_n", "batch_size", "batch_ms", "session_timeout_s",
-                    "expiry_interval_s", "group_session_timeout_s", "torch_threads")
+                    "expiry_interval_s", "group_session_timeout_s", "torch_threads",
+                    "model_poll_s")
         for name in positive:
             value = getattr(self, name)
             if not (0 < value < math.inf):  # also refuses NaN

@@ -16,6 +16,8 @@ import torch
 from model.artifact import load_model
 from stream import faust_fixes
 from stream.app import CHANGELOG_CONFIG, changelog_topic, create_app, expiry_topic
+from stream.hot_swap import watch_registry
+from stream.registry import ModelRegistry
 from stream.settings import WorkerSettings
 from stream.topics import check_topics, ensure_topics
 
@@ -35,11 +37,15 @@ def run(args: argparse.Namespace) -> int:
     settings = WorkerSettings.from_args(args)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    recommender = load_model(settings.model, device="cpu")
+    registry = ModelRegistry(settings.model) if ModelRegistry.is_registry(settings.model) \
+        else None
+    recommender = registry.current() if registry else load_model(settings.model, device="cpu")
     torch.set_num_threads(settings.torch_threads)
     prepare_topics(settings)
     faust_fixes.apply(settings.fetch_max_wait_ms)
-    app, _ = create_app(settings, recommender)
+    app, processor = create_app(settings, recommender)
+    if registry is not None:
+        watch_registry(app, processor, registry, settings.model_poll_s)
     logging.getLogger("streamrec.worker").warning(
         "worker %s starting: model %s (%d items), broker %s, %d partitions",
         settings.app_id, recommender.version, recommender.n_items, settings.bootstrap,

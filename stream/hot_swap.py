@@ -1,0 +1,80 @@
+"""Hot swap: a worker serving a registry follows its ``CURRENT`` pointer.
+
+Every worker (not only the group's leader: each one serves its own partitions with its
+own copy of the model) polls the registry's pointer on a Faust timer. When it names a
+version other than the one being served, the worker loads and verifies it in a thread
+(``loop.run_in_executor``), so reading and checksumming weights never stalls the event
+loop, and then assigns ``processor.recommender`` on the loop. The agent reads that
+attribute once per batch (:meth:`stream.app.ClickProcessor._answer`), so the swap falls
+between two batches and no batch mixes versions. Sessions whose stored state was computed
+by the old version are rebuilt from their recent items on their next click
+(:mod:`stream.scoring`).
+
+Polling the file rather than consuming the announcement topic makes the pointer the
+single source of truth: a lost or late announcement, or a worker that was down while one
+was sent, cannot leave a worker on an old model. A rollback is just another pointer move,
+so it propagates the same way.
+
+A version that fails to load (corrupt, partial, incompatible, or not the version its
+directory claims) is never served: the worker keeps the old model, logs why and counts it
+in ``rejected_models``. Versions are immutable, so a rejected one is not retried; an I/O
+error (a file system hiccup) is, on the next poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import faust
+
+from model.errors import UserError
+from stream.app import ClickProcessor
+from stream.registry import ModelRegistry
+
+logger = logging.getLogger("streamrec.hot_swap")
+
+
+class ModelWatcher:
+    """Swaps ``processor.recommender`` to the registry's current version."""
+
+    def __init__(self, registry: ModelRegistry, processor: ClickProcessor) -> None:
+        self.registry = registry
+        self.processor = processor
+        self.rejected: set[str] = set()
+
+    async def check(self) -> None:
+        """One poll: load the current version if it is new, then swap or reject it."""
+        loop = asyncio.get_running_loop()
+        try:
+            version = await loop.run_in_executor(None, self.registry.current_version)
+        except (UserError, OSError) as exc:
+            logger.error("cannot read the registry pointer (still serving %s): %s",
+                         self.processor.recommender.version, exc)
+            return
+        serving = self.processor.recommender.version
+        if version is None or version == serving or version in self.rejected:
+            return
+        try:
+            recommender = await loop.run_in_executor(None, self.registry.load, version)
+        except UserError as exc:
+            self.rejected.add(version)
+            self.processor.counters.rejected_models += 1
+            logger.error("rejected model %s, still serving %s: %s", version, serving, exc)
+            return
+        except OSError as exc:
+            logger.error("could not read model %s (will retry), still serving %s: %s",
+                         version, serving, exc)
+            return
+        self.processor.recommender = recommender
+        self.processor.counters.swaps += 1
+        logger.warning("swapped model %s -> %s (%d items)", serving, version,
+                       recommender.n_items)
+
+
+def watch_registry(app: faust.App, processor: ClickProcessor, registry: ModelRegistry,
+                   interval_s: float) -> ModelWatcher:
+    """Poll ``registry`` every ``interval_s`` seconds on every worker of ``app``."""
+    watcher = ModelWatcher(registry, processor)
+    app.timer(interval_s, on_leader=False, name="streamrec.watch_registry")(watcher.check)
+    return watcher

@@ -1,0 +1,390 @@
+"""A model registry: immutable versions, one atomically moved pointer, announcements.
+
+Layout::
+
+    REGISTRY/
+      CURRENT                 the served version id, one line (replaced atomically)
+      versions/<version>/     model directories written by model.artifact.save_model
+      .lock                   serialises publishers and rollbacks (flock)
+
+Why it is built this way:
+
+- **Versions are immutable.** A version directory is written once, through the atomic
+  staging-dir-and-rename of :func:`model.artifact.save_model`, and verified by loading it
+  back before anything points at it. Workers may be loading it at any moment, so it is
+  never edited; it is only deleted by retention, and never while it is current.
+- **The pointer is the only mutable thing.** Publishing and rolling back both come down
+  to replacing ``CURRENT`` (write a temp file, fsync, ``os.replace``, fsync the
+  directory). A reader sees the old id or the new one, never half a write, and a publish
+  killed at any point leaves ``CURRENT`` naming a complete, verified version.
+- **Order is the publish sequence.** Version ids start with a six-digit sequence number
+  (``000007-v20250101T120000-a1b2c3``): "the previous version" for a rollback and "the
+  last K" for retention must not depend on clocks, and two publishes can share a second.
+- **Writers hold a lock.** Publish, rollback and retention take an exclusive ``flock`` on
+  ``.lock``, so a CLI rollback and a trainer's publish cannot interleave, and leftovers
+  of a killed writer (staging directories, pointer temp files) found under the lock are
+  known to be dead and are swept.
+
+Workers find the current model by reading ``CURRENT`` (see :mod:`stream.hot_swap`); the
+optional :class:`KafkaAnnouncer` also tells the ``model-updates`` topic, for anything else
+that wants to react to a new version without polling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import re
+import secrets
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from confluent_kafka import Producer
+
+from model.artifact import load_model, new_version_id, save_model
+from model.errors import UserError
+from model.inference import Recommender
+from stream.kafka_config import producer_config
+from stream.topics import ensure_topics
+
+POINTER = "CURRENT"
+VERSIONS = "versions"
+LOCK = ".lock"
+DEFAULT_KEEP = 5
+DEFAULT_UPDATES_TOPIC = "model-updates"
+_VERSION = re.compile(r"(\d{6,})-[A-Za-z0-9][A-Za-z0-9._-]*")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+class Announcer(Protocol):
+    """Told about every pointer move, after it happened."""
+
+    def announce(self, action: str, version: str, path: Path) -> None: ...
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One retained version as listed (metadata read without verifying the weights)."""
+
+    version: str
+    path: Path
+    sequence: int
+    created: str | None
+    current: bool
+    metrics: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "path": str(self.path), "created": self.created,
+                "current": self.current, "metrics": self.metrics}
+
+
+class ModelRegistry:
+    """A registry directory (see the module docstring); ``keep`` versions are retained."""
+
+    def __init__(self, root: str | os.PathLike[str], *, keep: int = DEFAULT_KEEP,
+                 announcer: Announcer | None = None) -> None:
+        if keep < 1:
+            raise UserError(f"a registry must keep at least 1 version, got {keep}")
+        self.root = Path(root)
+        self.keep = keep
+        self.announcer = announcer
+
+    @staticmethod
+    def is_registry(path: str | os.PathLike[str]) -> bool:
+        """True for a registry directory (it has a ``CURRENT`` pointer)."""
+        return (Path(path) / POINTER).is_file()
+
+    @property
+    def versions_dir(self) -> Path:
+        return self.root / VERSIONS
+
+    def path_of(self, version: str) -> Path:
+        if not _SAFE_NAME.fullmatch(version):
+            raise UserError(f"{self.root}: {version!r} is not a valid version id")
+        return self.versions_dir / version
+
+    def current_version(self) -> str | None:
+        """The version ``CURRENT`` names, or None before the first publish."""
+        try:
+            text = (self.root / POINTER).read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return None
+        except UnicodeDecodeError:
+            raise UserError(f"{self.root / POINTER}: not a version id (not text)") from None
+        if not _SAFE_NAME.fullmatch(text):
+            raise UserError(f"{self.root / POINTER}: {text[:80]!r} is not a version id")
+        return text
+
+    def current(self, device: str | None = "cpu") -> Recommender:
+        """Load and verify the current version."""
+        version = self.current_version()
+        if version is None:
+            raise UserError(f"{self.root}: empty registry (no {POINTER}); add a model with "
+                            f"`streamrec model publish --registry {self.root} --model DIR`")
+        return self.load(version, device)
+
+    def load(self, version: str, device: str | None = "cpu") -> Recommender:
+        """Load and verify ``version``; its artifact must carry that same version id (a
+        directory copied or renamed into ``versions/`` by hand is refused)."""
+        recommender = load_model(self.path_of(version), device=device)
+        if recommender.version != version:
+            raise UserError(f"{self.path_of(version)}: artifact says version "
+                            f"{recommender.version!r}, not {version!r}")
+        return recommender
+
+    def list_versions(self) -> list[VersionInfo]:
+        """The retained versions, oldest first (staging and deleted ones excluded)."""
+        current = self.current_version()
+        listed = []
+        for sequence, name, path in self._versions():
+            metadata = _peek_metadata(path)
+            listed.append(VersionInfo(version=name, path=path, sequence=sequence,
+                                      created=metadata.get("created"), current=name == current,
+                                      metrics=metadata.get("metrics", {})))
+        return listed
+
+    def publish(self, recommender: Recommender, *, training: dict[str, Any] | None = None,
+                metrics: dict[str, Any] | None = None, if_current: str | None = None) -> str:
+        """Save ``recommender`` as a new version, verify it, make it current; return its id.
+
+        ``if_current``: publish only if the current version is still this one (a trainer
+        passes its base version, so that a rollback made while it trained is not undone
+        by a candidate trained from the version rolled back from).
+        """
+        with self._locked(create=True):
+            if if_current is not None and self.current_version() != if_current:
+                raise UserError(f"{self.root}: current version changed from {if_current} to "
+                                f"{self.current_version()} meanwhile; not publishing")
+            versions = self._versions()
+            sequence = versions[-1][0] + 1 if versions else 1
+            version = f"{sequence:06d}-{new_version_id()}"
+            path = save_model(recommender, self.path_of(version), training=training,
+                              metrics=metrics, version=version)
+            try:
+                self.load(version)
+            except UserError:
+                self._delete(path)
+                raise
+            self._point_to(version)
+            self._prune()
+        self._announce("publish", version)
+        return version
+
+    def publish_directory(self, model_dir: str | os.PathLike[str]) -> str:
+        """Import an offline-trained model directory (verified) as a new version."""
+        recommender = load_model(model_dir, device="cpu")
+        training = {**recommender.metadata.get("training", {}),
+                    "imported_from": str(model_dir), "imported_version": recommender.version}
+        return self.publish(recommender, training=training,
+                            metrics=recommender.metadata.get("metrics", {}))
+
+    def rollback(self) -> str:
+        """Point ``CURRENT`` at the retained version published before the current one;
+        return it. The target is verified first: rolling back onto a broken version
+        would only swap one bad model for another."""
+        with self._locked():
+            current = self.current_version()
+            if current is None:
+                raise UserError(f"{self.root}: empty registry; nothing to roll back")
+            match = _VERSION.fullmatch(current)
+            if match is None:
+                raise UserError(f"{self.root}: current version {current!r} was not "
+                                f"published by this registry; cannot tell what precedes it")
+            earlier = [name for sequence, name, _ in self._versions()
+                       if sequence < int(match.group(1))]
+            if not earlier:
+                raise UserError(f"{self.root}: no retained version before {current}; "
+                                f"nothing to roll back to")
+            target = earlier[-1]
+            self.load(target)
+            self._point_to(target)
+        self._announce("rollback", target)
+        return target
+
+    def prune(self) -> list[str]:
+        """Apply retention now (it also runs after every publish); return deleted ids."""
+        with self._locked():
+            return self._prune()
+
+    def _versions(self) -> list[tuple[int, str, Path]]:
+        """(sequence, id, path) of the registry's versions, in publish order."""
+        if not self.versions_dir.is_dir():
+            return []
+        found = []
+        for path in self.versions_dir.iterdir():
+            match = _VERSION.fullmatch(path.name)
+            if match and path.is_dir():
+                found.append((int(match.group(1)), path.name, path))
+        return sorted(found)
+
+    def _prune(self) -> list[str]:
+        current = self.current_version()
+        versions = self._versions()
+        doomed = [(name, path) for _, name, path in versions[:-self.keep] if name != current]
+        for _, path in doomed:
+            self._delete(path)
+        return [name for name, _ in doomed]
+
+    def _point_to(self, version: str) -> None:
+        temporary = self.root / f"{POINTER}.tmp-{secrets.token_hex(4)}"
+        try:
+            with open(temporary, "w", encoding="utf-8") as handle:
+                handle.write(version + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, self.root / POINTER)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        _fsync_dir(self.root)
+
+    def _delete(self, path: Path) -> None:
+        """Rename out of sight first (atomic), then remove: a worker that is loading the
+        version at this moment fails cleanly instead of reading a half-deleted one."""
+        doomed = path.parent / f".{path.name}.deleting-{secrets.token_hex(4)}"
+        os.rename(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    @contextmanager
+    def _locked(self, create: bool = False) -> Iterator[None]:
+        """Hold the writers' lock; only publish creates a registry that does not exist."""
+        if create:
+            self.versions_dir.mkdir(parents=True, exist_ok=True)
+        elif not self.versions_dir.is_dir():
+            raise UserError(f"{self.root}: not a model registry (no {VERSIONS}/ directory)")
+        with open(self.root / LOCK, "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                self._sweep()
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _sweep(self) -> None:
+        """Remove what killed writers left: with the lock held, no live writer owns any
+        staging directory or pointer temp file."""
+        for path in self.versions_dir.iterdir():
+            if path.name.startswith(".") and (".tmp-" in path.name
+                                              or ".deleting-" in path.name):
+                shutil.rmtree(path, ignore_errors=True)
+        for path in self.root.glob(f"{POINTER}.tmp-*"):
+            path.unlink(missing_ok=True)
+
+    def _announce(self, action: str, version: str) -> None:
+        if self.announcer is not None:
+            self.announcer.announce(action, version, self.path_of(version).resolve())
+
+
+class KafkaAnnouncer:
+    """Publishes ``{"version", "path", "action"}`` to the model-updates topic (one
+    partition, so every reader sees the moves in order). A failed announcement is
+    reported on stderr but does not undo the move: ``CURRENT`` is the truth and workers
+    read it, so a lost announcement cannot leave a worker on an old model."""
+
+    def __init__(self, bootstrap: str, topic: str = DEFAULT_UPDATES_TOPIC,
+                 timeout: float = 10.0) -> None:
+        ensure_topics(bootstrap, {topic: 1}, timeout=timeout)
+        self.topic = topic
+        self.timeout = timeout
+        self._producer = Producer(producer_config(bootstrap))
+
+    def announce(self, action: str, version: str, path: Path) -> None:
+        value = json.dumps({"version": version, "path": str(path), "action": action})
+        self._producer.produce(self.topic, key=b"model", value=value.encode("utf-8"))
+        if self._producer.flush(self.timeout) != 0:
+            print(f"streamrec: warning: announcing {action} of {version} to {self.topic} "
+                  f"timed out; workers still pick it up from {POINTER}", file=sys.stderr)
+
+
+def _peek_metadata(path: Path) -> dict[str, Any]:
+    try:
+        metadata = json.loads((path / "metadata.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- streamrec model ... ----------------------------------------------------------------
+
+def _registry_from(args: argparse.Namespace, *, must_exist: bool = True) -> ModelRegistry:
+    """The registry named on the command line; checked before connecting to announce."""
+    if must_exist and not (Path(args.registry) / VERSIONS).is_dir():
+        raise UserError(f"{args.registry}: not a model registry (no {VERSIONS}/ directory)")
+    announcer = KafkaAnnouncer(args.broker, args.updates_topic) if args.broker else None
+    return ModelRegistry(args.registry, keep=args.keep, announcer=announcer)
+
+
+def _print_json(result: dict[str, Any]) -> None:
+    print(json.dumps(result, sort_keys=True), flush=True)
+
+
+def run_publish(args: argparse.Namespace) -> int:
+    registry = _registry_from(args, must_exist=False)
+    version = registry.publish_directory(args.model)
+    _print_json({"registry": str(registry.root), "version": version,
+                 "path": str(registry.path_of(version)),
+                 "retained": [v.version for v in registry.list_versions()]})
+    return 0
+
+
+def run_list(args: argparse.Namespace) -> int:
+    registry = _registry_from(args)
+    _print_json({"registry": str(registry.root), "current": registry.current_version(),
+                 "versions": [v.to_dict() for v in registry.list_versions()]})
+    return 0
+
+
+def run_rollback(args: argparse.Namespace) -> int:
+    registry = _registry_from(args)
+    previous = registry.current_version()
+    version = registry.rollback()
+    _print_json({"registry": str(registry.root), "version": version, "previous": previous,
+                 "path": str(registry.path_of(version))})
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``streamrec model publish|list|rollback``."""
+    parser = subparsers.add_parser(
+        "model", help="manage a model registry: publish, list, rollback",
+        description="A registry directory holds immutable model versions and a CURRENT "
+                    "pointer; workers started with --model REGISTRY follow the pointer.")
+    commands = parser.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+
+    def action(name: str, help: str, run: Callable[[argparse.Namespace], int],
+               announces: bool) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.add_argument("--registry", required=True, help="registry directory")
+        if announces:
+            sub.add_argument("--broker", default=None,
+                             help="also announce the move on Kafka (kafka://HOST:PORT)")
+            sub.add_argument("--updates-topic", default=DEFAULT_UPDATES_TOPIC,
+                             help=f"announcement topic (default {DEFAULT_UPDATES_TOPIC})")
+        sub.set_defaults(run=run, broker=None, updates_topic=DEFAULT_UPDATES_TOPIC,
+                         keep=DEFAULT_KEEP)
+        return sub
+
+    publish = action("publish", "import a model directory as the new current version",
+                     run_publish, announces=True)
+    publish.add_argument("--model", required=True, help="model directory to import")
+    publish.add_argument("--keep", type=int, default=DEFAULT_KEEP,
+                         help=f"versions to retain (default {DEFAULT_KEEP}; the current one "
+                              f"is never deleted)")
+    action("list", "list retained versions, oldest first", run_list, announces=False)
+    action("rollback", "make the version published before the current one current",
+           run_rollback, announces=True)

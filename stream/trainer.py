@@ -1,0 +1,455 @@
+"""``streamrec trainer``: learning while serving.
+
+A separate process (never a worker: training for seconds or minutes would stall a
+worker's event loop and its partitions) that follows the click topic in its own consumer
+group and keeps the registry's model current:
+
+1. **Buffer.** Valid clicks (:func:`stream.events.parse_click`; rejects are only counted,
+   the workers dead-letter them) are grouped by session in a :class:`SessionBuffer`. A
+   session is complete once the event-time watermark of its partition (the latest click
+   time seen there) is ``session_timeout_s`` past its last click: the rule the workers
+   use to expire state. Per partition, because a session's clicks share one partition and
+   partitions are read at different paces: a watermark from a partition read ahead would
+   cut the sessions of one lagging behind.
+   The buffer is bounded in sessions (the least recently active is evicted), in clicks
+   per session (the latest are kept) and in age (a complete session still waiting after
+   ``max_session_age_s`` is stale and dropped).
+2. **Train.** Every ``interval_s``, when at least ``min_sessions`` sessions of two or more
+   clicks are complete, the most recent ``holdout_sessions`` of them are held out and the
+   rest, plus a uniform random sample of older sessions (:class:`ReplaySample`, against
+   forgetting what the model knew), fine-tune the current model warm-started
+   (:func:`model.train.train` with ``base``: known items keep their indexes and rows,
+   new items are appended).
+3. **Gate.** Candidate and current model are scored on the holdout with
+   :func:`model.evaluate.evaluate` (Recall@20). The current model cannot rank items it
+   has never seen, so both are compared on the predictions whose target the *current*
+   model knows; the candidate's recall on targets only it knows is reported separately.
+   The candidate is promoted when it is not worse than the current model by more than
+   ``gate_margin``, and published to the registry only if the registry still points at
+   the model it was trained from (a rollback made meanwhile wins).
+4. **Log.** Every decision (wait, promoted, rejected, not_published, failed) is one JSON
+   line on stdout.
+
+Offsets are committed automatically as clicks are read, so a restarted trainer starts
+with an empty buffer: it loses at most one buffer of sessions, which costs a little
+training data, never correctness.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import signal
+import sys
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, TextIO
+
+from confluent_kafka import Consumer, KafkaException
+
+from model.data import ClickLog
+from model.errors import UserError
+from model.evaluate import PredictionBatch, RecommenderScorer, evaluate
+from model.inference import Recommender
+from model.train import train
+from stream.events import Click, parse_click
+from stream.kafka_config import bootstrap_servers, client_config
+from stream.registry import DEFAULT_KEEP, DEFAULT_UPDATES_TOPIC, KafkaAnnouncer, ModelRegistry
+
+GATE_K = 20
+#: Longest session kept whole; beyond it the latest clicks are kept (bots and crawlers).
+MAX_SESSION_CLICKS = 200
+#: Training holds the poll loop; librdkafka keeps heartbeating, and this is how long a
+#: round may take before the broker considers the trainer gone.
+MAX_POLL_INTERVAL_MS = 3_600_000
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    """``streamrec trainer`` options, validated before anything connects."""
+
+    broker: str
+    registry: str
+    interval_s: float = 300.0
+    min_sessions: int = 500
+    input_topic: str = "clicks"
+    group: str = "streamrec-trainer"
+    session_timeout_s: float = 1800.0
+    max_session_age_s: float = 86400.0
+    max_buffer_sessions: int = 200_000
+    replay_sample: int = 5000
+    gate_margin: float = 0.01
+    holdout_sessions: int = 100
+    epochs: int = 1
+    keep: int = DEFAULT_KEEP
+    updates_topic: str = DEFAULT_UPDATES_TOPIC
+    seed: int = 0
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        bootstrap_servers(self.broker)
+        for flag, value in (("--interval", self.interval_s),
+                            ("--session-timeout-s", self.session_timeout_s),
+                            ("--max-session-age-s", self.max_session_age_s)):
+            if not 0 < value < math.inf:
+                raise UserError(f"{flag} must be a finite number > 0, got {value}")
+        for name in ("min_sessions", "holdout_sessions", "max_buffer_sessions", "epochs",
+                     "keep"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, "
+                                f"got {getattr(self, name)}")
+        if self.replay_sample < 0:
+            raise UserError(f"--replay-sample must be >= 0, got {self.replay_sample}")
+        if not 0 <= self.gate_margin < 1:
+            raise UserError(f"--gate-margin must be in [0, 1), got {self.gate_margin}")
+        if self.holdout_sessions >= self.min_sessions:
+            raise UserError(f"--holdout-sessions ({self.holdout_sessions}) must be below "
+                            f"--min-sessions ({self.min_sessions}): some sessions must "
+                            f"be left to train on")
+        if self.max_buffer_sessions < self.min_sessions:
+            raise UserError(f"--max-buffer-sessions ({self.max_buffer_sessions}) must be at "
+                            f"least --min-sessions ({self.min_sessions})")
+        if self.max_session_age_s < self.session_timeout_s:
+            raise UserError("--max-session-age-s must be at least --session-timeout-s (a "
+                            "session cannot be stale before it is complete)")
+        for name in ("input_topic", "group", "updates_topic"):
+            if not getattr(self, name):
+                raise UserError(f"--{name.replace('_', '-')} must not be empty")
+
+    @property
+    def bootstrap(self) -> str:
+        return bootstrap_servers(self.broker)
+
+
+@dataclass
+class BufferedSession:
+    """One session's clicks as buffered (at most ``MAX_SESSION_CLICKS``, the latest)."""
+
+    partition: int = 0
+    items: deque[str] = field(default_factory=lambda: deque(maxlen=MAX_SESSION_CLICKS))
+    times: deque[float] = field(default_factory=lambda: deque(maxlen=MAX_SESSION_CLICKS))
+    last_time: float = -math.inf
+
+    def add(self, click: Click) -> None:
+        self.items.append(click.item_id)
+        self.times.append(click.timestamp)
+        self.last_time = max(self.last_time, click.timestamp)
+
+
+class SessionBuffer:
+    """Sessions being collected, bounded in count, clicks per session and age.
+
+    Completion and age are measured in event time against the session's partition's
+    watermark (the latest click time seen there), so a replayed or lagging topic behaves
+    as it did live.
+    """
+
+    def __init__(self, session_timeout_s: float, max_sessions: int,
+                 max_age_s: float) -> None:
+        self.session_timeout_s = session_timeout_s
+        self.max_sessions = max_sessions
+        self.max_age_s = max_age_s
+        self.watermarks: dict[int, float] = {}
+        self.evicted = 0   # dropped because the buffer was full
+        self.stale = 0     # complete but dropped after waiting longer than max_age_s
+        self._sessions: OrderedDict[str, BufferedSession] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def add(self, click: Click, partition: int = 0) -> None:
+        session = self._sessions.get(click.session_id)
+        if session is None:
+            if len(self._sessions) >= self.max_sessions:
+                self._sessions.popitem(last=False)  # the least recently active
+                self.evicted += 1
+            session = self._sessions[click.session_id] = BufferedSession(partition)
+        else:
+            self._sessions.move_to_end(click.session_id)
+        session.add(click)
+        mark = self.watermarks.get(partition, -math.inf)
+        self.watermarks[partition] = max(mark, click.timestamp)
+
+    def complete_count(self) -> int:
+        """Complete sessions with two or more clicks (the ones that can be learnt from)."""
+        self._drop_stale()
+        return sum(1 for s in self._sessions.values() if self._complete(s) and len(s.items) >= 2)
+
+    def take_complete(self) -> list[BufferedSession]:
+        """Remove the complete sessions; return those with two or more clicks, oldest
+        last click first. Single-click ones are dropped: they hold no transition."""
+        self._drop_stale()
+        done = [key for key, s in self._sessions.items() if self._complete(s)]
+        taken = [self._sessions.pop(key) for key in done]
+        return sorted((s for s in taken if len(s.items) >= 2), key=lambda s: s.last_time)
+
+    def _complete(self, session: BufferedSession) -> bool:
+        return session.last_time <= self.watermarks[session.partition] - self.session_timeout_s
+
+    def _drop_stale(self) -> None:
+        stale = [key for key, s in self._sessions.items()
+                 if s.last_time < self.watermarks[s.partition] - self.max_age_s]
+        for key in stale:
+            del self._sessions[key]
+        self.stale += len(stale)
+
+
+class ReplaySample:
+    """A uniform random sample of every session offered so far (reservoir sampling):
+    bounded memory, and old behaviour stays represented however long the trainer runs."""
+
+    def __init__(self, capacity: int, rng: random.Random) -> None:
+        self.capacity = capacity
+        self.rng = rng
+        self.seen = 0
+        self.sessions: list[BufferedSession] = []
+
+    def offer(self, sessions: Sequence[BufferedSession]) -> None:
+        for session in sessions:
+            self.seen += 1
+            if len(self.sessions) < self.capacity:
+                self.sessions.append(session)
+            else:
+                slot = self.rng.randrange(self.seen)
+                if slot < self.capacity:
+                    self.sessions[slot] = session
+
+
+def sessions_log(sessions: Sequence[BufferedSession], source: str) -> ClickLog:
+    """A click log of ``sessions``, each under its own id (a session id seen again after
+    its session completed must not merge two sessions into one)."""
+    ids = [str(k) for k, s in enumerate(sessions) for _ in s.items]
+    items = [item for s in sessions for item in s.items]
+    times = [t for s in sessions for t in s.times]
+    return ClickLog.from_arrays(ids, items, times, source=source)
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """The validation gate's numbers (Recall@``k`` on the holdout) and its verdict."""
+
+    k: int
+    margin: float
+    current_recall: float
+    candidate_recall: float
+    n_predictions: int          # targets the current model knows: the compared ones
+    candidate_new_item_recall: float | None
+    n_new_item_predictions: int  # targets only the candidate knows
+    passed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def reason(self) -> str:
+        if self.n_predictions == 0:
+            return "no holdout prediction has a target the current model knows"
+        relation = ">=" if self.passed else "<"
+        return (f"candidate Recall@{self.k} {self.candidate_recall:.4f} {relation} current "
+                f"{self.current_recall:.4f} - margin {self.margin:g}")
+
+
+def gate(current: Recommender, candidate: Recommender, holdout: ClickLog, margin: float,
+         k: int = GATE_K) -> GateResult:
+    """Compare ``candidate`` with ``current`` on the holdout, fairly for new items.
+
+    Both are compared on the predictions whose target ``current`` knows (it cannot rank
+    the others, and counting them as its misses would promote any candidate that merely
+    learnt new ids). The candidate ranks against its whole, larger catalogue, as it would
+    when served. With no comparable prediction there is no evidence, and the gate fails.
+    """
+    baseline = evaluate(RecommenderScorer(current), holdout, ks=(k,))
+    known_to_current = current.item_map.lookup(candidate.item_map.ids) >= 0
+    hits = {True: 0, False: 0}
+    counts = {True: 0, False: 0}
+
+    def split(batch: PredictionBatch) -> None:
+        known = known_to_current[batch.targets]
+        hit = (batch.ranks <= k).numpy()
+        for flag in (True, False):
+            mask = known == flag
+            counts[flag] += int(mask.sum())
+            hits[flag] += int(hit[mask].sum())
+
+    evaluate(RecommenderScorer(candidate), holdout, ks=(k,), on_batch=split)
+    candidate_recall = hits[True] / counts[True] if counts[True] else 0.0
+    passed = counts[True] > 0 and candidate_recall >= baseline.recall(k) - margin
+    return GateResult(k=k, margin=margin, current_recall=baseline.recall(k),
+                      candidate_recall=candidate_recall, n_predictions=counts[True],
+                      candidate_new_item_recall=hits[False] / counts[False]
+                      if counts[False] else None,
+                      n_new_item_predictions=counts[False], passed=passed)
+
+
+class LearningLoop:
+    """Buffer, replay sample and rounds of train-gate-publish (no Kafka: the consumer
+    feeds :meth:`add`, and tests drive :meth:`round` directly)."""
+
+    def __init__(self, settings: TrainerSettings, registry: ModelRegistry,
+                 out: TextIO = sys.stdout) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.out = out
+        self.buffer = SessionBuffer(settings.session_timeout_s, settings.max_buffer_sessions,
+                                    settings.max_session_age_s)
+        self.replay = ReplaySample(settings.replay_sample, random.Random(settings.seed))
+        self.rejected_clicks = 0
+        self.rounds = 0
+        self._current: Recommender | None = None
+
+    def add(self, click: Click, partition: int = 0) -> None:
+        self.buffer.add(click, partition)
+
+    def current(self) -> Recommender:
+        """The registry's current model, reloaded only when the pointer moved."""
+        version = self.registry.current_version()
+        if self._current is None or self._current.version != version:
+            self._current = self.registry.current(device=self.settings.device)
+        return self._current
+
+    def round(self) -> dict[str, Any]:
+        """Train, gate and maybe publish if enough sessions are complete; log and return
+        the decision."""
+        settings = self.settings
+        record: dict[str, Any] = {"event": "trainer_round", "buffered": len(self.buffer),
+                                  "evicted": self.buffer.evicted, "stale": self.buffer.stale,
+                                  "rejected_clicks": self.rejected_clicks}
+        complete = self.buffer.complete_count()
+        if complete < settings.min_sessions:
+            return self._log({**record, "decision": "wait", "complete_sessions": complete,
+                              "min_sessions": settings.min_sessions})
+        self.rounds += 1
+        sessions = self.buffer.take_complete()
+        holdout = sessions[-settings.holdout_sessions:]
+        fresh = sessions[:-settings.holdout_sessions]
+        replayed = list(self.replay.sessions)
+        self.replay.offer(fresh + holdout)  # for later rounds; this one has its copy
+        current = self.current()
+        record.update(base_version=current.version, round=self.rounds,
+                      sessions={"fresh": len(fresh), "replay": len(replayed),
+                                "holdout": len(holdout)})
+        try:
+            candidate, stats = train(sessions_log(replayed + fresh, "trainer buffer"),
+                                     current.config.replace(n_epochs=settings.epochs),
+                                     seed=settings.seed + self.rounds, device=settings.device,
+                                     base=current, progress=False)
+        except UserError as exc:
+            return self._log({**record, "decision": "failed", "reason": str(exc)})
+        result = gate(current, candidate, sessions_log(holdout, "trainer holdout"),
+                      settings.gate_margin)
+        record.update(gate=result.to_dict(), new_items=candidate.n_items - current.n_items,
+                      train_seconds=round(stats.train_seconds, 3),
+                      final_loss=stats.final_loss)
+        if not result.passed:
+            return self._log({**record, "decision": "rejected", "reason": result.reason()})
+        training = {"base_version": current.version, "epochs": stats.epochs,
+                    "n_events": stats.n_events, "final_loss": stats.final_loss,
+                    "train_seconds": stats.train_seconds, "round": self.rounds,
+                    **record["sessions"]}
+        try:
+            version = self.registry.publish(candidate, training=training,
+                                            metrics={"gate": result.to_dict()},
+                                            if_current=current.version)
+        except UserError as exc:
+            return self._log({**record, "decision": "not_published", "reason": str(exc)})
+        self._current = candidate
+        return self._log({**record, "decision": "promoted", "version": version,
+                          "reason": result.reason()})
+
+    def _log(self, record: dict[str, Any]) -> dict[str, Any]:
+        print(json.dumps(record, sort_keys=True), file=self.out, flush=True)
+        return record
+
+
+def consume(settings: TrainerSettings, loop: LearningLoop, stop: threading.Event) -> None:
+    """Feed the loop from the click topic and run a round every ``interval_s`` until
+    ``stop`` is set."""
+    consumer = Consumer(client_config(settings.bootstrap, **{
+        "group.id": settings.group, "auto.offset.reset": "earliest",
+        "enable.auto.commit": True, "max.poll.interval.ms": MAX_POLL_INTERVAL_MS}))
+    try:
+        try:
+            topics = consumer.list_topics(timeout=30).topics
+        except KafkaException as exc:
+            raise UserError(f"cannot reach a Kafka broker at {settings.bootstrap}: "
+                            f"{exc.args[0].str()}") from None
+        if settings.input_topic not in topics:
+            raise UserError(f"missing topic {settings.input_topic!r} on {settings.bootstrap}")
+        consumer.subscribe([settings.input_topic])
+        next_round = time.monotonic() + settings.interval_s
+        while not stop.is_set():
+            for message in consumer.consume(1000, timeout=0.2):
+                if message.error():
+                    print(f"streamrec trainer: {message.error()}", file=sys.stderr)
+                    continue
+                parsed = parse_click(message.key(), message.value(), time.time())
+                if isinstance(parsed, Click):
+                    loop.add(parsed, message.partition() or 0)  # set on every fetched message
+                else:
+                    loop.rejected_clicks += 1
+            if time.monotonic() >= next_round:
+                loop.round()
+                next_round = time.monotonic() + settings.interval_s
+    finally:
+        consumer.close()
+
+
+def settings_from_args(args: argparse.Namespace) -> TrainerSettings:
+    return TrainerSettings(**{f.name: getattr(args, f.name) for f in fields(TrainerSettings)})
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    registry = ModelRegistry(settings.registry, keep=settings.keep,
+                             announcer=KafkaAnnouncer(settings.bootstrap,
+                                                      settings.updates_topic))
+    loop = LearningLoop(settings, registry)
+    base = loop.current()
+    print(f"streamrec trainer: following {settings.input_topic} as group {settings.group}; "
+          f"current model {base.version} ({base.n_items} items)", file=sys.stderr)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    consume(settings, loop, stop)
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``streamrec trainer``."""
+    defaults = {f.name: f.default for f in fields(TrainerSettings)}
+    parser = subparsers.add_parser(
+        "trainer", help="learn while serving: fine-tune on the click stream, gate, publish",
+        description="Consume the click topic in its own group, fine-tune the registry's "
+                    "current model on recent sessions plus a replay sample, and publish "
+                    "candidates that pass the holdout gate. One JSON line per decision.")
+    parser.add_argument("--broker", required=True, help="Kafka bootstrap URL")
+    parser.add_argument("--registry", required=True, help="model registry directory")
+
+    def option(name: str, kind: type, help: str, flag: str | None = None) -> None:
+        parser.add_argument(flag or "--" + name.replace("_", "-"), dest=name, type=kind,
+                            default=defaults[name], help=f"{help} (default {defaults[name]})")
+
+    option("interval_s", float, "seconds between training rounds", flag="--interval")
+    option("min_sessions", int, "complete sessions (2+ clicks) needed for a round")
+    option("input_topic", str, "click topic")
+    option("group", str, "consumer group of the trainer")
+    option("session_timeout_s", float, "event-time inactivity after which a session is "
+                                       "complete")
+    option("max_session_age_s", float, "drop a complete session still unused after this "
+                                       "much event time")
+    option("max_buffer_sessions", int, "most sessions buffered (least recently active are "
+                                       "evicted)")
+    option("replay_sample", int, "older sessions replayed in every round (uniform sample)")
+    option("gate_margin", float, "largest Recall@20 drop a promoted candidate may show")
+    option("holdout_sessions", int, "most recent complete sessions held out for the gate")
+    option("epochs", int, "fine-tuning epochs per round")
+    option("keep", int, "registry versions to retain")
+    option("updates_topic", str, "topic announcing new versions")
+    option("seed", int, "random seed (replay sample, training)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if "
+                                                       "available)")
+    parser.set_defaults(run=run)

@@ -1,0 +1,239 @@
+"""Hot swap: workers follow the registry's pointer, never serve a bad version, and
+recompute old states under the new model."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import os
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from confluent_kafka import ConsumerGroupState
+from confluent_kafka.admin import AdminClient
+
+from model.artifact import save_model
+from model.config import GRU4RecConfig
+from model.inference import Recommender
+from model.synth import SynthSpec, generate
+from model.train import train
+from stream.app import WorkerCounters
+from stream.events import Click
+from stream.hot_swap import ModelWatcher
+from stream.registry import ModelRegistry
+from support import StreamNames, WorkerProcess, produce_clicks, read_topic
+
+TINY = GRU4RecConfig(layers=(16,), n_sample=64, n_epochs=1)
+
+
+@pytest.fixture(scope="module")
+def models() -> tuple[Recommender, Recommender]:
+    """Two versions: ``old``, and ``new`` fine-tuned from it on other data (new items)."""
+    old, _ = train(generate(SynthSpec(sessions=600, items=60, seed=5)), TINY, progress=False)
+    new, _ = train(generate(SynthSpec(sessions=600, items=80, seed=6)), TINY, base=old,
+                   progress=False)
+    return old, new
+
+
+def publish_corrupt(registry: ModelRegistry, model: Recommender, version: str) -> None:
+    """A version whose weights were damaged after it was written (bad checksum), made
+    current by moving the pointer the way publish does."""
+    path = save_model(copy.deepcopy(model), registry.path_of(version), version=version)
+    weights = path / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    temporary = registry.root / "CURRENT.tmp-test"
+    temporary.write_text(version + "\n")
+    os.replace(temporary, registry.root / "CURRENT")
+
+
+# --- the watcher alone ----------------------------------------------------------------------
+
+def test_the_watcher_swaps_rejects_and_follows_rollback(
+        tmp_path: Path, models: tuple[Recommender, Recommender],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    old, new = (copy.deepcopy(m) for m in models)
+    registry = ModelRegistry(tmp_path / "reg")
+    v1 = registry.publish(old)
+    processor = SimpleNamespace(recommender=registry.current(), counters=WorkerCounters())
+    watcher = ModelWatcher(registry, processor)  # type: ignore[arg-type]
+    loading_threads: list[threading.Thread] = []
+    real_load = registry.load
+
+    def recording_load(version: str, device: str | None = "cpu") -> Recommender:
+        loading_threads.append(threading.current_thread())
+        return real_load(version, device)
+
+    monkeypatch.setattr(registry, "load", recording_load)
+
+    watcher_loads: list[threading.Thread] = []  # publish and rollback verify on this thread
+
+    async def check() -> None:
+        before = len(loading_threads)
+        await watcher.check()
+        watcher_loads.extend(loading_threads[before:])
+        assert threading.current_thread() not in watcher_loads  # loaded off the loop
+
+    asyncio.run(check())
+    assert processor.recommender.version == v1 and watcher_loads == []
+    v2 = registry.publish(new)
+    asyncio.run(check())
+    assert processor.recommender.version == v2 and processor.counters.swaps == 1
+    publish_corrupt(registry, old, "000003-vcorrupt")
+    for _ in range(2):  # rejected once, not retried (versions are immutable)
+        asyncio.run(check())
+    assert processor.recommender.version == v2
+    assert processor.counters.rejected_models == 1 and len(watcher_loads) == 2
+    assert registry.rollback() == v2
+    asyncio.run(check())
+    assert processor.counters.swaps == 1  # already serving v2
+    assert registry.rollback() == v1
+    asyncio.run(check())
+    assert processor.recommender.version == v1 and processor.counters.swaps == 2
+
+
+def test_an_io_error_is_retried_not_rejected(tmp_path: Path,
+                                             models: tuple[Recommender, Recommender],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    registry = ModelRegistry(tmp_path / "reg")
+    registry.publish(copy.deepcopy(models[0]))
+    processor = SimpleNamespace(recommender=registry.current(), counters=WorkerCounters())
+    watcher = ModelWatcher(registry, processor)  # type: ignore[arg-type]
+    v2 = registry.publish(copy.deepcopy(models[1]))
+    real_load = registry.load
+    failures = [OSError("stale file handle")]
+
+    def flaky_load(version: str, device: str | None = "cpu") -> Recommender:
+        if failures:
+            raise failures.pop()
+        return real_load(version, device)
+
+    monkeypatch.setattr(registry, "load", flaky_load)
+    asyncio.run(watcher.check())
+    assert processor.recommender.version != v2 and processor.counters.rejected_models == 0
+    asyncio.run(watcher.check())
+    assert processor.recommender.version == v2 and processor.counters.swaps == 1
+
+
+# --- two workers on Kafka -------------------------------------------------------------------
+
+def from_scratch(recommender: Recommender, items: list[str], top_n: int = 20) -> list[str]:
+    """The top-N after ``items``, computed in-process from an empty state."""
+    state = recommender.initial_states(1)
+    started = torch.zeros(1, dtype=torch.bool)
+    for item in items:
+        index = torch.tensor([recommender.item_map.index_of(item)])
+        state = recommender.step(state, index)
+        started |= index >= 0
+    top, _ = recommender.top_k(state, started, top_n)
+    return [recommender.item_map.ids[i] for i in top[0].tolist()]
+
+
+def wait_until_both_consume(bootstrap: str, group: str, topic: str,
+                            workers: list[WorkerProcess], timeout: float = 120.0) -> None:
+    """Until the group is stable with two members, each owning a partition of ``topic``."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for worker in workers:
+            assert worker.process is not None and worker.process.poll() is None, \
+                worker.log()[-3000:]
+        try:
+            group_info = admin.describe_consumer_groups([group])[group].result(5)
+        except Exception:  # the group does not exist yet
+            group_info = None
+        if group_info is not None and group_info.state == ConsumerGroupState.STABLE \
+                and len(group_info.members) == 2 and all(
+                    any(tp.topic == topic for tp in m.assignment.topic_partitions)
+                    for m in group_info.members):
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"group {group} never had two members consuming {topic}")
+
+
+def wait_for_log(workers: list[WorkerProcess], text: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(text in worker.log() for worker in workers):
+        assert time.monotonic() < deadline, f"no {text!r} in a worker log:\n" + \
+            "\n---\n".join(w.log()[-2000:] for w in workers)
+        time.sleep(0.2)
+
+
+def outputs(bootstrap: str, topic: str, n: int) -> list[dict[str, Any]]:
+    """All ``n`` distinct outputs (by source), each once."""
+    def distinct(ms: list[dict[str, Any]]) -> dict[tuple[int, int], dict[str, Any]]:
+        return {(m["source"]["partition"], m["source"]["offset"]): m for m in ms}
+
+    messages = read_topic(bootstrap, topic, lambda ms: len(distinct(ms)) >= n, timeout=90)
+    found = distinct(messages)
+    assert len(found) == n, f"{len(found)} of {n} outputs"
+    return sorted(found.values(), key=lambda m: (m["source"]["partition"],
+                                                 m["source"]["offset"]))
+
+
+@pytest.mark.kafka
+def test_two_workers_swap_refuse_a_corrupt_version_and_follow_rollback(
+        kafka_bootstrap: str, tmp_path: Path, models: tuple[Recommender, Recommender]) -> None:
+    old, new = (copy.deepcopy(m) for m in models)
+    registry = ModelRegistry(tmp_path / "reg")
+    v1 = registry.publish(old)
+    ids = old.item_map.ids
+    sessions = {f"s{k}": [ids[(5 * k + 3 * j) % len(ids)] for j in range(7)]
+                for k in range(30)}
+    phases = [range(0, 3), range(3, 5), range(5, 6), range(6, 7)]
+
+    def clicks(phase: range) -> list[Click]:
+        return [Click(s, items[j], 100.0 + j) for j in phase for s, items in sessions.items()]
+
+    names = StreamNames("swap")
+    workers = [WorkerProcess(kafka_bootstrap, registry.root, names, tmp_path / f"w{k}",
+                             "--model-poll-s", "0.5", partitions=2) for k in range(2)]
+    for k, worker in enumerate(workers):
+        (tmp_path / f"w{k}").mkdir()
+        worker.start()
+    try:
+        wait_until_both_consume(kafka_bootstrap, names.app_id, names.clicks, workers)
+        seen = 0
+
+        def answer(phase: range) -> list[dict[str, Any]]:
+            nonlocal seen
+            produce_clicks(kafka_bootstrap, names.clicks, clicks(phase))
+            seen += len(phase) * len(sessions)
+            return outputs(kafka_bootstrap, names.recommendations, seen)
+
+        first = answer(phases[0])
+        assert {m["model_version"] for m in first} == {v1}
+
+        v2 = registry.publish(new)
+        wait_for_log(workers, f"swapped model {v1} -> {v2}")
+        after_swap = [m for m in answer(phases[1]) if m["timestamp"] >= 103.0]
+        assert len(after_swap) == 60
+        assert {m["model_version"] for m in after_swap} == {v2}
+        assert {m["source"]["partition"] for m in after_swap} == {0, 1}  # both workers
+        for m in after_swap:  # states from v1 were recomputed under v2
+            history = sessions[m["session_id"]][:int(m["timestamp"] - 100.0) + 1]
+            assert [r["item_id"] for r in m["recommendations"]] == from_scratch(new, history)
+
+        publish_corrupt(registry, old, "000003-vcorrupt")
+        wait_for_log(workers, "rejected model 000003-vcorrupt")
+        kept = [m for m in answer(phases[2]) if m["timestamp"] == 105.0]
+        assert len(kept) == 30 and {m["model_version"] for m in kept} == {v2}
+
+        assert registry.rollback() == v2   # from the corrupt one: workers already serve it
+        assert registry.rollback() == v1
+        wait_for_log(workers, f"swapped model {v2} -> {v1}")
+        rolled = [m for m in answer(phases[3]) if m["timestamp"] == 106.0]
+        assert len(rolled) == 30 and {m["model_version"] for m in rolled} == {v1}
+        assert {m["source"]["partition"] for m in rolled} == {0, 1}
+        for m in rolled:
+            history = sessions[m["session_id"]]
+            assert [r["item_id"] for r in m["recommendations"]] == from_scratch(old, history)
+    finally:
+        for worker in workers:
+            worker.stop()

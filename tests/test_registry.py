@@ -1,0 +1,276 @@
+"""The model registry: atomic publish, crash leftovers, retention, rollback, CLI, announcements."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from model.artifact import load_model, save_model
+from model.config import GRU4RecConfig
+from model.errors import UserError
+from model.inference import Recommender
+from model.synth import SynthSpec, generate
+from model.train import train
+from stream import registry as registry_module
+from stream.registry import KafkaAnnouncer, ModelRegistry
+from support import REPO, read_topic
+
+TINY = GRU4RecConfig(layers=(16,), n_sample=64, n_epochs=1)
+
+
+@pytest.fixture(scope="module")
+def trained() -> Recommender:
+    recommender, _ = train(generate(SynthSpec(sessions=300, items=40, seed=1)), TINY,
+                           progress=False)
+    return recommender
+
+
+def leftovers(root: Path) -> list[str]:
+    """Names a killed writer could leave behind."""
+    return sorted(p.name for p in [*root.iterdir(), *(root / "versions").iterdir()]
+                  if ".tmp-" in p.name or ".deleting-" in p.name)
+
+
+def same_weights(a: Recommender, b: Recommender) -> bool:
+    return all(torch.equal(a.network.state_dict()[name], tensor)
+               for name, tensor in b.network.state_dict().items())
+
+
+def test_publish_makes_a_verified_version_current(tmp_path: Path, trained: Recommender) -> None:
+    registry = ModelRegistry(tmp_path / "reg")
+    assert registry.current_version() is None
+    with pytest.raises(UserError, match="empty registry"):
+        registry.current()
+    version = registry.publish(trained, training={"why": "test"}, metrics={"recall@20": 0.5})
+    assert ModelRegistry.is_registry(registry.root)
+    assert (registry.root / "CURRENT").read_text() == version + "\n"
+    assert version.startswith("000001-")
+    loaded = registry.current()
+    assert loaded.version == version and same_weights(loaded, trained)
+    assert loaded.metadata["metrics"] == {"recall@20": 0.5}
+    assert [v.version for v in registry.list_versions()] == [version]
+    assert registry.list_versions()[0].current
+    assert leftovers(registry.root) == []
+
+
+def test_versions_are_ordered_by_publish_even_within_one_second(tmp_path: Path,
+                                                                 trained: Recommender) -> None:
+    registry = ModelRegistry(tmp_path / "reg", keep=10)
+    published = [registry.publish(trained) for _ in range(4)]
+    assert [v.version for v in registry.list_versions()] == published
+    assert [int(v.split("-")[0]) for v in published] == [1, 2, 3, 4]
+
+
+def test_leftovers_of_a_killed_publish_are_never_loaded_and_are_swept(
+        tmp_path: Path, trained: Recommender) -> None:
+    registry = ModelRegistry(tmp_path / "reg")
+    first = registry.publish(trained)
+    # What a publish killed mid-save leaves: a staging dir holding a complete-looking copy
+    # of the next version, and a pointer temp file cut off mid-write.
+    staging = registry.versions_dir / ".000002-v20990101T000000-abcdef.tmp-0123abcd"
+    save_model(trained, tmp_path / "elsewhere", version="000002-v20990101T000000-abcdef")
+    (tmp_path / "elsewhere").rename(staging)
+    (registry.root / "CURRENT.tmp-deadbeef").write_text("000002-v2099")
+    assert registry.current_version() == first
+    assert registry.current().version == first
+    assert [v.version for v in registry.list_versions()] == [first]
+    with pytest.raises(UserError, match="staging"):
+        load_model(staging)
+    second = registry.publish(trained)
+    assert second.startswith("000002-") and registry.current().version == second
+    assert leftovers(registry.root) == []
+
+
+KILLED_AT_POINTER_MOVE = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, sys.argv[1])
+    from model.artifact import load_model
+    from stream import registry as module
+
+    def die(*args):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    reg = module.ModelRegistry(sys.argv[2])
+    model = reg.current()
+    module.os.replace = die   # killed after the temp pointer is written and fsynced
+    reg.publish(model)
+    print("not killed")
+""")
+
+
+def test_publish_killed_before_the_pointer_moves_keeps_the_old_version_current(
+        tmp_path: Path, trained: Recommender) -> None:
+    registry = ModelRegistry(tmp_path / "reg")
+    first = registry.publish(trained)
+    done = subprocess.run([sys.executable, "-c", KILLED_AT_POINTER_MOVE, str(REPO),
+                           str(registry.root)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -9, done.stderr
+    assert registry.current_version() == first
+    assert leftovers(registry.root)[0].startswith("CURRENT.tmp-")
+    # The complete, verified version it wrote is listed but not current.
+    listed = registry.list_versions()
+    assert [v.current for v in listed] == [True, False]
+    third = registry.publish(trained)
+    assert third.startswith("000003-") and leftovers(registry.root) == []
+
+
+def test_a_version_that_fails_verification_is_not_published(
+        tmp_path: Path, trained: Recommender, monkeypatch: pytest.MonkeyPatch) -> None:
+    registry = ModelRegistry(tmp_path / "reg")
+    first = registry.publish(trained)
+    real_save = registry_module.save_model
+
+    def corrupting_save(*args: object, **kwargs: object) -> Path:
+        path = real_save(*args, **kwargs)
+        weights = path / "weights.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF
+        weights.write_bytes(bytes(data))
+        return path
+
+    monkeypatch.setattr(registry_module, "save_model", corrupting_save)
+    with pytest.raises(UserError, match="checksum"):
+        registry.publish(trained)
+    assert registry.current_version() == first
+    assert [v.version for v in registry.list_versions()] == [first]
+
+
+def test_retention_keeps_the_last_k_and_never_the_current(tmp_path: Path,
+                                                           trained: Recommender) -> None:
+    registry = ModelRegistry(tmp_path / "reg", keep=2)
+    published = [registry.publish(trained) for _ in range(3)]
+    assert [v.version for v in registry.list_versions()] == published[1:]
+    assert not registry.path_of(published[0]).exists()
+    # Roll back to the older retained one, then apply a stricter retention.
+    assert registry.rollback() == published[1]
+    strict = ModelRegistry(registry.root, keep=1)
+    assert strict.prune() == []  # published[2] is the newest, published[1] is current
+    assert [v.version for v in strict.list_versions()] == published[1:]
+    assert strict.current_version() == published[1]
+    fourth = strict.publish(trained)
+    assert [v.version for v in strict.list_versions()] == [fourth]
+    assert leftovers(registry.root) == []
+
+
+def test_rollback_moves_to_the_previous_retained_version(tmp_path: Path,
+                                                          trained: Recommender) -> None:
+    registry = ModelRegistry(tmp_path / "reg")
+    with pytest.raises(UserError, match="not a model registry"):
+        registry.rollback()
+    assert not registry.root.exists()  # only publish creates a registry
+    first, second, third = (registry.publish(trained) for _ in range(3))
+    assert registry.rollback() == second
+    assert registry.current().version == second
+    assert registry.rollback() == first
+    with pytest.raises(UserError, match="nothing to roll back to"):
+        registry.rollback()
+    assert registry.current_version() == first
+    registry.publish(trained)  # a publish after rollbacks becomes the newest
+    assert registry.rollback() == third
+
+
+def test_rollback_refuses_a_broken_target(tmp_path: Path, trained: Recommender) -> None:
+    registry = ModelRegistry(tmp_path / "reg")
+    first, second = registry.publish(trained), registry.publish(trained)
+    (registry.path_of(first) / "items.json").write_text("[]")
+    with pytest.raises(UserError, match="checksum"):
+        registry.rollback()
+    assert registry.current_version() == second
+
+
+@pytest.mark.parametrize("content", ["../../etc/passwd", "", ".hidden", "a b"])
+def test_a_bad_pointer_is_an_error_not_a_path(tmp_path: Path, trained: Recommender,
+                                              content: str) -> None:
+    registry = ModelRegistry(tmp_path / "reg")
+    registry.publish(trained)
+    (registry.root / "CURRENT").write_text(content)
+    with pytest.raises(UserError, match="not a version id"):
+        registry.current()
+
+
+def test_a_directory_renamed_into_versions_is_refused(tmp_path: Path,
+                                                      trained: Recommender) -> None:
+    registry = ModelRegistry(tmp_path / "reg")
+    version = registry.publish(trained)
+    impostor = registry.versions_dir / "000009-vimpostor"
+    registry.path_of(version).rename(impostor)
+    with pytest.raises(UserError, match="artifact says version"):
+        registry.load("000009-vimpostor")
+
+
+# --- streamrec model ... ------------------------------------------------------------------
+
+def run_model_command(*argv: str) -> int:
+    """Parse and run ``streamrec model ...`` as stream.cli.main does (errors raise)."""
+    parser = argparse.ArgumentParser(prog="streamrec")
+    registry_module.add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["model", *argv])
+    return int(args.run(args))
+
+
+def model_command(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
+    """The JSON result (last stdout line) of a successful ``streamrec model ...``."""
+    assert run_model_command(*argv) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_model_cli_publish_list_rollback(tmp_path: Path, trained: Recommender,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    model_dir = tmp_path / "offline"
+    save_model(trained, model_dir, training={"epochs": 1})
+    reg = str(tmp_path / "reg")
+    first = model_command(capsys, "publish", "--registry", reg, "--model", str(model_dir))
+    assert first["retained"] == [first["version"]]
+    second = model_command(capsys, "publish", "--registry", reg, "--model", str(model_dir),
+                           "--keep", "2")
+    imported = load_model(second["path"])
+    assert imported.metadata["training"]["imported_version"] == trained.version
+    assert same_weights(imported, trained)
+    listing = model_command(capsys, "list", "--registry", reg)
+    assert listing["current"] == second["version"]
+    assert [(v["version"], v["current"]) for v in listing["versions"]] == [
+        (first["version"], False), (second["version"], True)]
+    rolled = model_command(capsys, "rollback", "--registry", reg)
+    assert rolled == {"registry": reg, "version": first["version"],
+                      "previous": second["version"], "path": first["path"]}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("rollback", "--registry", "{reg}"), "nothing to roll back to"),
+    (("list", "--registry", "{tmp}"), "not a model registry"),
+    (("rollback", "--registry", "{tmp}/nowhere"), "not a model registry"),
+    (("publish", "--registry", "{reg}", "--model", "{tmp}/missing"), "not a model directory"),
+])
+def test_model_cli_errors_are_user_errors(tmp_path: Path, trained: Recommender,
+                                          argv: tuple[str, ...], message: str) -> None:
+    registry = ModelRegistry(tmp_path / "reg")
+    registry.publish(trained)
+    filled = [a.format(reg=registry.root, tmp=tmp_path) for a in argv]
+    with pytest.raises(UserError, match=message):
+        run_model_command(*filled)
+    assert [v.version for v in registry.list_versions()] == [registry.current_version()]
+
+
+@pytest.mark.kafka
+def test_publish_and_rollback_are_announced(kafka_bootstrap: str, topic_name: str,
+                                            tmp_path: Path, trained: Recommender) -> None:
+    registry = ModelRegistry(tmp_path / "reg",
+                             announcer=KafkaAnnouncer(kafka_bootstrap, topic_name))
+    first = registry.publish(trained)
+    second = registry.publish(trained)
+    registry.rollback()
+    messages = read_topic(kafka_bootstrap, topic_name, lambda ms: len(ms) >= 3, timeout=30)
+    assert messages == [
+        {"version": first, "path": str(registry.path_of(first).resolve()), "action": "publish"},
+        {"version": second, "path": str(registry.path_of(second).resolve()),
+         "action": "publish"},
+        {"version": first, "path": str(registry.path_of(first).resolve()),
+         "action": "rollback"}]

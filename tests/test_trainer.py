@@ -1,0 +1,316 @@
+"""The online trainer: session buffer, replay sample, the fair gate, rounds, and Kafka."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from confluent_kafka import Producer
+
+from model.config import GRU4RecConfig
+from model.data import ClickLog
+from model.errors import UserError
+from model.evaluate import RecommenderScorer, evaluate
+from model.inference import Recommender
+from model.synth import SynthSpec, generate
+from model.train import train
+from stream import trainer as trainer_module
+from stream.events import Click
+from stream.registry import ModelRegistry
+from stream.topics import ensure_topics
+from stream.trainer import (MAX_SESSION_CLICKS, LearningLoop, ReplaySample, SessionBuffer,
+                            TrainerSettings, consume, gate, settings_from_args)
+from support import clicks_in_time_order, produce_clicks
+
+TINY = GRU4RecConfig(layers=(16,), n_sample=64, n_epochs=1)
+FULL = generate(SynthSpec(sessions=2400, items=200, seed=1))
+NEW_ITEMS = frozenset(str(i) for i in range(181, 201))  # unseen until the stream
+
+
+def part(sessions: range, drop_items: frozenset[str] = frozenset()) -> ClickLog:
+    """Sessions ``sessions`` of FULL, without the clicks on ``drop_items``."""
+    item_ids = FULL.item_ids[FULL.items]
+    keep = (FULL.sessions >= sessions.start) & (FULL.sessions < sessions.stop) \
+        & ~np.isin(item_ids, list(drop_items))
+    return ClickLog.from_arrays(FULL.session_ids[FULL.sessions[keep]], item_ids[keep],
+                                FULL.times[keep])
+
+
+@pytest.fixture(scope="module")
+def base() -> Recommender:
+    recommender, _ = train(part(range(0, 1200), NEW_ITEMS), TINY, progress=False)
+    return recommender
+
+
+@pytest.fixture
+def registry(tmp_path: Path, base: Recommender) -> ModelRegistry:
+    registry = ModelRegistry(tmp_path / "reg")
+    registry.publish(copy.deepcopy(base))
+    return registry
+
+
+def settings(**changes: Any) -> TrainerSettings:
+    values: dict[str, Any] = dict(broker="127.0.0.1:9092", registry="unused", interval_s=1.0,
+                                  min_sessions=200, holdout_sessions=100,
+                                  session_timeout_s=1800.0, replay_sample=300,
+                                  gate_margin=0.05)
+    return TrainerSettings(**{**values, **changes})
+
+
+def feed(loop: LearningLoop, log: ClickLog) -> None:
+    """Every click of ``log``, then one click an hour later that completes them all
+    (synthetic gaps are ~30 s, so no session is cut by the 30 min timeout)."""
+    clicks = clicks_in_time_order(log)
+    for click in clicks:
+        loop.add(click)
+    loop.add(Click("flush", "1", clicks[-1].timestamp + 3600))
+
+
+def scrambled(recommender: Recommender, seed: int = 0) -> Recommender:
+    """A deliberately broken copy: item output rows shuffled, so scores go to wrong items."""
+    broken = copy.deepcopy(recommender)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        order = torch.randperm(broken.n_items, generator=generator)
+        broken.network.item_output.copy_(broken.network.item_output[order])
+        broken.network.item_bias.copy_(broken.network.item_bias[order])
+    return broken
+
+
+def click(session: str, time_s: float, item: str = "1") -> Click:
+    return Click(session, item, time_s)
+
+
+# --- buffer and replay sample -------------------------------------------------------------
+
+def test_a_session_completes_after_the_timeout_of_event_time() -> None:
+    buffer = SessionBuffer(session_timeout_s=60, max_sessions=100, max_age_s=3600)
+    buffer.add(click("a", 100))
+    buffer.add(click("a", 130, "2"))
+    buffer.add(click("single", 110))
+    buffer.add(click("b", 150))
+    buffer.add(click("b", 185, "3"))
+    assert buffer.complete_count() == 0  # watermark 185: nothing idle for 60 s yet
+    buffer.add(click("c", 190))
+    assert buffer.complete_count() == 1  # "a" (last 130); "single" has one click only
+    buffer.add(click("c", 245))
+    assert buffer.complete_count() == 2  # and "b" (last 185) at exactly the timeout
+    taken = buffer.take_complete()
+    assert [list(s.items) for s in taken] == [["1", "2"], ["1", "3"]]  # oldest first
+    assert len(buffer) == 1  # only "c" is left; "single" was dropped with the complete ones
+    assert buffer.take_complete() == []
+
+
+def test_completion_uses_the_watermark_of_the_session_s_own_partition() -> None:
+    """A partition read ahead must not cut the sessions of a lagging one."""
+    buffer = SessionBuffer(session_timeout_s=60, max_sessions=100, max_age_s=3600)
+    buffer.add(click("lagging", 100), partition=0)
+    buffer.add(click("lagging", 110), partition=0)
+    buffer.add(click("ahead", 100), partition=1)
+    buffer.add(click("ahead", 500), partition=1)
+    buffer.add(click("ahead-2", 100), partition=1)
+    buffer.add(click("ahead-2", 110), partition=1)
+    (taken,) = buffer.take_complete()
+    assert taken.partition == 1 and len(buffer) == 2
+
+
+def test_the_buffer_is_bounded_in_sessions_evicting_the_least_recently_active() -> None:
+    buffer = SessionBuffer(session_timeout_s=60, max_sessions=3, max_age_s=3600)
+    for session, t in (("a", 1), ("b", 2), ("c", 3), ("a", 4), ("d", 5)):
+        buffer.add(click(session, t))
+    assert len(buffer) == 3 and buffer.evicted == 1
+    buffer.add(click("later", 1000))
+    buffer.add(click("later", 1001))
+    assert {len(s.items) for s in buffer.take_complete()} == {2}  # "a" survived, "b" not
+
+
+def test_the_buffer_is_bounded_in_age_and_clicks_per_session() -> None:
+    buffer = SessionBuffer(session_timeout_s=60, max_sessions=100, max_age_s=600)
+    buffer.add(click("old", 0))
+    buffer.add(click("old", 10))
+    for k in range(MAX_SESSION_CLICKS + 50):
+        buffer.add(click("long", 100 + k, str(k)))
+    buffer.add(click("now", 700))
+    (long_session,) = buffer.take_complete()
+    assert buffer.stale == 1  # "old" waited more than 600 s of event time
+    assert list(long_session.items) == [str(k) for k in range(50, MAX_SESSION_CLICKS + 50)]
+
+
+def test_the_replay_sample_is_bounded_and_covers_old_sessions() -> None:
+    sample = ReplaySample(capacity=50, rng=random.Random(0))
+    offered = [trainer_module.BufferedSession() for _ in range(1000)]
+    for k, session in enumerate(offered):
+        session.add(click(str(k), float(k), str(k)))
+    sample.offer(offered[:500])
+    sample.offer(offered[500:])
+    assert len(sample.sessions) == 50 and sample.seen == 1000
+    kept = [int(s.items[0]) for s in sample.sessions]
+    assert min(kept) < 500 < max(kept)  # uniform over all offered, not only the latest
+    empty = ReplaySample(capacity=0, rng=random.Random(0))
+    empty.offer(offered)
+    assert empty.sessions == []
+
+
+# --- the gate -----------------------------------------------------------------------------
+
+def test_the_gate_rejects_a_broken_candidate_and_passes_an_equal_one(base: Recommender) -> None:
+    holdout = part(range(2200, 2400), NEW_ITEMS)
+    broken = gate(base, scrambled(base), holdout, margin=0.02)
+    assert not broken.passed
+    assert broken.candidate_recall < broken.current_recall - 0.1, broken
+    same = gate(base, base, holdout, margin=0.0)
+    assert same.passed and same.candidate_recall == same.current_recall
+    assert same.n_new_item_predictions == 0 and same.candidate_new_item_recall is None
+
+
+def test_the_gate_compares_on_targets_the_current_model_knows(base: Recommender) -> None:
+    """New items count separately: the candidate is neither helped by being able to rank
+    them nor hurt by them being misses of the current model."""
+    candidate, _ = train(part(range(1200, 1800)), TINY, base=base, progress=False)
+    holdout = part(range(2200, 2400))
+    result = gate(base, candidate, holdout, margin=0.05)
+    current_only = evaluate(RecommenderScorer(base), holdout, ks=(20,))
+    assert result.n_predictions == current_only.n_predictions
+    assert result.current_recall == current_only.recall(20)
+    targets = [holdout.item_ids[holdout.items[k + 1]] for k in range(len(holdout) - 1)
+               if holdout.sessions[k] == holdout.sessions[k + 1]]
+    only_candidate = [t for t in targets if t not in base.item_map and t in candidate.item_map]
+    assert result.n_new_item_predictions == len(only_candidate) > 0
+    assert set(only_candidate) & NEW_ITEMS
+    assert result.n_predictions == sum(t in base.item_map for t in targets)
+    assert result.candidate_new_item_recall is not None
+
+
+# --- rounds ---------------------------------------------------------------------------------
+
+def test_a_round_grows_the_vocabulary_keeping_old_indexes_and_publishes(
+        registry: ModelRegistry, base: Recommender) -> None:
+    first = registry.current_version()
+    out = io.StringIO()
+    loop = LearningLoop(settings(gate_margin=0.5), registry, out=out)
+    feed(loop, part(range(1200, 1600)))
+    decision = loop.round()
+    assert decision["decision"] == "promoted", decision
+    assert json.loads(out.getvalue().splitlines()[-1]) == decision
+    published = registry.current()
+    assert published.version == decision["version"] != first
+    assert published.item_map.ids[:base.n_items] == base.item_map.ids
+    added = set(published.item_map.ids[base.n_items:])
+    # New ids come from the trained sessions (the holdout's are not trained on).
+    assert added <= set(part(range(1200, 1600)).item_ids) - set(base.item_map.ids)
+    assert added & NEW_ITEMS
+    assert decision["new_items"] == published.n_items - base.n_items > 0
+    assert decision["gate"]["n_new_item_predictions"] > 0
+    assert decision["sessions"]["holdout"] == 100 and decision["sessions"]["replay"] == 0
+    assert published.metadata["training"]["base_version"] == decision["base_version"] == first
+    assert (published.popularity[:base.n_items] >= base.popularity).all()
+    # The next round replays a sample of these sessions and trains from the new version.
+    feed(loop, part(range(1600, 2000)))
+    second = loop.round()
+    assert second["base_version"] == published.version
+    assert second["sessions"]["replay"] == 300
+
+
+def test_a_round_waits_for_enough_complete_sessions(registry: ModelRegistry) -> None:
+    loop = LearningLoop(settings(), registry, out=io.StringIO())
+    feed(loop, part(range(1200, 1250)))
+    decision = loop.round()
+    assert decision["decision"] == "wait" and decision["complete_sessions"] < 200
+    assert loop.rounds == 0
+
+
+def test_a_broken_candidate_is_rejected_and_never_published(
+        registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = registry.current_version()
+
+    def broken_train(*args: Any, **kwargs: Any) -> tuple[Recommender, Any]:
+        candidate, stats = train(*args, **kwargs)
+        return scrambled(candidate), stats
+
+    monkeypatch.setattr(trainer_module, "train", broken_train)
+    loop = LearningLoop(settings(gate_margin=0.02), registry, out=io.StringIO())
+    feed(loop, part(range(1200, 1600)))
+    decision = loop.round()
+    assert decision["decision"] == "rejected", decision
+    assert "candidate Recall@20" in decision["reason"]
+    assert registry.current_version() == before
+    assert len(registry.list_versions()) == 1
+    assert len(loop.replay.sessions) == 300  # the sessions are kept for later rounds
+
+
+def test_a_candidate_is_not_published_over_a_pointer_moved_during_training(
+        registry: ModelRegistry, base: Recommender, monkeypatch: pytest.MonkeyPatch) -> None:
+    def train_while_someone_publishes(*args: Any, **kwargs: Any) -> tuple[Recommender, Any]:
+        registry.publish(copy.deepcopy(base))  # e.g. an operator's publish or rollback
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "train", train_while_someone_publishes)
+    loop = LearningLoop(settings(gate_margin=0.5), registry, out=io.StringIO())
+    feed(loop, part(range(1200, 1600)))
+    decision = loop.round()
+    moved_to = registry.current_version()
+    assert decision["decision"] == "not_published" and "changed" in decision["reason"]
+    assert moved_to.startswith("000002-") and len(registry.list_versions()) == 2
+
+
+def test_cli_options_become_validated_settings() -> None:
+    parser = argparse.ArgumentParser()
+    trainer_module.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["trainer", "--broker", "kafka://h:9092", "--registry", "r",
+                              "--interval", "5", "--min-sessions", "50", "--holdout-sessions", "10",
+                              "--group", "g"])
+    parsed = settings_from_args(args)
+    assert (parsed.interval_s, parsed.min_sessions, parsed.group) == (5.0, 50, "g")
+    assert parsed.replay_sample == TrainerSettings.replay_sample
+    with pytest.raises(UserError, match="--holdout-sessions"):
+        settings(min_sessions=100, holdout_sessions=100)
+    with pytest.raises(UserError, match="--interval must be a finite number"):
+        settings(interval_s=float("nan"))
+    with pytest.raises(UserError, match="--gate-margin"):
+        settings(gate_margin=-0.1)
+    with pytest.raises(UserError, match="bad broker URL"):
+        settings(broker="http://x:1")
+
+
+@pytest.mark.kafka
+def test_the_trainer_learns_from_the_click_topic_and_publishes(
+        kafka_bootstrap: str, topic_name: str, registry: ModelRegistry) -> None:
+    ensure_topics(kafka_bootstrap, {topic_name: 1})
+    stream = part(range(1200, 1600))
+    clicks = clicks_in_time_order(stream)
+    produce_clicks(kafka_bootstrap, topic_name,
+                   [*clicks, Click("flush", "1", clicks[-1].timestamp + 3600)])
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    producer.produce(topic_name, key=b"x", value=b"not json")
+    assert producer.flush(10) == 0
+    config = settings(broker=kafka_bootstrap, registry=str(registry.root),
+                      input_topic=topic_name, group=f"{topic_name}-trainer",
+                      gate_margin=0.5, interval_s=0.5)
+    out = io.StringIO()
+    loop = LearningLoop(config, registry, out=out)
+    stop = threading.Event()
+    worker = threading.Thread(target=consume, args=(config, loop, stop), daemon=True)
+    worker.start()
+    deadline = time.monotonic() + 60
+    while registry.current_version().startswith("000001-") or loop.rejected_clicks == 0:
+        assert time.monotonic() < deadline, out.getvalue()
+        time.sleep(0.2)
+    stop.set()
+    worker.join(30)
+    decisions = [json.loads(line) for line in out.getvalue().splitlines()]
+    promoted = [d for d in decisions if d["decision"] == "promoted"]
+    assert promoted and promoted[0]["version"] == registry.current_version()
+    assert loop.rejected_clicks == 1  # the "not json" message, after every click
+    assert promoted[0]["sessions"]["fresh"] + promoted[0]["sessions"]["holdout"] == \
+        sum(1 for k in range(stream.n_sessions)
+            if stream.session_offsets()[k + 1] - stream.session_offsets()[k] >= 2)
