@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+from pyarrow import csv as pa_csv
 
 from model.errors import UserError
 
@@ -147,6 +149,9 @@ def read_clicks(path: str | os.PathLike[str], columns: tuple[str, str, str] = DE
     if missing:
         raise UserError(f"{path}: line 1: missing column(s) {', '.join(missing)} "
                         f"(found: {', '.join(map(str, header.columns))}; separator {sep!r})")
+    fast = _read_with_arrow(path, columns, sep)
+    if fast is not None:
+        return fast
     try:
         frame = pd.read_csv(path, sep=sep, usecols=list(columns), skip_blank_lines=False,
                             dtype={session_col: "category", item_col: "category",
@@ -166,6 +171,42 @@ def read_clicks(path: str | os.PathLike[str], columns: tuple[str, str, str] = DE
         raise UserError(f"{path}: line {row + 2}: {time_col} value {time_text.iloc[row]!r} "
                         f"is not a finite number ({int(bad.sum())} such row(s))")
     return _from_frame(frame[session_col], frame[item_col], times, str(path))
+
+
+def _read_with_arrow(path: Path, columns: tuple[str, str, str], sep: str) -> ClickLog | None:
+    """The fast path: Arrow's multi-threaded reader with dictionary-encoded ids.
+
+    The full RSC15 log (30 million rows) loads in seconds and a fraction of the memory of a
+    pandas read. Any irregularity (a bad or empty value, a blank or ragged line, a
+    non-finite time) returns None, and the pandas path, slower but exact about where the
+    problem is, reads the file again to report it.
+    """
+    session_col, item_col, time_col = columns
+    ids = pa.dictionary(pa.int32(), pa.string())
+    try:
+        table = pa_csv.read_csv(
+            path, parse_options=pa_csv.ParseOptions(delimiter=sep, ignore_empty_lines=False),
+            convert_options=pa_csv.ConvertOptions(
+                column_types={session_col: ids, item_col: ids, time_col: pa.float64()},
+                include_columns=list(columns), strings_can_be_null=False))
+    except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeDecodeError):
+        return None
+    if table.num_rows == 0 or any(table.column(c).null_count for c in columns):
+        return None
+    times = table.column(time_col).to_numpy()
+    if not np.isfinite(times).all():
+        return None
+    encoded = []
+    for col in (session_col, item_col):
+        array = table.column(col).unify_dictionaries().combine_chunks()
+        values = array.dictionary.to_numpy(zero_copy_only=False)
+        if (values == "").any():
+            return None
+        encoded.append((array.indices.to_numpy().astype(np.int64), values.astype(str)))
+    (sessions, session_ids), (items, item_ids) = encoded
+    order = np.lexsort((times, sessions))
+    return ClickLog(sessions=sessions[order], items=items[order], times=times[order],
+                    session_ids=session_ids, item_ids=item_ids, source=str(path))
 
 
 def _reject_missing(path: Path, mask: np.ndarray, column: str, problem: str) -> None:

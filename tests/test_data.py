@@ -296,3 +296,18 @@ def test_from_arrays_sorts_by_session_then_time() -> None:
     assert sorted(rows) == [("x", "i1", 5.0), ("x", "i3", 2.0), ("y", "i2", 1.0),
                             ("y", "i4", 0.5)]
     assert log.n_sessions == 2 and len(log) == 4
+
+
+def test_fast_arrow_reader_and_validating_reader_agree(tmp_path, monkeypatch) -> None:
+    """The Arrow fast path must give exactly what the pandas path gives."""
+    from model import data
+    from model.synth import SynthSpec, generate, write_clicks
+
+    path = tmp_path / "clicks.tsv"
+    write_clicks(generate(SynthSpec(sessions=3000, items=300, seed=5)), path)
+    assert data._read_with_arrow(path, data.DEFAULT_COLUMNS, "\t") is not None
+    fast = data.read_clicks(path)
+    monkeypatch.setattr(data, "_read_with_arrow", lambda *args: None)
+    slow = data.read_clicks(path)
+    for field in ("sessions", "items", "times", "session_ids", "item_ids"):
+        assert np.array_equal(getattr(fast, field), getattr(slow, field)), field
