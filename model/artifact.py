@@ -1,6 +1,6 @@
 """A trained model as a directory: written atomically, verified on load, never unpickled.
 
-Layout (format 1)::
+Layout (format 2)::
 
     MODEL_DIR/
       weights.safetensors   network tensors + item popularity (safetensors: no pickle)
@@ -37,7 +37,7 @@ from model.errors import UserError
 from model.inference import Recommender, select_device
 from model.network import GRU4RecNetwork
 
-FORMAT = 1
+FORMAT = 2  # 2: GRU layers gained a hidden-side bias
 WEIGHTS, ITEMS, CONFIG, METADATA = "weights.safetensors", "items.json", "config.json", "metadata.json"
 POPULARITY_KEY = "__popularity__"
 

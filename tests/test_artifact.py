@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.artifact import load_model, save_model
+from model.artifact import FORMAT, load_model, save_model
 from model.config import GRU4RecConfig
 from model.data import ItemMap
 from model.errors import UserError
@@ -104,7 +104,7 @@ def test_version_and_metadata(tmp_path: Path) -> None:
                         training={"epochs": 3, "final_loss": 1.25},
                         metrics={"recall@20": 0.5})
     metadata = json.loads((target / "metadata.json").read_text())
-    assert metadata["format"] == 1
+    assert metadata["format"] == FORMAT
     assert metadata["version"] == "v-keep-me"
     assert metadata["n_items"] == 6 and metadata["state_size"] == 8
     assert metadata["training"] == {"epochs": 3, "final_loss": 1.25}
@@ -225,7 +225,7 @@ def test_refuses_config_that_does_not_match_the_weights(saved: Path) -> None:
     refused(saved, "weights")
 
 
-@pytest.mark.parametrize("fmt", [2, 0, "1", None])
+@pytest.mark.parametrize("fmt", [1, 3, 0, "2", None])
 def test_refuses_an_unsupported_format(saved: Path, fmt: object) -> None:
     path = saved / "metadata.json"
     metadata = json.loads(path.read_text())
