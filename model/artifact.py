@@ -80,9 +80,9 @@ def save_model(recommender: Recommender, directory: str | os.PathLike[str], *,
             "files": {name: _sha256(staging / name) for name in (WEIGHTS, ITEMS, CONFIG)},
         }
         _write_json(staging / METADATA, metadata)
-        _fsync_dir(staging)
+        fsync_dir(staging)
         os.rename(staging, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -157,7 +157,8 @@ def _read_json(directory: Path, name: str) -> Any:
         raise UserError(f"{directory}: {name} is not valid JSON ({exc})") from None
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in ``path`` durable (the directory's own fsync)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

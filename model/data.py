@@ -13,7 +13,7 @@ standard GRU4Rec filtering, whose counts are then reported.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,21 +134,8 @@ def read_clicks(path: str | os.PathLike[str], columns: tuple[str, str, str] = DE
     ``columns`` names the session, item and time columns; ``sep`` defaults to ``,`` for
     ``.csv`` files and a tab otherwise. Times are Unix seconds (any float).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    if sep is None:
-        sep = "," if path.suffix.lower() == ".csv" else "\t"
+    path, sep = check_header(path, columns, sep)
     session_col, item_col, time_col = columns
-    try:
-        header = pd.read_csv(path, sep=sep, nrows=0)
-    except pd.errors.EmptyDataError:
-        raise UserError(f"{path}: empty file (expected a header with columns "
-                        f"{', '.join(columns)})") from None
-    missing = [c for c in columns if c not in header.columns]
-    if missing:
-        raise UserError(f"{path}: line 1: missing column(s) {', '.join(missing)} "
-                        f"(found: {', '.join(map(str, header.columns))}; separator {sep!r})")
     fast = _read_with_arrow(path, columns, sep)
     if fast is not None:
         return fast
@@ -171,6 +158,33 @@ def read_clicks(path: str | os.PathLike[str], columns: tuple[str, str, str] = DE
         raise UserError(f"{path}: line {row + 2}: {time_col} value {time_text.iloc[row]!r} "
                         f"is not a finite number ({int(bad.sum())} such row(s))")
     return _from_frame(frame[session_col], frame[item_col], times, str(path))
+
+
+def check_header(path: str | os.PathLike[str], columns: Sequence[str],
+                 sep: str | None) -> tuple[Path, str]:
+    """The file exists and its header names ``columns``; returns (path, separator).
+
+    ``sep`` defaults to ``,`` for ``.csv`` files and a tab otherwise.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    if len(columns) != 3:
+        raise UserError(f"expected 3 column names (session, item, time), got {len(columns)}")
+    if sep is None:
+        sep = "," if path.suffix.lower() == ".csv" else "\t"
+    try:
+        header = pd.read_csv(path, sep=sep, nrows=0)
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{path}: empty file (expected a header with columns "
+                        f"{', '.join(columns)})") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read the header: {exc}") from None
+    missing = [c for c in columns if c not in header.columns]
+    if missing:
+        raise UserError(f"{path}: line 1: missing column(s) {', '.join(missing)} "
+                        f"(found: {', '.join(map(str, header.columns))}; separator {sep!r})")
+    return path, sep
 
 
 def _read_with_arrow(path: Path, columns: tuple[str, str, str], sep: str) -> ClickLog | None:

@@ -48,7 +48,7 @@ from typing import Any, Protocol
 
 from confluent_kafka import Producer
 
-from model.artifact import load_model, new_version_id, save_model
+from model.artifact import fsync_dir, load_model, new_version_id, save_model
 from model.errors import UserError
 from model.inference import Recommender
 from stream.kafka_config import producer_config
@@ -243,7 +243,7 @@ class ModelRegistry:
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def _delete(self, path: Path) -> None:
         """Rename out of sight first (atomic), then remove: a worker that is loading the
@@ -309,14 +309,6 @@ def _peek_metadata(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return metadata if isinstance(metadata, dict) else {}
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- streamrec model ... ----------------------------------------------------------------

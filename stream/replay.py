@@ -42,7 +42,6 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -52,7 +51,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient
 from tqdm import tqdm
 
-from model.data import DEFAULT_COLUMNS, ClickLog
+from model.data import DEFAULT_COLUMNS, ClickLog, check_header
 from model.errors import UserError
 from stream.events import MAX_FUTURE_SKEW_S, MAX_ID_BYTES, Click, encode_click
 from stream.kafka_config import bootstrap_servers, client_config, producer_config
@@ -181,25 +180,8 @@ def read_replay_log(path: str | os.PathLike[str],
     and at most a day ahead. Raises UserError for a missing file, a missing column or a file
     the CSV parser cannot split into rows at all (an unterminated quote).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    if len(columns) != 3:
-        raise UserError(f"expected 3 column names (session, item, time), got {len(columns)}")
-    if sep is None:
-        sep = "," if path.suffix.lower() == ".csv" else "\t"
+    path, sep = check_header(path, columns, sep)
     session_col, item_col, time_col = columns
-    try:
-        header = pd.read_csv(path, sep=sep, nrows=0)
-    except pd.errors.EmptyDataError:
-        raise UserError(f"{path}: empty file (expected a header with columns "
-                        f"{', '.join(columns)})") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read the header: {exc}") from None
-    missing = [c for c in columns if c not in header.columns]
-    if missing:
-        raise UserError(f"{path}: line 1: missing column(s) {', '.join(missing)} "
-                        f"(found: {', '.join(map(str, header.columns))}; separator {sep!r})")
     try:
         # na_filter=False: every field is the text as written ("" when empty or absent), so
         # ids such as "NA" survive and short rows become bad rows instead of parse errors.
