@@ -112,6 +112,14 @@ class ClickLog:
         return _from_frame(frame["s"], frame["i"], frame["t"].to_numpy(), source)
 
 
+def sessions_log(sessions: dict[str, list[str]], source: str = "<memory>") -> ClickLog:
+    """A log from ``{session id: [item ids]}``, one click per second in the given order
+    (hand-built examples and tests)."""
+    pairs = [(session, item) for session, items in sessions.items() for item in items]
+    return ClickLog.from_arrays([p[0] for p in pairs], [p[1] for p in pairs],
+                                [float(k + 1) for k in range(len(pairs))], source)
+
+
 @dataclass(frozen=True)
 class FilterReport:
     """What the standard filtering removed (it is never silent)."""

@@ -9,21 +9,13 @@ import pytest
 import torch
 
 from model.baselines import ItemKNN, Pop, SessionPop, make_baseline
-from model.data import ClickLog
+from model.data import ClickLog, sessions_log
 from model.errors import UserError
 from model.evaluate import evaluate
 
 
 def log_of(sessions: dict[str, list[str]]) -> ClickLog:
-    s, i, t = [], [], []
-    clock = 0.0
-    for session, items in sessions.items():
-        for item in items:
-            clock += 1.0
-            s.append(session)
-            i.append(item)
-            t.append(clock)
-    return ClickLog.from_arrays(s, i, t)
+    return sessions_log(sessions)
 
 
 # training counts: A 4, C 3, B 2, D 1

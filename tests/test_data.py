@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.data import ClickLog, ItemMap, read_clicks, standard_filter
+from model.data import ClickLog, ItemMap, read_clicks, standard_filter, sessions_log
 from model.errors import UserError
 
 
@@ -224,15 +224,7 @@ def hand_built_log() -> ClickLog:
         "s5": ["A", "B", "C"],       # C removed, A B kept
         "s6": ["B"],                 # too short
     }
-    s, i, t = [], [], []
-    clock = 0.0
-    for session, items in sessions.items():
-        for item in items:
-            clock += 1
-            s.append(session)
-            i.append(item)
-            t.append(clock)
-    return ClickLog.from_arrays(s, i, t)
+    return sessions_log(sessions)
 
 
 def test_standard_filter_removes_rare_items_and_short_sessions() -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model.config import GRU4RecConfig
-from model.data import ClickLog, ItemMap
+from model.data import ClickLog, ItemMap, sessions_log
 from model.errors import UserError
 from model.evaluate import RecommenderScorer, evaluate, target_ranks
 from model.inference import Recommender
@@ -88,15 +88,7 @@ HAND_RANKS = {
 
 
 def hand_log() -> ClickLog:
-    s, i, t = [], [], []
-    clock = 0.0
-    for session, items in SESSIONS.items():
-        for item in items:
-            clock += 1.0
-            s.append(session)
-            i.append(item)
-            t.append(clock)
-    return ClickLog.from_arrays(s, i, t)
+    return sessions_log(SESSIONS)
 
 
 def metrics_from_ranks(ranks: list[float], ks: tuple[int, ...]) -> dict[str, float]:
