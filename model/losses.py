@@ -90,3 +90,18 @@ def make_loss(name: str, bpreg: float = 1.0) -> LossFunction:
         "bpr-max": lambda scores: bpr_max(scores, bpreg),
     }
     return table[name]
+
+
+def cross_entropy_item_major(scores_by_item: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`cross_entropy` and its gradient, for scores laid out item x batch.
+
+    The training step keeps sampled items along dim 0 (where its gathers and scatters are
+    fast); the softmax's gradient is known in closed form (softmax minus the target's
+    one-hot, over the batch size), which spares the transposes and autograd's overhead.
+    """
+    log_probabilities = torch.log_softmax(scores_by_item, dim=0)
+    batch = scores_by_item.shape[1]
+    loss = -log_probabilities.diagonal().mean()
+    gradient = log_probabilities.exp_()
+    gradient.diagonal().sub_(1.0)
+    return loss, gradient.div_(batch)

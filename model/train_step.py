@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.losses import LossFunction
+from model.losses import LossFunction, cross_entropy, cross_entropy_item_major
 from model.network import GRU4RecNetwork
 from model.optim import AdagradMomentum, FlatParameters
 
@@ -129,11 +129,14 @@ class TrainingStep:
             scores_by_item -= torch.cat([for_targets.index_select(0, out_items[:n]),
                                          for_samples.index_select(0, out_items[n:])]
                                         ).unsqueeze(1)
-        with torch.enable_grad():
-            scores = scores_by_item.t().contiguous().requires_grad_()
-            loss = self.loss_fn(scores)
-            loss.backward()
-        d_scores_by_item = scores.grad.t().contiguous()
+        if self.loss_fn is cross_entropy:
+            loss, d_scores_by_item = cross_entropy_item_major(scores_by_item)
+        else:
+            with torch.enable_grad():
+                scores = scores_by_item.t().contiguous().requires_grad_()
+                loss = self.loss_fn(scores)
+                loss.backward()
+            d_scores_by_item = scores.grad.t().contiguous()
 
         d_unique_scores = torch.zeros_like(unique_scores).index_add_(0, out_inverse,
                                                                      d_scores_by_item)
