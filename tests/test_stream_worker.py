@@ -224,3 +224,31 @@ def test_missing_topic_without_creation_is_a_clear_startup_error(kafka_bootstrap
     assert result.returncode != 0
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert names.clicks in result.stderr
+
+
+def test_sigterm_exits_promptly_and_the_next_worker_repeats_nothing(kafka_bootstrap,
+                                                                   small_model, tmp_path):
+    """SIGTERM: the worker finishes, commits and leaves within 10 s; a new worker does not
+    answer any click a second time."""
+    import time
+
+    recommender = load_model(small_model)
+    ids = recommender.item_map.ids
+    first = [Click(f"s{k}", ids[k % 50], 10.0 + k) for k in range(40)]
+    second = [Click(f"s{k}", ids[(k + 7) % 50], 100.0 + k) for k in range(40)]
+    names = StreamNames("sigterm")
+    worker = WorkerProcess(kafka_bootstrap, small_model, names, tmp_path).start()
+    produce_clicks(kafka_bootstrap, names.clicks, first)
+    read_topic(kafka_bootstrap, names.recommendations, lambda ms: len(ms) >= len(first))
+    began = time.monotonic()
+    assert worker.stop(timeout=30) == 0, worker.log()[-2000:]
+    assert time.monotonic() - began < 10.0
+    with WorkerProcess(kafka_bootstrap, small_model, names, tmp_path):
+        produce_clicks(kafka_bootstrap, names.clicks, second)
+        messages = read_topic(kafka_bootstrap, names.recommendations,
+                              lambda ms: len(ms) >= len(first) + len(second), timeout=60)
+        time.sleep(3.0)  # anything redelivered would arrive now
+        messages = read_topic(kafka_bootstrap, names.recommendations,
+                              lambda ms: len(ms) >= len(first) + len(second), timeout=10)
+    sources = [(m["source"]["partition"], m["source"]["offset"]) for m in messages]
+    assert len(sources) == len(set(sources)) == len(first) + len(second)
