@@ -14,7 +14,7 @@ Two things must be identical everywhere, so they live here and nowhere else:
 
 Security settings come from the environment (``STREAMREC_KAFKA_*``, see
 :data:`SECURITY_ENV`) so that secrets never appear on a command line, in ``ps`` output or in
-shell history; :func:`redacted` is the only form of a config that may be logged.
+shell history; no configuration is ever logged.
 """
 
 from __future__ import annotations
@@ -36,10 +36,6 @@ SECURITY_ENV: Mapping[str, str] = {
     "STREAMREC_KAFKA_SSL_CERTFILE": "ssl.certificate.location",
     "STREAMREC_KAFKA_SSL_KEYFILE": "ssl.key.location",
 }
-
-#: Properties whose values are secrets: :func:`redacted` masks them.
-SECRET_PROPERTIES = frozenset({"sasl.password", "ssl.key.password",
-                               "sasl.oauthbearer.client.secret"})
 
 #: The partitioner every click producer must use (see the module docstring).
 PARTITIONER = "murmur2_random"
@@ -115,8 +111,3 @@ def producer_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
     pass-through of :func:`security_config`. ``overrides`` work as in :func:`client_config`.
     """
     return client_config(bootstrap, **{"partitioner": PARTITIONER, **overrides})
-
-
-def redacted(config: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of ``config`` safe to print or log: secret values are replaced by ``***``."""
-    return {key: "***" if key in SECRET_PROPERTIES else value for key, value in config.items()}
