@@ -39,6 +39,7 @@ from faust.types import EventT
 
 from model.inference import Recommender
 from stream.events import Rejected, encode_recommendation, parse_click
+from stream.kafka_config import faust_credentials
 from stream.scoring import SourcedClick, apply_clicks
 from stream.settings import WorkerSettings
 from stream.state import SessionState
@@ -201,6 +202,7 @@ def faust_app(settings: WorkerSettings) -> faust.App:
     return faust.App(
         settings.app_id,
         broker=f"kafka://{settings.bootstrap}",
+        broker_credentials=faust_credentials(),
         store="memory://",
         datadir=str(data_dir),
         autodiscover=False,

@@ -18,6 +18,7 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic
 
 from model.errors import UserError
+from stream.kafka_config import client_config
 
 # librdkafka prints every refused connection to stderr; routed to a logger it stays quiet
 # unless someone asks, and failures still surface as UserError.
@@ -98,7 +99,7 @@ def _validate_counts(topics: Mapping[str, int]) -> None:
 
 
 def _admin(bootstrap: str) -> AdminClient:
-    return AdminClient({"bootstrap.servers": bootstrap, "logger": _LIBRDKAFKA_LOG})
+    return AdminClient(client_config(bootstrap, logger=_LIBRDKAFKA_LOG))
 
 
 def _metadata(admin: AdminClient, bootstrap: str, timeout: float) -> ClusterMetadata:
