@@ -39,6 +39,7 @@ from faust.types import EventT
 
 from model.inference import Recommender
 from stream.events import Rejected, encode_recommendation, parse_click
+from stream.metrics import ProcessorMetrics
 from stream.kafka_config import faust_credentials
 from stream.scoring import SourcedClick, apply_clicks
 from stream.settings import WorkerSettings
@@ -87,6 +88,7 @@ class ClickProcessor:
         self.dead_letters = dead_letters
         self.counters = WorkerCounters()
         self.watermarks: dict[int, float] = {}
+        self.metrics = ProcessorMetrics()  # histograms, live quality (stream.metrics)
 
     async def process(self, events: Sequence[EventT]) -> None:
         logger.debug("batch of %d events", len(events))
@@ -105,9 +107,13 @@ class ClickProcessor:
             mark = self.watermarks.get(message.partition, 0.0)
             self.watermarks[message.partition] = max(mark, parsed.timestamp)
         if clicks:
-            await self._answer(clicks)
+            await self._answer(clicks, now)
+        for event in events:
+            self.metrics.processed(event.message.topic, event.message.partition,
+                                   event.message.offset)
 
-    async def _answer(self, clicks: list[tuple[EventT, SourcedClick]]) -> None:
+    async def _answer(self, clicks: list[tuple[EventT, SourcedClick]],
+                      consumed_at: float) -> None:
         stored: dict[str, SessionState | None] = {}
         for _, sourced in clicks:
             session_id = sourced.click.session_id
@@ -115,8 +121,11 @@ class ClickProcessor:
                 raw = self.table.get(session_id.encode("utf-8"))
                 stored[session_id] = SessionState.decode(raw) if raw is not None else None
         recommender = self.recommender  # one version for the whole batch
+        started = time.perf_counter()
         outcomes = apply_clicks(recommender, [c for _, c in clicks], stored,
                                 self.settings.top_n)
+        self.metrics.scoring_time.observe(time.perf_counter() - started)
+        self.metrics.batch_size.observe(len(clicks))
         deliveries = []
         for (event, sourced), outcome in zip(clicks, outcomes):
             self.counters.events += 1
@@ -134,6 +143,14 @@ class ClickProcessor:
                 None, None))
         await asyncio.gather(*deliveries)
         self.counters.published += len(deliveries)
+        answered = [(e, s, o) for (e, s), o in zip(clicks, outcomes) if o.state is not None]
+        self.metrics.observe_published(time.time(), consumed_at,
+                                       [s.click.timestamp for _, s, _ in answered],
+                                       [e.message.timestamp for e, _, _ in answered])
+        for _, sourced, outcome in answered:
+            self.metrics.online.observe(sourced.click.session_id, sourced.click.item_id,
+                                        outcome.items, recommender.version,
+                                        recommender.item_map)
         for (event, sourced), outcome in zip(clicks, outcomes):
             if outcome.state is not None:
                 with _in_context_of(event):
@@ -173,6 +190,7 @@ class ClickProcessor:
             for key in doomed:
                 del self.table[key]
         self.counters.expired += len(doomed)
+        self.metrics.online.forget(key.decode("utf-8", "replace") for key in doomed)
 
 
 class _in_context_of:
@@ -217,10 +235,9 @@ def faust_app(settings: WorkerSettings) -> faust.App:
         broker_request_timeout=max(3 * session_timeout, 30.0),
         broker_commit_interval=1.0,
         producer_linger_ms=5,
-        web_enabled=settings.web_port > 0,
-        web_port=settings.web_port or 6066,
-        web_tables_enabled=False,
-        web_bind="0.0.0.0",
+        # The worker serves /metrics, /healthz and /readyz itself (stream.metrics):
+        # Faust's web server (which can expose table contents) stays off.
+        web_enabled=False,
     )
 
 

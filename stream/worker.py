@@ -14,7 +14,7 @@ import faust
 import torch
 
 from model.artifact import load_model
-from stream import faust_fixes
+from stream import faust_fixes, metrics
 from stream.app import CHANGELOG_CONFIG, changelog_topic, create_app, expiry_topic
 from stream.hot_swap import watch_registry
 from stream.registry import ModelRegistry
@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     prepare_topics(settings)
     faust_fixes.apply(settings.fetch_max_wait_ms)
     app, processor = create_app(settings, recommender)
+    metrics.install(app, processor, settings.web_port)
     if registry is not None:
         watch_registry(app, processor, registry, settings.model_poll_s)
     logging.getLogger("streamrec.worker").warning(
