@@ -37,7 +37,7 @@ from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 
@@ -105,12 +105,24 @@ METRICS: dict[str, tuple[str, str]] = {
     "streamrec_batch_size": ("histogram", "Clicks per scored batch"),
 }
 
+# What ``streamrec trainer`` serves (same conventions).
+TRAINER_METRICS: dict[str, tuple[str, str]] = {
+    "streamrec_trainer_buffered_sessions": ("gauge", "Sessions in the trainer's buffer"),
+    "streamrec_trainer_rounds": ("counter", "Trainer rounds, by decision (wait, promoted, "
+                                            "rejected, not_published, failed)"),
+    "streamrec_trainer_retrain_seconds": ("histogram", "Fine-tuning time per round"),
+    "streamrec_trainer_training_loss": ("gauge", "Final training loss of the last round"),
+    "streamrec_trainer_gate_recall": ("gauge", "Recall@20 of the candidate and the current "
+                                               "model on the last round's holdout"),
+}
+RETRAIN_BUCKETS = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 
-def exported_names() -> set[str]:
-    """Every sample name a worker's ``/metrics`` can show (``_total``, ``_bucket``, ...),
-    besides the standard ``process_*`` ones."""
+
+def exported_names(families: dict[str, tuple[str, str]] | None = None) -> set[str]:
+    """Every sample name (``_total``, ``_bucket``, ...) of ``families`` (default: the
+    worker's and the trainer's), besides the standard ``process_*`` ones."""
     names: set[str] = set()
-    for name, (kind, _) in METRICS.items():
+    for name, (kind, _) in (families or {**METRICS, **TRAINER_METRICS}).items():
         if kind == "counter":
             names.add(name + "_total")
         elif kind == "histogram":
@@ -122,7 +134,7 @@ def exported_names() -> set[str]:
 
 
 def _help(name: str) -> str:
-    return METRICS[name][1]
+    return {**METRICS, **TRAINER_METRICS}[name][1]
 
 
 class OnlineQualityTracker:
@@ -358,14 +370,76 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-def wsgi_app(processor: ClickProcessor) -> Callable[..., Iterable[bytes]]:
-    registry = processor.metrics.registry
+class TrainerMetrics:
+    """What ``streamrec trainer`` exports: its buffer, and each round's decision and gate.
+
+    Every round's decision record passes through :meth:`record`; the consume loop calls
+    :meth:`beat` as it polls. During a training round the loop does not poll, so liveness
+    reports "training" rather than a stall.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.buffered = Gauge("streamrec_trainer_buffered_sessions",
+                              _help("streamrec_trainer_buffered_sessions"),
+                              registry=self.registry)
+        self.rounds = Counter("streamrec_trainer_rounds", _help("streamrec_trainer_rounds"),
+                              ["decision"], registry=self.registry)
+        self.retrain_seconds = Histogram("streamrec_trainer_retrain_seconds",
+                                         _help("streamrec_trainer_retrain_seconds"),
+                                         buckets=RETRAIN_BUCKETS, registry=self.registry)
+        self.loss = Gauge("streamrec_trainer_training_loss",
+                          _help("streamrec_trainer_training_loss"), registry=self.registry)
+        self.gate_recall = Gauge("streamrec_trainer_gate_recall",
+                                 _help("streamrec_trainer_gate_recall"), ["model"],
+                                 registry=self.registry)
+        self.heartbeat = time.monotonic()
+        self.training = False
+        self.not_ready_reason: str | None = "not consuming yet"
+
+    def beat(self, buffered: int) -> None:
+        self.heartbeat = time.monotonic()
+        self.buffered.set(buffered)
+
+    def record(self, decision: dict[str, Any]) -> None:
+        """Count a round's decision record (as logged by the trainer)."""
+        self.rounds.labels(decision["decision"]).inc()
+        self.buffered.set(decision.get("buffered", 0))
+        if "train_seconds" in decision:
+            self.retrain_seconds.observe(decision["train_seconds"])
+            self.loss.set(decision["final_loss"])
+        gate = decision.get("gate")
+        if gate:
+            self.gate_recall.labels("candidate").set(gate["candidate_recall"])
+            self.gate_recall.labels("current").set(gate["current_recall"])
+
+    def liveness(self) -> tuple[bool, str]:
+        if self.training:
+            return True, "training"
+        stalled = time.monotonic() - self.heartbeat
+        return (stalled < STALL_S, "ok" if stalled < STALL_S else
+                f"consume loop stalled for {stalled:.0f} s")
+
+    def readiness(self) -> tuple[bool, str]:
+        return (self.not_ready_reason is None, self.not_ready_reason or "ok")
+
+    def app(self) -> Callable[..., Iterable[bytes]]:
+        return wsgi_app(self.registry, self.liveness, self.readiness)
+
+
+Check = Callable[[], tuple[bool, str]]
+
+
+def wsgi_app(registry: CollectorRegistry, liveness_check: Check,
+             readiness_check: Check) -> Callable[..., Iterable[bytes]]:
+    """/metrics from ``registry``, /healthz and /readyz from the checks, 404 otherwise."""
     metrics_app = make_wsgi_app(registry)
+    checks = {"/healthz": liveness_check, "/readyz": readiness_check}
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
-        if path in ("/healthz", "/readyz"):
-            ok, why = (liveness if path == "/healthz" else readiness)(processor)
+        if path in checks:
+            ok, why = checks[path]()
             start_response("200 OK" if ok else "503 Service Unavailable",
                            [("Content-Type", "text/plain; charset=utf-8")])
             return [why.encode() + b"\n"]
@@ -375,6 +449,12 @@ def wsgi_app(processor: ClickProcessor) -> Callable[..., Iterable[bytes]]:
         return [b"not found: try /metrics, /healthz or /readyz\n"]
 
     return app
+
+
+def worker_app(processor: ClickProcessor) -> Callable[..., Iterable[bytes]]:
+    """The worker's HTTP endpoints."""
+    return wsgi_app(processor.metrics.registry, lambda: liveness(processor),
+                    lambda: readiness(processor))
 
 
 def register(processor: ClickProcessor) -> None:
@@ -387,10 +467,10 @@ def register(processor: ClickProcessor) -> None:
         pass
 
 
-def serve(processor: ClickProcessor, port: int, addr: str = "0.0.0.0") -> WSGIServer:
-    """Serve /metrics, /healthz and /readyz in a daemon thread; returns the server."""
+def serve(app: Callable[..., Iterable[bytes]], port: int, addr: str = "0.0.0.0") -> WSGIServer:
+    """Serve ``app`` (see :func:`wsgi_app`) in a daemon thread; returns the server."""
     try:
-        server = make_server(addr, port, wsgi_app(processor), _ThreadingWSGIServer,
+        server = make_server(addr, port, app, _ThreadingWSGIServer,
                              handler_class=_QuietHandler)
     except OSError as exc:
         raise UserError(f"cannot serve metrics on {addr}:{port}: {exc.strerror or exc}") \
@@ -411,6 +491,6 @@ def install(app: faust.App, processor: ClickProcessor, port: int,
     app.timer(REFRESH_S, on_leader=False, name="streamrec.metrics")(refresh_metrics)
     if port == 0:
         return None
-    server = serve(processor, port, addr)
+    server = serve(worker_app(processor), port, addr)
     logger.info("metrics on http://%s:%d/metrics", addr, port)
     return server

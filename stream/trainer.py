@@ -59,6 +59,7 @@ from model.inference import Recommender
 from model.train import train
 from stream.events import Click, parse_click
 from stream.kafka_config import bootstrap_servers, client_config
+from stream.metrics import TrainerMetrics, serve
 from stream.registry import DEFAULT_KEEP, DEFAULT_UPDATES_TOPIC, KafkaAnnouncer, ModelRegistry
 
 GATE_K = 20
@@ -90,9 +91,12 @@ class TrainerSettings:
     updates_topic: str = DEFAULT_UPDATES_TOPIC
     seed: int = 0
     device: str | None = None
+    web_port: int = 6067
 
     def __post_init__(self) -> None:
         bootstrap_servers(self.broker)
+        if not 0 <= self.web_port <= 65535:
+            raise UserError(f"--web-port must be a port number, got {self.web_port}")
         for flag, value in (("--interval", self.interval_s),
                             ("--session-timeout-s", self.session_timeout_s),
                             ("--max-session-age-s", self.max_session_age_s)):
@@ -290,8 +294,9 @@ class LearningLoop:
     feeds :meth:`add`, and tests drive :meth:`round` directly)."""
 
     def __init__(self, settings: TrainerSettings, registry: ModelRegistry,
-                 out: TextIO = sys.stdout) -> None:
+                 out: TextIO = sys.stdout, metrics: TrainerMetrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics or TrainerMetrics()
         self.registry = registry
         self.out = out
         self.buffer = SessionBuffer(settings.session_timeout_s, settings.max_buffer_sessions,
@@ -362,6 +367,7 @@ class LearningLoop:
 
     def _log(self, record: dict[str, Any]) -> dict[str, Any]:
         print(json.dumps(record, sort_keys=True), file=self.out, flush=True)
+        self.metrics.record(record)
         return record
 
 
@@ -380,8 +386,10 @@ def consume(settings: TrainerSettings, loop: LearningLoop, stop: threading.Event
         if settings.input_topic not in topics:
             raise UserError(f"missing topic {settings.input_topic!r} on {settings.bootstrap}")
         consumer.subscribe([settings.input_topic])
+        loop.metrics.not_ready_reason = None
         next_round = time.monotonic() + settings.interval_s
         while not stop.is_set():
+            loop.metrics.beat(len(loop.buffer))
             for message in consumer.consume(1000, timeout=0.2):
                 if message.error():
                     print(f"streamrec trainer: {message.error()}", file=sys.stderr)
@@ -392,7 +400,11 @@ def consume(settings: TrainerSettings, loop: LearningLoop, stop: threading.Event
                 else:
                     loop.rejected_clicks += 1
             if time.monotonic() >= next_round:
-                loop.round()
+                loop.metrics.training = True
+                try:
+                    loop.round()
+                finally:
+                    loop.metrics.training = False
                 next_round = time.monotonic() + settings.interval_s
     finally:
         consumer.close()
@@ -408,6 +420,8 @@ def run(args: argparse.Namespace) -> int:
                              announcer=KafkaAnnouncer(settings.bootstrap,
                                                       settings.updates_topic))
     loop = LearningLoop(settings, registry)
+    if settings.web_port:
+        serve(loop.metrics.app(), settings.web_port)
     base = loop.current()
     print(f"streamrec trainer: following {settings.input_topic} as group {settings.group}; "
           f"current model {base.version} ({base.n_items} items)", file=sys.stderr)
@@ -450,6 +464,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     option("keep", int, "registry versions to retain")
     option("updates_topic", str, "topic announcing new versions")
     option("seed", int, "random seed (replay sample, training)")
+    option("web_port", int, "HTTP port for /metrics, /healthz, /readyz (0 = none)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if "
                                                        "available)")
     parser.set_defaults(run=run)

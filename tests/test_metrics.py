@@ -151,9 +151,9 @@ def test_exposition_names_and_values():
     values = _samples(text)
     names = {re.match(r"[a-zA-Z_:][a-zA-Z0-9_:]*", k).group(0) for k in values}
     streamrec = {n for n in names if n.startswith("streamrec_")}
-    assert streamrec <= metrics.exported_names()
+    assert streamrec <= metrics.exported_names(metrics.METRICS)
     # Every declared metric shows up (labelled families once they have a sample).
-    assert metrics.exported_names() <= streamrec
+    assert metrics.exported_names(metrics.METRICS) <= streamrec
     assert values["streamrec_events_consumed_total"] == 13
     assert values["streamrec_recommendations_published_total"] == 8
     assert values['streamrec_events_rejected_total{reason="bad_json"}'] == 2
@@ -181,7 +181,7 @@ def _get(url: str) -> tuple[int, str]:
 
 def test_http_endpoints():
     processor = _fake_processor()
-    server = metrics.serve(processor, 0, "127.0.0.1")
+    server = metrics.serve(metrics.worker_app(processor), 0, "127.0.0.1")
     try:
         base = f"http://127.0.0.1:{server.server_port}"
         assert _get(base + "/healthz") == (200, "ok\n")
@@ -207,7 +207,8 @@ def test_port_in_use_is_a_clear_error():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         with pytest.raises(UserError, match="cannot serve metrics"):
-            metrics.serve(_fake_processor(), taken.getsockname()[1], "127.0.0.1")
+            metrics.serve(metrics.worker_app(_fake_processor()), taken.getsockname()[1],
+                          "127.0.0.1")
 
 
 # ---------------------------------------------------------------- end to end, real Prometheus
@@ -380,3 +381,36 @@ def _safe_get(url: str) -> tuple[int, str]:
         return _get(url)
     except OSError as exc:
         return 0, str(exc)
+
+
+def test_trainer_metrics_follow_its_decisions():
+    trainer = metrics.TrainerMetrics()
+    trainer.record({"decision": "wait", "buffered": 10})
+    trainer.record({"decision": "promoted", "buffered": 3, "train_seconds": 4.5,
+                    "final_loss": 5.25,
+                    "gate": {"candidate_recall": 0.61, "current_recall": 0.55}})
+    text = generate_latest(trainer.registry).decode()
+    values = _samples(text)
+    names = {re.match(r"[a-zA-Z_:][a-zA-Z0-9_:]*", k).group(0) for k in values}
+    assert metrics.exported_names(metrics.TRAINER_METRICS) <= names
+    assert values['streamrec_trainer_rounds_total{decision="promoted"}'] == 1
+    assert values['streamrec_trainer_rounds_total{decision="wait"}'] == 1
+    assert values["streamrec_trainer_buffered_sessions"] == 3
+    assert values["streamrec_trainer_training_loss"] == 5.25
+    assert values['streamrec_trainer_gate_recall{model="candidate"}'] == 0.61
+    assert values["streamrec_trainer_retrain_seconds_count"] == 1
+
+    server = metrics.serve(trainer.app(), 0, "127.0.0.1")
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        assert _get(base + "/readyz")[0] == 503
+        trainer.not_ready_reason = None
+        assert _get(base + "/readyz") == (200, "ok\n")
+        trainer.heartbeat -= metrics.STALL_S + 1
+        assert _get(base + "/healthz")[0] == 503
+        trainer.training = True  # a long round is not a stall
+        assert _get(base + "/healthz") == (200, "training\n")
+        assert "streamrec_trainer_rounds_total" in _get(base + "/metrics")[1]
+    finally:
+        server.shutdown()
+        server.server_close()
