@@ -37,6 +37,7 @@ from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from faust.sensors.prometheus import FaustMetrics, PrometheusMonitor
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
@@ -482,8 +483,12 @@ def serve(app: Callable[..., Iterable[bytes]], port: int, addr: str = "0.0.0.0")
 
 def install(app: faust.App, processor: ClickProcessor, port: int,
             addr: str = "0.0.0.0") -> WSGIServer | None:
-    """Register the collectors and the loop refresher; serve HTTP unless ``port`` is 0."""
+    """Register the collectors, Faust's own sensors (``faust_*`` metrics: messages,
+    events, commits, rebalances, table operations...) and the loop refresher; serve HTTP
+    unless ``port`` is 0."""
     register(processor)
+    app.monitor = PrometheusMonitor(
+        metrics=FaustMetrics.create(processor.metrics.registry, "faust"))
 
     async def refresh_metrics() -> None:
         refresh(app, processor)

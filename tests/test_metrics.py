@@ -23,6 +23,7 @@ from stream import metrics
 from stream.app import WorkerCounters
 from stream.events import Click
 from stream.online_quality import online_quality
+from stream.pipeline import REPO
 
 
 # ---------------------------------------------------------------- prequential counters
@@ -213,6 +214,13 @@ def test_port_in_use_is_a_clear_error():
 
 # ---------------------------------------------------------------- end to end, real Prometheus
 
+def dashboard_queries() -> list[str]:
+    dashboard = json.loads((REPO / "deploy" / "grafana" / "dashboards" /
+                            "streamrec.json").read_text())
+    return [target["expr"] for panel in dashboard["panels"]
+            for target in panel.get("targets", []) if target.get("expr")]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -240,7 +248,7 @@ class _Prometheus:
         config.write_text(
             "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
             "scrape_configs:\n"
-            "  - job_name: streamrec\n"
+            "  - job_name: streamrec-worker\n"
             "    scrape_interval: 1s\n"
             "    scrape_timeout: 1s\n"
             f"    static_configs: [{{targets: ['127.0.0.1:{target_port}']}}]\n")
@@ -371,6 +379,18 @@ def test_prometheus_scrapes_the_worker(kafka_bootstrap, small_model, tmp_path):
                 'sum(streamrec_online_hits_total{k="20"}) '
                 '/ sum(streamrec_online_predictions_total)')
             assert recall == pytest.approx(q20.recall)
+            assert prometheus.value("faust_messages_received_total") >= len(clicks)
+            # The dashboard's queries, rendered against this Prometheus, return data.
+            # Not here: the trainer's panels (no trainer runs in this test) and rejects by
+            # reason (no click was rejected, so no reason label exists yet).
+            # (rate() needs two scrapes of a series: allow a few seconds for new ones.)
+            deadline = time.monotonic() + 20
+            for expr in dashboard_queries():
+                if "streamrec_trainer_" in expr or "streamrec_events_rejected_total" in expr:
+                    continue
+                while not prometheus.query(expr) and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                assert prometheus.query(expr), f"no data for dashboard query {expr!r}"
         assert worker.process.returncode == 0, worker.log()[-2000:]
     finally:
         prometheus.stop()
