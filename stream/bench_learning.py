@@ -1,0 +1,583 @@
+"""``streamrec bench incremental`` and ``streamrec bench drift``: learning while serving.
+
+Both run the real processes on a local Kafka (or ``--broker``): ``streamrec trainer`` as a
+subprocess following the click topic and publishing to a temporary registry, and, for
+``drift``, a ``streamrec worker`` following that registry.
+
+**incremental.** Train on TRAIN (defaults, ``--initial-epochs``), publish it; replay
+STREAM into the click topic (event-time order, compressed by ``--speed``) while the
+trainer fine-tunes the current model round by round; evaluate the registry's final model
+offline on TEST (Recall@20), against a model trained from scratch on TRAIN+STREAM with
+the same defaults. The end of a finite stream is not the end of its sessions: the trainer
+only learns from a session once its partition's event time has moved
+``--session-timeout-s`` past the session's last click. After STREAM, one single-click
+"flush" session per partition is produced (explicitly to that partition) with an event
+time ``3 x session-timeout`` past the stream's last click: it completes every real
+session and is never trained on itself (single-click sessions hold no transition). The
+bench then waits until the trainer reports two consecutive idle rounds with nothing new
+(``decision: wait`` with unchanged counts); complete sessions still waiting then (fewer
+than ``--min-sessions``) are reported as ``untrained_complete_sessions``.
+
+**drift.** Synthetic: phase A (items 1..N) trains the initial model; then A' (more A
+traffic, max speed) and phase B are replayed through a worker following the registry,
+once with the trainer running and once without. Phase B is a mix: new-item sessions
+(items N+1..2N, ``follow`` 0.9: strong sequential patterns) and, at a quarter of the
+rate, A sessions; it is paced at ``--rate`` events/s. (The A traffic in B is needed: the
+trainer's gate compares candidate and current model only on targets the current model
+knows, and a holdout of new-item sessions only would give it no evidence.) Online
+Recall@20 is computed from the consumed output messages (:func:`online_quality`) with
+``known_items`` = every item of A and B: a target the served model cannot rank counts as
+a miss, which is the point (the old model cannot recommend new items). It is measured on
+phase-B clicks from the event time of the first phase-B click answered by a model that
+knows new items (in the run with retraining), the same window in both runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from confluent_kafka import Producer
+
+from model.config import GRU4RecConfig
+from model.data import ClickLog, read_clicks
+from model.errors import UserError
+from model.evaluate import RecommenderScorer, evaluate
+from model.synth import SynthSpec, generate
+from model.train import train
+from stream.brokers import LocalKafka
+from stream.events import Click, encode_click
+from stream.kafka_config import bootstrap_servers, producer_config
+from stream.offline_commands import print_json
+from stream.online_quality import online_quality
+from stream.pipeline import REPO, StreamNames, TopicReader, WorkerProcess
+from stream.registry import ModelRegistry
+from stream.replay import replay
+from stream.topics import ensure_topics
+
+PARTITIONS = 4
+
+
+def _log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+class TrainerProcess:
+    """``streamrec trainer`` as a subprocess; its JSON decision lines are collected with
+    the wall time they were read."""
+
+    def __init__(self, bootstrap: str, registry: Path, topic: str, work: Path,
+                 *extra: str, env: dict[str, str] | None = None) -> None:
+        tag = uuid.uuid4().hex[:8]
+        self.log_path = work / f"trainer-{tag}.log"
+        self.command = [sys.executable, "-m", "stream.cli", "trainer",
+                        "--broker", f"kafka://{bootstrap}", "--registry", str(registry),
+                        "--input-topic", topic, "--group", f"trainer-{tag}",
+                        "--updates-topic", f"model-updates-{tag}", *extra]
+        self.env = {**os.environ, **(env or {})}
+        self.records: list[tuple[float, dict[str, Any]]] = []
+        self.process: subprocess.Popen[str] | None = None
+        self._reader: threading.Thread | None = None
+
+    def start(self) -> TrainerProcess:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=log,
+                                            stdin=subprocess.DEVNULL, cwd=REPO, text=True,
+                                            env=self.env, start_new_session=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        return self
+
+    def _read(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            self.records.append((time.time(), record))
+            _log(f"trainer: {_summary(record)}")
+
+    def decisions(self) -> list[dict[str, Any]]:
+        return [r for _, r in self.records]
+
+    def check_alive(self) -> None:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise UserError(f"trainer exited with {self.process.returncode}:\n"
+                            + self.log_path.read_text(errors="replace")[-2000:])
+
+    def stop(self, timeout: float = 60.0) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        if self._reader is not None:
+            self._reader.join(5)
+
+
+def _summary(record: dict[str, Any]) -> str:
+    keys = ("decision", "round", "complete_sessions", "buffered", "sessions", "new_items",
+            "train_seconds", "reason", "version")
+    return json.dumps({k: record[k] for k in keys if k in record})
+
+
+def _clicks(log: ClickLog, prefix: str, time_shift: float = 0.0) -> list[Click]:
+    """The log's events as clicks (session ids prefixed), in event-time order."""
+    order = np.argsort(log.times, kind="stable")
+    sessions = log.session_ids[log.sessions[order]]
+    items = log.item_ids[log.items[order]]
+    times = log.times[order] + time_shift
+    return [Click(f"{prefix}{s}", str(i), float(t)) for s, i, t in zip(sessions, items, times)]
+
+
+def _concat(logs: Sequence[ClickLog], source: str) -> ClickLog:
+    return ClickLog.from_arrays(
+        np.concatenate([log.session_ids[log.sessions] for log in logs]),
+        np.concatenate([log.item_ids[log.items] for log in logs]),
+        np.concatenate([log.times for log in logs]), source=source)
+
+
+def _produce_to_partitions(bootstrap: str, topic: str, clicks: Sequence[Click],
+                           partitions: Sequence[int]) -> None:
+    """Produce ``clicks[k]`` explicitly to ``partitions[k]`` (the flush clicks)."""
+    producer = Producer(producer_config(bootstrap))
+    for click, partition in zip(clicks, partitions):
+        key, value = encode_click(click)
+        producer.produce(topic, key=key, value=value, partition=partition)
+    if producer.flush(30):
+        raise UserError("flush clicks were not delivered within 30 s")
+
+
+def _wait(predicate: Callable[[], bool], timeout: float, what: str,
+          alive: Callable[[], None] | None = None) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if alive is not None:
+            alive()
+        if time.monotonic() > deadline:
+            _log(f"timed out after {timeout:g} s waiting for {what}")
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def _trainer_settled(trainer: TrainerProcess, since: int) -> Callable[[], bool]:
+    """True once two consecutive decisions after record ``since`` are 'wait' with the
+    same counts: nothing new consumed, nothing left that a round would train on."""
+    def settled() -> bool:
+        records = trainer.decisions()[since:]
+        if len(records) < 2:
+            return False
+        a, b = records[-2], records[-1]
+        same = all(a.get(k) == b.get(k) for k in ("buffered", "complete_sessions"))
+        return a.get("decision") == b.get("decision") == "wait" and same
+    return settled
+
+
+class _Broker:
+    """The given broker, or a local Kafka started for the bench."""
+
+    def __init__(self, url: str | None) -> None:
+        self.url = url
+        self.local: LocalKafka | None = None
+
+    def __enter__(self) -> str:
+        if self.url:
+            return bootstrap_servers(self.url)
+        _log("starting a local Kafka")
+        self.local = LocalKafka(port=0)
+        self.local.start()
+        return self.local.bootstrap
+
+    def __exit__(self, *exc: object) -> None:
+        if self.local is not None:
+            self.local.stop()
+
+
+def _trainer_stats(decisions: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    decisions = list(decisions)
+    trained = [d for d in decisions if d.get("decision") in ("promoted", "rejected")]
+    return {"rounds": len(trained),
+            "promotions": sum(d["decision"] == "promoted" for d in trained),
+            "rejections": sum(d["decision"] == "rejected" for d in trained),
+            "not_published": sum(d.get("decision") == "not_published" for d in decisions),
+            "failed": sum(d.get("decision") == "failed" for d in decisions),
+            "round_train_seconds": [d["train_seconds"] for d in trained]}
+
+
+# --------------------------------------------------------------------------- incremental
+
+def run_incremental(args: argparse.Namespace) -> int:
+    initial_log = read_clicks(args.initial)
+    stream_log = read_clicks(args.stream)
+    test_log = read_clicks(args.test)
+    config = GRU4RecConfig(n_epochs=args.initial_epochs)
+
+    _log(f"training the initial model on {args.initial} ({len(initial_log):,} events, "
+         f"{args.initial_epochs} epochs)")
+    initial, initial_stats = train(initial_log, config, seed=args.seed, device=args.device,
+                                   progress=False)
+    initial_recall = evaluate(RecommenderScorer(initial), test_log, ks=(20,)).recall(20)
+    _log(f"initial model: Recall@20 {initial_recall:.4f} on {args.test}, "
+         f"{initial_stats.train_seconds:.1f} s")
+
+    span = float(stream_log.times.max() - stream_log.times.min())
+    speed: float | str = (args.speed if args.speed is not None
+                          else max(span / (args.stream_rounds * args.interval), 1.0))
+    trainer_args = ["--interval", str(args.interval), "--epochs", str(args.epochs),
+                    "--session-timeout-s", str(args.session_timeout_s),
+                    "--max-session-age-s", str(max(86400.0, 10 * args.session_timeout_s)),
+                    "--min-sessions", str(args.min_sessions),
+                    "--holdout-sessions", str(args.holdout_sessions),
+                    "--replay-sample", str(args.replay_sample),
+                    "--gate-margin", str(args.gate_margin), "--seed", str(args.seed)]
+    if args.device:
+        trainer_args += ["--device", args.device]
+
+    with _Broker(args.broker) as bootstrap, \
+            tempfile.TemporaryDirectory(prefix="streamrec-bench-incr-") as tmp:
+        work = Path(tmp)
+        registry = ModelRegistry(work / "registry")
+        registry.publish(initial, training={"epochs": initial_stats.epochs,
+                                            "data": str(args.initial)})
+        names = StreamNames("incr")
+        ensure_topics(bootstrap, {names.clicks: PARTITIONS})
+        trainer = TrainerProcess(bootstrap, registry.root, names.clicks, work,
+                                 *trainer_args).start()
+        try:
+            started = time.perf_counter()
+            _log(f"replaying {args.stream} ({len(stream_log):,} events, {span / 3600:.1f} h "
+                 f"of event time) at speed {speed}")
+            replay(_clicks(stream_log, ""), bootstrap, names.clicks, speed=speed)
+            trainer.check_alive()
+            flush_time = float(stream_log.times.max()) + 3 * args.session_timeout_s
+            flush = [Click(f"__flush-{uuid.uuid4().hex[:6]}-{p}", "__flush", flush_time)
+                     for p in range(PARTITIONS)]
+            since = len(trainer.records)
+            _produce_to_partitions(bootstrap, names.clicks, flush, range(PARTITIONS))
+            stream_seconds = time.perf_counter() - started
+            _log("stream and flush clicks produced; waiting for the trainer to settle")
+            settled = _wait(_trainer_settled(trainer, since), args.settle_timeout,
+                            "the trainer to settle", trainer.check_alive)
+            wall_seconds = time.perf_counter() - started
+        finally:
+            trainer.stop()
+        final = registry.current()
+        decisions = trainer.decisions()
+    incremental_recall = evaluate(RecommenderScorer(final), test_log, ks=(20,)).recall(20)
+    stats = _trainer_stats(decisions)
+    last = decisions[-1] if decisions else {}
+    _log(f"incremental model {final.version}: Recall@20 {incremental_recall:.4f}")
+
+    if args.scratch:
+        scratch_log, scratch_source = read_clicks(args.scratch), str(args.scratch)
+    else:
+        scratch_log = _concat([initial_log, stream_log], "initial+stream")
+        scratch_source = "initial+stream"
+    _log(f"training from scratch on {scratch_source} ({len(scratch_log):,} events)")
+    scratch, scratch_stats = train(scratch_log, config, seed=args.seed, device=args.device,
+                                   progress=False)
+    scratch_recall = evaluate(RecommenderScorer(scratch), test_log, ks=(20,)).recall(20)
+
+    print_json({
+        "incremental_recall@20": incremental_recall,
+        "scratch_recall@20": scratch_recall,
+        "incremental_seconds": float(sum(stats["round_train_seconds"])),
+        "scratch_seconds": scratch_stats.train_seconds,
+        "initial_recall@20": initial_recall,
+        "initial_train_seconds": initial_stats.train_seconds,
+        "difference": incremental_recall - scratch_recall,
+        **{k: stats[k] for k in ("rounds", "promotions", "rejections", "not_published",
+                                 "failed", "round_train_seconds")},
+        "untrained_complete_sessions": last.get("complete_sessions", 0),
+        "trainer_settled": settled,
+        "stream_replay_seconds": stream_seconds,
+        "stream_wall_seconds": wall_seconds,
+        "speed": speed, "interval_s": args.interval, "epochs_per_round": args.epochs,
+        "replay_sample": args.replay_sample, "min_sessions": args.min_sessions,
+        "holdout_sessions": args.holdout_sessions, "gate_margin": args.gate_margin,
+        "session_timeout_s": args.session_timeout_s, "initial_epochs": args.initial_epochs,
+        "final_version": final.version, "final_items": final.n_items,
+        "scratch_items": scratch.n_items, "scratch_source": scratch_source,
+    })
+    return 0
+
+
+# --------------------------------------------------------------------------------- drift
+
+def _drift_data(args: argparse.Namespace) -> dict[str, Any]:
+    """Phase A (train / A' / A traffic during B) and phase B (new items), as clicks."""
+    n_items = args.items
+    rate_a = 5.0  # sessions per event-time second of A traffic
+    a_total = args.train_sessions + args.a_sessions + args.b_sessions // 3
+    a_log = generate(SynthSpec(sessions=a_total, items=n_items, seed=args.seed + 1,
+                               sessions_per_s=rate_a))
+    session_index = a_log.sessions  # sessions are numbered in start-time order
+    first_a2, first_mix = args.train_sessions, args.train_sessions + args.a_sessions
+
+    def part(lo: int, hi: int) -> ClickLog:
+        keep = (session_index >= lo) & (session_index < hi)
+        return ClickLog.from_arrays(a_log.session_ids[a_log.sessions[keep]],
+                                    a_log.item_ids[a_log.items[keep]], a_log.times[keep],
+                                    source="phase A")
+
+    a_train, a_prime, a_mix = (part(0, first_a2), part(first_a2, first_mix),
+                               part(first_mix, a_total))
+    b_start = float(a_mix.times.min())
+    b_log = generate(SynthSpec(sessions=args.b_sessions, items=n_items, seed=args.seed + 2,
+                               item_offset=n_items, follow=0.9, start_time=b_start,
+                               sessions_per_s=3 * rate_a))
+    phase_b = sorted(_clicks(b_log, "b") + _clicks(a_mix, "a"), key=lambda c: c.timestamp)
+    b_span = phase_b[-1].timestamp - phase_b[0].timestamp
+    return {"a_train": a_train, "a_prime": _clicks(a_prime, "a"), "phase_b": phase_b,
+            "b_speed": max(args.rate * b_span / len(phase_b), 1e-3),
+            "b_sessions": {f"b{s}" for s in b_log.session_ids},
+            "new_items": set(str(i) for i in b_log.item_ids),
+            "all_items": set(str(i) for i in a_log.item_ids) | set(str(i) for i in b_log.item_ids)}
+
+
+def _drift_run(bootstrap: str, data: dict[str, Any], model_dir: Path, work: Path,
+               args: argparse.Namespace, retraining: bool) -> dict[str, Any]:
+    """One pass of A' then B through a worker following a registry; returns raw
+    observations (output messages, input timestamps, trainer decisions)."""
+    registry = ModelRegistry(work / f"registry-{'on' if retraining else 'off'}")
+    registry.publish_directory(model_dir)
+    initial_version = registry.current_version()
+    names = StreamNames("drift")
+    ensure_topics(bootstrap, {t: PARTITIONS for t in
+                              (names.clicks, names.recommendations, names.dlq)})
+    inputs = TopicReader(bootstrap, names.clicks, decode=False)
+    outputs = TopicReader(bootstrap, names.recommendations)
+    inputs.start()
+    outputs.start()
+    worker = WorkerProcess(bootstrap, registry.root, names, work, "--model-poll-s",
+                           str(args.model_poll_s), "--session-timeout-s",
+                           str(args.session_timeout_s), partitions=PARTITIONS).start()
+    trainer = None
+    if retraining:
+        trainer = TrainerProcess(
+            bootstrap, registry.root, names.clicks, work,
+            "--interval", str(args.interval), "--epochs", str(args.epochs),
+            "--session-timeout-s", str(args.session_timeout_s),
+            "--min-sessions", str(args.min_sessions),
+            "--holdout-sessions", str(args.holdout_sessions),
+            "--replay-sample", str(args.replay_sample), "--gate-margin", str(args.gate_margin),
+            "--seed", str(args.seed), "--device", args.device or "cpu",
+            env={"OMP_NUM_THREADS": str(args.trainer_threads)})
+    total = len(data["a_prime"]) + len(data["phase_b"])
+    try:
+        worker.wait_until_consuming(bootstrap, names.app_id)
+        if trainer is not None:
+            # Its first decision (a 'wait') shows it is consuming: A' must reach it.
+            trainer.start()
+            _wait(lambda: bool(trainer.records), 120, "the trainer's first round",
+                  trainer.check_alive)
+        _log(f"retraining {'on' if retraining else 'off'}: replaying A' "
+             f"({len(data['a_prime']):,} clicks) at max speed")
+        replay(data["a_prime"], bootstrap, names.clicks, speed="max")
+        # Let the worker catch up, so that phase B's pacing measures serving, not backlog.
+        _wait(lambda: len(outputs.messages) >= len(data["a_prime"]), 120, "A' answers")
+        _log(f"replaying phase B ({len(data['phase_b']):,} clicks) at ~{args.rate:g}/s "
+             f"(speed {data['b_speed']:.1f})")
+        b_started = time.time()
+        replay(data["phase_b"], bootstrap, names.clicks, speed=data["b_speed"])
+        b_seconds = time.time() - b_started
+        if not outputs.wait_for(total, timeout=120):
+            _log(f"only {len(outputs.messages)} of {total} answered")
+        inputs.wait_for(total, timeout=30)
+    finally:
+        if trainer is not None:
+            trainer.stop()
+        worker.stop()
+        inputs.close()
+        outputs.close()
+    return {"outputs": list(outputs.messages), "inputs": list(inputs.messages),
+            "decisions": trainer.decisions() if trainer else [],
+            "initial_version": initial_version, "b_seconds": b_seconds}
+
+
+def _b_window_quality(outputs: Sequence[Any], phase_b_start: float, threshold: float,
+                      known: set[str], only: set[str] | None = None) -> dict[str, Any]:
+    messages = [r.value for r in outputs
+                if r.value["timestamp"] >= max(phase_b_start, threshold)
+                and (only is None or r.value["session_id"] in only)]
+    return online_quality(messages, 20, known).to_dict()
+
+
+def _max_gap_ms(times: Sequence[float]) -> float:
+    return float(np.max(np.diff(times)) * 1000) if len(times) > 1 else 0.0
+
+
+def run_drift(args: argparse.Namespace) -> int:
+    data = _drift_data(args)
+    config = GRU4RecConfig(n_epochs=args.initial_epochs)
+    _log(f"training the phase-A model ({len(data['a_train']):,} events, {args.items} items, "
+         f"{args.initial_epochs} epochs)")
+    initial, _ = train(data["a_train"], config, seed=args.seed, device=args.device,
+                       progress=False)
+    phase_b_start = data["phase_b"][0].timestamp
+    with _Broker(args.broker) as bootstrap, \
+            tempfile.TemporaryDirectory(prefix="streamrec-bench-drift-") as tmp:
+        work = Path(tmp)
+        model_dir = work / "phase-a-model"
+        from model.artifact import save_model
+        save_model(initial, model_dir)
+        on = _drift_run(bootstrap, data, model_dir, work, args, retraining=True)
+        off = _drift_run(bootstrap, data, model_dir, work, args, retraining=False)
+
+    new_items = data["new_items"]
+    promoted = [d for d in on["decisions"] if d.get("decision") == "promoted"]
+    new_versions = {d["version"] for d in promoted if d.get("new_items", 0) > 0}
+    # Versions published after the first one that learnt new items also know them.
+    if new_versions:
+        first_new = min(new_versions)
+        new_versions |= {d["version"] for d in promoted if d["version"] >= first_new}
+    on_outputs = sorted(on["outputs"], key=lambda r: r.consumed_at)
+    served_new = [r for r in on_outputs if r.value["model_version"] in new_versions
+                  and r.value["timestamp"] >= phase_b_start]
+    threshold = served_new[0].value["timestamp"] if served_new else math.inf
+
+    # First phase-B click sent (producer timestamp) -> first list with a new item consumed.
+    b_first_key = data["phase_b"][0].session_id.encode()
+    b_inputs = [m for m in on["inputs"] if json.loads(m.value())["timestamp"] >= phase_b_start]
+    first_b_sent = min((m.timestamp()[1] / 1000.0 for m in b_inputs),
+                       default=math.nan) if b_inputs else math.nan
+    del b_first_key
+    first_new_rec = next((r.consumed_at for r in on_outputs
+                          if any(e["item_id"] in new_items for e in r.value["recommendations"])),
+                         math.nan)
+
+    # Output gaps around each swap: consecutive outputs within +-window of the first output
+    # of a new version.
+    times = np.array([r.consumed_at for r in on_outputs])
+    versions = [r.value["model_version"] for r in on_outputs]
+    seen = {on["initial_version"]}
+    swap_gaps = []
+    for i, version in enumerate(versions):
+        if version in seen:
+            continue
+        seen.add(version)
+        around = (times >= times[i] - args.swap_window_s) & (times <= times[i] + args.swap_window_s)
+        swap_gaps.append(_max_gap_ms(times[around]))
+    off_b = sorted(r.consumed_at for r in off["outputs"] if r.value["timestamp"] >= phase_b_start)
+    on_b = [r.consumed_at for r in on_outputs if r.value["timestamp"] >= phase_b_start]
+
+    known = data["all_items"]
+    with_q = _b_window_quality(on["outputs"], phase_b_start, threshold, known)
+    without_q = _b_window_quality(off["outputs"], phase_b_start, threshold, known)
+    with_new = _b_window_quality(on["outputs"], phase_b_start, threshold, known,
+                                 data["b_sessions"])
+    without_new = _b_window_quality(off["outputs"], phase_b_start, threshold, known,
+                                    data["b_sessions"])
+    first_new_round = next((d for d in promoted if d["version"] in new_versions), None)
+    stats = _trainer_stats(on["decisions"])
+    print_json({
+        "recall@20_with_retraining": with_q["recall@20"],
+        "recall@20_without_retraining": without_q["recall@20"],
+        "new_items_first_recommended_after_s": first_new_rec - first_b_sent,
+        "retrain_seconds": first_new_round["train_seconds"] if first_new_round else math.nan,
+        "max_swap_gap_ms": max(swap_gaps) if swap_gaps else math.nan,
+        "max_gap_ms_phase_b_with_retraining": _max_gap_ms(on_b),
+        "max_gap_ms_phase_b_without_retraining": _max_gap_ms(off_b),
+        "new_item_sessions_recall@20_with_retraining": with_new["recall@20"],
+        "new_item_sessions_recall@20_without_retraining": without_new["recall@20"],
+        "n_predictions": with_q["n_predictions"],
+        "n_predictions_without": without_q["n_predictions"],
+        "swaps": len(swap_gaps),
+        **{k: stats[k] for k in ("rounds", "promotions", "rejections", "round_train_seconds")},
+        "phase_b_events": len(data["phase_b"]), "phase_b_seconds": on["b_seconds"],
+        "phase_b_seconds_without": off["b_seconds"],
+        "a_prime_events": len(data["a_prime"]), "a_train_events": len(data["a_train"]),
+        "items_per_phase": args.items,
+        "answered": len(on["outputs"]), "answered_without": len(off["outputs"]),
+    })
+    return 0
+
+
+# ------------------------------------------------------------------------------ parsers
+
+def add_parsers(benches: argparse._SubParsersAction) -> None:
+    p = benches.add_parser(
+        "incremental", help="trainer fine-tuning on a stream vs training from scratch",
+        description="Train on TRAIN, publish; replay STREAM while `streamrec trainer` "
+                    "fine-tunes; compare the final model's Recall@20 on TEST with a model "
+                    "trained from scratch on TRAIN+STREAM.")
+    p.add_argument("--initial", required=True, help="click log the initial model is trained on")
+    p.add_argument("--stream", required=True, help="click log replayed to the trainer")
+    p.add_argument("--test", required=True, help="click log for the offline evaluation")
+    p.add_argument("--scratch", default=None,
+                   help="training log of the scratch model (default: INITIAL+STREAM)")
+    p.add_argument("--initial-epochs", type=int, default=10,
+                   help="epochs of the initial and the scratch model (default 10)")
+    p.add_argument("--interval", type=float, default=5.0, help="trainer --interval (5)")
+    p.add_argument("--epochs", type=int, default=1, help="trainer --epochs per round (1)")
+    p.add_argument("--session-timeout-s", type=float, default=3600.0,
+                   help="trainer --session-timeout-s (3600: 99.9%% of RSC15 gaps are shorter)")
+    p.add_argument("--min-sessions", type=int, default=300, help="trainer --min-sessions (300)")
+    p.add_argument("--holdout-sessions", type=int, default=100,
+                   help="trainer --holdout-sessions (100)")
+    p.add_argument("--replay-sample", type=int, default=5000,
+                   help="trainer --replay-sample (5000)")
+    p.add_argument("--gate-margin", type=float, default=0.01, help="trainer --gate-margin")
+    p.add_argument("--speed", default=None,
+                   help="replay speed: 'max' or a time-compression factor (default: the "
+                        "stream's event-time span over STREAM_ROUNDS x INTERVAL)")
+    p.add_argument("--stream-rounds", type=int, default=6,
+                   help="with the default speed: trainer intervals the stream lasts (6)")
+    p.add_argument("--settle-timeout", type=float, default=300.0,
+                   help="longest wait for the trainer's last round (s)")
+    p.add_argument("--broker", default=None, help="use this Kafka instead of a local one")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.set_defaults(run=run_incremental)
+
+    p = benches.add_parser(
+        "drift", help="new items appear: online Recall@20 with and without the trainer",
+        description="Synthetic drift (phase B brings new items) served by a worker following "
+                    "a registry, with and without `streamrec trainer`.")
+    p.add_argument("--items", type=int, default=300, help="items per phase (300)")
+    p.add_argument("--train-sessions", type=int, default=4000,
+                   help="phase-A sessions of the initial model (4000)")
+    p.add_argument("--a-sessions", type=int, default=1500, help="A' sessions (1500)")
+    p.add_argument("--b-sessions", type=int, default=6000,
+                   help="new-item sessions of phase B (6000; plus a third as many A ones)")
+    p.add_argument("--rate", type=float, default=1000.0, help="phase-B events/s (1000)")
+    p.add_argument("--initial-epochs", type=int, default=5)
+    p.add_argument("--interval", type=float, default=5.0, help="trainer --interval (5)")
+    p.add_argument("--epochs", type=int, default=2, help="trainer --epochs (2)")
+    p.add_argument("--session-timeout-s", type=float, default=120.0,
+                   help="trainer and worker --session-timeout-s, event time (120)")
+    p.add_argument("--min-sessions", type=int, default=200)
+    p.add_argument("--holdout-sessions", type=int, default=100)
+    p.add_argument("--replay-sample", type=int, default=2000)
+    p.add_argument("--gate-margin", type=float, default=0.05,
+                   help="trainer --gate-margin (0.05: the gate sees only the A sessions of "
+                        "a 100-session holdout)")
+    p.add_argument("--model-poll-s", type=float, default=1.0, help="worker --model-poll-s")
+    p.add_argument("--trainer-threads", type=int, default=1,
+                   help="OMP_NUM_THREADS of the trainer (1: leave a core to the worker)")
+    p.add_argument("--swap-window-s", type=float, default=1.0,
+                   help="max_swap_gap_ms looks at outputs this close to a swap")
+    p.add_argument("--broker", default=None, help="use this Kafka instead of a local one")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cpu for the trainer)")
+    p.set_defaults(run=run_drift)
