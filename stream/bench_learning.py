@@ -529,7 +529,7 @@ def add_parsers(benches: argparse._SubParsersAction) -> None:
     p.add_argument("--initial-epochs", type=int, default=10,
                    help="epochs of the initial and the scratch model (default 10)")
     p.add_argument("--interval", type=float, default=5.0, help="trainer --interval (5)")
-    p.add_argument("--epochs", type=int, default=1, help="trainer --epochs per round (1)")
+    p.add_argument("--epochs", type=int, default=3, help="trainer --epochs per round (3)")
     p.add_argument("--session-timeout-s", type=float, default=3600.0,
                    help="trainer --session-timeout-s (3600: 99.9%% of RSC15 gaps are shorter)")
     p.add_argument("--min-sessions", type=int, default=300, help="trainer --min-sessions (300)")
@@ -563,7 +563,7 @@ def add_parsers(benches: argparse._SubParsersAction) -> None:
     p.add_argument("--rate", type=float, default=1000.0, help="phase-B events/s (1000)")
     p.add_argument("--initial-epochs", type=int, default=5)
     p.add_argument("--interval", type=float, default=5.0, help="trainer --interval (5)")
-    p.add_argument("--epochs", type=int, default=2, help="trainer --epochs (2)")
+    p.add_argument("--epochs", type=int, default=3, help="trainer --epochs (3)")
     p.add_argument("--session-timeout-s", type=float, default=120.0,
                    help="trainer and worker --session-timeout-s, event time (120)")
     p.add_argument("--min-sessions", type=int, default=200)

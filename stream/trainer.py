@@ -86,7 +86,8 @@ class TrainerSettings:
     replay_sample: int = 5000
     gate_margin: float = 0.01
     holdout_sessions: int = 100
-    epochs: int = 1
+    epochs: int = 3
+    learning_rate: float = 0.02
     keep: int = DEFAULT_KEEP
     updates_topic: str = DEFAULT_UPDATES_TOPIC
     seed: int = 0
@@ -102,6 +103,9 @@ class TrainerSettings:
                             ("--max-session-age-s", self.max_session_age_s)):
             if not 0 < value < math.inf:
                 raise UserError(f"{flag} must be a finite number > 0, got {value}")
+        if not 0 < self.learning_rate < math.inf:
+            raise UserError(f"--learning-rate must be a finite number > 0, got "
+                            f"{self.learning_rate}")
         for name in ("min_sessions", "holdout_sessions", "max_buffer_sessions", "epochs",
                      "keep"):
             if getattr(self, name) < 1:
@@ -339,7 +343,9 @@ class LearningLoop:
                                 "holdout": len(holdout)})
         try:
             candidate, stats = train(sessions_log(replayed + fresh, "trainer buffer"),
-                                     current.config.replace(n_epochs=settings.epochs),
+                                     current.config.replace(
+                                         n_epochs=settings.epochs,
+                                         learning_rate=settings.learning_rate),
                                      seed=settings.seed + self.rounds, device=settings.device,
                                      base=current, progress=False)
         except UserError as exc:
@@ -461,6 +467,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     option("gate_margin", float, "largest Recall@20 drop a promoted candidate may show")
     option("holdout_sessions", int, "most recent complete sessions held out for the gate")
     option("epochs", int, "fine-tuning epochs per round")
+    option("learning_rate", float, "fine-tuning learning rate (a warm start begins with a "
+                                   "fresh Adagrad accumulator, whose first steps have the "
+                                   "size of the learning rate: the offline 0.2 wrecks a "
+                                   "trained model)")
     option("keep", int, "registry versions to retain")
     option("updates_topic", str, "topic announcing new versions")
     option("seed", int, "random seed (replay sample, training)")
