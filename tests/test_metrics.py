@@ -214,6 +214,16 @@ def test_port_in_use_is_a_clear_error():
 
 # ---------------------------------------------------------------- end to end, real Prometheus
 
+def _produce_raw(bootstrap: str, topic: str, key: bytes, value: bytes) -> None:
+    from confluent_kafka import Producer
+
+    from stream.kafka_config import producer_config
+
+    producer = Producer(producer_config(bootstrap))
+    producer.produce(topic, key=key, value=value)
+    assert producer.flush(30) == 0
+
+
 def dashboard_queries() -> list[str]:
     dashboard = json.loads((REPO / "deploy" / "grafana" / "dashboards" /
                             "streamrec.json").read_text())
@@ -338,14 +348,17 @@ def test_prometheus_scrapes_the_worker(kafka_bootstrap, small_model, tmp_path):
             assert prometheus.wait_value("streamrec_recommendations_published_total", 0,
                                          timeout=30) == 0, prometheus.log.read_text()[-2000:]
             produce_clicks(kafka_bootstrap, names.clicks, clicks)
+            _produce_raw(kafka_bootstrap, names.clicks, b"s0", b"not json")  # one reject
             messages = read_topic(kafka_bootstrap, names.recommendations,
                                   lambda ms: len(ms) >= len(clicks), timeout=60)
             unique = {(m["source"]["partition"], m["source"]["offset"]): m for m in messages}
             assert len(unique) == len(clicks), worker.log()[-3000:]
             assert prometheus.wait_value("streamrec_recommendations_published_total",
                                          len(messages)) == len(messages)
-            assert prometheus.wait_value("streamrec_events_consumed_total", len(clicks)) \
-                == len(clicks)
+            assert prometheus.wait_value(
+                'streamrec_events_rejected_total{reason="not_json"}', 1) == 1
+            assert prometheus.wait_value("streamrec_events_consumed_total", len(clicks) + 1) \
+                == len(clicks) + 1
             q20 = online_quality(messages, 20, recommender.item_map)
             q5 = online_quality(messages, 5, recommender.item_map)
             v = recommender.version
@@ -380,13 +393,12 @@ def test_prometheus_scrapes_the_worker(kafka_bootstrap, small_model, tmp_path):
                 '/ sum(streamrec_online_predictions_total)')
             assert recall == pytest.approx(q20.recall)
             assert prometheus.value("faust_messages_received_total") >= len(clicks)
-            # The dashboard's queries, rendered against this Prometheus, return data.
-            # Not here: the trainer's panels (no trainer runs in this test) and rejects by
-            # reason (no click was rejected, so no reason label exists yet).
-            # (rate() needs two scrapes of a series: allow a few seconds for new ones.)
+            # The dashboard's queries, rendered against this Prometheus, return data (all
+            # but the trainer's panels: no trainer runs in this test). rate() needs two
+            # scrapes of a series: allow a few seconds for the newest ones.
             deadline = time.monotonic() + 20
             for expr in dashboard_queries():
-                if "streamrec_trainer_" in expr or "streamrec_events_rejected_total" in expr:
+                if "streamrec_trainer_" in expr:
                     continue
                 while not prometheus.query(expr) and time.monotonic() < deadline:
                     time.sleep(0.5)
