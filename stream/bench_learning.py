@@ -63,7 +63,7 @@ from stream.events import Click, encode_click
 from stream.kafka_config import bootstrap_servers, producer_config
 from stream.offline_commands import print_json
 from stream.online_quality import online_quality
-from stream.pipeline import REPO, StreamNames, TopicReader, WorkerProcess
+from stream.pipeline import REPO, StreamNames, WorkerProcess, start_readers
 from stream.registry import ModelRegistry
 from stream.replay import replay
 from stream.topics import ensure_topics
@@ -363,12 +363,7 @@ def _drift_run(bootstrap: str, data: dict[str, Any], model_dir: Path, work: Path
     registry.publish_directory(model_dir)
     initial_version = registry.current_version()
     names = StreamNames("drift")
-    ensure_topics(bootstrap, {t: PARTITIONS for t in
-                              (names.clicks, names.recommendations, names.dlq)})
-    inputs = TopicReader(bootstrap, names.clicks, decode=False)
-    outputs = TopicReader(bootstrap, names.recommendations)
-    inputs.start()
-    outputs.start()
+    inputs, outputs = start_readers(bootstrap, names, PARTITIONS)
     worker = WorkerProcess(bootstrap, registry.root, names, work, "--model-poll-s",
                            str(args.model_poll_s), "--session-timeout-s",
                            str(args.session_timeout_s), partitions=PARTITIONS).start()

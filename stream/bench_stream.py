@@ -44,10 +44,9 @@ from stream.brokers import LocalKafka
 from stream.events import Click, encode_click
 from stream.kafka_config import bootstrap_servers, producer_config
 from stream.offline_commands import print_json
-from stream.pipeline import StreamNames, TopicReader, WorkerProcess
+from stream.pipeline import StreamNames, WorkerProcess, start_readers
 from stream.replay import replay
 from stream.settings import WorkerSettings
-from stream.topics import ensure_topics
 
 PARTITIONS = 4
 
@@ -113,12 +112,7 @@ def measure(bootstrap: str, model_dir: Path, n_items: int, events: int, work: Pa
             subcommand: tuple[str, ...] = ("worker",), *worker_args: str) -> dict[str, float]:
     """Throughput (max speed) then latency (1,000 events/s) of one worker process."""
     names = StreamNames("bench")
-    ensure_topics(bootstrap, {t: PARTITIONS for t in
-                              (names.clicks, names.recommendations, names.dlq)})
-    inputs = TopicReader(bootstrap, names.clicks, decode=False)
-    outputs = TopicReader(bootstrap, names.recommendations)
-    inputs.start()
-    outputs.start()
+    inputs, outputs = start_readers(bootstrap, names, PARTITIONS)
     worker = WorkerProcess(bootstrap, model_dir, names, work, *worker_args,
                            partitions=PARTITIONS, subcommand=subcommand).start()
     try:

@@ -28,9 +28,8 @@ from model.train import train
 from stream.brokers import LocalKafka, Tansu
 from stream.offline_commands import print_json
 from stream.online_quality import online_quality
-from stream.pipeline import Received, StreamNames, TopicReader, WorkerProcess
+from stream.pipeline import Received, StreamNames, WorkerProcess, start_readers
 from stream.replay import replay
-from stream.topics import ensure_topics
 
 PARTITIONS = 4
 
@@ -66,12 +65,7 @@ def run(args: argparse.Namespace) -> int:
         model_dir = save_model(recommender, work / "model")
         _say(f"[2/4] {args.engine} broker ready at {broker.bootstrap}; starting a worker")
         names = StreamNames("demo")
-        ensure_topics(broker.bootstrap, {t: PARTITIONS for t in
-                                         (names.clicks, names.recommendations, names.dlq)})
-        inputs = TopicReader(broker.bootstrap, names.clicks, decode=False)
-        outputs = TopicReader(broker.bootstrap, names.recommendations)
-        inputs.start()
-        outputs.start()
+        inputs, outputs = start_readers(broker.bootstrap, names, PARTITIONS)
         worker = WorkerProcess(broker.bootstrap, model_dir, names, work,
                                partitions=PARTITIONS).start()
         try:

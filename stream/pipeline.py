@@ -171,3 +171,17 @@ class TopicReader(threading.Thread):
     def close(self) -> None:
         self._stop_event.set()
         self.join(10)
+
+
+def start_readers(bootstrap: str, names: StreamNames,
+                  partitions: int) -> tuple[TopicReader, TopicReader]:
+    """Create the run's topics and start reading clicks (raw) and recommendations."""
+    from stream.topics import ensure_topics
+
+    ensure_topics(bootstrap, {t: partitions for t in
+                              (names.clicks, names.recommendations, names.dlq)})
+    inputs = TopicReader(bootstrap, names.clicks, decode=False)
+    outputs = TopicReader(bootstrap, names.recommendations)
+    inputs.start()
+    outputs.start()
+    return inputs, outputs

@@ -303,21 +303,6 @@ class _Prometheus:
             self.process.wait()
 
 
-@pytest.fixture(scope="module")
-def small_model(tmp_path_factory: pytest.TempPathFactory):
-    from model.artifact import save_model
-    from model.config import GRU4RecConfig
-    from model.synth import SynthSpec, generate
-    from model.train import train
-
-    log = generate(SynthSpec(sessions=1500, items=150, seed=5))
-    recommender, _ = train(log, GRU4RecConfig(layers=(16,), n_sample=32, n_epochs=1),
-                           seed=0, progress=False)
-    path = tmp_path_factory.mktemp("models") / "small"
-    save_model(recommender, path)
-    return path
-
-
 @pytest.mark.kafka
 def test_prometheus_scrapes_the_worker(kafka_bootstrap, small_model, tmp_path):
     from model.artifact import load_model

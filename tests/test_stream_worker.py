@@ -17,7 +17,6 @@ from model.artifact import load_model, save_model
 from model.config import GRU4RecConfig
 from model.data import ClickLog, read_clicks
 from model.evaluate import RecommenderScorer, evaluate
-from model.synth import SynthSpec, generate
 from model.train import train
 from stream.events import Click
 from stream.online_quality import online_quality
@@ -35,16 +34,6 @@ def rsc15_model(tmp_path_factory: pytest.TempPathFactory):
     recommender, _ = train(read_clicks(DATA / "train_full.tsv"),
                            GRU4RecConfig(n_epochs=1), seed=0, progress=False)
     path = tmp_path_factory.mktemp("models") / "rsc15"
-    save_model(recommender, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def small_model(tmp_path_factory: pytest.TempPathFactory):
-    log = generate(SynthSpec(sessions=2000, items=200, seed=3))
-    recommender, _ = train(log, GRU4RecConfig(layers=(16,), n_sample=64, n_epochs=1),
-                           seed=0, progress=False)
-    path = tmp_path_factory.mktemp("models") / "small"
     save_model(recommender, path)
     return path
 
