@@ -88,6 +88,7 @@ class ClickProcessor:
         self.dead_letters = dead_letters
         self.counters = WorkerCounters()
         self.watermarks: dict[int, float] = {}
+        self._expiry_topic = expiry_topic(settings)
         self.metrics = ProcessorMetrics()  # histograms, live quality (stream.metrics)
 
     async def process(self, events: Sequence[EventT]) -> None:
@@ -96,7 +97,7 @@ class ClickProcessor:
         clicks: list[tuple[EventT, SourcedClick]] = []
         for event in events:
             message = event.message
-            if message.topic == expiry_topic(self.settings):
+            if message.topic == self._expiry_topic:
                 self._expire(event)
                 continue
             parsed = parse_click(message.key, message.value, now)

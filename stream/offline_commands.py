@@ -30,7 +30,7 @@ def print_json(result: dict[str, Any]) -> None:
     print(json.dumps(result, sort_keys=True), flush=True)
 
 
-def _add_data_options(parser: argparse.ArgumentParser) -> None:
+def add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--columns", nargs=3, metavar=("SESSION", "ITEM", "TIME"),
                         default=["SessionId", "ItemId", "Time"],
                         help="column names (default: SessionId ItemId Time)")
@@ -38,7 +38,8 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
                         help="field separator (default: ',' for .csv, tab otherwise)")
 
 
-def _read(path: str, args: argparse.Namespace, filtered: bool = False) -> ClickLog:
+def read_log(path: str, args: argparse.Namespace, filtered: bool = False) -> ClickLog:
+    """Read a click log with the command's ``--columns``/``--sep`` (see add_data_options)."""
     log = read_clicks(path, columns=tuple(args.columns), sep=args.sep)
     if filtered:
         log, report = standard_filter(log)
@@ -61,7 +62,7 @@ def run_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists():
         raise UserError(f"{out}: already exists; choose a new model directory")
-    log = _read(args.data, args, filtered=args.filter)
+    log = read_log(args.data, args, filtered=args.filter)
     recommender, stats = train(log, config, seed=args.seed, device=args.device,
                                progress=not args.quiet)
     training = {"events_per_s": stats.events_per_s, "epochs": stats.epochs,
@@ -77,7 +78,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     recommender = load_model(args.model, device=args.device)
-    log = _read(args.data, args)
+    log = read_log(args.data, args)
     started = time.perf_counter()
     result = evaluate(RecommenderScorer(recommender), log, ks=args.k, ties=args.ties)
     print_json({**result.to_dict(), "model_version": recommender.version,
@@ -86,8 +87,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def run_baseline(args: argparse.Namespace) -> int:
-    train_log = _read(args.train, args)
-    test_log = _read(args.test, args)
+    train_log = read_log(args.train, args)
+    test_log = read_log(args.test, args)
     started = time.perf_counter()
     scorer = make_baseline(args.method, train_log)
     result = evaluate(scorer, test_log, ks=args.k, ties=args.ties)
@@ -123,7 +124,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
                    help="apply the standard GRU4Rec filtering (items >= 5 clicks, sessions "
                         ">= 2 clicks) and report what it removed")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_data_options(p)
+    add_data_options(p)
     p.set_defaults(run=run_train)
 
     p = subparsers.add_parser(
@@ -133,7 +134,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="test click log")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     _add_eval_options(p)
-    _add_data_options(p)
+    add_data_options(p)
     p.set_defaults(run=run_evaluate)
 
     p = subparsers.add_parser(
@@ -143,7 +144,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--train", required=True, help="training click log")
     p.add_argument("--test", required=True, help="test click log")
     _add_eval_options(p)
-    _add_data_options(p)
+    add_data_options(p)
     p.set_defaults(run=run_baseline)
 
     p = subparsers.add_parser(

@@ -24,7 +24,7 @@ from model.artifact import load_model
 from model.errors import UserError
 from model.evaluate import TIE_MODES
 from model.report import LABELS, MODEL_NAME, Report, build_report
-from stream.offline_commands import _add_data_options, _read, print_json
+from stream.offline_commands import add_data_options, print_json, read_log
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -51,8 +51,8 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory")
     recommender = load_model(args.model, device=args.device)
-    train_log = _read(args.train, args)
-    test_log = _read(args.test, args)
+    train_log = read_log(args.train, args)
+    test_log = read_log(args.test, args)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -108,7 +108,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="how a target tied with other items is ranked (default: "
                         "conservative, as in `evaluate`)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    _add_data_options(p)
+    add_data_options(p)
     p.set_defaults(run=run)
 
 
