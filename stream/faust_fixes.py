@@ -1,4 +1,4 @@
-"""Two targeted corrections to faust-streaming 0.15 / mode 0.7, applied once at start-up.
+"""Three targeted corrections to faust-streaming 0.15 / mode 0.7, applied once at start-up.
 
 1. **Lost events after recovery.** At the end of table recovery Faust resumes flow control,
    and mode's ``FlowControlEvent.resume()`` always clears the stream queues, dropping
@@ -6,19 +6,38 @@
    been suspended: the agent sees a jump in offsets and those clicks are never answered.
    Here queues are cleared only when flow was suspended, which is the purpose of the
    clearing (discarding data fetched for partitions that were revoked meanwhile).
-2. **Fetch latency.** Faust hard-codes ``fetch_max_wait_ms=1500`` for the worker consumer.
+2. **Fetched records dropped without rewinding.** ``Consumer.getmany`` discards records
+   that arrive while flow is stopped (a rebalance is under way), records of a partition
+   that is paused, and the rest of a batch when the group generation changes, and only
+   then seeks *stream* partitions back to their committed offsets. Nothing rewinds a
+   changelog partition (it has no committed offset): table recovery, which had sought it
+   to where it must start reading, then waits forever for records that were already
+   consumed and dropped, and the worker never serves again (seen about once in twenty
+   rebalances on a loaded machine). The same happens to a click partition of a new group
+   before its first commit. Here every partition whose records were not all handed on is
+   sought back to its first undelivered record before Faust's own seek to committed
+   offsets, so a dropped record is always fetched again.
+3. **Fetch latency.** Faust hard-codes ``fetch_max_wait_ms=1500`` for the worker consumer.
    Apache Kafka answers a waiting fetch as soon as data arrives, but brokers that do not
    (Tansu) then add the full wait to every click's latency; the worker's setting bounds it.
 
-Both touch private attributes of pinned versions (``faust-streaming>=0.15,<0.16``,
-``mode-streaming`` 0.7); the tests that restart workers and measure latency would catch a
-change in either.
+All touch private attributes of pinned versions (``faust-streaming>=0.15,<0.16``,
+``mode-streaming`` 0.7); tests/test_faust_fixes.py pins each behaviour, and the tests that
+restart workers, rebalance groups and measure latency would catch a change in any.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from faust.transport.consumer import Consumer
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+from faust.types import TP, Message
 from mode.utils.queues import FlowControlEvent
+
+logger = logging.getLogger("streamrec.worker")
 
 _fetch_max_wait_ms = 10
 _applied = False
@@ -32,16 +51,59 @@ def _resume(self: FlowControlEvent) -> None:
         self.clear()
 
 
+async def _getmany(self: Consumer, timeout: float) -> AsyncIterator[tuple[TP, Message]]:
+    """Faust's ``getmany`` (round-robin over partitions, stop on a stopped flow or a new
+    generation), except that what it does not hand on is fetched again."""
+    records, active_partitions = await self._wait_next_records(timeout)
+    generation_id = self.app.consumer_generation_id
+    if records is None or self.should_stop:
+        return
+    # Per partition, the first offset not handed on; a partition stays behind from its
+    # first skipped record on, so that its later records are not delivered out of order.
+    undelivered = {tp: batch[0].offset for tp, batch in records.items() if batch}
+    held_back: set[TP] = set()
+    if self.flow_active:
+        for tp, record in self.scheduler.iterate(records):
+            if not self.flow_active or self.app.consumer_generation_id != generation_id:
+                break
+            deliverable = (active_partitions is None or tp in active_partitions
+                           or tp in self._buffered_partitions)
+            if tp in held_back or not deliverable:
+                held_back.add(tp)
+                continue
+            self.app.monitor.track_tp_end_offset(tp, self.highwater(tp))
+            undelivered[tp] = record.offset + 1
+            yield tp, self._to_message(tp, record)
+    rewind = {tp: offset for tp, offset in undelivered.items()
+              if offset <= records[tp][-1].offset}
+    if rewind:
+        await _seek_back(self, rewind)
+    if not self.flow_active:
+        await self.perform_seek()  # Faust's own rule for stream partitions
+
+
+async def _seek_back(consumer: Consumer, offsets: Mapping[TP, int]) -> None:
+    assigned = consumer.assignment()
+    offsets = {tp: offset for tp, offset in offsets.items() if tp in assigned}
+    if not offsets:
+        return
+    try:
+        await consumer.seek_wait(offsets)
+    except Exception as exc:  # revoked meanwhile: its new owner starts from the commit
+        logger.warning("could not seek back to undelivered records %s: %r", offsets, exc)
+
+
 def apply(fetch_max_wait_ms: int) -> None:
-    """Install both fixes (idempotent); ``fetch_max_wait_ms`` bounds a fetch's wait."""
+    """Install the fixes (idempotent); ``fetch_max_wait_ms`` bounds a fetch's wait."""
     global _fetch_max_wait_ms, _applied
     _fetch_max_wait_ms = fetch_max_wait_ms
     if _applied:
         return
     FlowControlEvent.resume = _resume  # type: ignore[method-assign]
+    Consumer.getmany = _getmany  # type: ignore[method-assign,assignment]
     create = AIOKafkaConsumerThread._create_worker_consumer
 
-    def _create_worker_consumer(self, transport):  # noqa: ANN001, ANN202 - Faust's signature
+    def _create_worker_consumer(self: Any, transport: Any) -> Any:  # Faust's signature
         consumer = create(self, transport)
         consumer._fetch_max_wait_ms = _fetch_max_wait_ms
         return consumer

@@ -1,0 +1,147 @@
+"""The corrections to Faust internals (stream.faust_fixes), pinned one behaviour each.
+
+The races they fix need a rebalance at the wrong millisecond, so these tests drive the
+patched methods directly, on a stand-in that has exactly the attributes Faust's consumer
+gives them; ``test_faust_still_has_what_the_fixes_patch`` fails if an upgrade moves them.
+The two-worker tests (test_hot_swap, test_stream_worker) exercise the fixes end to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from types import SimpleNamespace
+from typing import Any
+
+from faust.transport.consumer import Consumer
+from faust.types import TP
+from mode.utils.queues import FlowControlEvent, FlowControlQueue
+
+from stream import faust_fixes
+
+CLICKS0, CLICKS1 = TP("clicks", 0), TP("clicks", 1)
+CHANGELOG1 = TP("app-sessions-changelog", 1)
+
+
+class RoundRobin:
+    """Faust's default scheduler's order: one record per partition in turn."""
+
+    def iterate(self, records: dict[TP, list[Any]]):
+        iterators = {tp: iter(batch) for tp, batch in records.items()}
+        while iterators:
+            for tp in list(iterators):
+                record = next(iterators[tp], None)
+                if record is None:
+                    del iterators[tp]
+                else:
+                    yield tp, record
+
+
+class StandInConsumer:
+    """What ``getmany`` touches on Faust's consumer; records what it is asked to do."""
+
+    def __init__(self, records: dict[TP, list[int]], *, flow_active: bool = True,
+                 active: set[TP] | None = None, new_generation_after: int | None = None):
+        self.records = {tp: [SimpleNamespace(offset=o) for o in offsets]
+                        for tp, offsets in records.items()}
+        self.flow_active = flow_active
+        self.active = active if active is not None else set(records)
+        self.new_generation_after = new_generation_after
+        self.app = SimpleNamespace(consumer_generation_id=7,
+                                   monitor=SimpleNamespace(track_tp_end_offset=lambda *a: None))
+        self.scheduler = RoundRobin()
+        self.should_stop = False
+        self._buffered_partitions: set[TP] = set()
+        self.sought: list[dict[TP, int]] = []
+        self.sought_to_committed = 0
+
+    async def _wait_next_records(self, timeout: float):
+        return self.records, self.active
+
+    def highwater(self, tp: TP) -> int:
+        return 1000
+
+    def _to_message(self, tp: TP, record: Any) -> tuple[TP, int]:
+        return tp, record.offset
+
+    def assignment(self) -> set[TP]:
+        return {CLICKS0, CLICKS1, CHANGELOG1}
+
+    async def seek_wait(self, offsets: dict[TP, int]) -> None:
+        self.sought.append(dict(offsets))
+
+    async def perform_seek(self) -> None:
+        self.sought_to_committed += 1
+
+
+def drain(consumer: StandInConsumer) -> list[tuple[TP, int]]:
+    async def run() -> list[tuple[TP, int]]:
+        delivered = []
+        async for tp, message in faust_fixes._getmany(consumer, 1.0):
+            delivered.append(message)
+            if consumer.new_generation_after == len(delivered):
+                consumer.app.consumer_generation_id += 1
+        return delivered
+    return asyncio.run(run())
+
+
+def test_everything_delivered_means_no_seek() -> None:
+    consumer = StandInConsumer({CLICKS0: [5, 6], CLICKS1: [9]})
+    assert drain(consumer) == [(CLICKS0, 5), (CLICKS1, 9), (CLICKS0, 6)]
+    assert consumer.sought == [] and consumer.sought_to_committed == 0
+
+
+def test_records_fetched_while_flow_is_stopped_are_fetched_again() -> None:
+    """The observed hang: recovery had sought the changelog to 139, the records arrived
+    while the rebalance still held flow, and Faust dropped them for good."""
+    consumer = StandInConsumer({CHANGELOG1: [139, 140, 141], CLICKS1: [154]},
+                               flow_active=False)
+    assert drain(consumer) == []
+    assert consumer.sought == [{CHANGELOG1: 139, CLICKS1: 154}]
+    assert consumer.sought_to_committed == 1  # Faust's rule for stream partitions still runs
+
+
+def test_a_new_generation_rewinds_each_partition_to_its_first_undelivered_record() -> None:
+    consumer = StandInConsumer({CLICKS0: [5, 6, 7], CLICKS1: [9, 10]}, new_generation_after=3)
+    assert drain(consumer) == [(CLICKS0, 5), (CLICKS1, 9), (CLICKS0, 6)]
+    assert consumer.sought == [{CLICKS0: 7, CLICKS1: 10}]
+
+
+def test_a_paused_partition_is_held_back_whole_and_rewound() -> None:
+    consumer = StandInConsumer({CLICKS0: [5, 6], CHANGELOG1: [3, 4]}, active={CLICKS0})
+    assert drain(consumer) == [(CLICKS0, 5), (CLICKS0, 6)]
+    assert consumer.sought == [{CHANGELOG1: 3}]
+
+
+def test_a_partition_revoked_meanwhile_is_not_sought() -> None:
+    gone = TP("clicks", 5)
+    consumer = StandInConsumer({gone: [1, 2], CLICKS0: [4]}, flow_active=False)
+    drain(consumer)
+    assert consumer.sought == [{CLICKS0: 4}]
+
+
+def test_resuming_flow_clears_queues_only_after_a_suspension() -> None:
+    async def run() -> tuple[int, int]:
+        flow = FlowControlEvent(initially_suspended=False)
+        queue: FlowControlQueue = FlowControlQueue(flow_control=flow, clear_on_resume=True)
+        faust_fixes._resume(flow)  # not suspended: a no-op, fetched events stay
+        queue.put_nowait("click")
+        kept = queue.qsize()
+        flow.suspend()
+        faust_fixes._resume(flow)  # after a suspension: stale events go
+        return kept, queue.qsize()
+    assert asyncio.run(run()) == (1, 0)
+
+
+def test_faust_still_has_what_the_fixes_patch() -> None:
+    """The fixes replace methods of pinned versions; an upgrade that changes them must be
+    looked at again, not silently patched over."""
+    import faust.transport.consumer as faust_consumer
+
+    source = inspect.getsource(faust_consumer)  # the module's text, whatever is patched
+    assert "Cancelling getmany" in source and "Seek back to committed offsets" in source
+    for name in ("_wait_next_records", "perform_seek", "seek_wait", "_to_message",
+                 "highwater", "assignment"):
+        assert callable(getattr(Consumer, name, None)), name
+    assert "self._buffered_partitions = set()" in source
+    assert {"_suspend", "_resume"} <= set(vars(FlowControlEvent(initially_suspended=False)))
