@@ -78,8 +78,11 @@ async def _getmany(self: Consumer, timeout: float) -> AsyncIterator[tuple[TP, Me
               if offset <= records[tp][-1].offset}
     if rewind:
         await _seek_back(self, rewind)
-    if not self.flow_active:
-        await self.perform_seek()  # Faust's own rule for stream partitions
+    if not self.flow_active:  # Faust's own rule for stream partitions, as Faust does it
+        try:
+            await self.perform_seek()
+        except Exception as exc:  # a partition revoked meanwhile (IllegalStateError)
+            logger.warning("could not seek to committed offsets while flow is stopped: %r", exc)
 
 
 async def _seek_back(consumer: Consumer, offsets: Mapping[TP, int]) -> None:

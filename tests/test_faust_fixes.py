@@ -54,6 +54,7 @@ class StandInConsumer:
         self._buffered_partitions: set[TP] = set()
         self.sought: list[dict[TP, int]] = []
         self.sought_to_committed = 0
+        self.revoked_during_seek = False
 
     async def _wait_next_records(self, timeout: float):
         return self.records, self.active
@@ -72,6 +73,8 @@ class StandInConsumer:
 
     async def perform_seek(self) -> None:
         self.sought_to_committed += 1
+        if self.revoked_during_seek:
+            raise RuntimeError("No current assignment for partition (revoked meanwhile)")
 
 
 def drain(consumer: StandInConsumer) -> list[tuple[TP, int]]:
@@ -111,6 +114,12 @@ def test_a_paused_partition_is_held_back_whole_and_rewound() -> None:
     consumer = StandInConsumer({CLICKS0: [5, 6], CHANGELOG1: [3, 4]}, active={CLICKS0})
     assert drain(consumer) == [(CLICKS0, 5), (CLICKS0, 6)]
     assert consumer.sought == [{CHANGELOG1: 3}]
+
+
+def test_a_revocation_during_the_seek_to_committed_offsets_does_not_crash_the_fetcher() -> None:
+    consumer = StandInConsumer({CLICKS0: [4]}, flow_active=False)
+    consumer.revoked_during_seek = True
+    assert drain(consumer) == [] and consumer.sought_to_committed == 1
 
 
 def test_a_partition_revoked_meanwhile_is_not_sought() -> None:
