@@ -43,6 +43,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.process_collector import ProcessCollector
 
 from model.errors import UserError
+from stream.broker_probe import BrokerProbe
 from stream.online_quality import rank_of
 
 if TYPE_CHECKING:  # stream.app imports this module
@@ -211,6 +212,7 @@ class ProcessorMetrics:
         self.assigned = 0
         self.active_sessions = 0
         self.not_ready_reason: str | None = "not started"
+        self.broker: BrokerProbe | None = None  # set once the worker is connected
 
     def observe_published(self, published_at: float, consumed_at: float,
                           event_times: Sequence[float], kafka_times: Sequence[float]) -> None:
@@ -323,6 +325,8 @@ def readiness(processor: ClickProcessor) -> tuple[bool, str]:
     if processor.recommender is None:
         return False, "no model loaded"
     reason = processor.metrics.not_ready_reason
+    if reason is None and processor.metrics.broker is not None:
+        reason = processor.metrics.broker.problem
     return (False, reason) if reason else (True, "ok")
 
 

@@ -52,6 +52,8 @@ class WorkerSettings:
                                          "a start-up error)")
     model_poll_s: float = _setting(5.0, "with a registry as --model: how often to check "
                                         "its current version, seconds")
+    broker_wait_s: float = _setting(300.0, "at start, how long to keep retrying an "
+                                           "unreachable broker before giving up, seconds")
 
     def __post_init__(self) -> None:
         bootstrap_servers(self.broker)
@@ -61,7 +63,7 @@ class WorkerSettings:
             raise UserError(f"model directory {self.model} does not exist or is unreadable")
         positive = ("partitions", "top_n", "batch_size", "batch_ms", "session_timeout_s",
                     "expiry_interval_s", "group_session_timeout_s", "torch_threads",
-                    "model_poll_s")
+                    "model_poll_s", "broker_wait_s")
         for name in positive:
             value = getattr(self, name)
             if not (0 < value < math.inf):  # also refuses NaN

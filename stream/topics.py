@@ -102,12 +102,16 @@ def _admin(bootstrap: str) -> AdminClient:
     return AdminClient(client_config(bootstrap, logger=_LIBRDKAFKA_LOG))
 
 
+class BrokerUnreachable(UserError):
+    """No broker answered in time: unlike a wrong topic, waiting may cure it."""
+
+
 def _metadata(admin: AdminClient, bootstrap: str, timeout: float) -> ClusterMetadata:
     """All topics' metadata (listing all topics never triggers broker-side auto-creation)."""
     try:
         return admin.list_topics(timeout=timeout)
     except KafkaException as exc:
-        raise UserError(
+        raise BrokerUnreachable(
             f"cannot reach a Kafka broker at {bootstrap} within {timeout:g} s "
             f"({exc.args[0].str()}); is it running? `streamrec broker` starts a local one"
         ) from exc
