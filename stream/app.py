@@ -34,11 +34,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import faust
+from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
+from faust.exceptions import ProducerSendError
 from faust.streams import _current_event
 from faust.types import EventT
 
 from model.inference import Recommender
-from stream.events import Rejected, encode_recommendation, parse_click
+from stream.events import MAX_MESSAGE_BYTES, Rejected, encode_recommendation, parse_click
 from stream.metrics import ProcessorMetrics
 from stream.kafka_config import faust_credentials
 from stream.scoring import SourcedClick, apply_clicks
@@ -52,6 +54,21 @@ logger = logging.getLogger("streamrec.worker")
 # rewritten on every click, so large segments would make recovery replay stale copies.
 CHANGELOG_CONFIG = {"cleanup.policy": "compact", "segment.ms": "600000",
                     "min.cleanable.dirty.ratio": "0.2"}
+
+
+# A dead letter is the rejected message plus headers, so a message the broker accepted
+# near its max.message.bytes may not fit the dead-letter topic. The client does not refuse
+# it first (aiokafka's own default limit is below the broker's: such a message used to stop
+# the worker at every restart); if the broker refuses it, the copy keeps this many bytes of
+# the key and of the value, and a streamrec-truncated header gives the original lengths.
+PRODUCER_MAX_REQUEST_BYTES = 64 * 1024 * 1024
+TRUNCATED_DEAD_LETTER_BYTES = MAX_MESSAGE_BYTES
+
+
+def _too_large(exc: BaseException) -> bool:
+    """A producer error meaning the message exceeds a size limit (client's or broker's)."""
+    cause = exc.__cause__ if isinstance(exc, ProducerSendError) else exc
+    return isinstance(cause, (MessageSizeTooLargeError, RecordListTooLargeError))
 
 
 def changelog_topic(settings: WorkerSettings) -> str:
@@ -95,6 +112,7 @@ class ClickProcessor:
         logger.debug("batch of %d events", len(events))
         now = time.time()
         clicks: list[tuple[EventT, SourcedClick]] = []
+        dead_letters = []
         for event in events:
             message = event.message
             if message.topic == self._expiry_topic:
@@ -102,13 +120,15 @@ class ClickProcessor:
                 continue
             parsed = parse_click(message.key, message.value, now)
             if isinstance(parsed, Rejected):
-                await self._dead_letter(event, parsed)
+                dead_letters.append(self._dead_letter(event, parsed))
                 continue
             clicks.append((event, SourcedClick(parsed, message.partition, message.offset)))
             mark = self.watermarks.get(message.partition, 0.0)
             self.watermarks[message.partition] = max(mark, parsed.timestamp)
-        if clicks:
-            await self._answer(clicks, now)
+        # Dead letters are sent together with the answers and all delivered before the
+        # batch is committed (awaiting each one's delivery in turn capped a worker at about
+        # 130 bad messages/s, a flood of which then delayed every good click behind it).
+        await asyncio.gather(*dead_letters, *([self._answer(clicks, now)] if clicks else []))
         for event in events:
             self.metrics.processed(event.message.topic, event.message.partition,
                                    event.message.offset)
@@ -164,11 +184,29 @@ class ClickProcessor:
                    ("streamrec-detail", rejected.detail.encode("utf-8", "replace")[:1000]),
                    ("streamrec-source", f"{message.topic}/{message.partition}/"
                                         f"{message.offset}".encode())]
-        delivery = await self.dead_letters.send(key=message.key, value=message.value or b"",
-                                                headers=headers, force=True)
-        await delivery
+        key, value = message.key, message.value or b""
+        try:
+            await self._send_dead_letter(key, value, headers)
+        except Exception as exc:
+            limit = TRUNCATED_DEAD_LETTER_BYTES
+            if not _too_large(exc) or (len(key or b"") <= limit and len(value) <= limit):
+                raise
+            logger.warning("dead letter of %s/%s/%s too large (%s): truncated", message.topic,
+                           message.partition, message.offset, exc)
+            headers.append(("streamrec-truncated",
+                            f"key={len(key or b'')} value={len(value)}".encode()))
+            await self._send_dead_letter(key if key is None else key[:limit], value[:limit],
+                                         headers)
         logger.info("rejected %s/%s/%s: %s", message.topic, message.partition,
                     message.offset, rejected.detail)
+
+    async def _send_dead_letter(self, key: bytes | None, value: bytes,
+                                headers: list[tuple[str, bytes]]) -> None:
+        """Send and await delivery. The app's producer directly, as for the answers: a
+        failed Topic.send also leaves an unretrieved future that logs a spurious error."""
+        delivery = await self.dead_letters.app.producer.send(
+            self.dead_letters.get_topic_name(), key, value, None, None, headers)
+        await delivery
 
     def expiry_markers(self) -> dict[int, float]:
         """Per partition with sessions, the event time before which sessions expire."""
@@ -236,6 +274,7 @@ def faust_app(settings: WorkerSettings) -> faust.App:
         broker_request_timeout=max(3 * session_timeout, 30.0),
         broker_commit_interval=1.0,
         producer_linger_ms=5,
+        producer_max_request_size=PRODUCER_MAX_REQUEST_BYTES,  # the broker's limit applies
         # The worker serves /metrics, /healthz and /readyz itself (stream.metrics):
         # Faust's web server (which can expose table contents) stays off.
         web_enabled=False,
