@@ -25,6 +25,7 @@ import argparse
 import base64
 import contextlib
 import fcntl
+import json
 import hashlib
 import logging
 import os
@@ -39,7 +40,7 @@ import time
 import uuid
 import weakref
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Self
@@ -363,6 +364,7 @@ class _Broker(abc.ABC):
             "reconnect.backoff.ms": 50,
             "reconnect.backoff.max.ms": 200,
             "logger": _QUIET_LIBRDKAFKA,
+            **self.client_security(),
         })
         while True:
             code = self._proc.poll()
@@ -385,6 +387,10 @@ class _Broker(abc.ABC):
             if metadata.brokers:
                 return
 
+    def client_security(self) -> dict[str, str]:
+        """librdkafka settings a client needs to be let in (none: plaintext)."""
+        return {}
+
     def log_tail(self) -> str:
         """The last lines of the broker's log, for error messages."""
         try:
@@ -403,6 +409,10 @@ class LocalKafka(_Broker):
     committed offsets survive a restart. Settings favour fast tests (no initial rebalance
     delay, replication factor 1 for internal topics) and, like the product, auto-creation
     of topics is off.
+
+    ``sasl_users`` (user name -> password) turns the client listener into SASL_PLAINTEXT
+    with the PLAIN mechanism, so that the security pass-through can be tested against a
+    broker that refuses anyone else; the first user is the broker's own identity.
     """
 
     engine = "kafka"
@@ -416,10 +426,19 @@ class LocalKafka(_Broker):
         heap: str = "512m",
         startup_timeout: float = 90.0,
         cache_dir: Path | None = None,
+        sasl_users: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(port, data_dir, startup_timeout)
         self.heap = heap
         self._cache_dir = cache_dir
+        self._sasl_users = dict(sasl_users or {})
+
+    def client_security(self) -> dict[str, str]:
+        if not self._sasl_users:
+            return {}
+        user, password = next(iter(self._sasl_users.items()))
+        return {"security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": "PLAIN",
+                "sasl.username": user, "sasl.password": password}
 
     def _command(self) -> tuple[list[str], dict[str, str]]:
         java = find_java()
@@ -488,7 +507,27 @@ class LocalKafka(_Broker):
             # The compaction buffer (Faust changelogs are compacted) defaults to 128 MiB of heap.
             "log.cleaner.dedupe.buffer.size": str(32 * 1024 * 1024),
         }
+        if self._sasl_users:
+            settings.update(self._sasl_settings(port, controller_port))
         return "".join(f"{key}={value}\n" for key, value in settings.items())
+
+    def _sasl_settings(self, port: int, controller_port: int) -> dict[str, str]:
+        (user, password), quote = next(iter(self._sasl_users.items())), json.dumps
+        accounts = " ".join(f"user_{name}={quote(secret)}"
+                            for name, secret in self._sasl_users.items())
+        return {
+            "listeners": f"SASL_PLAINTEXT://127.0.0.1:{port},"
+                         f"CONTROLLER://127.0.0.1:{controller_port}",
+            "advertised.listeners": f"SASL_PLAINTEXT://127.0.0.1:{port}",
+            "listener.security.protocol.map": "SASL_PLAINTEXT:SASL_PLAINTEXT,"
+                                              "CONTROLLER:PLAINTEXT",
+            "inter.broker.listener.name": "SASL_PLAINTEXT",
+            "sasl.enabled.mechanisms": "PLAIN",
+            "sasl.mechanism.inter.broker.protocol": "PLAIN",
+            "listener.name.sasl_plaintext.plain.sasl.jaas.config":
+                "org.apache.kafka.common.security.plain.PlainLoginModule required "
+                f"username={quote(user)} password={quote(password)} {accounts};",
+        }
 
 
 class Tansu(_Broker):

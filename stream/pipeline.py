@@ -103,7 +103,7 @@ class WorkerProcess:
                         not description.members
                         or any(m.assignment.topic_partitions for m in description.members)):
                     return
-            except KafkaException:
+            except (KafkaException, TimeoutError):  # no coordinator yet, or a slow answer
                 pass
             time.sleep(0.2)
         raise UserError(f"worker group {group} did not start consuming within {timeout:g} s")

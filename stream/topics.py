@@ -23,6 +23,7 @@ from stream.kafka_config import client_config
 # librdkafka prints every refused connection to stderr; routed to a logger it stays quiet
 # unless someone asks, and failures still surface as UserError.
 _LIBRDKAFKA_LOG = logging.getLogger("stream.topics.librdkafka")
+_LIBRDKAFKA_LOG.setLevel(logging.CRITICAL)  # lower it to see librdkafka's own lines
 
 
 def ensure_topics(
@@ -47,7 +48,7 @@ def ensure_topics(
     _validate_counts(topics)
     configs = configs or {}
     deadline = time.monotonic() + timeout
-    admin = _admin(bootstrap)
+    admin = _Admin(bootstrap)
     existing = _metadata(admin, bootstrap, timeout)
     _raise_on_mismatch(existing, topics, bootstrap)
     missing = [name for name in topics if name not in existing.topics]
@@ -83,7 +84,7 @@ def check_topics(bootstrap: str, topics: Mapping[str, int], timeout: float = 30.
     unreachable broker gives a UserError after ``timeout`` seconds instead of a hang.
     """
     _validate_counts(topics)
-    metadata = _metadata(_admin(bootstrap), bootstrap, timeout)
+    metadata = _metadata(_Admin(bootstrap), bootstrap, timeout)
     missing = [name for name in topics if name not in metadata.topics]
     if missing:
         names = ", ".join(repr(name) for name in missing)
@@ -98,19 +99,38 @@ def _validate_counts(topics: Mapping[str, int]) -> None:
         raise UserError(f"partition counts must be at least 1; got {counts}")
 
 
-def _admin(bootstrap: str) -> AdminClient:
-    return AdminClient(client_config(bootstrap, logger=_LIBRDKAFKA_LOG))
+class _Admin(AdminClient):
+    """An admin client that remembers refused logins: librdkafka reports a failed SASL
+    authentication only through ``error_cb``, while the request itself just times out."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self.refusals: list[str] = []
+        super().__init__(client_config(bootstrap, logger=_LIBRDKAFKA_LOG,
+                                       error_cb=self._on_error))
+
+    def _on_error(self, error: KafkaError) -> None:
+        if error.code() == KafkaError._AUTHENTICATION:
+            self.refusals.append(error.str())
 
 
 class BrokerUnreachable(UserError):
     """No broker answered in time: unlike a wrong topic, waiting may cure it."""
 
 
-def _metadata(admin: AdminClient, bootstrap: str, timeout: float) -> ClusterMetadata:
-    """All topics' metadata (listing all topics never triggers broker-side auto-creation)."""
+def _metadata(admin: _Admin, bootstrap: str, timeout: float) -> ClusterMetadata:
+    """All topics' metadata (listing all topics never triggers broker-side auto-creation).
+
+    Bad credentials are a configuration error (UserError, no point in waiting); anything
+    else is :class:`BrokerUnreachable`."""
     try:
         return admin.list_topics(timeout=timeout)
     except KafkaException as exc:
+        admin.poll(0.1)  # serve error_cb
+        if admin.refusals:
+            raise UserError(
+                f"the Kafka broker at {bootstrap} refused the credentials "
+                f"({admin.refusals[-1]}); check STREAMREC_KAFKA_SASL_USERNAME, "
+                "STREAMREC_KAFKA_SASL_PASSWORD and STREAMREC_KAFKA_SASL_MECHANISM") from None
         raise BrokerUnreachable(
             f"cannot reach a Kafka broker at {bootstrap} within {timeout:g} s "
             f"({exc.args[0].str()}); is it running? `streamrec broker` starts a local one"
@@ -133,7 +153,7 @@ def _raise_on_mismatch(
 
 
 def _wait_until_led(
-    admin: AdminClient,
+    admin: _Admin,
     bootstrap: str,
     topics: Mapping[str, int],
     deadline: float,
