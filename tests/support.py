@@ -1,4 +1,5 @@
-"""Helpers for the streaming integration tests: producing clicks and reading topics.
+"""Helpers for the streaming integration tests: producing clicks, reading topics, and the
+click-by-click reference that streamed answers are compared with.
 
 Every test gets its own app id and topic names, so the tests run unchanged against a
 shared Kafka cluster (``STREAMREC_TEST_BROKER``).
@@ -12,16 +13,37 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+import torch
 from confluent_kafka import Consumer, TopicPartition
 
 from model.data import ClickLog
+from model.inference import Recommender
 from stream.events import Click, encode_click
 from stream.kafka_config import producer_config
 from stream.pipeline import REPO, StreamNames, WorkerProcess
 
 DATA = REPO.parent / "shared" / "data" / "rsc15-100k"
-__all__ = ["DATA", "REPO", "StreamNames", "WorkerProcess", "clicks_in_time_order",
-           "produce_clicks", "read_topic"]
+__all__ = ["DATA", "REPO", "StreamNames", "WorkerProcess", "click_by_click",
+           "clicks_in_time_order", "produce_clicks", "read_topic"]
+
+
+def click_by_click(recommender: Recommender, items: list[str], top_n: int = 20
+                   ) -> tuple[np.ndarray, list[list[tuple[str, float]]]]:
+    """A session applied one click at a time from an empty state, in-process: its final
+    hidden state and the top-N ``(item, score)`` list after each click. The uninterrupted
+    run that streamed (batched, crashed, swapped) answers must equal."""
+    state = recommender.initial_states(1)
+    started = torch.zeros(1, dtype=torch.bool)
+    lists = []
+    for item in items:
+        index = torch.tensor([recommender.item_map.index_of(item)])
+        state = recommender.step(state, index)
+        started |= index >= 0
+        top, scores = recommender.top_k(state, started, top_n)
+        lists.append([(recommender.item_map.ids[i], float(s))
+                      for i, s in zip(top[0].tolist(), scores[0].tolist())])
+    return state[0].cpu().numpy(), lists
 
 
 def produce_clicks(bootstrap: str, topic: str, clicks: list[Click]) -> None:

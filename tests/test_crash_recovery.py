@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 from model.artifact import load_model
 from model.inference import Recommender
@@ -28,7 +27,7 @@ from stream.brokers import LocalKafka
 from stream.events import Click
 from stream.pipeline import StreamNames, TopicReader, WorkerProcess, start_readers
 from stream.state import SessionState
-from support import produce_clicks, read_topic
+from support import click_by_click, produce_clicks, read_topic
 
 pytestmark = pytest.mark.kafka
 
@@ -40,16 +39,8 @@ SCORE_ROUNDING = 1e-6    # output scores carry six decimals
 def uninterrupted(recommender: Recommender, items: list[str],
                   top_n: int) -> tuple[np.ndarray, list[tuple[str, float]]]:
     """Final hidden state and last top-N of a session, applied one click at a time."""
-    state = recommender.initial_states(1)
-    started = torch.zeros(1, dtype=torch.bool)
-    for item in items:
-        index = torch.tensor([recommender.item_map.index_of(item)])
-        state = recommender.step(state, index)
-        started |= index >= 0
-    top, scores = recommender.top_k(state, started, top_n)
-    return (state[0].cpu().numpy(),
-            [(recommender.item_map.ids[i], float(s)) for i, s in zip(top[0].tolist(),
-                                                                     scores[0].tolist())])
+    hidden, lists = click_by_click(recommender, items, top_n)
+    return hidden, lists[-1]
 
 
 def same_up_to_ties(published: list[tuple[str, float]],

@@ -13,7 +13,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import torch
 from confluent_kafka import ConsumerGroupState
 from confluent_kafka.admin import AdminClient
 
@@ -26,7 +25,7 @@ from stream.app import WorkerCounters
 from stream.events import Click
 from stream.hot_swap import ModelWatcher
 from stream.registry import ModelRegistry
-from support import StreamNames, WorkerProcess, produce_clicks, read_topic
+from support import StreamNames, WorkerProcess, click_by_click, produce_clicks, read_topic
 
 TINY = GRU4RecConfig(layers=(16,), n_sample=64, n_epochs=1)
 
@@ -125,14 +124,7 @@ def test_an_io_error_is_retried_not_rejected(tmp_path: Path,
 
 def from_scratch(recommender: Recommender, items: list[str], top_n: int = 20) -> list[str]:
     """The top-N after ``items``, computed in-process from an empty state."""
-    state = recommender.initial_states(1)
-    started = torch.zeros(1, dtype=torch.bool)
-    for item in items:
-        index = torch.tensor([recommender.item_map.index_of(item)])
-        state = recommender.step(state, index)
-        started |= index >= 0
-    top, _ = recommender.top_k(state, started, top_n)
-    return [recommender.item_map.ids[i] for i in top[0].tolist()]
+    return [item for item, _ in click_by_click(recommender, items, top_n)[1][-1]]
 
 
 def wait_until_both_consume(bootstrap: str, group: str, topic: str,

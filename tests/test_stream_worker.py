@@ -21,8 +21,8 @@ from model.evaluate import RecommenderScorer, evaluate
 from model.train import train
 from stream.events import Click
 from stream.online_quality import online_quality
-from support import DATA, REPO, StreamNames, WorkerProcess, clicks_in_time_order, \
-    produce_clicks, read_topic
+from support import DATA, REPO, StreamNames, WorkerProcess, click_by_click, \
+    clicks_in_time_order, produce_clicks, read_topic
 from stream.topics import ensure_topics
 
 pytestmark = pytest.mark.kafka
@@ -42,19 +42,9 @@ def rsc15_model(tmp_path_factory: pytest.TempPathFactory):
 def expected_lists(model_dir, sessions: dict[str, list[str]], top_n: int = 20):
     """The top-N after each click of each session, computed in-process, click by click."""
     recommender = load_model(model_dir, device="cpu")
-    expected = {}
-    for session, items in sessions.items():
-        state = recommender.initial_states(1)
-        started = torch.zeros(1, dtype=torch.bool)
-        lists = []
-        for item in items:
-            index = torch.tensor([recommender.item_map.index_of(item)])
-            state = recommender.step(state, index)
-            started |= index >= 0
-            top, _ = recommender.top_k(state, started, top_n)
-            lists.append([recommender.item_map.ids[i] for i in top[0].tolist()])
-        expected[session] = lists
-    return expected
+    return {session: [[item for item, _ in top] for top in
+                      click_by_click(recommender, items, top_n)[1]]
+            for session, items in sessions.items()}
 
 
 def published_lists(messages):
