@@ -1,13 +1,20 @@
 """A trained model as a directory: written atomically, verified on load, never unpickled.
 
-Layout (format 2)::
+Layout (format 3)::
 
     MODEL_DIR/
       weights.safetensors   network tensors + item popularity (safetensors: no pickle)
       items.json            item ids in index order
       config.json           hyperparameters (GRU4RecConfig)
+      optimizer.safetensors optional: Adagrad's state per parameter, packed
+                            ``[accumulator | velocity]`` (see model.optim), so that a
+                            warm-started fine-tune resumes the optimisation
       metadata.json         format, version id, created, training stats, metrics,
-                            and the SHA-256 of each of the three files above
+                            and the SHA-256 of each of the other files
+
+Format 3 added the optional optimizer state; format 2 artifacts (none) still load. Serving
+never reads the optimizer state (``load_model(..., optimizer_state=False)``, the default):
+its checksum is still verified, its tensors are read only when asked for.
 
 A directory is written under a temporary name next to its destination and renamed into
 place, so a reader sees a whole artifact or none. Loading checks every checksum and shape
@@ -36,9 +43,12 @@ from model.data import ItemMap
 from model.errors import UserError
 from model.inference import Recommender, select_device
 from model.network import GRU4RecNetwork
+from model.optim import packed_shape
 
-FORMAT = 2  # 2: GRU layers gained a hidden-side bias
+FORMAT = 3  # 2: GRU layers gained a hidden-side bias; 3: optional optimizer state
+READABLE_FORMATS = (2, 3)
 WEIGHTS, ITEMS, CONFIG, METADATA = "weights.safetensors", "items.json", "config.json", "metadata.json"
+OPTIMIZER = "optimizer.safetensors"
 POPULARITY_KEY = "__popularity__"
 
 
@@ -69,6 +79,12 @@ def save_model(recommender: Recommender, directory: str | os.PathLike[str], *,
         save_file(tensors, str(staging / WEIGHTS))
         _write_json(staging / ITEMS, recommender.item_map.ids)
         _write_json(staging / CONFIG, recommender.config.to_dict())
+        written = [WEIGHTS, ITEMS, CONFIG]
+        if recommender.optimizer_state is not None:
+            save_file({name: t.detach().cpu().contiguous()
+                       for name, t in recommender.optimizer_state.items()},
+                      str(staging / OPTIMIZER))
+            written.append(OPTIMIZER)
         metadata = {
             "format": FORMAT,
             "version": version,
@@ -77,7 +93,7 @@ def save_model(recommender: Recommender, directory: str | os.PathLike[str], *,
             "state_size": recommender.state_size,
             "training": training or {},
             "metrics": metrics or {},
-            "files": {name: _sha256(staging / name) for name in (WEIGHTS, ITEMS, CONFIG)},
+            "files": {name: _sha256(staging / name) for name in written},
         }
         _write_json(staging / METADATA, metadata)
         fsync_dir(staging)
@@ -91,20 +107,33 @@ def save_model(recommender: Recommender, directory: str | os.PathLike[str], *,
     return target
 
 
-def load_model(directory: str | os.PathLike[str], device: str | None = None) -> Recommender:
-    """Load and verify a model directory; raise :class:`UserError` if anything is off."""
+def load_model(directory: str | os.PathLike[str], device: str | None = None, *,
+               optimizer_state: bool = False) -> Recommender:
+    """Load and verify a model directory; raise :class:`UserError` if anything is off.
+
+    ``optimizer_state``: also read the optimizer state, if the artifact has one (for a warm
+    start to resume from; ``Recommender.optimizer_state`` stays None otherwise).
+    """
     path = Path(directory)
     if not path.is_dir():
         raise UserError(f"{path}: not a model directory")
     if path.resolve().name.startswith(".") and ".tmp-" in path.name:
         raise UserError(f"{path}: an unfinished save (staging directory), never loaded")
     metadata = _read_json(path, METADATA)
-    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+    if not isinstance(metadata, dict) or metadata.get("format") not in READABLE_FORMATS:
         raise UserError(f"{path}: unsupported artifact format {metadata.get('format')!r} "
-                        f"(this streamrec reads format {FORMAT})"
+                        f"(this streamrec reads formats "
+                        f"{', '.join(map(str, READABLE_FORMATS))})"
                         if isinstance(metadata, dict) else f"{path}: {METADATA} is not an object")
     files = metadata.get("files", {})
-    for name in (WEIGHTS, ITEMS, CONFIG):
+    if not isinstance(files, dict):
+        raise UserError(f"{path}: {METADATA} has no file checksums")
+    has_optimizer = OPTIMIZER in files
+    if (path / OPTIMIZER).exists() and not has_optimizer:
+        raise UserError(f"{path}: {OPTIMIZER} is not covered by {METADATA}'s checksums "
+                        f"(tampered artifact)")
+    checked = (WEIGHTS, ITEMS, CONFIG, OPTIMIZER) if has_optimizer else (WEIGHTS, ITEMS, CONFIG)
+    for name in checked:
         if not (path / name).is_file():
             raise UserError(f"{path}: missing {name} (partial or truncated artifact)")
         if files.get(name) != _sha256(path / name):
@@ -126,10 +155,35 @@ def load_model(directory: str | os.PathLike[str], device: str | None = None) -> 
         raise UserError(f"{path}: weights do not match config.json and items.json "
                         f"(incompatible artifact)")
     network.load_state_dict(tensors)
-    network.to(select_device(device))
+    torch_device = select_device(device)
+    network.to(torch_device)
+    state = _load_optimizer_state(path, network) if optimizer_state and has_optimizer else None
+    if state is not None:
+        state = {name: t.to(torch_device) for name, t in state.items()}
     return Recommender(network, ItemMap(item_ids), popularity.numpy().astype(np.float64),
                        config, version=str(metadata.get("version", "unknown")),
-                       metadata=metadata)
+                       metadata=metadata, optimizer_state=state)
+
+
+def _load_optimizer_state(path: Path, network: GRU4RecNetwork) -> dict[str, torch.Tensor]:
+    """The optimizer state, checked against the network: one packed tensor per parameter,
+    of the parameter's shape with a last dimension twice as wide, finite."""
+    try:
+        state = load_file(str(path / OPTIMIZER))
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"{path}: cannot read {OPTIMIZER}: {exc}") from None
+    params = dict(network.named_parameters())
+    expected = {name: (packed_shape(p), p.dtype) for name, p in params.items()}
+    found = {name: (tuple(t.shape), t.dtype) for name, t in state.items()}
+    if expected != found:
+        raise UserError(f"{path}: {OPTIMIZER} does not match the weights (incompatible "
+                        f"artifact)")
+    for name, packed in state.items():
+        accumulator = packed[..., :params[name].shape[-1]]
+        if not bool(torch.isfinite(packed).all()) or bool((accumulator < 0).any()):
+            raise UserError(f"{path}: {OPTIMIZER} holds invalid values for {name} "
+                            f"(corrupt artifact)")
+    return state
 
 
 def _sha256(path: Path) -> str:

@@ -44,7 +44,8 @@ class Recommender:
 
     def __init__(self, network: GRU4RecNetwork, item_map: ItemMap, popularity: np.ndarray,
                  config: GRU4RecConfig, version: str = "unsaved",
-                 metadata: dict[str, Any] | None = None) -> None:
+                 metadata: dict[str, Any] | None = None,
+                 optimizer_state: dict[str, torch.Tensor] | None = None) -> None:
         if len(item_map) != network.n_items or len(popularity) != network.n_items:
             raise ValueError("item map, popularity and network disagree on the catalogue size")
         self.network = network.eval()
@@ -53,6 +54,9 @@ class Recommender:
         self.config = config
         self.version = version
         self.metadata = metadata or {}
+        #: Adagrad's state per parameter name (:meth:`model.optim.AdagradMomentum.export_state`)
+        #: where training left it, for a warm start to resume; serving never needs it.
+        self.optimizer_state = optimizer_state
         self.device = network.item_output.device
         peak = max(float(self.popularity.max(initial=0.0)), 1.0)
         self._popularity_scores = torch.as_tensor(self.popularity / peak, dtype=torch.float32,

@@ -30,6 +30,9 @@ from model.config import GRU4RecConfig
 class GRU4RecNetwork(nn.Module):
     """GRU4Rec. ``n_items`` can grow later (see :meth:`grow`) without touching old rows."""
 
+    #: The parameters with one row per item (``item_input`` only without tied embeddings).
+    ITEM_PARAMETERS = ("item_output", "item_bias", "item_input")
+
     def __init__(self, config: GRU4RecConfig, n_items: int,
                  generator: torch.Generator | None = None) -> None:
         super().__init__()
@@ -141,13 +144,14 @@ class GRU4RecNetwork(nn.Module):
 
     @torch.no_grad()
     def grow(self, n_items: int, generator: torch.Generator | None = None) -> None:
-        """Add rows for new items (Glorot-initialised like the rest); old rows are kept."""
+        """Add rows for new items (Glorot-initialised like the rest); old rows are kept.
+        (:func:`model.optim.grow_rows` grows an optimizer state to match.)"""
         extra = n_items - self.n_items
         if extra < 0:
             raise ValueError(f"cannot shrink the catalogue from {self.n_items} to {n_items}")
         if extra == 0:
             return
-        for name in ("item_output", "item_bias", "item_input"):
+        for name in self.ITEM_PARAMETERS:
             old = getattr(self, name)
             if old is None:
                 continue

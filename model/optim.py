@@ -18,11 +18,19 @@ Nesterov, same seed), so it is the default.
 For speed, an item matrix's accumulator and velocity live side by side in one tensor (one
 gather and one scatter per step instead of two each), and the small dense parameters are
 updated as one flat vector (see :class:`FlatParameters`).
+
+**Carrying the state.** :meth:`AdagradMomentum.export_state` gives the state per named
+parameter, each packed like the item matrices' (``[accumulator | velocity]`` along the last
+dimension, the parameter's leading shape), and :meth:`AdagradMomentum.import_state` puts
+such a state back, so that a warm-started fine-tune continues the optimisation where the
+model's training left it instead of with a fresh accumulator (whose first steps have the
+size of the learning rate on every coordinate). :func:`grow_rows` adds zero rows for new
+items, whose first steps are then those of any item at the start of training.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import torch
 
@@ -41,11 +49,14 @@ class FlatParameters:
         self.values = torch.cat([p.detach().reshape(-1) for p in params])
         self.grad = torch.zeros_like(self.values)
         self.grads: list[torch.Tensor] = []
+        self.params = list(params)
+        self.offsets: list[int] = []
         offset = 0
         for param in params:
             size = param.numel()
             param.data = self.values[offset:offset + size].view_as(param)
             self.grads.append(self.grad[offset:offset + size].view_as(param))
+            self.offsets.append(offset)
             offset += size
 
 
@@ -80,6 +91,59 @@ class AdagradMomentum:
         state_all.index_copy_(0, rows, state)
         param.index_add_(0, rows, change)
 
+    @torch.no_grad()
+    def export_state(self, params: Mapping[str, torch.Tensor],
+                     flat: FlatParameters | None = None) -> dict[str, torch.Tensor]:
+        """The state of each named parameter, packed ``[accumulator | velocity]`` along
+        its last dimension (copies). Parameters inside ``flat`` are cut out of the flat
+        state; parameters never stepped are left out."""
+        flat_ids = _flat_index(flat)
+        out: dict[str, torch.Tensor] = {}
+        for name, param in params.items():
+            if id(param) in flat_ids:
+                assert flat is not None
+                if id(flat.values) not in self._state:
+                    continue
+                size, offset = param.numel(), flat.offsets[flat_ids[id(param)]]
+                state, total = self._state[id(flat.values)], flat.values.numel()
+                acc = state[offset:offset + size].view_as(param)
+                velocity = state[total + offset:total + offset + size].view_as(param)
+                out[name] = _pack(acc, velocity)
+            elif id(param) in self._state:
+                out[name] = self._state[id(param)].clone()
+        return out
+
+    @torch.no_grad()
+    def import_state(self, params: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
+                     flat: FlatParameters | None = None) -> None:
+        """Resume from ``state`` (as :meth:`export_state` gives it) for every parameter in
+        ``params``; raise ``ValueError`` if a parameter's state is missing or misshapen.
+        A flat vector's parameters must be all given a state or none."""
+        if set(state) != set(params):
+            raise ValueError(f"optimizer state names {sorted(state)} do not match the "
+                             f"parameters {sorted(params)}")
+        for name, param in params.items():
+            expected = packed_shape(param)
+            if tuple(state[name].shape) != expected:
+                raise ValueError(f"optimizer state of {name} has shape "
+                                 f"{tuple(state[name].shape)}, expected {expected}")
+        flat_ids = _flat_index(flat)
+        for name, param in params.items():
+            if id(param) not in flat_ids:
+                self._state[id(param)] = state[name].to(param.device, param.dtype).clone()
+        if flat is not None and flat_ids:
+            total = flat.values.numel()
+            packed = self._state_of(flat.values)
+            in_flat = {id(p): name for name, p in params.items() if id(p) in flat_ids}
+            if len(in_flat) != len(flat.params):
+                raise ValueError("the optimizer state covers only part of the flat parameters")
+            for param, offset in zip(flat.params, flat.offsets):
+                size = param.numel()
+                acc, velocity = _unpack(state[in_flat[id(param)]].to(packed.device,
+                                                                     packed.dtype))
+                packed[offset:offset + size] = acc.reshape(-1)
+                packed[total + offset:total + offset + size] = velocity.reshape(-1)
+
     def _change(self, grad: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """Update ``state`` (accumulator and velocity, in place); return the step to add."""
         width = grad.shape[-1]
@@ -90,3 +154,40 @@ class AdagradMomentum:
         if self.nesterov:
             return velocity * self.momentum - self.lr * scaled
         return velocity
+
+
+def packed_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """The shape of a parameter's packed state: its own with a last dimension twice as wide."""
+    return (*param.shape[:-1], 2 * param.shape[-1])
+
+
+def grow_rows(state: Mapping[str, torch.Tensor], item_names: Collection[str],
+              n_rows: int) -> dict[str, torch.Tensor]:
+    """``state`` with the item matrices' states (``item_names``) grown to ``n_rows`` rows:
+    old rows kept, new rows zero (a fresh accumulator and no velocity), as
+    :meth:`model.network.GRU4RecNetwork.grow` grows the weights."""
+    grown = dict(state)
+    for name in item_names:
+        if name not in grown:
+            continue
+        old = grown[name]
+        extra = n_rows - old.shape[0]
+        if extra < 0:
+            raise ValueError(f"cannot shrink the optimizer state of {name} from "
+                             f"{old.shape[0]} to {n_rows} rows")
+        if extra:
+            grown[name] = torch.cat([old, old.new_zeros((extra, *old.shape[1:]))])
+    return grown
+
+
+def _pack(acc: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
+    return torch.cat([acc, velocity], dim=-1)
+
+
+def _unpack(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    width = packed.shape[-1] // 2
+    return packed[..., :width], packed[..., width:]
+
+
+def _flat_index(flat: FlatParameters | None) -> dict[int, int]:
+    return {} if flat is None else {id(p): k for k, p in enumerate(flat.params)}

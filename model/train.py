@@ -7,7 +7,11 @@ event, never shuffled). When no session is left, the slot is dropped and the bat
 so the last events of an epoch are trained on, not thrown away.
 
 The same loop warm-starts from an existing model (learning while serving): the item map
-and the network grow with the new items, and known items keep their rows.
+and the network grow with the new items, and known items keep their rows. When the model
+carries its optimizer state (a model trained by this code and saved in artifact format 3),
+the fine-tune resumes from it, grown like the network: Adagrad's accumulators then keep
+the step sizes where the model's training left them, instead of starting over with steps
+the size of the learning rate.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from model.errors import UserError
 from model.inference import Recommender, select_device
 from model.losses import make_loss
 from model.network import GRU4RecNetwork
-from model.optim import AdagradMomentum
+from model.optim import AdagradMomentum, grow_rows
 from model.sampling import PopularitySampler
 from model.train_step import TrainingStep
 
@@ -112,6 +116,7 @@ class TrainStats:
     final_loss: float
     train_seconds: float
     epoch_losses: tuple[float, ...]
+    resumed_optimizer: bool = False  # a warm start continued the base's optimizer state
 
     @property
     def events_per_s(self) -> float:
@@ -120,19 +125,23 @@ class TrainStats:
 
 def train(log: ClickLog, config: GRU4RecConfig | None = None, *, seed: int = 0,
           device: str | None = None, base: Recommender | None = None,
-          progress: bool = True, max_batches: int | None = None) -> tuple[Recommender, TrainStats]:
+          progress: bool = True, max_batches: int | None = None,
+          resume_optimizer: bool = True) -> tuple[Recommender, TrainStats]:
     """Train GRU4Rec on ``log``; warm-start from ``base`` when given.
 
     ``max_batches`` stops each epoch early (benchmarks on logs too large to finish).
 
     Warm-starting keeps ``base``'s weights and item indexes, adds rows for items first seen
-    in ``log``, and adds ``log``'s item counts to the popularity used for fallbacks.
-    ``base`` itself is left untouched.
+    in ``log``, and adds ``log``'s item counts to the popularity used for fallbacks. If
+    ``base`` carries its optimizer state and ``resume_optimizer`` is set, training resumes
+    from that state (new items' rows start at zero); otherwise from a fresh one.
+    ``base`` itself is left untouched. The returned model carries its optimizer state.
     """
     config = config or (base.config if base else GRU4RecConfig())
     torch_device = select_device(device)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
+    resume: dict[str, torch.Tensor] | None = None
     item_map = base.item_map.copy() if base else ItemMap()
     sessions = TrainingSessions.from_log(log, item_map)
     if sessions.n_predictions == 0:
@@ -147,20 +156,26 @@ def train(log: ClickLog, config: GRU4RecConfig | None = None, *, seed: int = 0,
         network.grow(len(item_map), generator=generator)
         popularity = np.zeros(len(item_map))
         popularity[:len(base.popularity)] = base.popularity
+        if resume_optimizer and base.optimizer_state is not None:
+            resume = grow_rows(base.optimizer_state, network.ITEM_PARAMETERS, len(item_map))
     else:
         network = GRU4RecNetwork(config, len(item_map), generator=generator)
         popularity = np.zeros(len(item_map))
     counts = np.bincount(sessions.items, minlength=len(item_map)).astype(np.float64)
     popularity += counts
     network.to(torch_device)
-    stats = _fit(network, sessions, counts, config, seed, torch_device, progress, max_batches)
+    stats, optimizer_state = _fit(network, sessions, counts, config, seed, torch_device,
+                                  progress, max_batches, resume)
     network.eval()
-    return Recommender(network, item_map, popularity, config), stats
+    return Recommender(network, item_map, popularity, config,
+                       optimizer_state=optimizer_state), stats
 
 
 def _fit(network: GRU4RecNetwork, sessions: TrainingSessions, support: np.ndarray,
          config: GRU4RecConfig, seed: int, device: torch.device,
-         progress: bool, max_batches: int | None) -> TrainStats:
+         progress: bool, max_batches: int | None,
+         resume: dict[str, torch.Tensor] | None = None,
+         ) -> tuple[TrainStats, dict[str, torch.Tensor]]:
     network.train()
     sampler = PopularitySampler(support, config.sample_alpha, config.sample_store_size,
                                 torch.Generator(device).manual_seed(seed), device)
@@ -168,6 +183,12 @@ def _fit(network: GRU4RecNetwork, sessions: TrainingSessions, support: np.ndarra
         and config.logq > 0 else None
     optimizer = AdagradMomentum(config.learning_rate, config.momentum, config.nesterov)
     step = TrainingStep(network, optimizer, make_loss(config.loss, config.bpreg), log_q)
+    named = dict(network.named_parameters())
+    if resume is not None:
+        try:
+            optimizer.import_state(named, resume, step.flat)
+        except ValueError as exc:
+            raise UserError(f"cannot resume the base model's optimizer state: {exc}") from None
     epoch_losses: list[float] = []
     started = time.perf_counter()
     for epoch in range(config.n_epochs):
@@ -203,10 +224,11 @@ def _fit(network: GRU4RecNetwork, sessions: TrainingSessions, support: np.ndarra
         bar.close()
         epoch_losses.append(epoch_loss)
     n_events = sessions.n_events if max_batches is None else n_steps * config.batch_size
-    return TrainStats(epochs=config.n_epochs, n_events=n_events,
-                      final_loss=epoch_losses[-1],
-                      train_seconds=time.perf_counter() - started,
-                      epoch_losses=tuple(epoch_losses))
+    stats = TrainStats(epochs=config.n_epochs, n_events=n_events,
+                       final_loss=epoch_losses[-1],
+                       train_seconds=time.perf_counter() - started,
+                       epoch_losses=tuple(epoch_losses), resumed_optimizer=resume is not None)
+    return stats, optimizer.export_state(named, step.flat)
 
 
 def log_q_correction(support: np.ndarray, config: GRU4RecConfig) -> tuple[torch.Tensor, torch.Tensor]:

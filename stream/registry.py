@@ -122,18 +122,22 @@ class ModelRegistry:
             raise UserError(f"{self.root / POINTER}: {text[:80]!r} is not a version id")
         return text
 
-    def current(self, device: str | None = "cpu") -> Recommender:
-        """Load and verify the current version."""
+    def current(self, device: str | None = "cpu", *,
+                optimizer_state: bool = False) -> Recommender:
+        """Load and verify the current version (with its optimizer state, if asked and
+        saved: the trainer resumes from it, workers never need it)."""
         version = self.current_version()
         if version is None:
             raise UserError(f"{self.root}: empty registry (no {POINTER}); add a model with "
                             f"`streamrec model publish --registry {self.root} --model DIR`")
-        return self.load(version, device)
+        return self.load(version, device, optimizer_state=optimizer_state)
 
-    def load(self, version: str, device: str | None = "cpu") -> Recommender:
+    def load(self, version: str, device: str | None = "cpu", *,
+             optimizer_state: bool = False) -> Recommender:
         """Load and verify ``version``; its artifact must carry that same version id (a
         directory copied or renamed into ``versions/`` by hand is refused)."""
-        recommender = load_model(self.path_of(version), device=device)
+        recommender = load_model(self.path_of(version), device=device,
+                                 optimizer_state=optimizer_state)
         if recommender.version != version:
             raise UserError(f"{self.path_of(version)}: artifact says version "
                             f"{recommender.version!r}, not {version!r}")
@@ -168,7 +172,7 @@ class ModelRegistry:
             path = save_model(recommender, self.path_of(version), training=training,
                               metrics=metrics, version=version)
             try:
-                self.load(version)
+                self.load(version, optimizer_state=True)
             except UserError:
                 self._delete(path)
                 raise
@@ -178,8 +182,9 @@ class ModelRegistry:
         return version
 
     def publish_directory(self, model_dir: str | os.PathLike[str]) -> str:
-        """Import an offline-trained model directory (verified) as a new version."""
-        recommender = load_model(model_dir, device="cpu")
+        """Import an offline-trained model directory (verified) as a new version, with
+        its optimizer state if it has one."""
+        recommender = load_model(model_dir, device="cpu", optimizer_state=True)
         training = {**recommender.metadata.get("training", {}),
                     "imported_from": str(model_dir), "imported_version": recommender.version}
         return self.publish(recommender, training=training,

@@ -317,7 +317,8 @@ class LearningLoop:
         """The registry's current model, reloaded only when the pointer moved."""
         version = self.registry.current_version()
         if self._current is None or self._current.version != version:
-            self._current = self.registry.current(device=self.settings.device)
+            self._current = self.registry.current(device=self.settings.device,
+                                                  optimizer_state=True)
         return self._current
 
     def round(self) -> dict[str, Any]:

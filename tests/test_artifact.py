@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from model.artifact import FORMAT, load_model, save_model
+from model.artifact import FORMAT, OPTIMIZER, load_model, save_model
 from model.config import GRU4RecConfig
 from model.data import ItemMap
 from model.errors import UserError
 from model.inference import Recommender
 from model.network import GRU4RecNetwork
+from model.optim import packed_shape
 
 REPO = Path(__file__).resolve().parents[1]
 FILES = ("weights.safetensors", "items.json", "config.json", "metadata.json")
@@ -104,7 +107,7 @@ def test_version_and_metadata(tmp_path: Path) -> None:
                         training={"epochs": 3, "final_loss": 1.25},
                         metrics={"recall@20": 0.5})
     metadata = json.loads((target / "metadata.json").read_text())
-    assert metadata["format"] == FORMAT
+    assert metadata["format"] == FORMAT == 3
     assert metadata["version"] == "v-keep-me"
     assert metadata["n_items"] == 6 and metadata["state_size"] == 8
     assert metadata["training"] == {"epochs": 3, "final_loss": 1.25}
@@ -225,7 +228,7 @@ def test_refuses_config_that_does_not_match_the_weights(saved: Path) -> None:
     refused(saved, "weights")
 
 
-@pytest.mark.parametrize("fmt", [1, 3, 0, "2", None])
+@pytest.mark.parametrize("fmt", [1, 4, 0, "2", "3", None])
 def test_refuses_an_unsupported_format(saved: Path, fmt: object) -> None:
     path = saved / "metadata.json"
     metadata = json.loads(path.read_text())
@@ -242,6 +245,112 @@ def test_refuses_metadata_that_is_not_json(saved: Path) -> None:
 def test_refuses_a_path_that_is_not_a_directory(tmp_path: Path, saved: Path) -> None:
     refused(tmp_path / "nothing-here")
     refused(saved / "weights.safetensors")
+
+
+# --- optimizer state -------------------------------------------------------------------------
+
+def with_optimizer_state(recommender: Recommender, seed: int = 0) -> Recommender:
+    """Give ``recommender`` an optimizer state: non-negative accumulators, any velocity."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, param in recommender.network.named_parameters():
+        packed = torch.randn(packed_shape(param), generator=generator)
+        width = param.shape[-1]
+        packed[..., :width] = packed[..., :width].abs()
+        state[name] = packed
+    recommender.optimizer_state = state
+    return recommender
+
+
+@pytest.fixture
+def saved_with_state(tmp_path: Path) -> Path:
+    return save_model(with_optimizer_state(make_recommender()), tmp_path / "models" / "s1",
+                      version="v-test-state")
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_round_trip_with_the_optimizer_state(tmp_path: Path, name: str) -> None:
+    original = with_optimizer_state(make_recommender(CONFIGS[name]))
+    target = save_model(original, tmp_path / "model")
+    metadata = json.loads((target / "metadata.json").read_text())
+    assert metadata["files"][OPTIMIZER] == sha256(target / OPTIMIZER)
+    loaded = load_model(target, device="cpu", optimizer_state=True)
+    assert loaded.optimizer_state is not None
+    assert loaded.optimizer_state.keys() == original.optimizer_state.keys()
+    for key, value in original.optimizer_state.items():
+        assert torch.equal(loaded.optimizer_state[key], value), key
+    assert torch.equal(sample_scores(original), sample_scores(loaded))
+    # serving does not read it (but its checksum is still verified)
+    assert load_model(target, device="cpu").optimizer_state is None
+
+
+def test_an_artifact_without_optimizer_state_loads_without_one(saved: Path) -> None:
+    assert not (saved / OPTIMIZER).exists()
+    assert load_model(saved, device="cpu", optimizer_state=True).optimizer_state is None
+
+
+def test_a_format_2_artifact_still_loads(saved: Path) -> None:
+    metadata_path = saved / "metadata.json"
+    metadata = json.loads(metadata_path.read_text())
+    metadata["format"] = 2  # what streamrec wrote before optimizer states
+    metadata_path.write_text(json.dumps(metadata))
+    loaded = load_model(saved, device="cpu", optimizer_state=True)
+    assert loaded.optimizer_state is None
+    assert torch.equal(sample_scores(loaded), sample_scores(make_recommender()))
+
+
+def test_refuses_a_flipped_byte_in_the_optimizer_state(saved_with_state: Path) -> None:
+    path = saved_with_state / OPTIMIZER
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    refused(saved_with_state, "checksum", OPTIMIZER)  # even when serving, which skips it
+
+
+def test_refuses_a_missing_optimizer_state_the_metadata_lists(saved_with_state: Path) -> None:
+    (saved_with_state / OPTIMIZER).unlink()
+    refused(saved_with_state, "missing", OPTIMIZER)
+
+
+def test_refuses_an_optimizer_state_the_metadata_does_not_list(saved: Path,
+                                                               saved_with_state: Path) -> None:
+    shutil.copy(saved_with_state / OPTIMIZER, saved / OPTIMIZER)
+    refused(saved, OPTIMIZER, "not covered")
+
+
+def optimizer_refused(model_dir: Path, *words: str) -> None:
+    with pytest.raises(UserError) as info:
+        load_model(model_dir, device="cpu", optimizer_state=True)
+    for word in (str(model_dir), OPTIMIZER, *words):
+        assert word in str(info.value), f"{word!r} missing from {info.value}"
+
+
+def rewrite_state(model_dir: Path, change: Any) -> None:
+    from safetensors.torch import load_file as read, save_file as write
+    state = read(str(model_dir / OPTIMIZER))
+    change(state)
+    write(state, str(model_dir / OPTIMIZER))
+    refresh_checksum(model_dir, OPTIMIZER)
+
+
+def test_refuses_an_optimizer_state_that_does_not_match_the_weights(
+        saved_with_state: Path) -> None:
+    rewrite_state(saved_with_state,
+                  lambda state: state.update(item_output=state["item_output"][:4]))
+    optimizer_refused(saved_with_state, "does not match")
+
+
+def test_refuses_an_optimizer_state_with_a_parameter_missing(saved_with_state: Path) -> None:
+    rewrite_state(saved_with_state, lambda state: state.pop("item_bias"))
+    optimizer_refused(saved_with_state, "does not match")
+
+
+@pytest.mark.parametrize("value", [-1.0, math.nan, math.inf])
+def test_refuses_invalid_accumulators(saved_with_state: Path, value: float) -> None:
+    def spoil(state: dict[str, torch.Tensor]) -> None:
+        state["item_output"][2, 0] = value  # an accumulator (first half of the row)
+    rewrite_state(saved_with_state, spoil)
+    optimizer_refused(saved_with_state, "invalid", "item_output")
 
 
 # --- staging directories --------------------------------------------------------------------

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from model.optim import EPSILON, AdagradMomentum, FlatParameters
+from model.optim import EPSILON, AdagradMomentum, FlatParameters, grow_rows
 
 
 def reference(param: list[float], grads: list[list[float]], lr: float, mu: float,
@@ -65,3 +65,96 @@ def test_flat_parameters_are_views_of_one_vector() -> None:
     assert torch.equal(b.detach(), torch.ones(4))
     flat.grads[1].fill_(5.0)
     assert flat.grad[-4:].tolist() == [5.0] * 4
+
+
+# --- carrying the state -----------------------------------------------------------------------
+
+def two_kinds() -> tuple[dict[str, torch.nn.Parameter], FlatParameters]:
+    """A table updated by rows and two small parameters updated as one flat vector."""
+    generator = torch.Generator().manual_seed(0)
+    params = {"table": torch.nn.Parameter(torch.randn(5, 3, generator=generator)),
+              "matrix": torch.nn.Parameter(torch.randn(2, 3, generator=generator)),
+              "bias": torch.nn.Parameter(torch.randn(4, generator=generator))}
+    return params, FlatParameters([params["matrix"], params["bias"]])
+
+
+def run_steps(optimizer: AdagradMomentum, params: dict[str, torch.nn.Parameter],
+              flat: FlatParameters, steps: range) -> None:
+    for k in steps:
+        generator = torch.Generator().manual_seed(100 + k)
+        flat.grad.copy_(torch.randn(flat.grad.shape, generator=generator))
+        optimizer.step_flat(flat)
+        rows = torch.tensor([k % 5, (k + 2) % 5])
+        optimizer.step_rows(params["table"], rows, torch.randn(2, 3, generator=generator))
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_an_exported_state_resumes_the_optimisation_exactly(nesterov: bool) -> None:
+    straight, straight_flat = two_kinds()
+    optimizer = AdagradMomentum(lr=0.2, momentum=0.2, nesterov=nesterov)
+    run_steps(optimizer, straight, straight_flat, range(6))
+
+    first, first_flat = two_kinds()
+    optimizer = AdagradMomentum(lr=0.2, momentum=0.2, nesterov=nesterov)
+    run_steps(optimizer, first, first_flat, range(3))
+    state = optimizer.export_state(first, first_flat)
+    assert {name: tuple(t.shape) for name, t in state.items()} == {
+        "table": (5, 6), "matrix": (2, 6), "bias": (8,)}
+    # a new optimizer (and new parameter objects, as after loading a saved model)
+    second, second_flat = two_kinds()
+    with torch.no_grad():
+        for name in second:
+            second[name].copy_(first[name])
+    resumed = AdagradMomentum(lr=0.2, momentum=0.2, nesterov=nesterov)
+    resumed.import_state(second, state, second_flat)
+    run_steps(resumed, second, second_flat, range(3, 6))
+    for name in straight:
+        torch.testing.assert_close(second[name], straight[name], rtol=1e-6, atol=1e-6)
+    # the export is a copy: stepping on does not change it
+    before = {name: t.clone() for name, t in state.items()}
+    run_steps(resumed, second, second_flat, range(6, 8))
+    assert all(torch.equal(state[name], before[name]) for name in state)
+
+
+def test_the_packed_state_is_accumulator_then_velocity() -> None:
+    param = torch.nn.Parameter(torch.zeros(1, 2))
+    optimizer = AdagradMomentum(lr=0.5, momentum=0.0)
+    optimizer.step_rows(param, torch.tensor([0]), torch.tensor([[3.0, -4.0]]))
+    state = optimizer.export_state({"p": param})["p"]
+    accumulator, velocity = state[0, :2], state[0, 2:]
+    assert accumulator.tolist() == pytest.approx([9.0, 16.0])
+    assert velocity.tolist() == pytest.approx([-0.5 * 3 / math.sqrt(9 + EPSILON),
+                                               0.5 * 4 / math.sqrt(16 + EPSILON)])
+
+
+def test_a_parameter_never_stepped_has_no_state_to_export() -> None:
+    params, flat = two_kinds()
+    assert AdagradMomentum(lr=0.1, momentum=0.0).export_state(params, flat) == {}
+
+
+def test_import_refuses_missing_or_misshapen_state() -> None:
+    params, flat = two_kinds()
+    optimizer = AdagradMomentum(lr=0.2, momentum=0.2)
+    run_steps(optimizer, params, flat, range(2))
+    state = optimizer.export_state(params, flat)
+    with pytest.raises(ValueError, match="do not match"):
+        AdagradMomentum(lr=0.2, momentum=0.2).import_state(
+            params, {k: v for k, v in state.items() if k != "bias"}, flat)
+    with pytest.raises(ValueError, match="table"):
+        AdagradMomentum(lr=0.2, momentum=0.2).import_state(
+            params, {**state, "table": state["table"][:4]}, flat)
+
+
+def test_growing_the_state_keeps_old_rows_and_starts_new_ones_at_zero() -> None:
+    params, flat = two_kinds()
+    optimizer = AdagradMomentum(lr=0.2, momentum=0.2)
+    run_steps(optimizer, params, flat, range(5))
+    state = optimizer.export_state(params, flat)
+    grown = grow_rows(state, ("table", "absent"), 8)
+    assert grown["table"].shape == (8, 6)
+    assert torch.equal(grown["table"][:5], state["table"])
+    assert torch.equal(grown["table"][5:], torch.zeros(3, 6))
+    assert grown["matrix"] is state["matrix"] and grown["bias"] is state["bias"]
+    assert grow_rows(state, ("table",), 5)["table"] is state["table"]
+    with pytest.raises(ValueError, match="shrink"):
+        grow_rows(state, ("table",), 4)

@@ -61,6 +61,21 @@ def test_publish_makes_a_verified_version_current(tmp_path: Path, trained: Recom
     assert leftovers(registry.root) == []
 
 
+def test_versions_keep_the_optimizer_state_for_the_trainer(tmp_path: Path,
+                                                           trained: Recommender) -> None:
+    assert trained.optimizer_state is not None
+    registry = ModelRegistry(tmp_path / "reg")
+    registry.publish(trained)
+    resumable = registry.current(optimizer_state=True)
+    for name, value in trained.optimizer_state.items():
+        assert torch.equal(resumable.optimizer_state[name], value), name
+    assert registry.current().optimizer_state is None  # workers do not load it
+    # an offline model imported with `streamrec model publish` keeps it too
+    model_dir = save_model(trained, tmp_path / "offline")
+    imported = registry.publish_directory(model_dir)
+    assert registry.load(imported, optimizer_state=True).optimizer_state is not None
+
+
 def test_versions_are_ordered_by_publish_even_within_one_second(tmp_path: Path,
                                                                  trained: Recommender) -> None:
     registry = ModelRegistry(tmp_path / "reg", keep=10)

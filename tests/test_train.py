@@ -200,9 +200,10 @@ def test_warm_start_keeps_base_indexes_and_appends_new_items(tiny_log: ClickLog)
     new_ids = [i for i in log2.item_ids if i not in base.item_map]
     assert new_ids, "the second log must bring new items"
 
-    # a learning rate so small that one epoch cannot move a weight by 1e-6
+    # a learning rate so small that one epoch cannot move a weight by 1e-6 (and a fresh
+    # optimizer state: a resumed one would carry the base's momentum)
     warm, _ = train(log2, TINY.replace(learning_rate=1e-12), base=base, progress=False,
-                    device="cpu")
+                    device="cpu", resume_optimizer=False)
 
     n_base = len(base_ids)
     assert warm.item_map.ids[:n_base] == base_ids
@@ -240,6 +241,61 @@ def test_warm_start_actually_trains_from_the_base(tiny_log: ClickLog) -> None:
     to_warm = (warm.network.hidden_weights[0] - base.network.hidden_weights[0]).norm()
     to_fresh = (fresh.network.hidden_weights[0] - base.network.hidden_weights[0]).norm()
     assert to_warm < to_fresh
+
+
+# No dropout and in-batch negatives only: training draws no random number, so a resumed
+# run can be compared with an uninterrupted one exactly.
+NO_RANDOM = TINY.replace(n_sample=0, dropout_p_hidden=0.0)
+
+
+@pytest.mark.parametrize("config", [NO_RANDOM, NO_RANDOM.replace(layers=(8, 4),
+                                                                 constrained_embedding=False),
+                                    NO_RANDOM.replace(nesterov=True)],
+                         ids=["tied", "one-hot-two-layers", "nesterov"])
+def test_resuming_the_optimizer_state_continues_training_exactly(
+        tiny_log: ClickLog, config: GRU4RecConfig) -> None:
+    straight, _ = train(tiny_log, config.replace(n_epochs=2), progress=False, device="cpu")
+    first, first_stats = train(tiny_log, config, progress=False, device="cpu")
+    assert not first_stats.resumed_optimizer
+    assert first.optimizer_state is not None
+    assert set(first.optimizer_state) == set(dict(first.network.named_parameters()))
+    resumed, stats = train(tiny_log, config, base=first, progress=False, device="cpu")
+    assert stats.resumed_optimizer
+    for name, value in weights(straight).items():
+        torch.testing.assert_close(weights(resumed)[name], value, rtol=1e-4, atol=1e-5,
+                                   msg=name)
+    for name, value in straight.optimizer_state.items():
+        torch.testing.assert_close(resumed.optimizer_state[name], value, rtol=1e-4, atol=1e-5,
+                                   msg=name)
+    # a fresh optimizer state takes other steps (the old behaviour)
+    fresh, fresh_stats = train(tiny_log, config, base=first, progress=False, device="cpu",
+                               resume_optimizer=False)
+    assert not fresh_stats.resumed_optimizer
+    assert not torch.allclose(fresh.network.item_output, straight.network.item_output,
+                              atol=1e-3)
+
+
+def test_a_resumed_state_grows_with_new_items(tiny_log: ClickLog) -> None:
+    base, _ = train(tiny_log, TINY, progress=False, device="cpu")
+    log2 = generate(SynthSpec(sessions=150, items=50, seed=2, item_offset=25))
+    warm, stats = train(log2, TINY, base=base, progress=False, device="cpu")
+    assert stats.resumed_optimizer
+    n_base, width = base.n_items, 16
+    for name in ("item_output", "item_bias"):
+        old, new = base.optimizer_state[name], warm.optimizer_state[name]
+        assert new.shape == (warm.n_items, old.shape[1])
+        # accumulators only grow: old items kept theirs and added this run's squares
+        cols = old.shape[1] // 2
+        assert (new[:n_base, :cols] >= old[:, :cols]).all()
+        # an old item the new log never used keeps its accumulator exactly
+        unused = np.setdiff1d(np.arange(n_base), log2.item_indexes(warm.item_map))
+        assert len(unused)
+        torch.testing.assert_close(new[unused], old[unused], rtol=0, atol=0)
+    # new items started from zero: their accumulators hold this run's squares only
+    assert warm.optimizer_state["item_output"].shape == (warm.n_items, 2 * width)
+    assert (warm.optimizer_state["item_output"][n_base:, :width] > 0).any()
+    # the base's state is left untouched
+    assert base.optimizer_state["item_output"].shape[0] == n_base
 
 
 def test_warm_start_refuses_another_architecture(tiny_log: ClickLog) -> None:
