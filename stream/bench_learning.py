@@ -4,11 +4,13 @@ Both run the real processes on a local Kafka (or ``--broker``): ``streamrec trai
 subprocess following the click topic and publishing to a temporary registry, and, for
 ``drift``, a ``streamrec worker`` following that registry.
 
-**incremental.** Train on TRAIN (defaults, ``--initial-epochs``), publish it; replay
-STREAM into the click topic (event-time order, compressed by ``--speed``) while the
-trainer fine-tunes the current model round by round; evaluate the registry's final model
+**incremental.** Train on TRAIN (defaults, ``--initial-epochs``), publish it (with its
+optimizer state); replay STREAM into the click topic (event-time order, compressed by
+``--speed``) while the trainer fine-tunes the current model round by round, replaying
+sessions of TRAIN too (``--replay-log``, what a trainer deployed next to an offline-trained
+model is given; ``--no-replay-log`` leaves it out); evaluate the registry's final model
 offline on TEST (Recall@20), against a model trained from scratch on TRAIN+STREAM with
-the same defaults. The end of a finite stream is not the end of its sessions: the trainer
+the same defaults. The trainer's fine-tuning settings default to ``streamrec trainer``'s. The end of a finite stream is not the end of its sessions: the trainer
 only learns from a session once its partition's event time has moved
 ``--session-timeout-s`` past the session's last click. After STREAM, one single-click
 "flush" session per partition is produced (explicitly to that partition) with an event
@@ -46,6 +48,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +70,11 @@ from stream.pipeline import REPO, StreamNames, WorkerProcess, start_readers
 from stream.registry import ModelRegistry
 from stream.replay import replay
 from stream.topics import ensure_topics
+from stream.trainer import TrainerSettings
 
 PARTITIONS = 4
+#: ``streamrec trainer``'s defaults, which the benchmarks' trainer options default to.
+TRAINER_DEFAULTS = {f.name: f.default for f in fields(TrainerSettings)}
 
 
 def _log(message: str) -> None:
@@ -249,7 +255,11 @@ def run_incremental(args: argparse.Namespace) -> int:
                     "--min-sessions", str(args.min_sessions),
                     "--holdout-sessions", str(args.holdout_sessions),
                     "--replay-sample", str(args.replay_sample),
+                    "--learning-rate", str(args.learning_rate),
                     "--gate-margin", str(args.gate_margin), "--seed", str(args.seed)]
+    if not args.no_replay_log:
+        trainer_args += ["--replay-log", str(Path(args.initial).resolve()),
+                         "--replay-log-sample", str(args.replay_log_sample)]
     if args.device:
         trainer_args += ["--device", args.device]
 
@@ -313,7 +323,10 @@ def run_incremental(args: argparse.Namespace) -> int:
         "stream_replay_seconds": stream_seconds,
         "stream_wall_seconds": wall_seconds,
         "speed": speed, "interval_s": args.interval, "epochs_per_round": args.epochs,
-        "replay_sample": args.replay_sample, "min_sessions": args.min_sessions,
+        "replay_sample": args.replay_sample, "learning_rate": args.learning_rate,
+        "replay_log_sample": 0 if args.no_replay_log else args.replay_log_sample,
+        "rounds_resumed_optimizer": sum(bool(d.get("resumed_optimizer")) for d in decisions),
+        "min_sessions": args.min_sessions,
         "holdout_sessions": args.holdout_sessions, "gate_margin": args.gate_margin,
         "session_timeout_s": args.session_timeout_s, "initial_epochs": args.initial_epochs,
         "final_version": final.version, "final_items": final.n_items,
@@ -524,15 +537,25 @@ def add_parsers(benches: argparse._SubParsersAction) -> None:
     p.add_argument("--initial-epochs", type=int, default=10,
                    help="epochs of the initial and the scratch model (default 10)")
     p.add_argument("--interval", type=float, default=5.0, help="trainer --interval (5)")
-    p.add_argument("--epochs", type=int, default=3, help="trainer --epochs per round (3)")
+    p.add_argument("--epochs", type=int, default=TRAINER_DEFAULTS["epochs"],
+                   help="trainer --epochs per round (%(default)s)")
+    p.add_argument("--learning-rate", type=float, default=TRAINER_DEFAULTS["learning_rate"],
+                   help="trainer --learning-rate (%(default)s)")
     p.add_argument("--session-timeout-s", type=float, default=3600.0,
                    help="trainer --session-timeout-s (3600: 99.9%% of RSC15 gaps are shorter)")
     p.add_argument("--min-sessions", type=int, default=300, help="trainer --min-sessions (300)")
     p.add_argument("--holdout-sessions", type=int, default=100,
                    help="trainer --holdout-sessions (100)")
-    p.add_argument("--replay-sample", type=int, default=5000,
-                   help="trainer --replay-sample (5000)")
-    p.add_argument("--gate-margin", type=float, default=0.01, help="trainer --gate-margin")
+    p.add_argument("--replay-sample", type=int, default=TRAINER_DEFAULTS["replay_sample"],
+                   help="trainer --replay-sample (%(default)s)")
+    p.add_argument("--replay-log-sample", type=int,
+                   default=TRAINER_DEFAULTS["replay_log_sample"],
+                   help="trainer --replay-log-sample: sessions of INITIAL replayed per round "
+                        "(%(default)s)")
+    p.add_argument("--no-replay-log", action="store_true",
+                   help="do not give the trainer INITIAL as --replay-log")
+    p.add_argument("--gate-margin", type=float, default=TRAINER_DEFAULTS["gate_margin"],
+                   help="trainer --gate-margin (%(default)s)")
     p.add_argument("--speed", default=None,
                    help="replay speed: 'max' or a time-compression factor (default: the "
                         "stream's event-time span over STREAM_ROUNDS x INTERVAL)")

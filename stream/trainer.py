@@ -16,10 +16,18 @@ group and keeps the registry's model current:
    ``max_session_age_s`` is stale and dropped).
 2. **Train.** Every ``interval_s``, when at least ``min_sessions`` sessions of two or more
    clicks are complete, the most recent ``holdout_sessions`` of them are held out and the
-   rest, plus a uniform random sample of older sessions (:class:`ReplaySample`, against
-   forgetting what the model knew), fine-tune the current model warm-started
-   (:func:`model.train.train` with ``base``: known items keep their indexes and rows,
-   new items are appended).
+   rest, plus older sessions against forgetting what the model knew, fine-tune the
+   current model warm-started (:func:`model.train.train` with ``base``: known items keep
+   their indexes and rows, new items are appended). The older sessions are a uniform
+   random sample of the sessions the trainer has seen (:class:`ReplaySample`) and, with
+   ``replay_log``, a fresh random draw of ``replay_log_sample`` sessions of an offline
+   click log, typically the one the first model was trained on (:class:`SessionPool`):
+   a trainer that has just started (or restarted) has seen little, and fine-tuning on
+   recent sessions alone forgets part of what the older ones taught.
+   When the model carries its optimizer state (artifact format 3), the fine-tune resumes
+   Adagrad from it at ``learning_rate``; a model without one starts a fresh accumulator,
+   whose first steps are as large as the learning rate on every weight, at the smaller
+   ``fresh_learning_rate``.
 3. **Gate.** Candidate and current model are scored on the holdout with
    :func:`model.evaluate.evaluate` (Recall@20). The current model cannot rank items it
    has never seen, so both are compared on the predictions whose target the *current*
@@ -52,7 +60,9 @@ from typing import Any, TextIO
 
 from confluent_kafka import Consumer, KafkaException
 
-from model.data import ClickLog
+import numpy as np
+
+from model.data import ClickLog, read_clicks
 from model.errors import UserError
 from model.evaluate import PredictionBatch, RecommenderScorer, evaluate
 from model.inference import Recommender
@@ -68,6 +78,8 @@ MAX_SESSION_CLICKS = 200
 #: Training holds the poll loop; librdkafka keeps heartbeating, and this is how long a
 #: round may take before the broker considers the trainer gone.
 MAX_POLL_INTERVAL_MS = 3_600_000
+#: Most sessions of ``--replay-log`` kept in memory (a uniform sample of the log's).
+MAX_REPLAY_LOG_SESSIONS = 100_000
 
 
 @dataclass(frozen=True)
@@ -84,10 +96,13 @@ class TrainerSettings:
     max_session_age_s: float = 86400.0
     max_buffer_sessions: int = 200_000
     replay_sample: int = 5000
+    replay_log: str | None = None
+    replay_log_sample: int = 3000
     gate_margin: float = 0.01
     holdout_sessions: int = 100
     epochs: int = 3
-    learning_rate: float = 0.02
+    learning_rate: float = 0.1
+    fresh_learning_rate: float = 0.02
     keep: int = DEFAULT_KEEP
     updates_topic: str = DEFAULT_UPDATES_TOPIC
     seed: int = 0
@@ -103,16 +118,21 @@ class TrainerSettings:
                             ("--max-session-age-s", self.max_session_age_s)):
             if not 0 < value < math.inf:
                 raise UserError(f"{flag} must be a finite number > 0, got {value}")
-        if not 0 < self.learning_rate < math.inf:
-            raise UserError(f"--learning-rate must be a finite number > 0, got "
-                            f"{self.learning_rate}")
+        for flag, value in (("--learning-rate", self.learning_rate),
+                            ("--fresh-learning-rate", self.fresh_learning_rate)):
+            if not 0 < value < math.inf:
+                raise UserError(f"{flag} must be a finite number > 0, got {value}")
         for name in ("min_sessions", "holdout_sessions", "max_buffer_sessions", "epochs",
                      "keep"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, "
                                 f"got {getattr(self, name)}")
-        if self.replay_sample < 0:
-            raise UserError(f"--replay-sample must be >= 0, got {self.replay_sample}")
+        for name in ("replay_sample", "replay_log_sample"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0, "
+                                f"got {getattr(self, name)}")
+        if self.replay_log is not None and not self.replay_log:
+            raise UserError("--replay-log must name a click log")
         if not 0 <= self.gate_margin < 1:
             raise UserError(f"--gate-margin must be in [0, 1), got {self.gate_margin}")
         if self.holdout_sessions >= self.min_sessions:
@@ -228,6 +248,45 @@ class ReplaySample:
                     self.sessions[slot] = session
 
 
+class SessionPool:
+    """Sessions of an offline click log to replay (``--replay-log``), held compactly: at
+    most ``max_sessions`` (a uniform sample), the latest ``MAX_SESSION_CLICKS`` clicks of
+    each, sessions of two or more clicks only. Each round draws a fresh random subset."""
+
+    def __init__(self, log: ClickLog, max_sessions: int, rng: random.Random) -> None:
+        offsets = log.session_offsets()
+        usable = np.flatnonzero(np.diff(offsets) >= 2)
+        if len(usable) > max_sessions:
+            usable = np.sort(usable[rng.sample(range(len(usable)), max_sessions)])
+        ends = offsets[usable + 1]
+        starts = np.maximum(offsets[usable], ends - MAX_SESSION_CLICKS)
+        lengths = ends - starts
+        keep = (np.concatenate([np.arange(lo, hi) for lo, hi in zip(starts, ends)])
+                if len(usable) else np.zeros(0, dtype=np.int64))
+        self.item_ids = log.item_ids
+        self.items = log.items[keep]
+        self.times = log.times[keep]
+        self.offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
+        self.rng = rng
+        self.source = log.source
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def draw(self, n: int) -> list[BufferedSession]:
+        """``n`` distinct sessions at random (all of them if there are fewer)."""
+        chosen = self.rng.sample(range(len(self)), min(n, len(self)))
+        sessions = []
+        for k in chosen:
+            lo, hi = self.offsets[k], self.offsets[k + 1]
+            session = BufferedSession(partition=-1)
+            session.items.extend(str(i) for i in self.item_ids[self.items[lo:hi]])
+            session.times.extend(float(t) for t in self.times[lo:hi])
+            session.last_time = float(self.times[hi - 1])
+            sessions.append(session)
+        return sessions
+
+
 def sessions_log(sessions: Sequence[BufferedSession], source: str) -> ClickLog:
     """A click log of ``sessions``, each under its own id (a session id seen again after
     its session completed must not merge two sessions into one)."""
@@ -306,6 +365,11 @@ class LearningLoop:
         self.buffer = SessionBuffer(settings.session_timeout_s, settings.max_buffer_sessions,
                                     settings.max_session_age_s)
         self.replay = ReplaySample(settings.replay_sample, random.Random(settings.seed))
+        self.replay_log: SessionPool | None = None
+        if settings.replay_log and settings.replay_log_sample:
+            self.replay_log = SessionPool(read_clicks(settings.replay_log),
+                                          MAX_REPLAY_LOG_SESSIONS,
+                                          random.Random(settings.seed + 1))
         self.rejected_clicks = 0
         self.rounds = 0
         self._current: Recommender | None = None
@@ -338,15 +402,20 @@ class LearningLoop:
         fresh = sessions[:-settings.holdout_sessions]
         replayed = list(self.replay.sessions)
         self.replay.offer(fresh + holdout)  # for later rounds; this one has its copy
+        from_log = (self.replay_log.draw(settings.replay_log_sample)
+                    if self.replay_log is not None else [])
         current = self.current()
+        resume = current.optimizer_state is not None
+        learning_rate = settings.learning_rate if resume else settings.fresh_learning_rate
         record.update(base_version=current.version, round=self.rounds,
                       sessions={"fresh": len(fresh), "replay": len(replayed),
-                                "holdout": len(holdout)})
+                                "replay_log": len(from_log), "holdout": len(holdout)},
+                      resumed_optimizer=resume, learning_rate=learning_rate)
         try:
-            candidate, stats = train(sessions_log(replayed + fresh, "trainer buffer"),
-                                     current.config.replace(
-                                         n_epochs=settings.epochs,
-                                         learning_rate=settings.learning_rate),
+            candidate, stats = train(sessions_log(from_log + replayed + fresh,
+                                                  "trainer buffer"),
+                                     current.config.replace(n_epochs=settings.epochs,
+                                                            learning_rate=learning_rate),
                                      seed=settings.seed + self.rounds, device=settings.device,
                                      base=current, progress=False)
         except UserError as exc:
@@ -361,7 +430,8 @@ class LearningLoop:
         training = {"base_version": current.version, "epochs": stats.epochs,
                     "n_events": stats.n_events, "final_loss": stats.final_loss,
                     "train_seconds": stats.train_seconds, "round": self.rounds,
-                    **record["sessions"]}
+                    "learning_rate": learning_rate,
+                    "resumed_optimizer": stats.resumed_optimizer, **record["sessions"]}
         try:
             version = self.registry.publish(candidate, training=training,
                                             metrics={"gate": result.to_dict()},
@@ -464,14 +534,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                        "much event time")
     option("max_buffer_sessions", int, "most sessions buffered (least recently active are "
                                        "evicted)")
-    option("replay_sample", int, "older sessions replayed in every round (uniform sample)")
+    option("replay_sample", int, "sessions seen earlier replayed in every round (a uniform "
+                                 "sample of all the trainer has seen)")
+    option("replay_log", str, "an offline click log whose sessions are replayed too, "
+                              "typically the first model's training data (read at start; "
+                              f"at most {MAX_REPLAY_LOG_SESSIONS:,} sessions kept)")
+    option("replay_log_sample", int, "sessions of --replay-log drawn afresh for every round")
     option("gate_margin", float, "largest Recall@20 drop a promoted candidate may show")
     option("holdout_sessions", int, "most recent complete sessions held out for the gate")
     option("epochs", int, "fine-tuning epochs per round")
-    option("learning_rate", float, "fine-tuning learning rate (a warm start begins with a "
-                                   "fresh Adagrad accumulator, whose first steps have the "
-                                   "size of the learning rate: the offline 0.2 wrecks a "
-                                   "trained model)")
+    option("learning_rate", float, "fine-tuning learning rate when the model carries its "
+                                   "optimizer state (Adagrad resumes from it)")
+    option("fresh_learning_rate", float, "fine-tuning learning rate for a model without "
+                                         "optimizer state (format 2 artifacts): a fresh "
+                                         "accumulator's first steps have the size of the "
+                                         "learning rate, and the offline 0.2 wrecks a "
+                                         "trained model")
     option("keep", int, "registry versions to retain")
     option("updates_topic", str, "topic announcing new versions")
     option("seed", int, "random seed (replay sample, training)")

@@ -29,7 +29,7 @@ from stream.events import Click
 from stream.registry import ModelRegistry
 from stream.topics import ensure_topics
 from stream.trainer import (MAX_SESSION_CLICKS, LearningLoop, ReplaySample, SessionBuffer,
-                            TrainerSettings, consume, gate, settings_from_args)
+                            SessionPool, TrainerSettings, consume, gate, settings_from_args)
 from support import clicks_in_time_order, produce_clicks
 
 TINY = GRU4RecConfig(layers=(16,), n_sample=64, n_epochs=1)
@@ -161,6 +161,31 @@ def test_the_replay_sample_is_bounded_and_covers_old_sessions() -> None:
     assert empty.sessions == []
 
 
+def test_the_replay_log_pool_is_bounded_and_draws_afresh_every_time() -> None:
+    lengths = [1, 2, 5, 3, MAX_SESSION_CLICKS + 30] + [2] * 40
+    ids, items, times = [], [], []
+    for k, n in enumerate(lengths):
+        ids += [f"s{k}"] * n
+        items += [f"s{k}-{j}" for j in range(n)]
+        times += [1000.0 * k + j for j in range(n)]
+    log = ClickLog.from_arrays(ids, items, times)
+    everything = SessionPool(log, max_sessions=1000, rng=random.Random(0))
+    assert len(everything) == len(lengths) - 1  # the single-click session holds no transition
+    drawn = everything.draw(1000)
+    assert len(drawn) == len(everything)
+    by_first = {s.items[-1].split("-")[0]: s for s in drawn}
+    long = by_first["s4"]
+    assert list(long.items) == [f"s4-{j}" for j in range(30, MAX_SESSION_CLICKS + 30)]
+    assert list(long.times) == [4000.0 + j for j in range(30, MAX_SESSION_CLICKS + 30)]
+    assert long.last_time == 4000.0 + MAX_SESSION_CLICKS + 29
+    assert list(by_first["s2"].items) == [f"s2-{j}" for j in range(5)]
+    bounded = SessionPool(log, max_sessions=10, rng=random.Random(0))
+    assert len(bounded) == 10
+    first, second = bounded.draw(4), bounded.draw(4)
+    assert len(first) == len(second) == 4 and len({tuple(s.items) for s in first}) == 4
+    assert [s.items for s in first] != [s.items for s in second]
+
+
 # --- the gate -----------------------------------------------------------------------------
 
 def test_the_gate_rejects_a_broken_candidate_and_passes_an_equal_one(base: Recommender) -> None:
@@ -221,6 +246,96 @@ def test_a_round_grows_the_vocabulary_keeping_old_indexes_and_publishes(
     assert second["sessions"]["replay"] == 300
 
 
+def test_a_round_resumes_the_optimizer_state_and_publishes_the_grown_one(
+        registry: ModelRegistry, base: Recommender, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert base.optimizer_state is not None
+    calls: list[tuple[Any, Any]] = []
+
+    def spy(log: ClickLog, config: GRU4RecConfig, **kwargs: Any) -> tuple[Recommender, Any]:
+        calls.append((config, kwargs["base"]))
+        return train(log, config, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "train", spy)
+    loop = LearningLoop(settings(gate_margin=0.5, learning_rate=0.07), registry,
+                        out=io.StringIO())
+    feed(loop, part(range(1200, 1600)))
+    decision = loop.round()
+    assert decision["decision"] == "promoted", decision
+    assert decision["resumed_optimizer"] and decision["learning_rate"] == 0.07
+    config, given_base = calls[0]
+    assert config.learning_rate == 0.07 and config.n_epochs == loop.settings.epochs
+    assert given_base.optimizer_state is not None  # loaded from the registry with the model
+    published = registry.current(optimizer_state=True)
+    assert published.metadata["training"]["resumed_optimizer"] is True
+    state, old = published.optimizer_state, base.optimizer_state
+    assert state is not None and state["item_output"].shape[0] == published.n_items
+    # the known items' accumulators carried on; the new items' started from zero
+    cols = base.network.item_output.shape[1]
+    assert (state["item_output"][:base.n_items, :cols] >= old["item_output"][:, :cols]).all()
+    assert published.n_items > base.n_items
+
+
+def test_a_model_without_optimizer_state_is_fine_tuned_at_the_fresh_learning_rate(
+        tmp_path: Path, base: Recommender, monkeypatch: pytest.MonkeyPatch) -> None:
+    stateless = copy.deepcopy(base)
+    stateless.optimizer_state = None  # as an artifact of format 2
+    registry = ModelRegistry(tmp_path / "reg")
+    registry.publish(stateless)
+    rates: list[float] = []
+
+    def spy(log: ClickLog, config: GRU4RecConfig, **kwargs: Any) -> tuple[Recommender, Any]:
+        rates.append(config.learning_rate)
+        return train(log, config, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "train", spy)
+    loop = LearningLoop(settings(gate_margin=0.5, learning_rate=0.07,
+                                 fresh_learning_rate=0.003), registry, out=io.StringIO())
+    feed(loop, part(range(1200, 1600)))
+    decision = loop.round()
+    assert decision["decision"] == "promoted", decision
+    assert not decision["resumed_optimizer"] and rates == [0.003]
+    # the candidate now carries a state, so the next round resumes from it
+    assert registry.current(optimizer_state=True).optimizer_state is not None
+
+
+def test_a_round_replays_a_fresh_draw_of_the_replay_log(
+        tmp_path: Path, registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+    old_log = tmp_path / "old.tsv"
+    old = part(range(0, 1200), NEW_ITEMS)
+    order = np.argsort(old.sessions, kind="stable")
+    old_log.write_text("SessionId\tItemId\tTime\n" + "".join(
+        f"{old.session_ids[old.sessions[k]]}\t{old.item_ids[old.items[k]]}\t{old.times[k]}\n"
+        for k in order))
+    trained_on: list[ClickLog] = []
+
+    def spy(log: ClickLog, config: GRU4RecConfig, **kwargs: Any) -> tuple[Recommender, Any]:
+        trained_on.append(log)
+        return train(log, config, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "train", spy)
+    loop = LearningLoop(settings(gate_margin=0.5, replay_log=str(old_log),
+                                 replay_log_sample=150), registry, out=io.StringIO())
+    feed(loop, part(range(1200, 1600)))
+    first = loop.round()
+    feed(loop, part(range(1600, 2000)))
+    second = loop.round()
+    for decision in (first, second):
+        assert decision["decision"] in ("promoted", "rejected"), decision
+        assert decision["sessions"]["replay_log"] == 150
+    fresh_and_replay = [d["sessions"]["fresh"] + d["sessions"]["replay"] for d in (first, second)]
+    assert [log.n_sessions for log in trained_on] == [n + 150 for n in fresh_and_replay]
+    # each round draws its own old sessions: the earliest click times differ
+    earliest = [sorted(log.times)[:20] for log in trained_on]
+    assert min(earliest[0]) < min(FULL.times[FULL.sessions >= 1200])
+    assert earliest[0] != earliest[1]
+
+
+def test_a_missing_replay_log_is_a_user_error(registry: ModelRegistry, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="nothing.tsv"):
+        LearningLoop(settings(replay_log=str(tmp_path / "nothing.tsv")), registry,
+                     out=io.StringIO())
+
+
 def test_a_round_waits_for_enough_complete_sessions(registry: ModelRegistry) -> None:
     loop = LearningLoop(settings(), registry, out=io.StringIO())
     feed(loop, part(range(1200, 1250)))
@@ -278,6 +393,18 @@ def test_cli_options_become_validated_settings() -> None:
         settings(interval_s=float("nan"))
     with pytest.raises(UserError, match="--gate-margin"):
         settings(gate_margin=-0.1)
+    with pytest.raises(UserError, match="--fresh-learning-rate"):
+        settings(fresh_learning_rate=0.0)
+    with pytest.raises(UserError, match="--replay-log-sample"):
+        settings(replay_log_sample=-1)
+    assert (parsed.learning_rate, parsed.fresh_learning_rate, parsed.replay_log) == \
+        (0.1, 0.02, None)
+    args = parser.parse_args(["trainer", "--broker", "kafka://h:9092", "--registry", "r",
+                              "--replay-log", "train.tsv", "--replay-log-sample", "10",
+                              "--fresh-learning-rate", "0.01"])
+    parsed = settings_from_args(args)
+    assert (parsed.replay_log, parsed.replay_log_sample, parsed.fresh_learning_rate) == \
+        ("train.tsv", 10, 0.01)
     with pytest.raises(UserError, match="bad broker URL"):
         settings(broker="http://x:1")
 
