@@ -20,7 +20,7 @@ from model.data import read_clicks
 from model.evaluate import RecommenderScorer, evaluate
 from model.synth import SynthSpec, generate, write_clicks
 from model.train import train
-from stream import bench_learning, bench_stream
+from stream import bench_learning, bench_soak, bench_stream
 from stream.offline_commands import print_json
 
 
@@ -106,3 +106,4 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     bench_stream.add_parsers(benches)
     bench_learning.add_parsers(benches)
+    bench_soak.add_parsers(benches)
