@@ -15,8 +15,8 @@ Where a click goes:
    crash (offset check) already has its output: state is exactly-once, output at least
    once.
 5. Expiry: a timer sends, per assigned partition, a marker to the co-partitioned
-   ``<app>-expiry`` topic; when the agent reads it, it deletes that partition's idle
-   sessions in the marker's context, which writes changelog tombstones.
+   ``<app>-expiry`` topic; when the agent reads it, it deletes that partition's sessions
+   idle by then (event time) in the marker's context, which writes changelog tombstones.
 
 An unexpected exception (a bug, not bad input) stops the process without committing the
 batch, so it is redelivered to the restarted worker instead of being acked and lost.
@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import time
 import weakref
@@ -214,12 +215,20 @@ class ClickProcessor:
         return {p: mark - timeout for p, mark in self.watermarks.items()}
 
     def _expire(self, event: EventT) -> None:
+        """Delete the marker's partition's idle sessions, in the marker's context.
+
+        The cut-off is the later of the marker's (computed when it was sent) and the one
+        the partition's clicks applied since then give: under a backlog a marker reaches
+        the agent long after it was sent, and its own cut-off would keep sessions that
+        have meanwhile gone idle (bench soak measured tables 2.5-4x too large)."""
         try:
-            before = float(json.loads(event.message.value)["before"])
+            sent_before = float(json.loads(event.message.value)["before"])
         except (ValueError, KeyError, TypeError):
             logger.warning("ignored a malformed expiry marker")
             return
         partition = event.message.partition
+        before = max(sent_before, self.watermarks.get(partition, -math.inf)
+                     - self.settings.session_timeout_s)
         doomed = []
         for key, raw in self.table.items():
             session_partition, last_time = SessionState.peek_partition_and_time(raw)
