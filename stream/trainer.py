@@ -28,6 +28,9 @@ group and keeps the registry's model current:
    Adagrad from it at ``learning_rate``; a model without one starts a fresh accumulator,
    whose first steps are as large as the learning rate on every weight, at the smaller
    ``fresh_learning_rate``.
+   A round that finds no new click since the previous round does not wait for
+   ``min_sessions``: the stream has gone quiet, and the complete sessions (if more than
+   the holdout) are trained on now rather than after the next burst of traffic.
 3. **Gate.** Candidate and current model are scored on the holdout with
    :func:`model.evaluate.evaluate` (Recall@20). The current model cannot rank items it
    has never seen, so both are compared on the predictions whose target the *current*
@@ -372,10 +375,13 @@ class LearningLoop:
                                           random.Random(settings.seed + 1))
         self.rejected_clicks = 0
         self.rounds = 0
+        self.clicks = 0                 # valid clicks added so far
+        self._clicks_at_last_round = 0
         self._current: Recommender | None = None
 
     def add(self, click: Click, partition: int = 0) -> None:
         self.buffer.add(click, partition)
+        self.clicks += 1
 
     def current(self) -> Recommender:
         """The registry's current model, reloaded only when the pointer moved."""
@@ -393,9 +399,12 @@ class LearningLoop:
                                   "evicted": self.buffer.evicted, "stale": self.buffer.stale,
                                   "rejected_clicks": self.rejected_clicks}
         complete = self.buffer.complete_count()
-        if complete < settings.min_sessions:
+        idle = self.clicks == self._clicks_at_last_round
+        self._clicks_at_last_round = self.clicks
+        if complete < settings.min_sessions and not (idle and complete > settings.holdout_sessions):
             return self._log({**record, "decision": "wait", "complete_sessions": complete,
                               "min_sessions": settings.min_sessions})
+        record["idle"] = idle and complete < settings.min_sessions
         self.rounds += 1
         sessions = self.buffer.take_complete()
         holdout = sessions[-settings.holdout_sessions:]

@@ -344,6 +344,24 @@ def test_a_round_waits_for_enough_complete_sessions(registry: ModelRegistry) -> 
     assert loop.rounds == 0
 
 
+def test_a_quiet_stream_trains_what_is_complete_without_waiting_for_min_sessions(
+        registry: ModelRegistry) -> None:
+    loop = LearningLoop(settings(min_sessions=500, gate_margin=0.5), registry,
+                        out=io.StringIO())
+    feed(loop, part(range(1200, 1500)))  # ~300 complete sessions: fewer than 500
+    waiting = loop.round()
+    assert waiting["decision"] == "wait" and 100 < waiting["complete_sessions"] < 500
+    again = loop.round()  # no click since: the stream is quiet
+    assert again["decision"] == "promoted" and again["idle"], again
+    assert again["sessions"]["fresh"] + again["sessions"]["holdout"] == \
+        waiting["complete_sessions"]
+    assert loop.round()["decision"] == "wait"  # nothing left, and nothing new
+    # a trickle of clicks is not quiet, and a holdout's worth is not enough to train on
+    feed(loop, part(range(1500, 1560)))
+    assert loop.round()["decision"] == "wait"
+    assert loop.round()["decision"] == "wait"
+
+
 def test_a_broken_candidate_is_rejected_and_never_published(
         registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
     before = registry.current_version()
