@@ -399,12 +399,15 @@ class LearningLoop:
                                   "evicted": self.buffer.evicted, "stale": self.buffer.stale,
                                   "rejected_clicks": self.rejected_clicks}
         complete = self.buffer.complete_count()
-        idle = self.clicks == self._clicks_at_last_round
+        quiet = self.clicks == self._clicks_at_last_round  # nothing new since last round
         self._clicks_at_last_round = self.clicks
-        if complete < settings.min_sessions and not (idle and complete > settings.holdout_sessions):
+        idle = quiet and complete < settings.min_sessions
+        enough = complete >= settings.min_sessions or (idle and
+                                                      complete > settings.holdout_sessions)
+        if not enough:
             return self._log({**record, "decision": "wait", "complete_sessions": complete,
                               "min_sessions": settings.min_sessions})
-        record["idle"] = idle and complete < settings.min_sessions
+        record["idle"] = idle
         self.rounds += 1
         sessions = self.buffer.take_complete()
         holdout = sessions[-settings.holdout_sessions:]

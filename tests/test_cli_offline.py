@@ -124,7 +124,8 @@ def test_train_reports_documented_keys_and_saves_a_model(workflow: dict) -> None
     assert math.isfinite(result["final_loss"])
     assert result["events_per_s"] > 0 and result["train_seconds"] > 0
     assert sorted(p.name for p in workflow["model"].iterdir()) == [
-        "config.json", "items.json", "metadata.json", "weights.safetensors"]
+        "config.json", "items.json", "metadata.json", "optimizer.safetensors",
+        "weights.safetensors"]
     metadata = json.loads((workflow["model"] / "metadata.json").read_text())
     assert metadata["version"] == result["version"]
     assert json.loads((workflow["model"] / "config.json").read_text())["layers"] == [16]

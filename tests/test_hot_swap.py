@@ -65,9 +65,9 @@ def test_the_watcher_swaps_rejects_and_follows_rollback(
     loading_threads: list[threading.Thread] = []
     real_load = registry.load
 
-    def recording_load(version: str, device: str | None = "cpu") -> Recommender:
+    def recording_load(version: str, device: str | None = "cpu", **options: Any) -> Recommender:
         loading_threads.append(threading.current_thread())
-        return real_load(version, device)
+        return real_load(version, device, **options)
 
     monkeypatch.setattr(registry, "load", recording_load)
 
