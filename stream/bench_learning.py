@@ -61,9 +61,9 @@ from model.errors import UserError
 from model.evaluate import RecommenderScorer, evaluate
 from model.synth import SynthSpec, generate
 from model.train import train
-from stream.brokers import LocalKafka
+from stream.brokers import kafka_or_local
 from stream.events import Click, encode_click
-from stream.kafka_config import bootstrap_servers, producer_config
+from stream.kafka_config import producer_config
 from stream.offline_commands import print_json
 from stream.online_quality import online_quality
 from stream.pipeline import REPO, StreamNames, WorkerProcess, start_readers
@@ -199,26 +199,6 @@ def _trainer_settled(trainer: TrainerProcess, since: int) -> Callable[[], bool]:
     return settled
 
 
-class _Broker:
-    """The given broker, or a local Kafka started for the bench."""
-
-    def __init__(self, url: str | None) -> None:
-        self.url = url
-        self.local: LocalKafka | None = None
-
-    def __enter__(self) -> str:
-        if self.url:
-            return bootstrap_servers(self.url)
-        _log("starting a local Kafka")
-        self.local = LocalKafka(port=0)
-        self.local.start()
-        return self.local.bootstrap
-
-    def __exit__(self, *exc: object) -> None:
-        if self.local is not None:
-            self.local.stop()
-
-
 def _trainer_stats(decisions: Iterable[dict[str, Any]]) -> dict[str, Any]:
     decisions = list(decisions)
     trained = [d for d in decisions if d.get("decision") in ("promoted", "rejected")]
@@ -263,7 +243,7 @@ def run_incremental(args: argparse.Namespace) -> int:
     if args.device:
         trainer_args += ["--device", args.device]
 
-    with _Broker(args.broker) as bootstrap, \
+    with kafka_or_local(args.broker) as bootstrap, \
             tempfile.TemporaryDirectory(prefix="streamrec-bench-incr-") as tmp:
         work = Path(tmp)
         registry = ModelRegistry(work / "registry")
@@ -443,7 +423,7 @@ def run_drift(args: argparse.Namespace) -> int:
     initial, _ = train(data["a_train"], config, seed=args.seed, device=args.device,
                        progress=False)
     phase_b_start = data["phase_b"][0].timestamp
-    with _Broker(args.broker) as bootstrap, \
+    with kafka_or_local(args.broker) as bootstrap, \
             tempfile.TemporaryDirectory(prefix="streamrec-bench-drift-") as tmp:
         work = Path(tmp)
         model_dir = work / "phase-a-model"

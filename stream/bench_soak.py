@@ -57,9 +57,9 @@ from model.errors import UserError
 from model.synth import SynthSpec, generate
 from stream.app import CHANGELOG_CONFIG, changelog_topic, expiry_topic
 from stream.bench_stream import untrained_model
-from stream.brokers import LocalKafka
+from stream.brokers import kafka_or_local
 from stream.events import Click, encode_click
-from stream.kafka_config import bootstrap_servers, client_config, producer_config
+from stream.kafka_config import client_config, producer_config
 from stream.offline_commands import print_json
 from stream.pipeline import StreamNames, WorkerProcess
 from stream.replay import REPLAY_PRODUCER_SETTINGS
@@ -529,19 +529,9 @@ def run(args: argparse.Namespace) -> int:
                  "stall_s", "rate"):
         if getattr(args, name) is not None and not 0 < getattr(args, name) < math.inf:
             raise UserError(f"--{name.replace('_', '-')} must be a positive number")
-    broker = None
-    if args.broker:
-        bootstrap = bootstrap_servers(args.broker)
-    else:
-        broker = LocalKafka(port=0)
-        broker.start()
-        bootstrap = broker.bootstrap
-    try:
-        with tempfile.TemporaryDirectory(prefix="streamrec-soak-") as tmp:
-            result = soak(bootstrap, args, Path(tmp))
-    finally:
-        if broker is not None:
-            broker.stop()
+    with kafka_or_local(args.broker) as bootstrap, \
+            tempfile.TemporaryDirectory(prefix="streamrec-soak-") as tmp:
+        result = soak(bootstrap, args, Path(tmp))
     print_json(result)
     return 0
 

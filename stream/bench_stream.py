@@ -40,9 +40,9 @@ from model.network import GRU4RecNetwork
 from model.synth import SynthSpec, generate
 from stream import faust_fixes
 from stream.app import faust_app, raw_topic
-from stream.brokers import LocalKafka
+from stream.brokers import kafka_or_local
 from stream.events import Click, encode_click
-from stream.kafka_config import bootstrap_servers, producer_config
+from stream.kafka_config import producer_config
 from stream.offline_commands import print_json
 from stream.pipeline import StreamNames, WorkerProcess, start_readers
 from stream.replay import replay
@@ -145,40 +145,30 @@ def measure(bootstrap: str, model_dir: Path, n_items: int, events: int, work: Pa
 
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.torch_threads)
-    broker = None
-    if args.broker:
-        bootstrap = bootstrap_servers(args.broker)
-    else:
-        broker = LocalKafka(port=0)
-        broker.start()
-        bootstrap = broker.bootstrap
-    try:
-        with tempfile.TemporaryDirectory(prefix="streamrec-bench-") as tmp:
-            work = Path(tmp)
-            noop_model = work / "noop-model"
-            untrained_model(10, noop_model)
-            print("measuring the no-op Faust agent", file=sys.stderr)
-            noop = measure(bootstrap, noop_model, 10, args.events, work,
-                           subcommand=("bench", "noop-worker"))
-            runs = []
-            for n_items in args.items:
-                model_dir = work / f"model-{n_items}"
-                recommender = untrained_model(n_items, model_dir)
-                ceiling = scoring_ceiling(recommender)
-                print(f"{n_items} items: scoring ceiling {ceiling:,.0f} events/s; measuring "
-                      f"the worker", file=sys.stderr)
-                result = measure(bootstrap, model_dir, n_items, args.events, work, ("worker",),
-                                 "--torch-threads", str(args.torch_threads))
-                runs.append({"items": n_items, "events_per_s": result["events_per_s"],
-                             "ceiling_events_per_s": ceiling,
-                             "ratio": result["events_per_s"]
-                             / min(ceiling, noop["events_per_s"]),
-                             "p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"],
-                             "p99_ms_at_1000_per_s": result["p99_ms"]})
-                print(json.dumps(runs[-1]), file=sys.stderr)
-    finally:
-        if broker is not None:
-            broker.stop()
+    with kafka_or_local(args.broker) as bootstrap, \
+            tempfile.TemporaryDirectory(prefix="streamrec-bench-") as tmp:
+        work = Path(tmp)
+        noop_model = work / "noop-model"
+        untrained_model(10, noop_model)
+        print("measuring the no-op Faust agent", file=sys.stderr)
+        noop = measure(bootstrap, noop_model, 10, args.events, work,
+                       subcommand=("bench", "noop-worker"))
+        runs = []
+        for n_items in args.items:
+            model_dir = work / f"model-{n_items}"
+            recommender = untrained_model(n_items, model_dir)
+            ceiling = scoring_ceiling(recommender)
+            print(f"{n_items} items: scoring ceiling {ceiling:,.0f} events/s; measuring "
+                  f"the worker", file=sys.stderr)
+            result = measure(bootstrap, model_dir, n_items, args.events, work, ("worker",),
+                             "--torch-threads", str(args.torch_threads))
+            runs.append({"items": n_items, "events_per_s": result["events_per_s"],
+                         "ceiling_events_per_s": ceiling,
+                         "ratio": result["events_per_s"]
+                         / min(ceiling, noop["events_per_s"]),
+                         "p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"],
+                         "p99_ms_at_1000_per_s": result["p99_ms"]})
+            print(json.dumps(runs[-1]), file=sys.stderr)
     print_json({"noop_events_per_s": noop["events_per_s"], "noop_p99_ms": noop["p99_ms"],
                 "events_per_run": args.events, "torch_threads": args.torch_threads,
                 "runs": runs})

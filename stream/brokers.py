@@ -40,7 +40,7 @@ import time
 import uuid
 import weakref
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Self
@@ -49,6 +49,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
 from model.errors import UserError
+from stream.kafka_config import bootstrap_servers
 
 if TYPE_CHECKING:
     SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -560,6 +561,18 @@ class Tansu(_Broker):
             "--cluster-id", "streamrec",
         ]
         return command, env
+
+
+@contextlib.contextmanager
+def kafka_or_local(url: str | None) -> Iterator[str]:
+    """The bootstrap servers of ``url``, or of a local Apache Kafka started for the
+    duration when there is none (the benchmarks' ``--broker`` default)."""
+    if url:
+        yield bootstrap_servers(url)
+        return
+    print("starting a local Kafka", file=sys.stderr)
+    with LocalKafka(port=0) as local:
+        yield local.bootstrap
 
 
 def add_parser(subparsers: SubParsers) -> None:
