@@ -8,7 +8,10 @@ shared Kafka cluster (``STREAMREC_TEST_BROKER``).
 from __future__ import annotations
 
 import json
+import socket
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +28,24 @@ from stream.pipeline import REPO, StreamNames, WorkerProcess
 
 DATA = REPO.parent / "shared" / "data" / "rsc15-100k"
 __all__ = ["DATA", "REPO", "StreamNames", "WorkerProcess", "click_by_click",
-           "clicks_in_time_order", "produce_clicks", "read_topic"]
+           "clicks_in_time_order", "free_port", "http_get", "produce_clicks", "read_topic"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def http_get(url: str) -> tuple[int, str]:
+    """Status and body of a GET; an HTTP error status is an answer, not an exception."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
 
 
 def click_by_click(recommender: Recommender, items: list[str], top_n: int = 20

@@ -30,6 +30,7 @@ from model.errors import UserError
 from stream import brokers
 from stream.brokers import LocalKafka, Tansu, fetch_kafka_jars, find_java
 from stream.topics import check_topics, ensure_topics
+from support import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -92,11 +93,6 @@ def _kcat(*args: str, stdin: str | None = None) -> str:
     return done.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def _refuses_connections(bootstrap: str) -> bool:
@@ -183,7 +179,7 @@ def test_check_topics_reports_missing_topic_quickly(
 
 
 def test_check_topics_unreachable_broker_is_a_user_error_not_a_hang() -> None:
-    bootstrap = f"127.0.0.1:{_free_port()}"
+    bootstrap = f"127.0.0.1:{free_port()}"
     started = time.monotonic()
     with pytest.raises(UserError, match=rf"cannot reach a Kafka broker at {bootstrap} within 2 s"):
         check_topics(bootstrap, {"clicks": 4}, timeout=2)

@@ -9,11 +9,8 @@ state and last list equal those of an uninterrupted, click-by-click run.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -27,7 +24,7 @@ from stream.brokers import LocalKafka
 from stream.events import Click
 from stream.pipeline import StreamNames, TopicReader, WorkerProcess, start_readers
 from stream.state import SessionState
-from support import click_by_click, produce_clicks, read_topic
+from support import click_by_click, free_port, http_get, produce_clicks, read_topic
 
 pytestmark = pytest.mark.kafka
 
@@ -181,14 +178,6 @@ def test_kills_at_several_points_lose_nothing_and_change_no_state(
     assert all(0 < answered < len(clicks) for _, answered in kills), kills
 
 
-def http_status(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-
-
 def wait_for_status(port: int, path: str, status: int, worker: WorkerProcess,
                     timeout: float = 90.0) -> str:
     deadline = time.monotonic() + timeout
@@ -197,7 +186,7 @@ def wait_for_status(port: int, path: str, status: int, worker: WorkerProcess,
         assert worker.process is not None and worker.process.poll() is None, \
             "worker exited:\n" + worker.log()[-3000:]
         try:
-            seen = http_status(port, path)
+            seen = http_get(f"http://127.0.0.1:{port}{path}")
         except OSError as error:  # not serving yet
             seen = (0, str(error))
         if seen[0] == status:
@@ -207,10 +196,6 @@ def wait_for_status(port: int, path: str, status: int, worker: WorkerProcess,
                          + worker.log()[-3000:])
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_broker_outage_at_start_and_midstream_the_worker_waits_and_resumes_in_order(
@@ -243,7 +228,7 @@ def test_broker_outage_at_start_and_midstream_the_worker_waits_and_resumes_in_or
         reason = wait_for_status(web_port, "/readyz", 503, worker)
         assert "broker" in reason, reason
         time.sleep(10)  # longer than the group session timeout: the group must re-form
-        assert http_status(web_port, "/healthz")[0] == 200
+        assert http_get(f"http://127.0.0.1:{web_port}/healthz")[0] == 200
         broker.start()
         wait_for_status(web_port, "/readyz", 200, worker)
         produce_clicks(bootstrap, names.clicks, clicks[80:])

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import socket
 import time
 import urllib.request
 import uuid
@@ -35,7 +34,7 @@ from stream.events import (MAX_FUTURE_SKEW_S, MAX_ID_BYTES, MAX_MESSAGE_BYTES, C
                            encode_click, parse_click)
 from stream.kafka_config import client_config, producer_config
 from stream.topics import ensure_topics
-from support import StreamNames, WorkerProcess
+from support import StreamNames, WorkerProcess, free_port
 
 pytestmark = pytest.mark.kafka
 
@@ -59,10 +58,6 @@ RECORD_OVERHEAD = 100
 # --------------------------------------------------------------------------- the worker
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def max_message_bytes(bootstrap: str, topic: str) -> int:

@@ -24,6 +24,7 @@ from stream.app import WorkerCounters
 from stream.events import Click
 from stream.online_quality import online_quality
 from stream.pipeline import REPO
+from support import free_port, http_get
 
 
 # ---------------------------------------------------------------- prequential counters
@@ -172,12 +173,6 @@ def test_exposition_names_and_values():
     assert values['streamrec_consume_to_publish_seconds_bucket{le="0.1"}'] == 2
 
 
-def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 def test_http_endpoints():
@@ -185,17 +180,17 @@ def test_http_endpoints():
     server = metrics.serve(metrics.worker_app(processor), 0, "127.0.0.1")
     try:
         base = f"http://127.0.0.1:{server.server_port}"
-        assert _get(base + "/healthz") == (200, "ok\n")
-        status, body = _get(base + "/readyz")
+        assert http_get(base + "/healthz") == (200, "ok\n")
+        status, body = http_get(base + "/readyz")
         assert status == 503 and "not started" in body
         processor.metrics.not_ready_reason = None
-        assert _get(base + "/readyz") == (200, "ok\n")
-        status, body = _get(base + "/metrics")
+        assert http_get(base + "/readyz") == (200, "ok\n")
+        status, body = http_get(base + "/metrics")
         assert status == 200 and "streamrec_ready 1.0" in body
-        assert _get(base + "/tables")[0] == 404
+        assert http_get(base + "/tables")[0] == 404
         processor.metrics.heartbeat -= metrics.STALL_S + 1
-        assert _get(base + "/healthz")[0] == 503
-        assert _get(base + "/readyz")[0] == 503
+        assert http_get(base + "/healthz")[0] == 503
+        assert http_get(base + "/readyz")[0] == 503
     finally:
         server.shutdown()
         server.server_close()
@@ -231,10 +226,6 @@ def dashboard_queries() -> list[str]:
             for target in panel.get("targets", []) if target.get("expr")]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _prometheus_binary() -> str:
@@ -253,7 +244,7 @@ def _prometheus_binary() -> str:
 
 class _Prometheus:
     def __init__(self, binary: str, target_port: int, work: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         config = work / "prometheus.yml"
         config.write_text(
             "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
@@ -317,7 +308,7 @@ def test_prometheus_scrapes_the_worker(kafka_bootstrap, small_model, tmp_path):
     longest = max(len(items) for items in sessions.values())
     clicks = [Click(s, items[j], 1000.0 + j) for j in range(longest)
               for s, items in sessions.items() if j < len(items)]
-    web_port = _free_port()
+    web_port = free_port()
     names = StreamNames("metrics")
     prometheus = _Prometheus(binary, web_port, tmp_path)
     try:
@@ -395,7 +386,7 @@ def test_prometheus_scrapes_the_worker(kafka_bootstrap, small_model, tmp_path):
 
 def _safe_get(url: str) -> tuple[int, str]:
     try:
-        return _get(url)
+        return http_get(url)
     except OSError as exc:
         return 0, str(exc)
 
@@ -420,14 +411,14 @@ def test_trainer_metrics_follow_its_decisions():
     server = metrics.serve(trainer.app(), 0, "127.0.0.1")
     try:
         base = f"http://127.0.0.1:{server.server_port}"
-        assert _get(base + "/readyz")[0] == 503
+        assert http_get(base + "/readyz")[0] == 503
         trainer.not_ready_reason = None
-        assert _get(base + "/readyz") == (200, "ok\n")
+        assert http_get(base + "/readyz") == (200, "ok\n")
         trainer.heartbeat -= metrics.STALL_S + 1
-        assert _get(base + "/healthz")[0] == 503
+        assert http_get(base + "/healthz")[0] == 503
         trainer.training = True  # a long round is not a stall
-        assert _get(base + "/healthz") == (200, "training\n")
-        assert "streamrec_trainer_rounds_total" in _get(base + "/metrics")[1]
+        assert http_get(base + "/healthz") == (200, "training\n")
+        assert "streamrec_trainer_rounds_total" in http_get(base + "/metrics")[1]
     finally:
         server.shutdown()
         server.server_close()

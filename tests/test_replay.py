@@ -14,7 +14,6 @@ import argparse
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -41,6 +40,7 @@ from stream.replay import (
     replay,
 )
 from stream.topics import ensure_topics
+from support import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -191,10 +191,6 @@ def _kcat_partitions(bootstrap: str, topic: str, keys: list[str]) -> dict[str, i
     return {key: int(p) for key, p in (line.split("\t") for line in out.splitlines())}
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # --- kafka_config ----------------------------------------------------------------------------
@@ -413,7 +409,7 @@ def test_missing_topic_is_a_quick_user_error(kafka_bootstrap: str, topic_name: s
 def test_unreachable_broker_is_a_user_error(tmp_path: Path) -> None:
     started = time.monotonic()
     with pytest.raises(UserError, match="cannot reach a Kafka broker at 127.0.0.1:"):
-        check_topic(f"127.0.0.1:{_free_port()}", "clicks", timeout=1.0)
+        check_topic(f"127.0.0.1:{free_port()}", "clicks", timeout=1.0)
     assert time.monotonic() - started < 5
 
 

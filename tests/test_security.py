@@ -4,7 +4,6 @@ checked in configuration and against a broker that requires SASL."""
 from __future__ import annotations
 
 import json
-import socket
 import ssl
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from stream.pipeline import REPO, StreamNames, TopicReader, WorkerProcess
 from stream.registry import ModelRegistry
 from stream.settings import WorkerSettings
 from stream.topics import check_topics, ensure_topics
+from support import free_port
 
 
 def test_security_settings_reach_the_faust_worker(monkeypatch: pytest.MonkeyPatch,
@@ -134,9 +134,3 @@ def test_sasl_credentials_reach_replay_worker_and_trainer_but_no_log(
     last = refused.stderr.strip().splitlines()[-1]
     assert "refused the credentials" in last and "SASL_PASSWORD" in last, refused.stderr
     assert "not-the-password" not in refused.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
