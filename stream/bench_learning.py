@@ -21,22 +21,47 @@ bench then waits until the trainer reports two consecutive idle rounds with noth
 than ``--min-sessions``) are reported as ``untrained_complete_sessions``.
 
 **drift.** Synthetic: phase A (items 1..N) trains the initial model; then A' (more A
-traffic, max speed) and phase B are replayed through a worker following the registry,
-once with the trainer running and once without. Phase B is a mix: new-item sessions
-(items N+1..2N, ``follow`` 0.9: strong sequential patterns) and, at a quarter of the
-rate, A sessions; it is paced at ``--rate`` events/s. (The A traffic in B is needed: the
-trainer's gate compares candidate and current model only on targets the current model
-knows, and a holdout of new-item sessions only would give it no evidence.) Online
-Recall@20 is computed from the consumed output messages (:func:`online_quality`) with
-``known_items`` = every item of A and B: a target the served model cannot rank counts as
-a miss, which is the point (the old model cannot recommend new items). It is measured on
-phase-B clicks from the event time of the first phase-B click answered by a model that
-knows new items (in the run with retraining), the same window in both runs.
+traffic, max speed, cut where B starts) and phase B are replayed through a worker following
+the registry, once with the trainer running and once without. Phase B is a mix: new-item
+sessions (items N+1..2N, ``follow`` 0.9: strong sequential patterns) and, a third as many,
+A sessions, all starting uniformly over the phase, so that it is sent at ``--rate``
+events/s throughout (event time compressed ``--speed`` times). (The A traffic in B is
+needed: the trainer's gate compares candidate and current model only on targets the
+current model knows, and a holdout of new-item sessions only would give it no evidence.)
+Online Recall@20 is computed from the consumed output messages (:func:`online_quality`)
+with ``known_items`` = every item of A and B: a target the served model cannot rank
+counts as a miss, which is the point (the old model cannot recommend new items). It is
+measured on the answers to phase-B sessions' clicks from the event time of the first one
+answered by a model that knows new items (in the run with retraining), the same window in
+both runs.
+
+The timing figures (run with retraining):
+
+- ``new_items_first_recommended_after_s``: from the first click on a new item, as sent
+  (its Kafka timestamp, set by the replay's producer), to the first output message that
+  recommends any new item, as consumed. ``new_items_timeline`` says where that time went,
+  relative to the same click: each training round's start and end, its training seconds
+  and sessions, the round whose version first recommended a new item, and when the
+  worker first answered with that version. The bar of issue #4 (within one retraining
+  interval) is ``new_items_within_one_interval``, with ``retrain_interval_s`` next to it:
+  with rounds on a fixed clock the first click can come just after a round started, so
+  the figure is at most about the interval (waiting for the next round, once some
+  new-item sessions are complete), plus one round, plus the worker's poll.
+- ``max_swap_gap_ms``: for each swap to a new version during phase B, the longest gap
+  between two consecutive output messages within ``--swap-window-s`` of the first output
+  of the new version, timed by the messages' Kafka timestamps (set by the worker's
+  producer when it sends them); the largest over the swaps. ``swap_windows`` gives, per
+  swap, the gap at the swap itself (last output of the old version to first of the new),
+  that window's longest gap and the longest gap between the clicks sent in it;
+  ``max_gap_ms_phase_b_with/without_retraining`` and the p99 gaps are the same measure
+  over all of phase B, for reference. ``max_swap_gap_consumed_ms`` is the old measure,
+  timed when the bench's reader consumed the messages.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -47,7 +72,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -317,10 +342,32 @@ def run_incremental(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------- drift
 
+def _retimed(log: ClickLog, start: float, window: float,
+             rng: np.random.Generator) -> ClickLog:
+    """``log``'s sessions moved to start uniformly at random in ``[start, start + window)``
+    (gaps within a session kept), with the clicks past the window's end dropped: a
+    stationary stream of sessions, as live traffic is."""
+    offsets = log.session_offsets()
+    first = log.times[offsets[:-1]]
+    starts = start + np.sort(rng.uniform(0.0, window, len(first)))
+    lengths = np.diff(offsets)
+    times = log.times + np.repeat(starts - first, lengths)
+    keep = times < start + window
+    return ClickLog.from_arrays(log.session_ids[log.sessions[keep]],
+                                log.item_ids[log.items[keep]], times[keep], source=log.source)
+
+
 def _drift_data(args: argparse.Namespace) -> dict[str, Any]:
-    """Phase A (train / A' / A traffic during B) and phase B (new items), as clicks."""
+    """Phase A (train / A' / A traffic during B) and phase B (new items), as clicks.
+
+    Phase B is stationary: its sessions (new-item ones and a third as many A ones) start
+    uniformly over an event-time window sized so that, replayed at ``--speed``, it lasts
+    its clicks / ``--rate`` seconds; the replay speed is then set from the clicks kept so
+    that phase B is sent at ``--rate`` events/s on average and at about that rate
+    throughout (sessions starting at the synthetic generator's fixed rate instead put
+    80 % of phase B's clicks into its first 4 s, at 5-8x the nominal rate)."""
     n_items = args.items
-    rate_a = 5.0  # sessions per event-time second of A traffic
+    rate_a = 5.0  # sessions per event-time second of A traffic (training and A')
     a_total = args.train_sessions + args.a_sessions + args.b_sessions // 3
     a_log = generate(SynthSpec(sessions=a_total, items=n_items, seed=args.seed + 1,
                                sessions_per_s=rate_a))
@@ -336,14 +383,24 @@ def _drift_data(args: argparse.Namespace) -> dict[str, Any]:
     a_train, a_prime, a_mix = (part(0, first_a2), part(first_a2, first_mix),
                                part(first_mix, a_total))
     b_start = float(a_mix.times.min())
+    # A' ends where B starts: its sessions' later clicks would be sent before B with
+    # event times far into B, moving the watermarks (session completion, expiry) ahead.
+    before_b = a_prime.times < b_start
+    a_prime = ClickLog.from_arrays(a_prime.session_ids[a_prime.sessions[before_b]],
+                                   a_prime.item_ids[a_prime.items[before_b]],
+                                   a_prime.times[before_b], source="phase A'")
     b_log = generate(SynthSpec(sessions=args.b_sessions, items=n_items, seed=args.seed + 2,
-                               item_offset=n_items, follow=0.9, start_time=b_start,
-                               sessions_per_s=3 * rate_a))
+                               item_offset=n_items, follow=0.9, start_time=b_start))
+    window = (len(b_log) + len(a_mix)) / args.rate * args.speed
+    rng = np.random.default_rng(args.seed + 3)
+    b_log = _retimed(b_log, b_start, window, rng)
+    a_mix = _retimed(a_mix, b_start, window, rng)
     phase_b = sorted(_clicks(b_log, "b") + _clicks(a_mix, "a"), key=lambda c: c.timestamp)
     b_span = phase_b[-1].timestamp - phase_b[0].timestamp
     return {"a_train": a_train, "a_prime": _clicks(a_prime, "a"), "phase_b": phase_b,
             "b_speed": max(args.rate * b_span / len(phase_b), 1e-3),
             "b_sessions": {f"b{s}" for s in b_log.session_ids},
+            "phase_b_sessions": {c.session_id for c in phase_b},
             "new_items": set(str(i) for i in b_log.item_ids),
             "all_items": set(str(i) for i in a_log.item_ids) | set(str(i) for i in b_log.item_ids)}
 
@@ -400,19 +457,213 @@ def _drift_run(bootstrap: str, data: dict[str, Any], model_dir: Path, work: Path
         outputs.close()
     return {"outputs": list(outputs.messages), "inputs": list(inputs.messages),
             "decisions": trainer.decisions() if trainer else [],
+            "records": list(trainer.records) if trainer else [],
             "initial_version": initial_version, "b_seconds": b_seconds}
 
 
-def _b_window_quality(outputs: Sequence[Any], phase_b_start: float, threshold: float,
+@contextlib.contextmanager
+def _work_dir(path: str | None) -> Iterator[Path]:
+    """``path`` (created, kept afterwards: logs and observations) or a temporary one."""
+    if path:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="streamrec-bench-drift-") as tmp:
+        yield Path(tmp)
+
+
+def _dump(path: Path, run: dict[str, Any], new_items: set[str]) -> None:
+    """A run's raw observations as JSON lines, for looking at a timeline afterwards."""
+    with open(path, "w") as out:
+        for m in run["inputs"]:
+            value = json.loads(m.value())
+            out.write(json.dumps({"kind": "input", "produced_at": m.timestamp()[1] / 1000.0,
+                                  "partition": m.partition(), "offset": m.offset(),
+                                  "session_id": value["session_id"],
+                                  "item_id": value["item_id"],
+                                  "event_time": value["timestamp"]}) + "\n")
+        for r in run["outputs"]:
+            v = r.value
+            out.write(json.dumps({
+                "kind": "output", "consumed_at": r.consumed_at, "created_at": r.kafka_time,
+                "session_id": v["session_id"], "event_time": v["timestamp"],
+                "version": v["model_version"], "source": v["source"],
+                "new_item_recommended": any(e["item_id"] in new_items
+                                            for e in v["recommendations"])}) + "\n")
+        for read_at, record in run.get("records", []):
+            out.write(json.dumps({"kind": "trainer", "read_at": read_at, **record}) + "\n")
+
+
+def _b_window_quality(outputs: Sequence[Any], sessions: set[str], threshold: float,
                       known: set[str], only: set[str] | None = None) -> dict[str, Any]:
+    """Online quality of the answers to phase-B clicks (of ``only``'s sessions, if given)
+    from event time ``threshold`` on."""
     messages = [r.value for r in outputs
-                if r.value["timestamp"] >= max(phase_b_start, threshold)
+                if r.value["session_id"] in sessions and r.value["timestamp"] >= threshold
                 and (only is None or r.value["session_id"] in only)]
     return online_quality(messages, 20, known).to_dict()
 
 
-def _max_gap_ms(times: Sequence[float]) -> float:
+def _max_gap_ms(times: Sequence[float] | np.ndarray) -> float:
     return float(np.max(np.diff(times)) * 1000) if len(times) > 1 else 0.0
+
+
+def _swap_windows(outputs: Sequence[Any], input_times: np.ndarray, initial_version: str,
+                  phase: tuple[float, float], window_s: float) -> list[dict[str, Any]]:
+    """For each version's first output (a swap) inside ``phase`` (output creation times),
+    the output gaps around it, timed by the worker: the messages' Kafka timestamps, set
+    by its producer when it sends them (the reader's consume times add the bench's own
+    scheduling). ``boundary_gap_ms`` is the gap between the last output of the old
+    version and the first of the new one, where the swap happened; ``max_gap_ms`` the
+    longest gap within ``window_s`` of the swap; ``max_input_gap_ms`` the longest gap
+    between the clicks sent in that window, the part of a gap the input itself makes."""
+    created = np.array([r.kafka_time for r in outputs])
+    versions = [r.value["model_version"] for r in outputs]
+    seen = {initial_version}
+    windows = []
+    for i, version in enumerate(versions):
+        if version in seen:
+            continue
+        seen.add(version)
+        at = created[i]
+        if not phase[0] + window_s <= at <= phase[1] - window_s:
+            continue  # a swap between two phases, or at an end: no traffic to measure
+        around = (created >= at - window_s) & (created <= at + window_s)
+        sent = (input_times >= at - window_s) & (input_times <= at + window_s)
+        windows.append({"version": version, "at": float(at),
+                        "boundary_gap_ms": float((created[i] - created[i - 1]) * 1000),
+                        "max_gap_ms": _max_gap_ms(created[around]),
+                        "max_input_gap_ms": _max_gap_ms(np.sort(input_times[sent]))})
+    return windows
+
+
+def _first_new_item_timeline(on: dict[str, Any], new_items: set[str],
+                             first_click: float, first_rec: Any | None) -> dict[str, Any]:
+    """Where the time went between the first click on a new item and the first
+    recommendation of one: each round around it, relative to that click."""
+    rounds = []
+    for read_at, d in on["records"]:
+        if d.get("decision") not in ("promoted", "rejected", "not_published", "failed"):
+            continue
+        started = d.get("started_at", math.nan)
+        rounds.append({"round": d.get("round"), "decision": d["decision"],
+                       "started_after_s": started - first_click,
+                       "ended_after_s": d.get("published_at", read_at) - first_click,
+                       "train_seconds": d.get("train_seconds"),
+                       "round_seconds": d.get("round_seconds"),
+                       "late_s": d.get("late_s"),
+                       "sessions": d.get("sessions"), "train_events": d.get("train_events"),
+                       "new_items": d.get("new_items"), "version": d.get("version")})
+    timeline: dict[str, Any] = {"rounds": rounds}
+    if first_rec is not None:
+        version = first_rec.value["model_version"]
+        served = [r.kafka_time for r in on["outputs"] if r.value["model_version"] == version]
+        learnt = next((r for r in rounds if r["version"] == version), None)
+        timeline.update(
+            version=version,
+            round_started_after_s=learnt["started_after_s"] if learnt else math.nan,
+            round_seconds=learnt["round_seconds"] if learnt else math.nan,
+            published_after_s=learnt["ended_after_s"] if learnt else math.nan,
+            first_served_after_s=min(served) - first_click,
+            first_recommended_after_s=first_rec.consumed_at - first_click)
+    return timeline
+
+
+def drift_figures(on: dict[str, Any], off: dict[str, Any], data: dict[str, Any],
+                  args: argparse.Namespace) -> dict[str, Any]:
+    """The drift benchmark's figures from the raw observations of the two runs."""
+    new_items = data["new_items"]
+    phase_b_sessions = data["phase_b_sessions"]
+    promoted = [d for d in on["decisions"] if d.get("decision") == "promoted"]
+    new_versions = {d["version"] for d in promoted if d.get("new_items", 0) > 0}
+    # Versions published after the first one that learnt new items also know them.
+    if new_versions:
+        first_new = min(new_versions)
+        new_versions |= {d["version"] for d in promoted if d["version"] >= first_new}
+    on_outputs = sorted(on["outputs"], key=lambda r: (r.kafka_time, r.consumed_at))
+    served_new = [r for r in on_outputs if r.value["model_version"] in new_versions
+                  and r.value["session_id"] in phase_b_sessions]
+    threshold = served_new[0].value["timestamp"] if served_new else math.inf
+
+    # The first click on a new item, as sent (its Kafka timestamp, set by the replay's
+    # producer) -> the first output message recommending any new item, as consumed.
+    def sent_times(run: dict[str, Any], only_new: bool = False) -> np.ndarray:
+        times = []
+        for m in run["inputs"]:
+            value = json.loads(m.value())
+            if value["session_id"] in phase_b_sessions and (
+                    not only_new or value["item_id"] in new_items):
+                times.append(m.timestamp()[1] / 1000.0)
+        return np.sort(np.array(times))
+
+    on_sent, off_sent = sent_times(on), sent_times(off)
+    new_sent = sent_times(on, only_new=True)
+    first_new_click = float(new_sent[0]) if len(new_sent) else math.nan
+    first_rec = min((r for r in on_outputs
+                     if any(e["item_id"] in new_items for e in r.value["recommendations"])),
+                    key=lambda r: r.consumed_at, default=None)
+    after_s = first_rec.consumed_at - first_new_click if first_rec else math.nan
+    timeline = _first_new_item_timeline(on, new_items, first_new_click, first_rec)
+
+    def phase_b_created(outputs: Sequence[Any]) -> np.ndarray:
+        return np.sort(np.array([r.kafka_time for r in outputs
+                                 if r.value["session_id"] in phase_b_sessions]))
+
+    on_b, off_b = phase_b_created(on["outputs"]), phase_b_created(off["outputs"])
+    windows = _swap_windows(on_outputs, on_sent, on["initial_version"],
+                            (float(on_b[0]), float(on_b[-1])) if len(on_b) else (0.0, 0.0),
+                            args.swap_window_s)
+    on_consumed = np.sort(np.array([r.consumed_at for r in on_outputs]))
+    consumed_gaps = [_max_gap_ms(on_consumed[(on_consumed >= w["at"] - args.swap_window_s)
+                                             & (on_consumed <= w["at"] + args.swap_window_s)])
+                     for w in windows]
+
+    known = data["all_items"]
+    with_q = _b_window_quality(on["outputs"], phase_b_sessions, threshold, known)
+    without_q = _b_window_quality(off["outputs"], phase_b_sessions, threshold, known)
+    with_new = _b_window_quality(on["outputs"], phase_b_sessions, threshold, known,
+                                 data["b_sessions"])
+    without_new = _b_window_quality(off["outputs"], phase_b_sessions, threshold, known,
+                                    data["b_sessions"])
+    first_new_round = next((d for d in promoted if d["version"] in new_versions), None)
+    stats = _trainer_stats(on["decisions"])
+
+    def rate(times: np.ndarray) -> float:
+        return float((len(times) - 1) / (times[-1] - times[0])) if len(times) > 1 else 0.0
+
+    return {
+        "recall@20_with_retraining": with_q["recall@20"],
+        "recall@20_without_retraining": without_q["recall@20"],
+        "new_items_first_recommended_after_s": after_s,
+        "retrain_seconds": first_new_round["train_seconds"] if first_new_round else math.nan,
+        "max_swap_gap_ms": max((w["max_gap_ms"] for w in windows), default=math.nan),
+        "retrain_interval_s": args.interval,
+        "new_items_within_one_interval": bool(after_s <= args.interval),
+        "new_items_timeline": timeline,
+        "swap_windows": windows,
+        "max_swap_gap_consumed_ms": max(consumed_gaps, default=math.nan),
+        "max_gap_ms_phase_b_with_retraining": _max_gap_ms(on_b),
+        "max_gap_ms_phase_b_without_retraining": _max_gap_ms(off_b),
+        "p99_gap_ms_phase_b_with_retraining":
+            float(np.percentile(np.diff(on_b), 99) * 1000) if len(on_b) > 1 else math.nan,
+        "p99_gap_ms_phase_b_without_retraining":
+            float(np.percentile(np.diff(off_b), 99) * 1000) if len(off_b) > 1 else math.nan,
+        "phase_b_sent_events_per_s": rate(on_sent),
+        "phase_b_sent_events_per_s_without": rate(off_sent),
+        "new_item_sessions_recall@20_with_retraining": with_new["recall@20"],
+        "new_item_sessions_recall@20_without_retraining": without_new["recall@20"],
+        "n_predictions": with_q["n_predictions"],
+        "n_predictions_without": without_q["n_predictions"],
+        "swaps": len({r.value["model_version"] for r in on_outputs} - {on["initial_version"]}),
+        **{k: stats[k] for k in ("rounds", "promotions", "rejections", "round_train_seconds")},
+        "round_seconds": [d.get("round_seconds") for d in on["decisions"]
+                          if d.get("decision") == "promoted"],
+        "phase_b_events": len(data["phase_b"]), "phase_b_seconds": on["b_seconds"],
+        "phase_b_seconds_without": off["b_seconds"],
+        "a_prime_events": len(data["a_prime"]), "a_train_events": len(data["a_train"]),
+        "items_per_phase": args.items,
+        "answered": len(on["outputs"]), "answered_without": len(off["outputs"]),
+    }
 
 
 def run_drift(args: argparse.Namespace) -> int:
@@ -422,82 +673,16 @@ def run_drift(args: argparse.Namespace) -> int:
          f"{args.initial_epochs} epochs)")
     initial, _ = train(data["a_train"], config, seed=args.seed, device=args.device,
                        progress=False)
-    phase_b_start = data["phase_b"][0].timestamp
-    with kafka_or_local(args.broker) as bootstrap, \
-            tempfile.TemporaryDirectory(prefix="streamrec-bench-drift-") as tmp:
-        work = Path(tmp)
+    with kafka_or_local(args.broker) as bootstrap, _work_dir(args.work_dir) as work:
         model_dir = work / "phase-a-model"
         from model.artifact import save_model
         save_model(initial, model_dir)
         on = _drift_run(bootstrap, data, model_dir, work, args, retraining=True)
         off = _drift_run(bootstrap, data, model_dir, work, args, retraining=False)
-
-    new_items = data["new_items"]
-    promoted = [d for d in on["decisions"] if d.get("decision") == "promoted"]
-    new_versions = {d["version"] for d in promoted if d.get("new_items", 0) > 0}
-    # Versions published after the first one that learnt new items also know them.
-    if new_versions:
-        first_new = min(new_versions)
-        new_versions |= {d["version"] for d in promoted if d["version"] >= first_new}
-    on_outputs = sorted(on["outputs"], key=lambda r: r.consumed_at)
-    served_new = [r for r in on_outputs if r.value["model_version"] in new_versions
-                  and r.value["timestamp"] >= phase_b_start]
-    threshold = served_new[0].value["timestamp"] if served_new else math.inf
-
-    # First phase-B click sent (producer timestamp) -> first list with a new item consumed.
-    b_first_key = data["phase_b"][0].session_id.encode()
-    b_inputs = [m for m in on["inputs"] if json.loads(m.value())["timestamp"] >= phase_b_start]
-    first_b_sent = min((m.timestamp()[1] / 1000.0 for m in b_inputs),
-                       default=math.nan) if b_inputs else math.nan
-    del b_first_key
-    first_new_rec = next((r.consumed_at for r in on_outputs
-                          if any(e["item_id"] in new_items for e in r.value["recommendations"])),
-                         math.nan)
-
-    # Output gaps around each swap: consecutive outputs within +-window of the first output
-    # of a new version.
-    times = np.array([r.consumed_at for r in on_outputs])
-    versions = [r.value["model_version"] for r in on_outputs]
-    seen = {on["initial_version"]}
-    swap_gaps = []
-    for i, version in enumerate(versions):
-        if version in seen:
-            continue
-        seen.add(version)
-        around = (times >= times[i] - args.swap_window_s) & (times <= times[i] + args.swap_window_s)
-        swap_gaps.append(_max_gap_ms(times[around]))
-    off_b = sorted(r.consumed_at for r in off["outputs"] if r.value["timestamp"] >= phase_b_start)
-    on_b = [r.consumed_at for r in on_outputs if r.value["timestamp"] >= phase_b_start]
-
-    known = data["all_items"]
-    with_q = _b_window_quality(on["outputs"], phase_b_start, threshold, known)
-    without_q = _b_window_quality(off["outputs"], phase_b_start, threshold, known)
-    with_new = _b_window_quality(on["outputs"], phase_b_start, threshold, known,
-                                 data["b_sessions"])
-    without_new = _b_window_quality(off["outputs"], phase_b_start, threshold, known,
-                                    data["b_sessions"])
-    first_new_round = next((d for d in promoted if d["version"] in new_versions), None)
-    stats = _trainer_stats(on["decisions"])
-    print_json({
-        "recall@20_with_retraining": with_q["recall@20"],
-        "recall@20_without_retraining": without_q["recall@20"],
-        "new_items_first_recommended_after_s": first_new_rec - first_b_sent,
-        "retrain_seconds": first_new_round["train_seconds"] if first_new_round else math.nan,
-        "max_swap_gap_ms": max(swap_gaps) if swap_gaps else math.nan,
-        "max_gap_ms_phase_b_with_retraining": _max_gap_ms(on_b),
-        "max_gap_ms_phase_b_without_retraining": _max_gap_ms(off_b),
-        "new_item_sessions_recall@20_with_retraining": with_new["recall@20"],
-        "new_item_sessions_recall@20_without_retraining": without_new["recall@20"],
-        "n_predictions": with_q["n_predictions"],
-        "n_predictions_without": without_q["n_predictions"],
-        "swaps": len(swap_gaps),
-        **{k: stats[k] for k in ("rounds", "promotions", "rejections", "round_train_seconds")},
-        "phase_b_events": len(data["phase_b"]), "phase_b_seconds": on["b_seconds"],
-        "phase_b_seconds_without": off["b_seconds"],
-        "a_prime_events": len(data["a_prime"]), "a_train_events": len(data["a_train"]),
-        "items_per_phase": args.items,
-        "answered": len(on["outputs"]), "answered_without": len(off["outputs"]),
-    })
+        if args.work_dir:
+            _dump(work / "observations-on.jsonl", on, data["new_items"])
+            _dump(work / "observations-off.jsonl", off, data["new_items"])
+    print_json(drift_figures(on, off, data, args))
     return 0
 
 
@@ -559,6 +744,9 @@ def add_parsers(benches: argparse._SubParsersAction) -> None:
     p.add_argument("--b-sessions", type=int, default=6000,
                    help="new-item sessions of phase B (6000; plus a third as many A ones)")
     p.add_argument("--rate", type=float, default=1000.0, help="phase-B events/s (1000)")
+    p.add_argument("--speed", type=float, default=120.0,
+                   help="event-time seconds per wall second in phase B (120: the 120 s "
+                        "session timeout passes in about 1 s)")
     p.add_argument("--initial-epochs", type=int, default=5)
     p.add_argument("--interval", type=float, default=5.0, help="trainer --interval (5)")
     p.add_argument("--epochs", type=int, default=3, help="trainer --epochs (3)")
@@ -576,6 +764,9 @@ def add_parsers(benches: argparse._SubParsersAction) -> None:
     p.add_argument("--swap-window-s", type=float, default=1.0,
                    help="max_swap_gap_ms looks at outputs this close to a swap")
     p.add_argument("--broker", default=None, help="use this Kafka instead of a local one")
+    p.add_argument("--work-dir", default=None,
+                   help="keep the worker and trainer logs and the raw observations "
+                        "(observations-on/off.jsonl) in this directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cpu for the trainer)")
     p.set_defaults(run=run_drift)

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import faust
 
 from model.errors import UserError
 from stream.app import ClickProcessor
-from stream.registry import ModelRegistry
+from stream.registry import POINTER, ModelRegistry
 
 logger = logging.getLogger("streamrec.hot_swap")
 
@@ -55,6 +56,7 @@ class ModelWatcher:
         serving = self.processor.recommender.version
         if version is None or version == serving or version in self.rejected:
             return
+        noticed = time.time()
         try:
             recommender = await loop.run_in_executor(None, self.registry.load, version)
         except UserError as exc:
@@ -66,10 +68,20 @@ class ModelWatcher:
             logger.error("could not read model %s (will retry), still serving %s: %s",
                          version, serving, exc)
             return
+        loaded = time.time()
         self.processor.recommender = recommender
         self.processor.counters.swaps += 1
-        logger.warning("swapped model %s -> %s (%d items)", serving, version,
-                       recommender.n_items)
+        logger.warning("swapped model %s -> %s (%d items): pointer moved %.3f s before it "
+                       "was noticed, loaded in %.3f s, swapped at %.3f", serving, version,
+                       recommender.n_items, noticed - self._pointer_moved_at(), loaded - noticed,
+                       time.time())
+
+    def _pointer_moved_at(self) -> float:
+        """When ``CURRENT`` was last replaced (its mtime), for the swap's log line."""
+        try:
+            return (self.registry.root / POINTER).stat().st_mtime
+        except OSError:
+            return float("nan")
 
 
 def watch_registry(app: faust.App, processor: ClickProcessor, registry: ModelRegistry,

@@ -395,6 +395,7 @@ class LearningLoop:
         """Train, gate and maybe publish if enough sessions are complete; log and return
         the decision."""
         settings = self.settings
+        started, clock = time.time(), time.perf_counter()
         record: dict[str, Any] = {"event": "trainer_round", "buffered": len(self.buffer),
                                   "evicted": self.buffer.evicted, "stale": self.buffer.stale,
                                   "rejected_clicks": self.rejected_clicks}
@@ -407,7 +408,7 @@ class LearningLoop:
         if not enough:
             return self._log({**record, "decision": "wait", "complete_sessions": complete,
                               "min_sessions": settings.min_sessions})
-        record["idle"] = idle
+        record.update(idle=idle, started_at=round(started, 3))
         self.rounds += 1
         sessions = self.buffer.take_complete()
         holdout = sessions[-settings.holdout_sessions:]
@@ -423,6 +424,8 @@ class LearningLoop:
                       sessions={"fresh": len(fresh), "replay": len(replayed),
                                 "replay_log": len(from_log), "holdout": len(holdout)},
                       resumed_optimizer=resume, learning_rate=learning_rate)
+        prepared = time.perf_counter()
+        record["prepare_seconds"] = round(prepared - clock, 3)
         try:
             candidate, stats = train(sessions_log(from_log + replayed + fresh,
                                                   "trainer buffer"),
@@ -432,10 +435,15 @@ class LearningLoop:
                                      base=current, progress=False)
         except UserError as exc:
             return self._log({**record, "decision": "failed", "reason": str(exc)})
+        trained = time.perf_counter()
         result = gate(current, candidate, sessions_log(holdout, "trainer holdout"),
                       settings.gate_margin)
+        gated = time.perf_counter()
         record.update(gate=result.to_dict(), new_items=candidate.n_items - current.n_items,
                       train_seconds=round(stats.train_seconds, 3),
+                      fit_seconds=round(trained - prepared, 3),
+                      gate_seconds=round(gated - trained, 3),
+                      train_events=stats.n_events, epochs=stats.epochs,
                       final_loss=stats.final_loss)
         if not result.passed:
             return self._log({**record, "decision": "rejected", "reason": result.reason()})
@@ -451,7 +459,11 @@ class LearningLoop:
         except UserError as exc:
             return self._log({**record, "decision": "not_published", "reason": str(exc)})
         self._current = candidate
+        published = time.perf_counter()
         return self._log({**record, "decision": "promoted", "version": version,
+                          "publish_seconds": round(published - gated, 3),
+                          "round_seconds": round(published - clock, 3),
+                          "published_at": round(time.time(), 3),
                           "reason": result.reason()})
 
     def _log(self, record: dict[str, Any]) -> dict[str, Any]:

@@ -1,34 +1,92 @@
-"""``streamrec bench drift`` end to end on a tiny configuration (worker, trainer, broker)."""
+"""``streamrec bench drift`` end to end on a tiny configuration (worker, trainer, broker),
+and its synthetic phase B."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from model.data import ClickLog
+from stream.bench_learning import _drift_data, _retimed
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def drift_args(**changes: object) -> argparse.Namespace:
+    values: dict[str, object] = dict(items=50, train_sessions=300, a_sessions=200,
+                                     b_sessions=900, rate=400.0, speed=120.0, seed=0)
+    return argparse.Namespace(**{**values, **changes})
+
+
+def test_phase_b_is_sent_at_the_rate_throughout_not_in_a_burst() -> None:
+    """Sessions starting at the generator's fixed rate put most of phase B's clicks into
+    its first seconds (5-8x the nominal rate at the default size); retimed, every second
+    of phase B carries about ``--rate`` clicks."""
+    args = drift_args(b_sessions=3000, rate=500.0)
+    data = _drift_data(args)
+    times = np.array([c.timestamp for c in data["phase_b"]])
+    wall = (times - times[0]) / data["b_speed"]
+    assert wall[-1] == pytest.approx(len(times) / args.rate, rel=0.01)
+    per_second = np.histogram(wall, bins=np.arange(0, np.floor(wall[-1]) + 1))[0]
+    assert per_second[1:].min() > 0.75 * args.rate and per_second.max() < 1.25 * args.rate
+    # A' ends where B starts, so its clicks never carry event times inside phase B.
+    assert max(c.timestamp for c in data["a_prime"]) < times[0]
+    assert data["new_items"] and data["b_sessions"] <= data["phase_b_sessions"]
+
+
+def test_retimed_sessions_keep_their_gaps_and_stay_inside_the_window() -> None:
+    log = ClickLog.from_arrays(["a", "a", "a", "b", "b"], ["1", "2", "3", "4", "5"],
+                               [0.0, 10.0, 500.0, 5.0, 6.0])
+    moved = _retimed(log, 1000.0, 100.0, np.random.default_rng(0))
+    offsets = moved.session_offsets()
+    by_session = {moved.session_ids[moved.sessions[offsets[k]]]:
+                  moved.times[offsets[k]:offsets[k + 1]] for k in range(len(offsets) - 1)}
+    assert (moved.times >= 1000.0).all() and (moved.times < 1100.0).all()
+    assert np.diff(by_session["b"]).tolist() == pytest.approx([1.0])
+    assert len(by_session["a"]) == 2  # its click 490 s after the first is past the window
+    assert np.diff(by_session["a"]).tolist() == pytest.approx([10.0])
+
+
 @pytest.mark.kafka
-def test_tiny_drift_bench_runs_end_to_end(kafka_bootstrap: str) -> None:
+def test_tiny_drift_bench_runs_end_to_end(kafka_bootstrap: str, tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "stream.cli", "bench", "drift", "--broker",
          f"kafka://{kafka_bootstrap}", "--items", "50", "--train-sessions", "300",
          "--a-sessions", "200", "--b-sessions", "900", "--rate", "400",
          "--initial-epochs", "1", "--epochs", "1", "--interval", "2",
-         "--min-sessions", "60", "--holdout-sessions", "30", "--replay-sample", "300"],
+         "--min-sessions", "60", "--holdout-sessions", "30", "--replay-sample", "300",
+         "--work-dir", str(tmp_path / "work")],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     for key in ("recall@20_with_retraining", "recall@20_without_retraining",
-                "new_items_first_recommended_after_s", "retrain_seconds", "max_swap_gap_ms"):
+                "new_items_first_recommended_after_s", "retrain_seconds", "max_swap_gap_ms",
+                "retrain_interval_s", "new_items_timeline", "swap_windows"):
         assert key in figures
     assert figures["answered"] == figures["answered_without"] \
         == figures["a_prime_events"] + figures["phase_b_events"]
     assert 0.0 <= figures["recall@20_without_retraining"] <= 1.0
-    if figures["promotions"] and not math.isnan(figures["new_items_first_recommended_after_s"]):
-        assert figures["new_items_first_recommended_after_s"] > 0
+    assert figures["retrain_interval_s"] == 2.0
+    assert figures["phase_b_sent_events_per_s"] == pytest.approx(400, rel=0.2)
+    for name in ("observations-on.jsonl", "observations-off.jsonl"):
+        assert (tmp_path / "work" / name).stat().st_size > 0
+    after = figures["new_items_first_recommended_after_s"]
+    if figures["promotions"] and not math.isnan(after):
+        timeline = figures["new_items_timeline"]
+        # the first new item is clicked (0), a round learns it and publishes, the worker
+        # serves that version, and an answer recommends a new item: in that order
+        assert timeline["first_recommended_after_s"] == after > 0
+        # (published_at is taken after the announcement, which a worker may not wait for)
+        assert timeline["round_started_after_s"] < timeline["published_after_s"] \
+            <= timeline["first_served_after_s"] + 0.5
+        assert timeline["first_served_after_s"] <= after + 0.01
+        assert timeline["round_seconds"] > 0
+    for window in figures["swap_windows"]:
+        assert window["boundary_gap_ms"] <= window["max_gap_ms"]
