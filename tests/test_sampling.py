@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.sampling import PopularitySampler
+from model.sampling import PopularitySampler, alias_table
 
 SUPPORT = np.array([1, 4, 0, 9, 16, 0, 25, 2])
 ZERO = np.flatnonzero(SUPPORT == 0)
@@ -100,3 +100,17 @@ def test_single_item_with_support_is_always_drawn() -> None:
 def test_all_zero_support_is_refused() -> None:
     with pytest.raises(ValueError):
         make(0.5, support=np.zeros(4))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_alias_table_reproduces_the_probabilities_exactly(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    weights = rng.pareto(1.0, size=500) * (rng.random(500) < 0.8)  # heavy tail and zeros
+    probabilities = weights / weights.sum()
+    keep, alias = alias_table(probabilities)
+    # P(item) = (its own column's keep + the columns that alias to it) / columns
+    implied = keep.copy()
+    np.add.at(implied, alias, 1.0 - keep)
+    np.testing.assert_allclose(implied / len(probabilities), probabilities, atol=1e-12)
+    assert (keep[probabilities == 0] == 0).all()
+    assert (probabilities[alias[keep < 1]] > 0).all(), "a zero-probability item is an alias"
