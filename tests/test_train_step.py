@@ -30,6 +30,8 @@ class GradientRecorder:
 
 CONFIGS = [
     GRU4RecConfig(layers=(8,), dropout_p_hidden=0.0),
+    GRU4RecConfig(layers=(6, 5), dropout_p_hidden=0.0, constrained_embedding=False,
+                  embedding=4),
     GRU4RecConfig(layers=(8, 6), dropout_p_hidden=0.0, constrained_embedding=False,
                   loss="bpr-max"),
     GRU4RecConfig(layers=(6, 5), dropout_p_hidden=0.0, constrained_embedding=False,
@@ -49,7 +51,8 @@ def test_gradients_and_state_match_autograd(config: GRU4RecConfig) -> None:
             param.add_(torch.randn_like(param) * 0.3)
     state = torch.randn(4, sum(config.layers))
     inputs = torch.tensor([1, 2, 2, 7])
-    out_items = torch.tensor([3, 2, 5, 3, 9, 1, 2, 0])  # 4 targets (one repeated), 4 samples
+    # 4 targets (one repeated), then 8 samples: some drawn more than once, some also targets
+    out_items = torch.tensor([3, 2, 5, 3, 9, 1, 2, 0, 9, 9, 2, 14])
     log_q = (torch.randn(20), torch.randn(20))
     recorder = GradientRecorder()
     step = TrainingStep(network, recorder, make_loss(config.loss, config.bpreg), log_q)
