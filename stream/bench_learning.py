@@ -95,7 +95,7 @@ from stream.pipeline import REPO, StreamNames, WorkerProcess, start_readers
 from stream.registry import ModelRegistry
 from stream.replay import replay
 from stream.topics import ensure_topics
-from stream.trainer import TrainerSettings
+from stream.trainer import DEFAULT_BUDGET_SHARE, TrainerSettings
 
 PARTITIONS = 4
 #: ``streamrec trainer``'s defaults, which the benchmarks' trainer options default to.
@@ -166,8 +166,8 @@ class TrainerProcess:
 
 
 def _summary(record: dict[str, Any]) -> str:
-    keys = ("decision", "round", "complete_sessions", "buffered", "sessions", "new_items",
-            "train_seconds", "reason", "version")
+    keys = ("decision", "round", "late_s", "complete_sessions", "buffered", "sessions",
+            "budget", "new_items", "train_seconds", "round_seconds", "reason", "version")
     return json.dumps({k: record[k] for k in keys if k in record})
 
 
@@ -261,6 +261,7 @@ def run_incremental(args: argparse.Namespace) -> int:
                     "--holdout-sessions", str(args.holdout_sessions),
                     "--replay-sample", str(args.replay_sample),
                     "--learning-rate", str(args.learning_rate),
+                    "--round-budget-s", str(args.round_budget_s),
                     "--gate-margin", str(args.gate_margin), "--seed", str(args.seed)]
     if not args.no_replay_log:
         trainer_args += ["--replay-log", str(Path(args.initial).resolve()),
@@ -328,6 +329,7 @@ def run_incremental(args: argparse.Namespace) -> int:
         "stream_replay_seconds": stream_seconds,
         "stream_wall_seconds": wall_seconds,
         "speed": speed, "interval_s": args.interval, "epochs_per_round": args.epochs,
+        "round_budget_s": args.round_budget_s,
         "replay_sample": args.replay_sample, "learning_rate": args.learning_rate,
         "replay_log_sample": 0 if args.no_replay_log else args.replay_log_sample,
         "rounds_resumed_optimizer": sum(bool(d.get("resumed_optimizer")) for d in decisions),
@@ -427,6 +429,9 @@ def _drift_run(bootstrap: str, data: dict[str, Any], model_dir: Path, work: Path
             "--holdout-sessions", str(args.holdout_sessions),
             "--replay-sample", str(args.replay_sample), "--gate-margin", str(args.gate_margin),
             "--seed", str(args.seed), "--device", args.device or "cpu",
+            *(["--round-budget-s", str(args.round_budget_s)]
+              if args.round_budget_s is not None else []),
+            *(["--nice", str(args.trainer_nice)] if args.trainer_nice is not None else []),
             env={"OMP_NUM_THREADS": str(args.trainer_threads)})
     total = len(data["a_prime"]) + len(data["phase_b"])
     try:
@@ -721,6 +726,9 @@ def add_parsers(benches: argparse._SubParsersAction) -> None:
                    help="do not give the trainer INITIAL as --replay-log")
     p.add_argument("--gate-margin", type=float, default=TRAINER_DEFAULTS["gate_margin"],
                    help="trainer --gate-margin (%(default)s)")
+    p.add_argument("--round-budget-s", type=float, default=0.0,
+                   help="trainer --round-budget-s (0: none; the stream is compressed into "
+                        "a few intervals and every round trains on all it has)")
     p.add_argument("--speed", default=None,
                    help="replay speed: 'max' or a time-compression factor (default: the "
                         "stream's event-time span over STREAM_ROUNDS x INTERVAL)")
@@ -758,9 +766,14 @@ def add_parsers(benches: argparse._SubParsersAction) -> None:
     p.add_argument("--gate-margin", type=float, default=0.05,
                    help="trainer --gate-margin (0.05: the gate sees only the A sessions of "
                         "a 100-session holdout)")
+    p.add_argument("--round-budget-s", type=float, default=None,
+                   help="trainer --round-budget-s (default: the trainer's, "
+                        f"{DEFAULT_BUDGET_SHARE * 100:.0f}%% of --interval)")
     p.add_argument("--model-poll-s", type=float, default=1.0, help="worker --model-poll-s")
     p.add_argument("--trainer-threads", type=int, default=1,
                    help="OMP_NUM_THREADS of the trainer (1: leave a core to the worker)")
+    p.add_argument("--trainer-nice", type=int, default=None,
+                   help="trainer --nice (default: the trainer's, %s)" % TRAINER_DEFAULTS["nice"])
     p.add_argument("--swap-window-s", type=float, default=1.0,
                    help="max_swap_gap_ms looks at outputs this close to a swap")
     p.add_argument("--broker", default=None, help="use this Kafka instead of a local one")

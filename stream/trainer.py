@@ -14,8 +14,9 @@ group and keeps the registry's model current:
    The buffer is bounded in sessions (the least recently active is evicted), in clicks
    per session (the latest are kept) and in age (a complete session still waiting after
    ``max_session_age_s`` is stale and dropped).
-2. **Train.** Every ``interval_s``, when at least ``min_sessions`` sessions of two or more
-   clicks are complete, the most recent ``holdout_sessions`` of them are held out and the
+2. **Train.** Every ``interval_s`` on a fixed clock (a round is due ``interval_s`` after
+   the previous one was due, whatever it took; one that overran its slot is followed at
+   once), when at least ``min_sessions`` sessions of two or more clicks are complete, the most recent ``holdout_sessions`` of them are held out and the
    rest, plus older sessions against forgetting what the model knew, fine-tune the
    current model warm-started (:func:`model.train.train` with ``base``: known items keep
    their indexes and rows, new items are appended). The older sessions are a uniform
@@ -28,6 +29,13 @@ group and keeps the registry's model current:
    Adagrad from it at ``learning_rate``; a model without one starts a fresh accumulator,
    whose first steps are as large as the learning rate on every weight, at the smaller
    ``fresh_learning_rate``.
+   A round trains within a budget (``round_budget_s``, by default 40 % of the interval)
+   so that it ends well before the next is due: as many sessions as the training speed
+   measured by the previous rounds allows, the most recent fresh ones first (a quarter
+   of the budget kept for replayed ones), so new items are learnt by the next round
+   even when the stream brings more than a round can train on.
+   The trainer lowers its CPU priority (``nice``): on a machine it shares with workers,
+   serving clicks comes first.
    A round that finds no new click since the previous round does not wait for
    ``min_sessions``: the stream has gone quiet, and the complete sessions (if more than
    the holdout) are trained on now rather than after the next burst of traffic.
@@ -51,6 +59,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import signal
 import sys
@@ -81,8 +90,22 @@ MAX_SESSION_CLICKS = 200
 #: Training holds the poll loop; librdkafka keeps heartbeating, and this is how long a
 #: round may take before the broker considers the trainer gone.
 MAX_POLL_INTERVAL_MS = 3_600_000
+#: Clicks taken from the consumer at a time; a due round first takes what was fetched,
+#: for at most ``CATCH_UP_S``.
+CONSUME_BATCH = 1000
+CATCH_UP_S = 1.0
 #: Most sessions of ``--replay-log`` kept in memory (a uniform sample of the log's).
 MAX_REPLAY_LOG_SESSIONS = 100_000
+#: A round's training budget when ``--round-budget-s`` is not given: this share of the
+#: interval, so that a round (plus gate and publish) ends well before the next is due.
+DEFAULT_BUDGET_SHARE = 0.4
+#: Share of a round's budget kept for replayed sessions when fresh ones would fill it:
+#: a trainer that only just keeps up with the stream must not stop replaying, or it forgets.
+REPLAY_SHARE = 0.25
+#: Training speed (clicks x epochs per second) assumed until a round has measured it:
+#: about what one CPU thread does for the default network (100 units) with a core's
+#: worth of other work on the machine.
+PRIOR_THROUGHPUT = 5000.0
 
 
 @dataclass(frozen=True)
@@ -111,6 +134,8 @@ class TrainerSettings:
     seed: int = 0
     device: str | None = None
     web_port: int = 6067
+    round_budget_s: float | None = None
+    nice: int = 10
 
     def __post_init__(self) -> None:
         bootstrap_servers(self.broker)
@@ -134,6 +159,11 @@ class TrainerSettings:
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, "
                                 f"got {getattr(self, name)}")
+        if self.round_budget_s is not None and not 0 <= self.round_budget_s < math.inf:
+            raise UserError(f"--round-budget-s must be a finite number >= 0, "
+                            f"got {self.round_budget_s}")
+        if not 0 <= self.nice <= 19:
+            raise UserError(f"--nice must be in 0..19, got {self.nice}")
         if self.replay_log is not None and not self.replay_log:
             raise UserError("--replay-log must name a click log")
         if not 0 <= self.gate_margin < 1:
@@ -155,6 +185,13 @@ class TrainerSettings:
     @property
     def bootstrap(self) -> str:
         return bootstrap_servers(self.broker)
+
+    @property
+    def budget_s(self) -> float | None:
+        """Training seconds a round may take (None: no limit)."""
+        if self.round_budget_s is None:
+            return DEFAULT_BUDGET_SHARE * self.interval_s
+        return self.round_budget_s or None
 
 
 @dataclass
@@ -375,6 +412,9 @@ class LearningLoop:
                                           random.Random(settings.seed + 1))
         self.rejected_clicks = 0
         self.rounds = 0
+        #: measured training speed, clicks x epochs per second (None until a round ran)
+        self.throughput: float | None = None
+        self._budget_rng = random.Random(settings.seed + 2)
         self.clicks = 0                 # valid clicks added so far
         self._clicks_at_last_round = 0
         self._current: Recommender | None = None
@@ -391,14 +431,63 @@ class LearningLoop:
                                                   optimizer_state=True)
         return self._current
 
-    def round(self) -> dict[str, Any]:
+    def budget_events(self) -> int | None:
+        """Clicks a round may train on (each for every epoch) within the budget, at the
+        training speed measured so far (None: no budget)."""
+        budget = self.settings.budget_s
+        if budget is None:
+            return None
+        speed = self.throughput if self.throughput is not None else PRIOR_THROUGHPUT
+        return int(budget * speed / self.settings.epochs)
+
+    def _within_budget(self, fresh: list[BufferedSession], older: list[BufferedSession]
+                       ) -> tuple[list[BufferedSession], list[BufferedSession], dict[str, Any]]:
+        """The fresh and older sessions a round trains on within the budget. The most
+        recent fresh sessions come first (they carry what the model does not know yet),
+        up to ``1 - REPLAY_SHARE`` of the budget when there are older sessions; then a
+        random part of the older ones (replay, against forgetting); then more fresh ones
+        if room is left. Fresh sessions left out stay in the replay sample like the rest."""
+        limit = self.budget_events()
+        if limit is None:
+            return fresh, older, {}
+        events = 0
+        newest_first = list(reversed(fresh))
+        taken = 0
+
+        def take_fresh(up_to: int) -> None:
+            nonlocal events, taken
+            while taken < len(newest_first):
+                clicks = len(newest_first[taken].items)
+                if taken and events + clicks > up_to:
+                    break
+                events += clicks
+                taken += 1
+
+        take_fresh(int(limit * (1 - REPLAY_SHARE)) if older else limit)
+        chosen = set()
+        for session in self._budget_rng.sample(older, len(older)):
+            if events + len(session.items) <= limit:
+                chosen.add(id(session))
+                events += len(session.items)
+        take_fresh(limit)
+        kept_fresh = newest_first[:taken][::-1]
+        kept_older = [s for s in older if id(s) in chosen]  # in their original order
+        return kept_fresh, kept_older, {
+            "seconds": self.settings.budget_s, "events": limit,
+            "throughput": None if self.throughput is None else round(self.throughput, 1),
+            "fresh_left_out": len(fresh) - len(kept_fresh),
+            "replay_left_out": len(older) - len(kept_older)}
+
+    def round(self, late_s: float | None = None) -> dict[str, Any]:
         """Train, gate and maybe publish if enough sessions are complete; log and return
-        the decision."""
+        the decision. ``late_s``: how long after it was due the round started."""
         settings = self.settings
         started, clock = time.time(), time.perf_counter()
         record: dict[str, Any] = {"event": "trainer_round", "buffered": len(self.buffer),
                                   "evicted": self.buffer.evicted, "stale": self.buffer.stale,
                                   "rejected_clicks": self.rejected_clicks}
+        if late_s is not None:
+            record["late_s"] = round(late_s, 3)
         complete = self.buffer.complete_count()
         quiet = self.clicks == self._clicks_at_last_round  # nothing new since last round
         self._clicks_at_last_round = self.clicks
@@ -417,6 +506,12 @@ class LearningLoop:
         self.replay.offer(fresh + holdout)  # for later rounds; this one has its copy
         from_log = (self.replay_log.draw(settings.replay_log_sample)
                     if self.replay_log is not None else [])
+        fresh, older, budget = self._within_budget(fresh, from_log + replayed)
+        if budget:
+            record["budget"] = budget
+            kept = set(map(id, older))
+            from_log = [s for s in from_log if id(s) in kept]
+            replayed = [s for s in replayed if id(s) in kept]
         current = self.current()
         resume = current.optimizer_state is not None
         learning_rate = settings.learning_rate if resume else settings.fresh_learning_rate
@@ -436,6 +531,9 @@ class LearningLoop:
         except UserError as exc:
             return self._log({**record, "decision": "failed", "reason": str(exc)})
         trained = time.perf_counter()
+        speed = stats.n_events * stats.epochs / max(trained - prepared, 1e-6)
+        self.throughput = speed if self.throughput is None else \
+            0.5 * self.throughput + 0.5 * speed
         result = gate(current, candidate, sessions_log(holdout, "trainer holdout"),
                       settings.gate_margin)
         gated = time.perf_counter()
@@ -488,10 +586,10 @@ def consume(settings: TrainerSettings, loop: LearningLoop, stop: threading.Event
             raise UserError(f"missing topic {settings.input_topic!r} on {settings.bootstrap}")
         consumer.subscribe([settings.input_topic])
         loop.metrics.not_ready_reason = None
-        next_round = time.monotonic() + settings.interval_s
-        while not stop.is_set():
-            loop.metrics.beat(len(loop.buffer))
-            for message in consumer.consume(1000, timeout=0.2):
+
+        def read(timeout: float) -> int:
+            messages = consumer.consume(CONSUME_BATCH, timeout=timeout)
+            for message in messages:
                 if message.error():
                     print(f"streamrec trainer: {message.error()}", file=sys.stderr)
                     continue
@@ -500,13 +598,30 @@ def consume(settings: TrainerSettings, loop: LearningLoop, stop: threading.Event
                     loop.add(parsed, message.partition() or 0)  # set on every fetched message
                 else:
                     loop.rejected_clicks += 1
-            if time.monotonic() >= next_round:
-                loop.metrics.training = True
-                try:
-                    loop.round()
-                finally:
-                    loop.metrics.training = False
-                next_round = time.monotonic() + settings.interval_s
+            return len(messages)
+
+        # Rounds keep a fixed clock: one is due every interval_s from the start, whatever
+        # the previous one took (a round that began `interval_s` after the previous one
+        # ended drifted later by a round's length each time). A round that overran its
+        # slot is followed at once, and the clock restarts from then.
+        due = time.monotonic() + settings.interval_s
+        while not stop.is_set():
+            loop.metrics.beat(len(loop.buffer))
+            read(0.2)
+            now = time.monotonic()
+            if now < due:
+                continue
+            # Catch up with what was fetched meanwhile (a round blocks the loop), so the
+            # round sees the stream as it is now.
+            deadline = now + CATCH_UP_S
+            while read(0.0) == CONSUME_BATCH and time.monotonic() < deadline:
+                pass
+            loop.metrics.training = True
+            try:
+                loop.round(late_s=time.monotonic() - due)
+            finally:
+                loop.metrics.training = False
+            due = max(due + settings.interval_s, time.monotonic())
     finally:
         consumer.close()
 
@@ -515,8 +630,16 @@ def settings_from_args(args: argparse.Namespace) -> TrainerSettings:
     return TrainerSettings(**{f.name: getattr(args, f.name) for f in fields(TrainerSettings)})
 
 
+def lower_priority(nice: int) -> int:
+    """Add ``nice`` to this process's niceness (threads started later inherit it); return
+    the new niceness. Training competes with the workers for the CPU when they share a
+    machine: serving a click now matters more than finishing a round a little sooner."""
+    return os.nice(nice) if nice else os.nice(0)
+
+
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
+    niceness = lower_priority(settings.nice)  # first: every thread started below inherits it
     registry = ModelRegistry(settings.registry, keep=settings.keep,
                              announcer=KafkaAnnouncer(settings.bootstrap,
                                                       settings.updates_topic))
@@ -524,8 +647,12 @@ def run(args: argparse.Namespace) -> int:
     if settings.web_port:
         serve(loop.metrics.app(), settings.web_port)
     base = loop.current()
+    budget = settings.budget_s
     print(f"streamrec trainer: following {settings.input_topic} as group {settings.group}; "
-          f"current model {base.version} ({base.n_items} items)", file=sys.stderr)
+          f"current model {base.version} ({base.n_items} items); a round every "
+          f"{settings.interval_s:g} s, training budget "
+          f"{'none' if budget is None else f'{budget:g} s'}, niceness {niceness}",
+          file=sys.stderr)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -578,6 +705,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     option("updates_topic", str, "topic announcing new versions")
     option("seed", int, "random seed (replay sample, training)")
     option("web_port", int, "HTTP port for /metrics, /healthz, /readyz (0 = none)")
+    parser.add_argument("--round-budget-s", dest="round_budget_s", type=float, default=None,
+                        help="training seconds a round may take: the most recent complete "
+                             "sessions first, then replayed ones, as many as fit at the "
+                             "training speed measured by earlier rounds (default "
+                             f"{DEFAULT_BUDGET_SHARE * 100:.0f}%% of --interval; 0 = no limit)")
+    option("nice", int, "niceness added to the trainer's (0..19), so that workers on the "
+                        "same machine get the CPU first")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if "
                                                        "available)")
     parser.set_defaults(run=run)

@@ -63,7 +63,7 @@ def settings(**changes: Any) -> TrainerSettings:
     values: dict[str, Any] = dict(broker="127.0.0.1:9092", registry="unused", interval_s=1.0,
                                   min_sessions=200, holdout_sessions=100,
                                   session_timeout_s=1800.0, replay_sample=300,
-                                  gate_margin=0.05)
+                                  gate_margin=0.05, round_budget_s=0.0)  # no budget
     return TrainerSettings(**{**values, **changes})
 
 
@@ -330,6 +330,71 @@ def test_a_round_replays_a_fresh_draw_of_the_replay_log(
     assert earliest[0] != earliest[1]
 
 
+def test_a_round_within_its_budget_trains_the_newest_sessions_then_replay(
+        registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+    trained_on: list[ClickLog] = []
+
+    def spy(log: ClickLog, config: GRU4RecConfig, **kwargs: Any) -> tuple[Recommender, Any]:
+        trained_on.append(log)
+        return train(log, config, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "train", spy)
+    loop = LearningLoop(settings(gate_margin=0.5, round_budget_s=2.0, epochs=2), registry,
+                        out=io.StringIO())
+    assert loop.budget_events() == int(2.0 * trainer_module.PRIOR_THROUGHPUT / 2)
+    feed(loop, part(range(1200, 1600)))
+    first = loop.round()
+    assert first["decision"] == "promoted", first
+    assert first["budget"]["throughput"] is None  # nothing measured before this round
+    assert loop.throughput is not None and loop.throughput > 0  # measured by it
+    loop.throughput = 500.0  # clicks x epochs per second: 2 s x 500 / 2 epochs = 500 clicks
+    assert loop.budget_events() == 500
+    stream = part(range(1600, 2000))
+    feed(loop, stream)
+    second = loop.round()
+    assert second["decision"] in ("promoted", "rejected"), second
+    budget = second["budget"]
+    assert budget["events"] == 500 and budget["seconds"] == 2.0 and budget["throughput"] == 500
+    # What the round had: the stream's sessions of 2+ clicks by last click, the newest
+    # 100 held out. Fresh ones first, newest first, up to 3/4 of the 500 clicks; then
+    # replayed ones; then fresh ones again if room is left.
+    offsets = stream.session_offsets()
+    sessions = sorted((tuple(stream.times[a:b]), tuple(stream.item_ids[stream.items[a:b]]))
+                      for a, b in zip(offsets[:-1], offsets[1:]) if b - a >= 2)
+    sessions.sort(key=lambda s: s[0][-1])
+    fresh = sessions[:-100]
+    log = trained_on[-1]
+    offsets = log.session_offsets()
+    trained = {(tuple(log.times[a:b]), tuple(log.item_ids[log.items[a:b]]))
+               for a, b in zip(offsets[:-1], offsets[1:])}
+    kept = second["sessions"]["fresh"]
+    assert set(fresh[-kept:]) <= trained and not set(fresh[:-kept]) & trained  # the newest
+    fresh_clicks = sum(len(s[0]) for s in fresh[-kept:])
+    assert 500 * (1 - trainer_module.REPLAY_SHARE) - 10 <= fresh_clicks <= 500
+    replay_clicks = len(log) - fresh_clicks
+    assert 500 * trainer_module.REPLAY_SHARE - 10 <= replay_clicks and len(log) <= 500
+    assert budget["fresh_left_out"] == len(fresh) - kept > 0
+    assert budget["replay_left_out"] == 300 - second["sessions"]["replay"] > 200
+    # left-out fresh sessions were still offered to the replay sample
+    assert loop.replay.seen == 2 * 100 + first["sessions"]["fresh"] + len(fresh)
+
+
+def test_no_budget_trains_everything(registry: ModelRegistry) -> None:
+    unbounded = settings(round_budget_s=0.0)
+    assert unbounded.budget_s is None
+    assert settings(round_budget_s=None, interval_s=10.0).budget_s == pytest.approx(
+        trainer_module.DEFAULT_BUDGET_SHARE * 10.0)
+    loop = LearningLoop(unbounded, registry, out=io.StringIO())
+    assert loop.budget_events() is None
+    feed(loop, part(range(1200, 1600)))
+    decision = loop.round()
+    assert "budget" not in decision
+    with pytest.raises(UserError, match="--round-budget-s"):
+        settings(round_budget_s=-1.0)
+    with pytest.raises(UserError, match="--nice"):
+        settings(nice=20)
+
+
 def test_a_missing_replay_log_is_a_user_error(registry: ModelRegistry, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="nothing.tsv"):
         LearningLoop(settings(replay_log=str(tmp_path / "nothing.tsv")), registry,
@@ -459,3 +524,83 @@ def test_the_trainer_learns_from_the_click_topic_and_publishes(
     assert promoted[0]["sessions"]["fresh"] + promoted[0]["sessions"]["holdout"] == \
         sum(1 for k in range(stream.n_sessions)
             if stream.session_offsets()[k + 1] - stream.session_offsets()[k] >= 2)
+
+
+class TimedLoop(LearningLoop):
+    """Rounds that only take time: ``durations`` seconds each, start times recorded."""
+
+    def __init__(self, *args: Any, durations: list[float], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.durations = durations
+        self.starts: list[float] = []
+        self.ends: list[float] = []
+        self.lateness: list[float | None] = []
+
+    def round(self, late_s: float | None = None) -> dict[str, Any]:
+        self.starts.append(time.monotonic())
+        self.lateness.append(late_s)
+        time.sleep(self.durations[len(self.starts) - 1] if len(self.starts) <= len(
+            self.durations) else 0.0)
+        self.ends.append(time.monotonic())
+        return {"decision": "wait"}
+
+
+@pytest.mark.kafka
+def test_rounds_keep_a_fixed_clock_and_follow_an_overrun_at_once(
+        kafka_bootstrap: str, topic_name: str, registry: ModelRegistry) -> None:
+    ensure_topics(kafka_bootstrap, {topic_name: 1})
+    interval = 0.8
+    config = settings(broker=kafka_bootstrap, registry=str(registry.root),
+                      input_topic=topic_name, group=f"{topic_name}-trainer",
+                      interval_s=interval)
+    loop = TimedLoop(config, registry, out=io.StringIO(), durations=[0.4, 0.4, 1.3, 0.1, 0.1])
+    stop = threading.Event()
+    thread = threading.Thread(target=consume, args=(config, loop, stop), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while len(loop.ends) < 5:
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.05)
+    stop.set()
+    thread.join(30)
+    starts, ends = loop.starts, loop.ends
+    # On the clock: the second round is due one interval after the first was, not one
+    # interval after it ended (that would be 1.2 s after its start).
+    assert starts[1] - starts[0] == pytest.approx(interval, abs=0.25)
+    assert starts[2] - starts[1] == pytest.approx(interval, abs=0.25)
+    # The third overran its slot (1.3 s): the fourth starts at once, late by the overrun,
+    # and the clock goes on from when it was due.
+    assert starts[3] - ends[2] < 0.3
+    overrun = ends[2] - (starts[2] + interval)
+    assert loop.lateness[3] == pytest.approx(overrun, abs=0.3)
+    assert starts[4] - ends[2] == pytest.approx(interval, abs=0.25)
+    assert all(late is not None and late < 0.3 for late in loop.lateness[:3])
+
+
+@pytest.mark.kafka
+def test_the_trainer_process_lowers_its_priority(
+        kafka_bootstrap: str, topic_name: str, registry: ModelRegistry) -> None:
+    import os
+    import subprocess
+    import sys
+
+    ensure_topics(kafka_bootstrap, {topic_name: 1})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stream.cli", "trainer", "--broker", f"kafka://{kafka_bootstrap}",
+         "--registry", str(registry.root), "--input-topic", topic_name,
+         "--group", f"{topic_name}-trainer", "--updates-topic", f"{topic_name}-updates",
+         "--web-port", "0", "--interval", "60", "--nice", "3"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert process.stderr is not None
+        line = process.stderr.readline()
+        assert "streamrec trainer: following" in line, line + process.stderr.read()
+        expected = min(os.nice(0) + 3, 19)
+        assert f"niceness {expected}" in line and "training budget 24 s" in line
+        # /proc/PID/stat: field 19 is the nice value (after the parenthesised name)
+        fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        assert int(fields[16]) == expected
+    finally:
+        process.terminate()
+        process.wait(30)
