@@ -100,8 +100,20 @@ class Recommender:
     @torch.no_grad()
     def top_k(self, states: torch.Tensor, started: torch.Tensor,
               k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``k`` best item indexes and their scores for each state, best first."""
-        return top_k_rows(self.scores(states, started), min(k, self.n_items))
+        """The ``k`` best item indexes and their scores for each state, best first.
+
+        States are ranked ``RANKED_TOGETHER`` at a time: their catalogue-wide scores then
+        stay in cache between the product and the search (at 40k items, 64 rows at a time
+        cost 150 us per row and 256 at a time 200 us)."""
+        k = min(k, self.n_items)
+        parts = [top_k_rows(self.scores(some, some_started), k) for some, some_started
+                 in zip(states.split(RANKED_TOGETHER), started.split(RANKED_TOGETHER))]
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+RANKED_TOGETHER = 64
 
 
 #: Catalogues from this size on are ranked by :func:`top_k_rows`' two-stage search; below

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from model.inference import TWO_STAGE_TOP_K_ITEMS, top_k_rows
+from model.config import GRU4RecConfig
+from model.data import ItemMap
+from model.inference import RANKED_TOGETHER, TWO_STAGE_TOP_K_ITEMS, Recommender, top_k_rows
+from model.network import GRU4RecNetwork
 
 
 @pytest.mark.parametrize("n_items", [100, TWO_STAGE_TOP_K_ITEMS, 40_000, 40_037, 100_001])
@@ -36,3 +40,15 @@ def test_fewer_blocks_than_k_falls_back() -> None:
     k = TWO_STAGE_TOP_K_ITEMS // 64 + 1
     indices, values = top_k_rows(scores, k)
     assert torch.equal(values, torch.topk(scores, k, dim=1).values)
+
+
+def test_recommender_ranks_many_states_in_parts_with_the_same_answer() -> None:
+    n_items = 10_000
+    network = GRU4RecNetwork(GRU4RecConfig(), n_items, generator=torch.Generator().manual_seed(3))
+    recommender = Recommender(network, ItemMap(str(i) for i in range(n_items)),
+                              np.arange(n_items, 0, -1, dtype=np.float64), GRU4RecConfig())
+    states = torch.randn(2 * RANKED_TOGETHER + 7, network.state_size)
+    started = torch.rand(len(states)) < 0.8  # some rank by popularity
+    indices, values = recommender.top_k(states, started, 20)
+    expected = top_k_rows(recommender.scores(states, started), 20)
+    assert torch.equal(indices, expected[0]) and torch.equal(values, expected[1])
