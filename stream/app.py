@@ -16,7 +16,8 @@ Where a click goes:
    once.
 5. Expiry: a timer sends, per assigned partition, a marker to the co-partitioned
    ``<app>-expiry`` topic; when the agent reads it, it deletes that partition's sessions
-   idle by then (event time) in the marker's context, which writes changelog tombstones.
+   idle by then (event time, found by :mod:`stream.idle_sessions` without scanning the
+   table) in the marker's context, which writes changelog tombstones.
 
 An unexpected exception (a bug, not bad input) stops the process without committing the
 batch, so it is redelivered to the restarted worker instead of being acked and lost.
@@ -44,6 +45,7 @@ from faust.types import EventT
 from model.inference import Recommender
 from stream.events import MAX_MESSAGE_BYTES, Rejected, encode_recommendation, parse_click
 from stream.metrics import ProcessorMetrics
+from stream.idle_sessions import IdleSessions
 from stream.kafka_config import faust_credentials
 from stream.scoring import SourcedClick, apply_clicks
 from stream.settings import WorkerSettings
@@ -110,6 +112,7 @@ class ClickProcessor:
         self._expiry_topic = expiry_topic(settings)
         self.metrics = ProcessorMetrics()  # histograms, live quality (stream.metrics)
         self._serving = False
+        self.idle = IdleSessions()  # what expiry deletes (dropped at each rebalance)
 
     async def process(self, events: Sequence[EventT]) -> None:
         logger.debug("batch of %d events", len(events))
@@ -182,10 +185,10 @@ class ClickProcessor:
             self.metrics.online.observe(sourced.click.session_id, sourced.click.item_id,
                                         outcome.items, recommender.version,
                                         recommender.item_map)
-        for (event, sourced), outcome in zip(clicks, outcomes):
-            if outcome.state is not None:
-                with _in_context_of(event):
-                    self.table[event.message.key] = outcome.state.encode()
+        for event, sourced, outcome in answered:
+            with _in_context_of(event):
+                self.table[event.message.key] = outcome.state.encode()
+            self.idle.touch(sourced.partition, event.message.key, outcome.state.last_time)
 
     async def _dead_letter(self, event: EventT, rejected: Rejected) -> None:
         message = event.message
@@ -238,14 +241,11 @@ class ClickProcessor:
         partition = event.message.partition
         before = max(sent_before, self.watermarks.get(partition, -math.inf)
                      - self.settings.session_timeout_s)
-        doomed = []
-        for key, raw in self.table.items():
-            session_partition, last_time = SessionState.peek_partition_and_time(raw)
-            if session_partition == partition and last_time < before:
-                doomed.append(key)
+        doomed = self.idle.idle_before(partition, before, self.table)
         with _in_context_of(event):
             for key in doomed:
                 del self.table[key]
+        self.idle.forget(partition, doomed)
         self.counters.expired += len(doomed)
         self.metrics.online.forget(key.decode("utf-8", "replace") for key in doomed)
 
@@ -316,6 +316,8 @@ def create_app(settings: WorkerSettings, recommender: Recommender) -> tuple[faus
     table = app.Table("sessions", key_type=bytes, value_type=bytes, default=None,
                       partitions=settings.partitions, extra_topic_configs=CHANGELOG_CONFIG)
     processor = ClickProcessor(settings, recommender, table, output, dead_letters)
+    app.on_partitions_revoked.connect(processor.idle.invalidate)
+    app.on_partitions_assigned.connect(processor.idle.invalidate)
 
     @app.agent(clicks, concurrency=1)
     async def answer_clicks(stream: faust.StreamT) -> None:
