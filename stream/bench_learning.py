@@ -46,7 +46,8 @@ The timing figures (run with retraining):
   interval) is ``new_items_within_one_interval``, with ``retrain_interval_s`` next to it:
   with rounds on a fixed clock the first click can come just after a round started, so
   the figure is at most about the interval (waiting for the next round, once some
-  new-item sessions are complete), plus one round, plus the worker's poll.
+  new-item sessions are complete), plus one round, plus the worker's poll: that bound,
+  for this run's round and poll, is ``new_items_worst_phase_after_s``.
 - ``max_swap_gap_ms``: for each swap to a new version during phase B, the longest gap
   between two consecutive output messages within ``--swap-window-s`` of the first output
   of the new version, timed by the messages' Kafka timestamps (set by the worker's
@@ -663,6 +664,10 @@ def drift_figures(on: dict[str, Any], off: dict[str, Any], data: dict[str, Any],
         "max_swap_gap_ms": max((w["max_gap_ms"] for w in windows), default=math.nan),
         "retrain_interval_s": args.interval,
         "new_items_within_one_interval": bool(after_s <= args.interval),
+        # Had the first new-item click come just after a round started, it would have
+        # waited a whole interval for the next one, then the same round and poll.
+        "new_items_worst_phase_after_s":
+            args.interval + after_s - timeline.get("round_started_after_s", math.nan),
         "new_items_timeline": timeline,
         "swap_windows": windows,
         "max_swap_gap_consumed_ms": max(consumed_gaps, default=math.nan),

@@ -88,5 +88,7 @@ def test_tiny_drift_bench_runs_end_to_end(kafka_bootstrap: str, tmp_path: Path) 
             <= timeline["first_served_after_s"] + 0.5
         assert timeline["first_served_after_s"] <= after + 0.01
         assert timeline["round_seconds"] > 0
+        assert figures["new_items_worst_phase_after_s"] == pytest.approx(
+            2.0 + after - timeline["round_started_after_s"])
     for window in figures["swap_windows"]:
         assert window["boundary_gap_ms"] <= window["max_gap_ms"]
