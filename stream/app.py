@@ -69,6 +69,11 @@ PRODUCER_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 TRUNCATED_DEAD_LETTER_BYTES = MAX_MESSAGE_BYTES
 
 
+# Most idle sessions deleted (changelog tombstones written) per batch: spreads a large
+# expiry pass over the following batches instead of stopping the worker for it.
+EXPIRY_DELETES_PER_BATCH = 256
+
+
 def _too_large(exc: BaseException) -> bool:
     """A producer error meaning the message exceeds a size limit (client's or broker's)."""
     cause = exc.__cause__ if isinstance(exc, ProducerSendError) else exc
@@ -113,6 +118,8 @@ class ClickProcessor:
         self.metrics = ProcessorMetrics()  # histograms, live quality (stream.metrics)
         self._serving = False
         self.idle = IdleSessions()  # what expiry deletes (dropped at each rebalance)
+        # partition -> (its last expiry marker, the cut-off, idle sessions left to delete)
+        self._expiring: dict[int, tuple[EventT, float, list[bytes]]] = {}
 
     async def process(self, events: Sequence[EventT]) -> None:
         logger.debug("batch of %d events", len(events))
@@ -142,6 +149,7 @@ class ClickProcessor:
         # batch is committed (awaiting each one's delivery in turn capped a worker at about
         # 130 bad messages/s, a flood of which then delayed every good click behind it).
         await asyncio.gather(*dead_letters, *([self._answer(clicks, now)] if clicks else []))
+        self._delete_expired()
         for event in events:
             self.metrics.processed(event.message.topic, event.message.partition,
                                    event.message.offset)
@@ -241,13 +249,41 @@ class ClickProcessor:
         partition = event.message.partition
         before = max(sent_before, self.watermarks.get(partition, -math.inf)
                      - self.settings.session_timeout_s)
-        doomed = self.idle.idle_before(partition, before, self.table)
-        with _in_context_of(event):
-            for key in doomed:
-                del self.table[key]
-        self.idle.forget(partition, doomed)
-        self.counters.expired += len(doomed)
-        self.metrics.online.forget(key.decode("utf-8", "replace") for key in doomed)
+        self._expiring[partition] = (event, before,
+                                     self.idle.idle_before(partition, before, self.table))
+        self._delete_expired()
+
+    def _delete_expired(self) -> None:
+        """Delete up to ``EXPIRY_DELETES_PER_BATCH`` sessions that markers found idle.
+
+        Called for each marker and after each batch: a pass that finds thousands of idle
+        sessions (a burst of sessions ending together, a backlog) would otherwise write
+        thousands of tombstones in one step and hold every click behind it. A session
+        that clicked since its marker is kept."""
+        budget = EXPIRY_DELETES_PER_BATCH
+        for partition in list(self._expiring):
+            event, before, keys = self._expiring[partition]
+            chunk, rest = keys[:budget], keys[budget:]
+            if rest:
+                self._expiring[partition] = (event, before, rest)
+            else:
+                del self._expiring[partition]
+            budget -= len(chunk)
+            doomed = [key for key in chunk if self.idle.still_idle(partition, key, before)]
+            with _in_context_of(event):
+                for key in doomed:
+                    del self.table[key]
+            self.idle.forget(partition, doomed)
+            self.counters.expired += len(doomed)
+            self.metrics.online.forget(key.decode("utf-8", "replace") for key in doomed)
+            if budget <= 0:
+                return
+
+    def on_rebalance(self, *_: object, **__: object) -> None:
+        """Partitions moved: what this worker knew of its sessions' idleness may be wrong
+        (revoked partitions are another worker's now, assigned ones were recovered)."""
+        self.idle.invalidate()
+        self._expiring.clear()
 
 
 class _in_context_of:
@@ -316,8 +352,8 @@ def create_app(settings: WorkerSettings, recommender: Recommender) -> tuple[faus
     table = app.Table("sessions", key_type=bytes, value_type=bytes, default=None,
                       partitions=settings.partitions, extra_topic_configs=CHANGELOG_CONFIG)
     processor = ClickProcessor(settings, recommender, table, output, dead_letters)
-    app.on_partitions_revoked.connect(processor.idle.invalidate)
-    app.on_partitions_assigned.connect(processor.idle.invalidate)
+    app.on_partitions_revoked.connect(processor.on_rebalance)
+    app.on_partitions_assigned.connect(processor.on_rebalance)
 
     @app.agent(clicks, concurrency=1)
     async def answer_clicks(stream: faust.StreamT) -> None:

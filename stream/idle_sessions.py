@@ -37,6 +37,12 @@ class IdleSessions:
         times = self._times.get(partition, {})
         return [key for key, last_time in times.items() if last_time < before]
 
+    def still_idle(self, partition: int, key: bytes, before: float) -> bool:
+        """Whether a session returned by :meth:`idle_before` still is: it may have clicked
+        since (or been deleted)."""
+        last_time = self._times.get(partition, {}).get(key)
+        return last_time is not None and last_time < before
+
     def forget(self, partition: int, keys: Iterable[bytes]) -> None:
         """Drop sessions deleted from the table."""
         times = self._times.get(partition, {})
