@@ -39,6 +39,11 @@ group and keeps the registry's model current:
    A round that finds no new click since the previous round does not wait for
    ``min_sessions``: the stream has gone quiet, and the complete sessions (if more than
    the holdout) are trained on now rather than after the next burst of traffic.
+   With ``new_item_rounds`` (the default) a round also starts before the clock when a
+   round now would train on a complete session holding an item the current model does not
+   know (enough sessions complete, and that session not among the held-out ones), at
+   least ``max(0.5 s, interval_s / 10)`` after the previous round began; the clock then
+   restarts from it. A catalogue change should not wait for the clock.
 3. **Gate.** Candidate and current model are scored on the holdout with
    :func:`model.evaluate.evaluate` (Recall@20). The current model cannot rank items it
    has never seen, so both are compared on the predictions whose target the *current*
@@ -47,7 +52,7 @@ group and keeps the registry's model current:
    ``gate_margin``, and published to the registry only if the registry still points at
    the model it was trained from (a rollback made meanwhile wins).
 4. **Log.** Every decision (wait, promoted, rejected, not_published, failed) is one JSON
-   line on stdout.
+   line on stdout, with what started the round (``trigger``: ``clock`` or ``new_items``).
 
 Offsets are committed automatically as clicks are read, so a restarted trainer starts
 with an empty buffer: it loses at most one buffer of sessions, which costs a little
@@ -106,6 +111,13 @@ REPLAY_SHARE = 0.25
 #: about what one CPU thread does for the default network (100 units) with a core's
 #: worth of other work on the machine.
 PRIOR_THROUGHPUT = 5000.0
+#: A round for new items starts at least this long after the previous round began, and
+#: at least this share of the interval after it: new items must not keep the trainer
+#: training back to back.
+NEW_ITEM_MIN_GAP_S = 0.5
+NEW_ITEM_GAP_SHARE = 0.1
+#: How often the consume loop looks for complete sessions with new items.
+NEW_ITEM_CHECK_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -136,6 +148,7 @@ class TrainerSettings:
     web_port: int = 6067
     round_budget_s: float | None = None
     nice: int = 10
+    new_item_rounds: bool = True
 
     def __post_init__(self) -> None:
         bootstrap_servers(self.broker)
@@ -193,6 +206,11 @@ class TrainerSettings:
             return DEFAULT_BUDGET_SHARE * self.interval_s
         return self.round_budget_s or None
 
+    @property
+    def new_item_gap_s(self) -> float:
+        """Least time between the start of a round and a round started for new items."""
+        return max(NEW_ITEM_MIN_GAP_S, NEW_ITEM_GAP_SHARE * self.interval_s)
+
 
 @dataclass
 class BufferedSession:
@@ -247,6 +265,19 @@ class SessionBuffer:
         """Complete sessions with two or more clicks (the ones that can be learnt from)."""
         self._drop_stale()
         return sum(1 for s in self._sessions.values() if self._complete(s) and len(s.items) >= 2)
+
+    def complete_sessions(self) -> list[BufferedSession]:
+        """The complete sessions of two or more clicks, left in the buffer, in the order
+        :meth:`take_complete` would return them."""
+        self._drop_stale()
+        return sorted((s for s in self._sessions.values()
+                       if self._complete(s) and len(s.items) >= 2), key=lambda s: s.last_time)
+
+    def get(self, session_id: str) -> BufferedSession | None:
+        return self._sessions.get(session_id)
+
+    def is_complete(self, session: BufferedSession) -> bool:
+        return self._complete(session)
 
     def take_complete(self) -> list[BufferedSession]:
         """Remove the complete sessions; return those with two or more clicks, oldest
@@ -418,10 +449,48 @@ class LearningLoop:
         self.clicks = 0                 # valid clicks added so far
         self._clicks_at_last_round = 0
         self._current: Recommender | None = None
+        #: ids of buffered sessions that got a click on an item the model did not know
+        #: then (checked again against the current model before a round is started for it)
+        self._new_item_sessions: set[str] = set()
 
     def add(self, click: Click, partition: int = 0) -> None:
         self.buffer.add(click, partition)
         self.clicks += 1
+        if self.settings.new_item_rounds:
+            model = self._current if self._current is not None else self.current()
+            if click.item_id not in model.item_map:
+                self._new_item_sessions.add(click.session_id)
+
+    def _enough(self, complete: int) -> tuple[bool, bool]:
+        """(enough, idle): whether a round with ``complete`` complete sessions trains,
+        and whether it does so because the stream went quiet."""
+        settings = self.settings
+        quiet = self.clicks == self._clicks_at_last_round  # nothing new since last round
+        idle = quiet and complete < settings.min_sessions
+        return (complete >= settings.min_sessions
+                or (idle and complete > settings.holdout_sessions)), idle
+
+    def new_item_sessions(self) -> int:
+        """Complete sessions that a round started now would train on (not hold out) and
+        that hold an item the current model does not know; 0 if a round now would not
+        train at all."""
+        if not self._new_item_sessions:
+            return 0
+        known = self.current().item_map
+        waiting = []
+        for session_id in list(self._new_item_sessions):
+            session = self.buffer.get(session_id)
+            if session is None or all(item in known for item in session.items):
+                self._new_item_sessions.discard(session_id)  # taken, evicted, or learnt
+            elif len(session.items) >= 2 and self.buffer.is_complete(session):
+                waiting.append(session)
+        if not waiting:
+            return 0
+        complete = self.buffer.complete_sessions()
+        if not self._enough(len(complete))[0]:
+            return 0
+        trained = set(map(id, complete[:-self.settings.holdout_sessions]))
+        return sum(id(session) in trained for session in waiting)
 
     def current(self) -> Recommender:
         """The registry's current model, reloaded only when the pointer moved."""
@@ -478,22 +547,23 @@ class LearningLoop:
             "fresh_left_out": len(fresh) - len(kept_fresh),
             "replay_left_out": len(older) - len(kept_older)}
 
-    def round(self, late_s: float | None = None) -> dict[str, Any]:
+    def round(self, late_s: float | None = None, trigger: str = "clock",
+              **started_for: Any) -> dict[str, Any]:
         """Train, gate and maybe publish if enough sessions are complete; log and return
-        the decision. ``late_s``: how long after it was due the round started."""
+        the decision. ``late_s``: how long after it was due the round started;
+        ``trigger``: what started it (``clock`` or ``new_items``), logged with
+        ``started_for`` (e.g. how many sessions with new items were waiting)."""
         settings = self.settings
         started, clock = time.time(), time.perf_counter()
         record: dict[str, Any] = {"event": "trainer_round", "buffered": len(self.buffer),
                                   "evicted": self.buffer.evicted, "stale": self.buffer.stale,
-                                  "rejected_clicks": self.rejected_clicks}
+                                  "rejected_clicks": self.rejected_clicks,
+                                  "trigger": trigger, **started_for}
         if late_s is not None:
             record["late_s"] = round(late_s, 3)
         complete = self.buffer.complete_count()
-        quiet = self.clicks == self._clicks_at_last_round  # nothing new since last round
+        enough, idle = self._enough(complete)
         self._clicks_at_last_round = self.clicks
-        idle = quiet and complete < settings.min_sessions
-        enough = complete >= settings.min_sessions or (idle and
-                                                      complete > settings.holdout_sessions)
         if not enough:
             return self._log({**record, "decision": "wait", "complete_sessions": complete,
                               "min_sessions": settings.min_sessions})
@@ -571,8 +641,9 @@ class LearningLoop:
 
 
 def consume(settings: TrainerSettings, loop: LearningLoop, stop: threading.Event) -> None:
-    """Feed the loop from the click topic and run a round every ``interval_s`` until
-    ``stop`` is set."""
+    """Feed the loop from the click topic and run a round every ``interval_s`` (and, with
+    ``new_item_rounds``, as soon as complete sessions with new items can be trained on)
+    until ``stop`` is set."""
     consumer = Consumer(client_config(settings.bootstrap, **{
         "group.id": settings.group, "auto.offset.reset": "earliest",
         "enable.auto.commit": True, "max.poll.interval.ms": MAX_POLL_INTERVAL_MS}))
@@ -604,12 +675,28 @@ def consume(settings: TrainerSettings, loop: LearningLoop, stop: threading.Event
         # the previous one took (a round that began `interval_s` after the previous one
         # ended drifted later by a round's length each time). A round that overran its
         # slot is followed at once, and the clock restarts from then.
+        # A round for new items may come earlier (new_item_rounds): once a round now would
+        # train on a complete session holding an item the current model does not know, and
+        # new_item_gap_s after the previous round began. The clock then restarts from it,
+        # so rounds are still never further apart than interval_s.
         due = time.monotonic() + settings.interval_s
+        last_started = -math.inf
+        next_check = 0.0
         while not stop.is_set():
             loop.metrics.beat(len(loop.buffer))
             read(0.2)
             now = time.monotonic()
-            if now < due:
+            started_for: dict[str, Any] = {}
+            if now >= due:
+                trigger = "clock"
+            elif (settings.new_item_rounds and now >= next_check
+                  and now - last_started >= settings.new_item_gap_s):
+                next_check = now + NEW_ITEM_CHECK_S
+                waiting = loop.new_item_sessions()
+                if not waiting:
+                    continue
+                trigger, started_for = "new_items", {"new_item_sessions": waiting}
+            else:
                 continue
             # Catch up with what was fetched meanwhile (a round blocks the loop), so the
             # round sees the stream as it is now.
@@ -617,11 +704,16 @@ def consume(settings: TrainerSettings, loop: LearningLoop, stop: threading.Event
             while read(0.0) == CONSUME_BATCH and time.monotonic() < deadline:
                 pass
             loop.metrics.training = True
+            last_started = time.monotonic()
             try:
-                loop.round(late_s=time.monotonic() - due)
+                loop.round(late_s=last_started - due if trigger == "clock" else None,
+                           trigger=trigger, **started_for)
             finally:
                 loop.metrics.training = False
-            due = max(due + settings.interval_s, time.monotonic())
+            if trigger == "clock":
+                due = max(due + settings.interval_s, time.monotonic())
+            else:
+                due = last_started + settings.interval_s
     finally:
         consumer.close()
 
@@ -650,7 +742,8 @@ def run(args: argparse.Namespace) -> int:
     budget = settings.budget_s
     print(f"streamrec trainer: following {settings.input_topic} as group {settings.group}; "
           f"current model {base.version} ({base.n_items} items); a round every "
-          f"{settings.interval_s:g} s, training budget "
+          f"{settings.interval_s:g} s"
+          f"{' (sooner for new items)' if settings.new_item_rounds else ''}, training budget "
           f"{'none' if budget is None else f'{budget:g} s'}, niceness {niceness}",
           file=sys.stderr)
     stop = threading.Event()
@@ -712,6 +805,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                              f"{DEFAULT_BUDGET_SHARE * 100:.0f}%% of --interval; 0 = no limit)")
     option("nice", int, "niceness added to the trainer's (0..19), so that workers on the "
                         "same machine get the CPU first")
+    parser.add_argument("--no-new-item-rounds", dest="new_item_rounds", action="store_false",
+                        help="run rounds on the --interval clock only; by default a round "
+                             "also starts as soon as one would train on a complete session "
+                             "holding an item the current model does not know (at least "
+                             f"max({NEW_ITEM_MIN_GAP_S:g} s, {NEW_ITEM_GAP_SHARE:g} x "
+                             "--interval) after the previous round began)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if "
                                                        "available)")
     parser.set_defaults(run=run)

@@ -427,6 +427,39 @@ def test_a_quiet_stream_trains_what_is_complete_without_waiting_for_min_sessions
     assert loop.round()["decision"] == "wait"
 
 
+def test_complete_sessions_with_new_items_call_for_a_round_only_if_it_would_learn_them(
+        registry: ModelRegistry, base: Recommender) -> None:
+    unknown = frozenset(str(i) for i in FULL.item_ids) - set(base.item_map.ids)
+    assert NEW_ITEMS <= unknown
+    loop = LearningLoop(settings(gate_margin=0.5), registry, out=io.StringIO())
+    feed(loop, part(range(1200, 1600), unknown))
+    assert loop.new_item_sessions() == 0  # enough complete sessions, but no new item
+    loop.round()
+    # Sessions with new items, but only a holdout's worth complete: a round would wait.
+    stream = part(range(1600, 1700))
+    offsets = stream.session_offsets()
+    new_in_stream = sum(1 for a, b in zip(offsets[:-1], offsets[1:])
+                        if b - a >= 2 and set(stream.item_ids[stream.items[a:b]]) & unknown)
+    assert new_in_stream > 0
+    feed(loop, stream)
+    assert loop.new_item_sessions() == 0
+    # More complete sessions: the oldest ones (those with new items among them) are no
+    # longer held out, so a round would learn from them.
+    feed(loop, part(range(1700, 1900), unknown))
+    waiting = loop.new_item_sessions()
+    assert 0 < waiting <= new_in_stream
+    decision = loop.round(trigger="new_items", new_item_sessions=waiting)
+    assert decision["decision"] == "promoted", decision
+    assert decision["trigger"] == "new_items" and decision["new_item_sessions"] == waiting
+    assert set(registry.current().item_map.ids) & unknown
+    assert loop.new_item_sessions() == 0  # taken (and learnt)
+    off = LearningLoop(settings(gate_margin=0.5, new_item_rounds=False), registry,
+                       out=io.StringIO())
+    feed(off, part(range(1900, 2300)))
+    assert off.new_item_sessions() == 0
+    assert off.round()["trigger"] == "clock"
+
+
 def test_a_broken_candidate_is_rejected_and_never_published(
         registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
     before = registry.current_version()
@@ -488,6 +521,10 @@ def test_cli_options_become_validated_settings() -> None:
     parsed = settings_from_args(args)
     assert (parsed.replay_log, parsed.replay_log_sample, parsed.fresh_learning_rate) == \
         ("train.tsv", 10, 0.01)
+    assert parsed.new_item_rounds is True
+    args = parser.parse_args(["trainer", "--broker", "kafka://h:9092", "--registry", "r",
+                              "--no-new-item-rounds"])
+    assert settings_from_args(args).new_item_rounds is False
     with pytest.raises(UserError, match="bad broker URL"):
         settings(broker="http://x:1")
 
@@ -536,7 +573,8 @@ class TimedLoop(LearningLoop):
         self.ends: list[float] = []
         self.lateness: list[float | None] = []
 
-    def round(self, late_s: float | None = None) -> dict[str, Any]:
+    def round(self, late_s: float | None = None, trigger: str = "clock",
+              **started_for: Any) -> dict[str, Any]:
         self.starts.append(time.monotonic())
         self.lateness.append(late_s)
         time.sleep(self.durations[len(self.starts) - 1] if len(self.starts) <= len(
@@ -604,3 +642,64 @@ def test_the_trainer_process_lowers_its_priority(
     finally:
         process.terminate()
         process.wait(30)
+
+
+def run_trainer_until(config: TrainerSettings, loop: LearningLoop, clicks: int,
+                      seconds_after: float) -> float:
+    """Consume until ``loop`` has read ``clicks`` clicks, then ``seconds_after`` more
+    seconds (or until a round promotes); return when the last click had been read."""
+    stop = threading.Event()
+    thread = threading.Thread(target=consume, args=(config, loop, stop), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while loop.clicks < clicks:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.05)
+        read_all = time.monotonic()
+        while time.monotonic() < read_all + seconds_after and loop.rounds == 0:
+            assert thread.is_alive()
+            time.sleep(0.05)
+        while loop.metrics.training:  # let a round started meanwhile finish and log
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join(60)
+    return read_all
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("new_item_rounds", [True, False], ids=["on", "off"])
+def test_new_items_start_a_round_without_waiting_for_the_clock(
+        kafka_bootstrap: str, topic_name: str, registry: ModelRegistry,
+        new_item_rounds: bool) -> None:
+    """With a 60 s interval, complete sessions holding new items get a round (and a
+    published version that knows the items) within seconds; with the option off, not."""
+    ensure_topics(kafka_bootstrap, {topic_name: 1})
+    stream = part(range(1200, 1600))
+    clicks = clicks_in_time_order(stream)
+    produce_clicks(kafka_bootstrap, topic_name,
+                   [*clicks, Click("flush", "1", clicks[-1].timestamp + 3600)])
+    config = settings(broker=kafka_bootstrap, registry=str(registry.root),
+                      input_topic=topic_name, group=f"{topic_name}-trainer",
+                      gate_margin=0.5, interval_s=60.0, new_item_rounds=new_item_rounds)
+    out = io.StringIO()
+    loop = LearningLoop(config, registry, out=out)
+    started = time.monotonic()
+    read_all = run_trainer_until(config, loop, len(clicks) + 1,
+                                 seconds_after=20.0 if new_item_rounds else 8.0)
+    decisions = [json.loads(line) for line in out.getvalue().splitlines()]
+    if not new_item_rounds:
+        assert decisions == [] and registry.current_version().startswith("000001-")
+        return
+    assert decisions and decisions[0]["decision"] == "promoted", decisions
+    first = decisions[0]
+    assert first["trigger"] == "new_items" and first["new_item_sessions"] > 0
+    assert "late_s" not in first
+    assert registry.current_version() == first["version"]
+    assert set(registry.current().item_map.ids) & NEW_ITEMS
+    # Long before the clock's first round (60 s after the start): as soon as the clicks
+    # were read, give or take a check (0.25 s) and the catch-up.
+    assert time.monotonic() - started < 50
+    round_started = first["started_at"] - (time.time() - time.monotonic())
+    assert round_started - read_all < 3.0, (round_started - read_all, first)
