@@ -30,6 +30,7 @@ class GradientRecorder:
 
 CONFIGS = [
     GRU4RecConfig(layers=(8,), dropout_p_hidden=0.0),
+    GRU4RecConfig(layers=(8,), dropout_p_hidden=0.0, batch_size=4),  # every slot live
     GRU4RecConfig(layers=(6, 5), dropout_p_hidden=0.0, constrained_embedding=False,
                   embedding=4),
     GRU4RecConfig(layers=(8, 6), dropout_p_hidden=0.0, constrained_embedding=False,
@@ -42,7 +43,8 @@ CONFIGS = [
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.loss}-{len(c.layers)}layers-"
-                         f"{'tied' if c.constrained_embedding else c.embedding or 'onehot'}")
+                         f"{'tied' if c.constrained_embedding else c.embedding or 'onehot'}"
+                         f"-batch{c.batch_size}")
 def test_gradients_and_state_match_autograd(config: GRU4RecConfig) -> None:
     torch.manual_seed(0)
     network = GRU4RecNetwork(config, 20)
@@ -63,7 +65,9 @@ def test_gradients_and_state_match_autograd(config: GRU4RecConfig) -> None:
                          network.item_output[out_items].t())
     scores = scores - torch.cat([log_q[0][out_items[:4]], log_q[1][out_items[4:]]])
     reference_loss = make_loss(config.loss, config.bpreg)(scores)
-    reference_loss.backward()
+    # 4 live sessions in a batch of batch_size slots: the gradient is the mean loss's
+    # times 4 / batch_size, so that every event weighs the same (see TrainingStep)
+    (reference_loss * 4 / config.batch_size).backward()
 
     recorder.grads.update({id(p): g for p, g in zip(step.dense_params, recorder.flat_grads)})
     assert torch.allclose(new_state, reference_state, atol=1e-6)
