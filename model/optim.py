@@ -80,10 +80,7 @@ class AdagradMomentum:
     @torch.no_grad()
     def step_flat(self, flat: FlatParameters) -> None:
         """Update a flat parameter vector from its flat gradient."""
-        state = self._state_of(flat.values)
-        state_change, change = self._change(flat.grad, state)
-        state.add_(state_change)
-        flat.values.add_(change)
+        flat.values.add_(self._advance(flat.grad, self._state_of(flat.values)))
 
     @torch.no_grad()
     def step_rows(self, param: torch.nn.Parameter, rows: torch.Tensor, grad: torch.Tensor) -> None:
@@ -146,13 +143,24 @@ class AdagradMomentum:
                 packed[offset:offset + size] = acc.reshape(-1)
                 packed[total + offset:total + offset + size] = velocity.reshape(-1)
 
+    def _advance(self, grad: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """Update ``state`` (accumulator and velocity) in place; return the step to add.
+        For the flat vector, whose state is contiguous (in place is ~40 % faster)."""
+        width = grad.shape[-1]
+        acc, velocity = state[..., :width], state[..., width:]
+        acc.addcmul_(grad, grad)
+        scaled = (acc + EPSILON).rsqrt_().mul_(grad)
+        velocity.mul_(self.momentum).add_(scaled, alpha=-self.lr)
+        if self.nesterov:
+            return velocity * self.momentum - self.lr * scaled
+        return velocity
+
     def _change(self, grad: torch.Tensor,
                 state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The changes to add to ``state`` (packed like it) and to the parameter.
-
-        Changes rather than new values, because adding rows (``index_add_``) is several
-        times faster on the CPU than overwriting them (``index_copy_``).
-        """
+        """The same rule as :meth:`_advance` for gathered rows, as changes to add to
+        ``state`` (packed like it) and to the parameter: adding rows (``index_add_``) is
+        several times faster on the CPU than overwriting them (``index_copy_``), and
+        in-place updates of a gathered state's two strided halves are slower than this."""
         width = grad.shape[-1]
         acc, velocity = state[..., :width], state[..., width:]
         acc_change = grad * grad
