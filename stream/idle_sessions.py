@@ -49,9 +49,8 @@ class IdleSessions:
         for key in keys:
             times.pop(key, None)
 
-    def invalidate(self, *_: object, **__: object) -> None:
-        """Forget everything (a rebalance moved partitions); the next query rescans.
-        Takes any arguments, so it can be connected to Faust's rebalance signals."""
+    def invalidate(self) -> None:
+        """Forget everything (a rebalance moved partitions); the next query rescans."""
         self._times.clear()
         self._complete = False
 

@@ -50,7 +50,7 @@ def test_sessions_recovered_from_the_changelog_are_seen_after_a_rebalance() -> N
     assert idle.idle_before(0, 10.0, table) == [b"a"]
     table[b"restored"] = state(0, 2.0)
     assert idle.idle_before(0, 10.0, table) == [b"a"]
-    idle.invalidate(object(), {"tp"}, signal=None)  # as Faust's rebalance signals call it
+    idle.invalidate()
     assert sorted(idle.idle_before(0, 10.0, table)) == [b"a", b"restored"]
 
 
