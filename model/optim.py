@@ -15,9 +15,11 @@ The accumulator starts at zero (no large initial value) and nothing else decays.
 rsc15-100k the heavy-ball form gave the authors' published MRR@20 (0.351 vs 0.345 with
 Nesterov, same seed), so it is the default.
 
-For speed, an item matrix's accumulator and velocity live side by side in one tensor (one
-gather and one row-add per step instead of two each), and the small dense parameters are
-updated as one flat vector (see :class:`FlatParameters`).
+For speed, an item matrix's accumulator and velocity live side by side in one tensor, and
+the small dense parameters are updated as one flat vector (see :class:`FlatParameters`).
+On the CPU both are updated in place by :mod:`model.native`'s C kernel where a C compiler
+is available (~5x faster on the item rows); otherwise by the torch ops below, which are
+the reference (with packed state: one gather and one row-add per step instead of two each).
 
 **Carrying the state.** :meth:`AdagradMomentum.export_state` gives the state per named
 parameter, each packed like the item matrices' (``[accumulator | velocity]`` along the last
@@ -33,6 +35,8 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 
 import torch
+
+from model.native import adagrad_momentum_rows_
 
 EPSILON = 1e-6
 
@@ -63,10 +67,12 @@ class FlatParameters:
 class AdagradMomentum:
     """Adagrad with (heavy-ball or Nesterov) momentum, for flat vectors and item rows."""
 
-    def __init__(self, lr: float, momentum: float, nesterov: bool = False) -> None:
+    def __init__(self, lr: float, momentum: float, nesterov: bool = False,
+                 native: bool = True) -> None:
         self.lr = lr
         self.momentum = momentum
         self.nesterov = nesterov
+        self.native = native  # use model.native's C kernel where it is available
         self._state: dict[int, torch.Tensor] = {}
 
     def _state_of(self, param: torch.Tensor) -> torch.Tensor:
@@ -80,12 +86,17 @@ class AdagradMomentum:
     @torch.no_grad()
     def step_flat(self, flat: FlatParameters) -> None:
         """Update a flat parameter vector from its flat gradient."""
-        flat.values.add_(self._advance(flat.grad, self._state_of(flat.values)))
+        state = self._state_of(flat.values)
+        if not self._native_update(flat.values.view(1, -1), state.view(1, -1), None,
+                                   flat.grad.view(1, -1)):
+            flat.values.add_(self._advance(flat.grad, state))
 
     @torch.no_grad()
     def step_rows(self, param: torch.nn.Parameter, rows: torch.Tensor, grad: torch.Tensor) -> None:
         """Update rows ``rows`` (unique) of ``param`` with their summed gradient ``grad``."""
         state_all = self._state_of(param)
+        if self._native_update(param, state_all, rows, grad):
+            return
         state_change, change = self._change(grad, state_all.index_select(0, rows))
         state_all.index_add_(0, rows, state_change)
         param.index_add_(0, rows, change)
@@ -142,6 +153,11 @@ class AdagradMomentum:
                                                                      packed.dtype))
                 packed[offset:offset + size] = acc.reshape(-1)
                 packed[total + offset:total + offset + size] = velocity.reshape(-1)
+
+    def _native_update(self, param: torch.Tensor, state: torch.Tensor,
+                       rows: torch.Tensor | None, grad: torch.Tensor) -> bool:
+        return self.native and adagrad_momentum_rows_(param.data, state, rows, grad, self.lr,
+                                                      self.momentum, EPSILON, self.nesterov)
 
     def _advance(self, grad: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """Update ``state`` (accumulator and velocity) in place; return the step to add.

@@ -1,13 +1,19 @@
-"""Adagrad with momentum: hand-computed updates, row updates touch only their rows."""
+"""Adagrad with momentum: hand-computed updates, row updates touch only their rows, and
+the C kernel (model.native) agrees with the torch path."""
 
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
 
+from model import native
 from model.optim import EPSILON, AdagradMomentum, FlatParameters, grow_rows
+
+#: Both update paths: the C kernel (where a compiler is found) and the torch ops.
+PATHS = pytest.mark.parametrize("use_native", [True, False], ids=["native", "torch"])
 
 
 def reference(param: list[float], grads: list[list[float]], lr: float, mu: float,
@@ -28,12 +34,13 @@ def reference(param: list[float], grads: list[list[float]], lr: float, mu: float
 GRADS = [[0.5, -1.0, 0.0], [0.25, 2.0, -0.5], [-1.0, 0.1, 0.3]]
 
 
+@PATHS
 @pytest.mark.parametrize("nesterov", [False, True])
 @pytest.mark.parametrize("mu", [0.0, 0.2])
-def test_flat_update_matches_the_rule(nesterov: bool, mu: float) -> None:
+def test_flat_update_matches_the_rule(nesterov: bool, mu: float, use_native: bool) -> None:
     param = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0]))
     flat = FlatParameters([param])
-    optimizer = AdagradMomentum(lr=0.2, momentum=mu, nesterov=nesterov)
+    optimizer = AdagradMomentum(lr=0.2, momentum=mu, nesterov=nesterov, native=use_native)
     for grad in GRADS:
         flat.grads[0].copy_(torch.tensor(grad))
         optimizer.step_flat(flat)
@@ -41,11 +48,13 @@ def test_flat_update_matches_the_rule(nesterov: bool, mu: float) -> None:
     assert param.detach().tolist() == pytest.approx(expected, rel=1e-5)
 
 
+@PATHS
 @pytest.mark.parametrize("nesterov", [False, True])
-def test_row_updates_follow_the_rule_and_leave_other_rows_alone(nesterov: bool) -> None:
+def test_row_updates_follow_the_rule_and_leave_other_rows_alone(nesterov: bool,
+                                                                  use_native: bool) -> None:
     table = torch.nn.Parameter(torch.arange(12, dtype=torch.float32).reshape(4, 3))
     before = table.detach().clone()
-    optimizer = AdagradMomentum(lr=0.2, momentum=0.2, nesterov=nesterov)
+    optimizer = AdagradMomentum(lr=0.2, momentum=0.2, nesterov=nesterov, native=use_native)
     rows = torch.tensor([1, 3])
     for grad in GRADS:
         optimizer.step_rows(table, rows, torch.tensor([grad, [2 * g for g in grad]]))
@@ -54,6 +63,70 @@ def test_row_updates_follow_the_rule_and_leave_other_rows_alone(nesterov: bool) 
                              0.2, 0.2, nesterov)
         assert table[row].tolist() == pytest.approx(expected, rel=1e-5)
     assert torch.equal(table[[0, 2]], before[[0, 2]])
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler on this machine")
+def test_the_kernel_is_built_where_a_compiler_is_found(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("STREAMREC_NATIVE", raising=False)
+    param, state = torch.zeros(2, 3), torch.zeros(2, 6)
+    assert native.adagrad_momentum_rows_(param, state, None, torch.ones(2, 3), 0.1, 0.0,
+                                         EPSILON, False)
+    assert torch.allclose(param, torch.full((2, 3), -0.1))
+
+
+def test_the_kernel_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAMREC_NATIVE", "0")
+    param, state = torch.zeros(2, 3), torch.zeros(2, 6)
+    assert not native.adagrad_momentum_rows_(param, state, None, torch.ones(2, 3), 0.1, 0.0,
+                                             EPSILON, False)
+    assert not param.any()
+
+
+@pytest.mark.parametrize("compiler", [shutil.which("false") or "false", "/no/such/cc"],
+                         ids=["fails", "missing"])
+def test_a_failed_build_warns_once_and_leaves_the_update_to_torch(
+        compiler: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.delenv("STREAMREC_NATIVE", raising=False)
+    monkeypatch.setenv("CC", compiler)
+    native._kernel.cache_clear()
+    try:
+        table = torch.nn.Parameter(torch.zeros(2, 3))
+        optimizer = AdagradMomentum(lr=0.2, momentum=0.0)
+        for _ in range(2):
+            optimizer.step_rows(table, torch.tensor([1]), torch.ones(1, 3))
+    finally:
+        native._kernel.cache_clear()
+    assert sum("compiling adagrad_rows.c failed" in r.getMessage() for r in caplog.records) == 1
+    expected = -(0.2 + 0.2 / math.sqrt(2))  # Adagrad: the second step is 1/sqrt(2) the first
+    assert table[1].tolist() == pytest.approx([expected] * 3, rel=1e-4) and not table[0].any()
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler on this machine")
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_kernel_and_torch_path_agree_on_a_training_like_update(
+        nesterov: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hundreds of steps over scattered, varying rows of a wide table and a flat vector."""
+    monkeypatch.delenv("STREAMREC_NATIVE", raising=False)
+    generator = torch.Generator().manual_seed(0)
+    tables = [torch.nn.Parameter(torch.randn(500, 40, generator=generator)) for _ in range(2)]
+    dense = [[torch.nn.Parameter(torch.randn(7, 30, generator=generator))] for _ in range(2)]
+    dense[1][0].data.copy_(dense[0][0].data)
+    tables[1].data.copy_(tables[0].data)
+    start = tables[0].detach().clone()
+    flats = [FlatParameters(d) for d in dense]
+    optimizers = [AdagradMomentum(0.2, 0.2, nesterov, native=use) for use in (True, False)]
+    for _ in range(200):
+        rows = torch.randperm(500, generator=generator)[:120].sort().values
+        grad = torch.randn(120, 40, generator=generator)
+        flat_grad = torch.randn(210, generator=generator)
+        for table, flat, optimizer in zip(tables, flats, optimizers):
+            optimizer.step_rows(table, rows, grad)
+            flat.grad.copy_(flat_grad)
+            optimizer.step_flat(flat)
+    torch.testing.assert_close(tables[0], tables[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(flats[0].values, flats[1].values, rtol=1e-5, atol=1e-5)
+    assert (tables[0] - start).abs().max() > 0.5  # the steps did move the rows
 
 
 def test_flat_parameters_are_views_of_one_vector() -> None:
