@@ -20,25 +20,13 @@ void adagrad_momentum_rows(float *restrict param, int64_t param_stride,
         float *restrict acc = state + row * state_stride;
         float *restrict velocity = acc + width;
         const float *restrict g = grad + k * width;
-        /* Two loops rather than a branch per element, so that each one vectorises. */
-        if (nesterov) {
-            for (int64_t i = 0; i < width; i++) {
-                float a = acc[i] + g[i] * g[i];
-                float scaled = (1.0f / sqrtf(a + eps)) * g[i];
-                float v = momentum * velocity[i] - lr * scaled;
-                acc[i] = a;
-                velocity[i] = v;
-                p[i] += momentum * v - lr * scaled;
-            }
-        } else {
-            for (int64_t i = 0; i < width; i++) {
-                float a = acc[i] + g[i] * g[i];
-                float scaled = (1.0f / sqrtf(a + eps)) * g[i];
-                float v = momentum * velocity[i] - lr * scaled;
-                acc[i] = a;
-                velocity[i] = v;
-                p[i] += v;
-            }
+        for (int64_t i = 0; i < width; i++) {
+            float a = acc[i] + g[i] * g[i];
+            float scaled = (1.0f / sqrtf(a + eps)) * g[i];
+            float v = momentum * velocity[i] - lr * scaled;
+            acc[i] = a;
+            velocity[i] = v;
+            p[i] += nesterov ? momentum * v - lr * scaled : v;
         }
     }
 }

@@ -32,6 +32,8 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("adagrad_rows.c")
+# -fno-math-errno lets sqrtf vectorise (75 instead of 320 us for 1,200 rows of 100);
+# -ffp-contract=off keeps a * b + c two roundings, as in torch.
 FLAGS = ("-O3", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC")
 _ARGUMENTS = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
               ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
