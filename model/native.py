@@ -95,13 +95,21 @@ def adagrad_momentum_rows_(param: torch.Tensor, state: torch.Tensor, rows: torch
     kernel = _kernel()
     if kernel is None:
         return False
-    width = grad.shape[1]
-    if param.stride(1) != 1 or not state.is_contiguous() or state.shape[1] != 2 * width:
-        raise ValueError("the kernel needs rows of unit stride and a contiguous packed state")
-    grad = grad.contiguous()
-    if rows is not None:
+    n_rows, width = grad.shape
+    if param.stride(1) != 1 or not state.is_contiguous() or state.shape[1] != 2 * width \
+            or param.shape[1] != width or len(state) != len(param):
+        raise ValueError("the kernel needs rows of unit stride as wide as the gradient's "
+                         "and a contiguous packed state of as many rows")
+    # C does not check bounds: what torch would refuse with an IndexError is refused here.
+    if rows is None:
+        if n_rows > len(param):
+            raise IndexError(f"{n_rows} gradient rows for {len(param)} parameter rows")
+    else:
         rows = rows.to(torch.int64).contiguous()
-    n_rows = len(grad)
+        lowest, highest = torch.aminmax(rows) if len(rows) else (0, 0)
+        if len(rows) != n_rows or lowest < 0 or highest >= len(param):
+            raise IndexError(f"rows must be {n_rows} indexes below {len(param)}")
+    grad = grad.contiguous()
     kernel(param.data_ptr(), param.stride(0), state.data_ptr(), state.stride(0),
            None if rows is None else rows.data_ptr(), n_rows, grad.data_ptr(), width,
            lr, momentum, eps, int(nesterov))

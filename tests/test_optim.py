@@ -74,6 +74,18 @@ def test_the_kernel_is_built_where_a_compiler_is_found(monkeypatch: pytest.Monke
     assert torch.allclose(param, torch.full((2, 3), -0.1))
 
 
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler on this machine")
+@pytest.mark.parametrize("rows", [[0, 2], [-1], [1, 0, 3]], ids=["past-end", "negative", "count"])
+def test_the_kernel_refuses_rows_outside_the_parameter(rows: list[int],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("STREAMREC_NATIVE", raising=False)
+    param, state = torch.zeros(2, 3), torch.zeros(2, 6)
+    with pytest.raises(IndexError):
+        native.adagrad_momentum_rows_(param, state, torch.tensor(rows), torch.ones(2, 3), 0.1,
+                                      0.0, EPSILON, False)
+    assert not param.any() and not state.any()
+
+
 def test_the_kernel_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STREAMREC_NATIVE", "0")
     param, state = torch.zeros(2, 3), torch.zeros(2, 6)
