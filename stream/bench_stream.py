@@ -13,7 +13,10 @@ on the weights), one worker process serves a synthetic stream on the local Kafka
   produce, no model) on the same broker.
 
 ``ratio`` = events/s / min(scoring ceiling, no-op ceiling): how much of the achievable
-throughput the worker delivers.
+throughput the worker delivers. During each throughput run the worker's CPU time per
+click (``worker_cpu_us_per_event``, all its threads) and the machine's busy cores
+(``machine_busy_cores``: broker, clients and worker together) tell whether the worker was
+bound by its own CPU or by a machine with no core to spare (Linux only; null elsewhere).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 import time
@@ -76,6 +80,45 @@ def scoring_ceiling(recommender: Recommender, batch: int = 256, seconds: float =
     return done / (time.perf_counter() - begin)
 
 
+class CpuMeter:
+    """CPU seconds used by one process, and by the whole machine, since creation.
+
+    Read from Linux's /proc (None elsewhere): whether a run was bound by the worker's
+    own CPU, or by a machine with no core left (broker, clients and worker together)."""
+
+    def __init__(self, pid: int) -> None:
+        self._pid = pid
+        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._start = (self._process(), self._machine(), time.monotonic())
+
+    def _process(self) -> float | None:
+        try:
+            # Fields after the parenthesised name: utime and stime are the 12th and 13th.
+            fields = Path(f"/proc/{self._pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / self._tick
+        except (OSError, IndexError, ValueError):
+            return None
+
+    def _machine(self) -> float | None:
+        try:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (
+                int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9])
+            return (user + nice + system + irq + softirq + steal) / self._tick
+        except (OSError, ValueError):
+            return None
+
+    def per_event_and_busy_cores(self, events: int) -> tuple[float | None, float | None]:
+        """The process's CPU microseconds per event, and the machine's busy cores."""
+        process, machine, begun = self._start
+        now_process, now_machine, elapsed = (self._process(), self._machine(),
+                                             time.monotonic() - begun)
+        per_event = (None if process is None or now_process is None
+                     else (now_process - process) / events * 1e6)
+        busy = None if machine is None or now_machine is None else \
+            (now_machine - machine) / elapsed
+        return per_event, busy
+
+
 def _clicks(prefix: str, count: int, n_items: int, seed: int, rate: float | None) -> list[Click]:
     """``count`` synthetic clicks; with ``rate``, event times spaced 1/rate apart."""
     log = generate(SynthSpec(sessions=max(count // 3, 1), items=n_items, seed=seed))
@@ -118,10 +161,12 @@ def measure(bootstrap: str, model_dir: Path, n_items: int, events: int, work: Pa
     try:
         worker.wait_until_consuming(bootstrap, names.app_id)
         burst = _clicks("a", events, n_items, seed=1, rate=None)
+        cpu = CpuMeter(worker.process.pid)  # type: ignore[union-attr]
         replay(burst, bootstrap, names.clicks, speed="max")
         if not outputs.wait_for(len(burst), timeout=300):
             raise UserError(f"only {len(outputs.messages)} of {len(burst)} answered:\n"
                             + worker.log()[-2000:])
+        cpu_us_per_event, busy_cores = cpu.per_event_and_busy_cores(len(burst))
         inputs.wait_for(len(burst), timeout=30)
         first_sent = min(m.timestamp()[1] for m in inputs.messages) / 1000.0
         throughput = len(burst) / (outputs.messages[len(burst) - 1].consumed_at - first_sent)
@@ -140,7 +185,8 @@ def measure(bootstrap: str, model_dir: Path, n_items: int, events: int, work: Pa
                  for r in outputs.messages[len(burst) + 1:]
                  if (r.value["source"]["partition"], r.value["source"]["offset"]) in sent]
     p50, p99 = np.percentile(latencies, [50, 99]) * 1000
-    return {"events_per_s": throughput, "p50_ms": float(p50), "p99_ms": float(p99)}
+    return {"events_per_s": throughput, "p50_ms": float(p50), "p99_ms": float(p99),
+            "cpu_us_per_event": cpu_us_per_event, "busy_cores": busy_cores}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -167,9 +213,13 @@ def run(args: argparse.Namespace) -> int:
                          "ratio": result["events_per_s"]
                          / min(ceiling, noop["events_per_s"]),
                          "p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"],
-                         "p99_ms_at_1000_per_s": result["p99_ms"]})
+                         "p99_ms_at_1000_per_s": result["p99_ms"],
+                         "worker_cpu_us_per_event": result["cpu_us_per_event"],
+                         "machine_busy_cores": result["busy_cores"]})
             print(json.dumps(runs[-1]), file=sys.stderr)
     print_json({"noop_events_per_s": noop["events_per_s"], "noop_p99_ms": noop["p99_ms"],
+                "noop_cpu_us_per_event": noop["cpu_us_per_event"],
+                "noop_machine_busy_cores": noop["busy_cores"], "cores": os.cpu_count(),
                 "events_per_run": args.events, "torch_threads": args.torch_threads,
                 "runs": runs})
     return 0
