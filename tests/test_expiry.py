@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stream.app import EXPIRY_DELETES_PER_BATCH, ClickProcessor
+from stream.app import EXPIRY_DELETES_PER_MARKER, ClickProcessor
 from stream.settings import WorkerSettings
 from stream.state import SessionState
 
@@ -56,28 +56,30 @@ def test_without_applied_clicks_the_marker_cut_off_applies(tmp_path: Path) -> No
 def test_a_large_pass_is_spread_over_batches_and_spares_sessions_that_clicked(
         tmp_path: Path) -> None:
     """Thousands of tombstones in one step would hold every click behind them: a marker
-    deletes EXPIRY_DELETES_PER_BATCH sessions, each following batch as many more; one
-    that clicked meanwhile (its state written, hence touched) survives."""
-    n = 2 * EXPIRY_DELETES_PER_BATCH + 10
+    deletes EXPIRY_DELETES_PER_MARKER sessions, each following batch as many more as
+    its budget; one that clicked meanwhile (its state written, hence touched) survives."""
+    n = 2 * EXPIRY_DELETES_PER_MARKER + 10
     table = {f"s{i:04d}".encode(): session(0, float(i)) for i in range(n)}
     processor = processor_with(tmp_path, table)
     processor._expire(Marker(partition=0, before=10_000.0))
-    assert len(table) == n - EXPIRY_DELETES_PER_BATCH
+    assert len(table) == n - EXPIRY_DELETES_PER_MARKER
     survivor = max(table)  # deleted last: clicks before its turn
     table[survivor] = session(0, 20_000.0)
     processor.idle.touch(0, survivor, 20_000.0)
-    processor._delete_expired()  # what the next batch does
-    assert len(table) == n - 2 * EXPIRY_DELETES_PER_BATCH
-    processor._delete_expired()
+    processor._delete_expired(EXPIRY_DELETES_PER_MARKER)
+    assert len(table) == n - 2 * EXPIRY_DELETES_PER_MARKER
+    processor._delete_expired(5)  # a batch of 5 clicks deletes at most 5
+    assert len(table) == 5
+    processor._delete_expired(100)
     assert set(table) == {survivor}
     assert processor.counters.expired == n - 1
 
 
 def test_a_rebalance_drops_pending_deletes(tmp_path: Path) -> None:
     """Sessions of a partition revoked meanwhile belong to another worker now."""
-    table = {f"s{i:04d}".encode(): session(0, 1.0) for i in range(EXPIRY_DELETES_PER_BATCH + 5)}
+    table = {f"s{i:04d}".encode(): session(0, 1.0) for i in range(EXPIRY_DELETES_PER_MARKER + 5)}
     processor = processor_with(tmp_path, table)
     processor._expire(Marker(partition=0, before=10.0))
     processor.on_rebalance(object(), set())
-    processor._delete_expired()
+    processor._delete_expired(EXPIRY_DELETES_PER_MARKER)
     assert len(table) == 5
