@@ -70,14 +70,13 @@ TRUNCATED_DEAD_LETTER_BYTES = MAX_MESSAGE_BYTES
 
 
 # Most idle sessions deleted (changelog tombstones written) when a marker arrives, and
-# after a batch, per event of the batch (at least the floor): a large expiry pass is
+# after a batch, one per event of the batch (at least the floor): a large expiry pass is
 # spread over the following batches instead of stopping the worker for it, and its cost
 # follows the load. A flat 256 per batch made small batches (5 clicks at 1,000 clicks/s)
 # carry 50x their own work in tombstones, and the pass left after a burst held every
 # click for up to ~0.6 s (40k items); expiry still outpaces session starts (a session is
 # several clicks).
 EXPIRY_DELETES_PER_MARKER = 256
-EXPIRY_DELETES_PER_EVENT = 1
 EXPIRY_DELETES_FLOOR = 4
 
 
@@ -156,7 +155,7 @@ class ClickProcessor:
         # batch is committed (awaiting each one's delivery in turn capped a worker at about
         # 130 bad messages/s, a flood of which then delayed every good click behind it).
         await asyncio.gather(*dead_letters, *([self._answer(clicks, now)] if clicks else []))
-        self._delete_expired(max(EXPIRY_DELETES_FLOOR, EXPIRY_DELETES_PER_EVENT * len(events)))
+        self._delete_expired(max(EXPIRY_DELETES_FLOOR, len(events)))
         for event in events:
             self.metrics.processed(event.message.topic, event.message.partition,
                                    event.message.offset)
