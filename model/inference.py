@@ -22,6 +22,7 @@ from model.config import GRU4RecConfig
 from model.data import ItemMap
 from model.errors import UserError
 from model.network import GRU4RecNetwork
+from model.ranking import LARGE_CATALOGUE, Int8Catalogue, int8_supported, top_k_rows
 
 
 def select_device(name: str | None = None) -> torch.device:
@@ -61,6 +62,9 @@ class Recommender:
         peak = max(float(self.popularity.max(initial=0.0)), 1.0)
         self._popularity_scores = torch.as_tensor(self.popularity / peak, dtype=torch.float32,
                                                   device=self.device)
+        self._popular: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._int8: Int8Catalogue | None = None
+        self._int8_catalogue()  # made now, off the serving path (a hot swap loads here)
 
     @property
     def n_items(self) -> int:
@@ -100,49 +104,46 @@ class Recommender:
     @torch.no_grad()
     def top_k(self, states: torch.Tensor, started: torch.Tensor,
               k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``k`` best item indexes and their scores for each state, best first.
+        """The ``k`` best item indexes and their scores for each state, best first: the
+        same as ranking :meth:`scores`, up to float32 rounding between near-equal scores.
 
         States are ranked ``RANKED_TOGETHER`` at a time: their catalogue-wide scores then
         stay in cache between the product and the search (at 40k items, 64 rows at a time
-        cost 150 us per row and 256 at a time 200 us)."""
+        cost 150 us per row and 256 at a time 200 us). A large catalogue on a CPU is
+        searched through its int8 copy (:class:`model.ranking.Int8Catalogue`, exact)."""
         k = min(k, self.n_items)
-        parts = [top_k_rows(self.scores(some, some_started), k) for some, some_started
-                 in zip(states.split(RANKED_TOGETHER), started.split(RANKED_TOGETHER))]
-        if len(parts) == 1:
-            return parts[0]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        states, started = states.to(self.device), started.to(self.device)
+        catalogue = self._int8_catalogue()
+        if catalogue is None:
+            parts = [top_k_rows(self.scores(some, some_started), k) for some, some_started
+                     in zip(states.split(RANKED_TOGETHER), started.split(RANKED_TOGETHER))]
+        else:
+            parts = [catalogue.top_k(self.network.last_output(some), k)
+                     for some in states.split(RANKED_TOGETHER)]
+        indices = torch.cat([p[0] for p in parts])
+        values = torch.cat([p[1] for p in parts])
+        if catalogue is not None and not bool(started.all()):
+            popular_indices, popular_values = self._most_popular(k)
+            indices[~started] = popular_indices
+            values[~started] = popular_values
+        return indices, values
+
+    def _int8_catalogue(self) -> Int8Catalogue | None:
+        """The int8 copy of the item matrix, remade if the weights changed; None where a
+        float32 product is as fast (small catalogues) or int8 is not available."""
+        if self.n_items < LARGE_CATALOGUE or not int8_supported(self.device):
+            return None
+        vectors, bias = self.network.item_output, self.network.item_bias
+        if self._int8 is None or not self._int8.matches(vectors, bias):
+            self._int8 = Int8Catalogue(vectors, bias)
+        return self._int8
+
+    def _most_popular(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The answer to a session with no known item yet (the same for all of them)."""
+        if k not in self._popular:
+            self._popular[k] = top_k_rows(self._popularity_scores[None, :], k)
+        indices, values = self._popular[k]
+        return indices[0], values[0]
 
 
 RANKED_TOGETHER = 64
-
-
-#: Catalogues from this size on are ranked by :func:`top_k_rows`' two-stage search; below
-#: it a plain ``torch.topk`` is as fast (measured at 3,000 items: 6 vs 8 us per row).
-TWO_STAGE_TOP_K_ITEMS = 8192
-_BLOCK = 64
-
-
-def top_k_rows(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indexes and values of each row's ``k`` largest scores, best first.
-
-    ``torch.topk`` scans a 40,000-item row at ~2 ns per item. For large catalogues the
-    row is cut into blocks of 64: the ``k`` blocks with the largest maxima hold the row's
-    top ``k`` (an item outside them is beaten by those ``k`` maxima), so the exact top ``k``
-    is found among ``64 k`` candidates. One pass computes the maxima; it is ~3x faster
-    per row at 40,000 items and ~4x at 100,000. Among exactly tied scores it may pick
-    other items than ``torch.topk`` would (which makes no promise either).
-    """
-    rows, n = scores.shape
-    whole = n // _BLOCK * _BLOCK
-    if n < TWO_STAGE_TOP_K_ITEMS or whole // _BLOCK < k:
-        result = torch.topk(scores, k, dim=1)
-        return result.indices, result.values
-    maxima = scores[:, :whole].view(rows, whole // _BLOCK, _BLOCK).amax(dim=2)
-    blocks = torch.topk(maxima, k, dim=1, sorted=False).indices
-    offsets = torch.arange(_BLOCK, device=scores.device)
-    columns = (blocks.unsqueeze(2) * _BLOCK + offsets).view(rows, -1)
-    if whole < n:  # the last, partial block is always a candidate
-        tail = torch.arange(whole, n, device=scores.device).expand(rows, -1)
-        columns = torch.cat([columns, tail], dim=1)
-    best = torch.topk(scores.gather(1, columns), k, dim=1)
-    return columns.gather(1, best.indices), best.values
