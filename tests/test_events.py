@@ -272,3 +272,17 @@ def test_encode_recommendation_accepts_numpy_scores_and_empty_lists() -> None:
     assert decoded["recommendations"] == [{"item_id": "x", "score": 2.0},
                                           {"item_id": "y", "score": 1.0}]
     assert json.loads(encode_recommendation(click, [], [], "v", 0, 0))["recommendations"] == []
+
+
+@pytest.mark.parametrize("item_id", ['q"uote', "back\\slash", "tab\tnew\nline", "é☃😀", "\x00\x1f"])
+def test_encode_recommendation_writes_what_json_dumps_writes(item_id: str) -> None:
+    click = Click(f"s-{item_id}", item_id, 1700000000.123456)
+    scores = [1e-9, -3.25, 123456.7890123, 0.1 + 0.2]
+    expected = json.dumps({
+        "session_id": click.session_id, "item_id": item_id, "timestamp": click.timestamp,
+        "recommendations": [{"item_id": f"{item_id}{i}", "score": round(s, 6)}
+                            for i, s in enumerate(scores)],
+        "model_version": f"v-{item_id}", "source": {"partition": 7, "offset": 2 ** 40},
+    }, separators=(",", ":")).encode()
+    assert encode_recommendation(click, [f"{item_id}{i}" for i in range(4)], scores,
+                                 f"v-{item_id}", 7, 2 ** 40) == expected
