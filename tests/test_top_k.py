@@ -11,7 +11,7 @@ from model.config import GRU4RecConfig
 from model.data import ItemMap
 from model.inference import RANKED_TOGETHER, Recommender
 from model.ranking import LARGE_CATALOGUE, Int8Catalogue, int8_supported, top_k_rows
-from model import ranking
+from model import native, ranking
 from model.network import GRU4RecNetwork
 
 
@@ -50,12 +50,15 @@ def test_recommender_ranks_many_states_in_parts_with_the_same_answer() -> None:
     network = GRU4RecNetwork(GRU4RecConfig(), n_items, generator=torch.Generator().manual_seed(3))
     recommender = Recommender(network, ItemMap(str(i) for i in range(n_items)),
                               np.arange(n_items, 0, -1, dtype=np.float64), GRU4RecConfig())
-    states = torch.randn(2 * RANKED_TOGETHER + 7, network.state_size)
-    started = torch.rand(len(states)) < 0.8  # some rank by popularity
+    generator = torch.Generator().manual_seed(5)
+    states = torch.randn(2 * RANKED_TOGETHER + 7, network.state_size, generator=generator)
+    started = torch.rand(len(states), generator=generator) < 0.8  # some rank by popularity
     indices, values = recommender.top_k(states, started, 20)
-    expected = top_k_rows(recommender.scores(states, started), 20)
-    assert torch.equal(indices, expected[0])
-    torch.testing.assert_close(values, expected[1], rtol=0, atol=1e-6)
+    scores = recommender.scores(states, started)
+    expected = torch.topk(scores, 20, dim=1).values
+    torch.testing.assert_close(scores.gather(1, indices), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(values, expected, rtol=0, atol=1e-5)
+    assert torch.equal(indices[~started], indices[~started][:1].expand(int((~started).sum()), -1))
 
 
 def _assert_same_ranking(catalogue: Int8Catalogue, vectors: torch.Tensor, bias: torch.Tensor,
@@ -73,7 +76,13 @@ def _assert_same_ranking(catalogue: Int8Catalogue, vectors: torch.Tensor, bias: 
 @pytest.mark.skipif(not int8_supported(torch.device("cpu")), reason="no int8 product")
 @pytest.mark.parametrize("n_items", [LARGE_CATALOGUE, 40_000, 40_037])
 @pytest.mark.parametrize("k", [1, 20, 200])
-def test_int8_first_pass_ranks_exactly(n_items: int, k: int) -> None:
+@pytest.mark.parametrize("search", ["native", "torch"])
+def test_int8_first_pass_ranks_exactly(n_items: int, k: int, search: str,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    if search == "torch":
+        monkeypatch.setenv("STREAMREC_NATIVE", "0")
+    elif native._library() is None:
+        pytest.skip("no C compiler")
     generator = torch.Generator().manual_seed(n_items + k)
     # heavy tails, as trained weights have: a few large rows and entries
     vectors = torch.randn(n_items, 100, generator=generator) ** 3 * 0.05
@@ -103,6 +112,7 @@ def test_int8_first_pass_keeps_few_candidates(monkeypatch: pytest.MonkeyPatch) -
         return best_per_row(row, *args)
 
     monkeypatch.setattr(ranking, "_best_per_row", counting)
+    monkeypatch.setenv("STREAMREC_NATIVE", "0")  # the torch search, whose steps are visible
     catalogue.top_k(outputs, 20)
     assert 20 <= rescored[0] < 200
 
@@ -120,3 +130,13 @@ def test_recommender_remakes_the_int8_copy_when_weights_change() -> None:
         network.item_bias[123] += 1000.0  # in place, as training updates rows
     indices, _ = recommender.top_k(states, started, 20)
     assert (indices[:, 0] == 123).all()
+
+
+@pytest.mark.skipif(not int8_supported(torch.device("cpu")), reason="no int8 product")
+def test_native_search_refuses_inconsistent_tensors() -> None:
+    catalogue = Int8Catalogue(torch.randn(640, 8), torch.zeros(640, 1))
+    products = torch.zeros(2, 10, 64, dtype=torch.int32)
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        native.rank_blocks(products, torch.ones(3), torch.ones(2), catalogue.padded_bias,
+                           catalogue.block_max_bias, torch.zeros(2, 8), catalogue.vectors,
+                           catalogue.bias, 5)
