@@ -19,7 +19,7 @@ heartbeat timer; the scrape thread only reads plain numbers.
 
 Live quality is prequential: the list published after a session's click is judged by the
 session's next click, exactly as :func:`stream.online_quality.online_quality` does
-offline (same :func:`~stream.online_quality.rank_of`, targets the judged model does not
+offline (same :func:`~stream.online_quality.rank_in`, targets the judged model does not
 know are counted apart). Counters are labelled with the version that published the
 judged list, so ``rate(streamrec_online_hits_total{k="20"}[5m]) /
 rate(streamrec_online_predictions_total[5m])`` is Recall@20 per model version.
@@ -44,7 +44,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from model.errors import UserError
 from stream.broker_probe import BrokerProbe
-from stream.online_quality import rank_of
+from stream.online_quality import rank_in
 
 if TYPE_CHECKING:  # stream.app imports this module
     import faust
@@ -166,7 +166,7 @@ class OnlineQualityTracker:
                 self.skipped_unknown[judged_version] += 1
             else:
                 self.predictions[judged_version] += 1
-                rank = rank_of([{"item_id": i} for i in items[:max(ONLINE_KS)]], item_id)
+                rank = rank_in(items[:max(ONLINE_KS)], item_id)
                 if rank is not None:
                     for k in ONLINE_KS:
                         if rank <= k:

@@ -12,7 +12,7 @@ delivery may repeat, and ordered by it, which is a session's click order.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Container, Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,10 +41,15 @@ class OnlineQuality:
 
 def rank_of(recommendations: list[Mapping[str, Any]], item_id: str) -> int | None:
     """1-based rank of ``item_id`` in a published list, or None when it is not there."""
-    for position, entry in enumerate(recommendations, start=1):
-        if entry["item_id"] == item_id:
-            return position
-    return None
+    return rank_in([entry["item_id"] for entry in recommendations], item_id)
+
+
+def rank_in(item_ids: Sequence[str], item_id: str) -> int | None:
+    """1-based rank of ``item_id`` among ``item_ids``, or None when it is not there."""
+    try:
+        return item_ids.index(item_id) + 1
+    except ValueError:
+        return None
 
 
 def online_quality(messages: Iterable[Mapping[str, Any]], k: int,

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from stream.events import Click, encode_recommendation
-from stream.online_quality import OnlineQuality, online_quality, rank_of
+from stream.online_quality import OnlineQuality, online_quality, rank_in, rank_of
 
 KNOWN = {"a", "b", "c", "d", "x", "y", "z"}
 
@@ -113,3 +113,10 @@ def test_rank_of() -> None:
     assert rank_of(recs, "b") == 2
     assert rank_of(recs, "c") is None
     assert rank_of([], "a") is None
+
+
+def test_rank_in() -> None:
+    assert rank_in(("a", "b"), "b") == 2
+    assert rank_in(["a", "b"], "a") == 1
+    assert rank_in(("a", "b"), "c") is None
+    assert rank_in((), "a") is None
