@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import statistics
 import threading
 import time
 from collections import OrderedDict, defaultdict
@@ -37,7 +38,6 @@ from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from faust.sensors.prometheus import FaustMetrics, PrometheusMonitor
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
@@ -117,6 +117,16 @@ TRAINER_METRICS: dict[str, tuple[str, str]] = {
     "streamrec_trainer_gate_recall": ("gauge", "Recall@20 of the candidate and the current "
                                                "model on the last round's holdout"),
 }
+# Faust's own numbers, read from its default monitor at scrape time. (Faust's
+# PrometheusMonitor updates labelled metrics on every message and event instead: measured
+# at 40k items, it took ~70 us of a worker's ~380 us of CPU per click.)
+FAUST_METRICS: dict[str, tuple[str, str]] = {
+    "faust_messages_received": ("counter", "Messages Faust's consumer received, all topics"),
+    "faust_events": ("counter", "Events Faust's streams handed to agents"),
+    "faust_active_events": ("gauge", "Events being processed"),
+    "faust_rebalances": ("counter", "Consumer group rebalances this worker took part in"),
+    "faust_commit_latency_seconds": ("gauge", "Median time of Faust's recent offset commits"),
+}
 RETRAIN_BUCKETS = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 
 
@@ -136,7 +146,7 @@ def exported_names(families: dict[str, tuple[str, str]] | None = None) -> set[st
 
 
 def _help(name: str) -> str:
-    return {**METRICS, **TRAINER_METRICS}[name][1]
+    return {**METRICS, **TRAINER_METRICS, **FAUST_METRICS}[name][1]
 
 
 class OnlineQualityTracker:
@@ -462,6 +472,27 @@ def worker_app(processor: ClickProcessor) -> Callable[..., Iterable[bytes]]:
                     lambda: readiness(processor))
 
 
+class _FaustCollector:
+    """Faust's engine numbers (``faust_*``), from the app's default monitor at scrape."""
+
+    def __init__(self, app: faust.App) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[Metric]:
+        monitor = self.app.monitor
+        for name, value in (("faust_messages_received", monitor.messages_received_total),
+                            ("faust_events", monitor.events_total),
+                            ("faust_rebalances", monitor.rebalances)):
+            yield CounterMetricFamily(name, _help(name), value=value)
+        yield GaugeMetricFamily("faust_active_events", _help("faust_active_events"),
+                                value=monitor.events_active)
+        commits = list(monitor.commit_latency)
+        if commits:
+            yield GaugeMetricFamily("faust_commit_latency_seconds",
+                                    _help("faust_commit_latency_seconds"),
+                                    value=statistics.median(commits))
+
+
 def register(processor: ClickProcessor) -> None:
     """Add the counters collector (and process_* metrics) to the processor's registry."""
     registry = processor.metrics.registry
@@ -487,12 +518,10 @@ def serve(app: Callable[..., Iterable[bytes]], port: int, addr: str = "0.0.0.0")
 
 def install(app: faust.App, processor: ClickProcessor, port: int,
             addr: str = "0.0.0.0") -> WSGIServer | None:
-    """Register the collectors, Faust's own sensors (``faust_*`` metrics: messages,
-    events, commits, rebalances, table operations...) and the loop refresher; serve HTTP
-    unless ``port`` is 0."""
+    """Register the collectors (Faust's ``faust_*`` numbers among them) and the loop
+    refresher; serve HTTP unless ``port`` is 0."""
     register(processor)
-    app.monitor = PrometheusMonitor(
-        metrics=FaustMetrics.create(processor.metrics.registry, "faust"))
+    processor.metrics.registry.register(_FaustCollector(app))  # type: ignore[arg-type]
 
     async def refresh_metrics() -> None:
         refresh(app, processor)

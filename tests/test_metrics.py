@@ -17,7 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from stream import metrics
 from stream.app import WorkerCounters
@@ -422,3 +422,23 @@ def test_trainer_metrics_follow_its_decisions():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_faust_numbers_are_read_from_its_monitor_at_scrape(tmp_path) -> None:
+    import faust
+
+    app = faust.App("faust-numbers", broker="kafka://127.0.0.1:1", datadir=str(tmp_path),
+                    autodiscover=False)
+    registry = CollectorRegistry()
+    registry.register(metrics._FaustCollector(app))
+    values = _samples(generate_latest(registry).decode())
+    assert values["faust_messages_received_total"] == 0
+    assert "faust_commit_latency_seconds" not in values  # no commit yet
+    app.monitor.messages_received_total = 7
+    app.monitor.events_total = 5
+    app.monitor.commit_latency.extend([0.010, 0.030, 0.020])
+    values = _samples(generate_latest(registry).decode())
+    assert values["faust_messages_received_total"] == 7
+    assert values["faust_events_total"] == 5
+    assert values["faust_commit_latency_seconds"] == pytest.approx(0.020)
+    assert set(values) == metrics.exported_names(metrics.FAUST_METRICS)
