@@ -93,14 +93,13 @@ def parse_click(key: bytes | None, value: bytes | None, now: float) -> Click | R
 
 def encode_recommendation(click: Click, items: Sequence[str], scores: Sequence[float],
                           model_version: str, partition: int, offset: int) -> bytes:
-    """The output message value for one answered click.
+    """The output message value for one answered click (scores to 6 decimals).
 
-    The bytes ``json.dumps(..., separators=(",", ":"))`` gives, written out directly:
-    on a served click, the generic encoder cost as much as a sixth of the ranking
-    (24 vs 13 us). Strings go through the json module's own escaping."""
-    recommendations = ",".join([
-        f'{{"item_id":{_json_string(item)},"score":{round(float(score), 6)!r}}}'
-        for item, score in zip(items, scores)])
+    Written out directly rather than by ``json.dumps``: on a served click the generic
+    encoder with ``round()`` took 14 us, this 7 (``%.6f`` rounds as ``round(s, 6)`` does,
+    to the same decimal). Strings go through the json module's own escaping."""
+    recommendations = ",".join([f'{{"item_id":{_json_string(item)},"score":{score:.6f}}}'
+                                for item, score in zip(items, scores)])
     return (f'{{"session_id":{_json_string(click.session_id)},'
             f'"item_id":{_json_string(click.item_id)},"timestamp":{float(click.timestamp)!r},'
             f'"recommendations":[{recommendations}],'
