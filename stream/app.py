@@ -165,10 +165,11 @@ class ClickProcessor:
     async def _answer(self, clicks: list[tuple[EventT, SourcedClick]],
                       consumed_at: float) -> None:
         stored: dict[str, SessionState | None] = {}
-        for _, sourced in clicks:
+        store = self.table.data  # read as written below: the store, without per-key sensors
+        for event, sourced in clicks:
             session_id = sourced.click.session_id
             if session_id not in stored:
-                raw = self.table.get(session_id.encode("utf-8"))
+                raw = store.get(event.message.key)
                 stored[session_id] = SessionState.decode(raw) if raw is not None else None
         recommender = self.recommender  # one version for the whole batch
         started = time.perf_counter()
