@@ -15,6 +15,8 @@ batch, and then a search of 40,000 numbers.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from model import native
@@ -59,7 +61,12 @@ def _block_columns(blocks: torch.Tensor, device: torch.device) -> torch.Tensor:
 def int8_supported(device: torch.device) -> bool:
     """Whether this torch has an int8 matrix product for ``device`` (CPU only: on a GPU
     the float32 product is not the bottleneck)."""
-    if device.type != "cpu" or not hasattr(torch, "_int_mm"):
+    return device.type == "cpu" and _cpu_int8_product()
+
+
+@functools.cache
+def _cpu_int8_product() -> bool:
+    if not hasattr(torch, "_int_mm"):
         return False
     try:
         torch._int_mm(torch.ones(1, 8, dtype=torch.int8), torch.ones(8, 8, dtype=torch.int8))
