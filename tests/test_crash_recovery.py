@@ -113,7 +113,11 @@ def test_kills_at_several_points_lose_nothing_and_change_no_state(
         (tmp_path / name).mkdir()
         worker.start()
     workers["a"].wait_until_consuming(kafka_bootstrap, names.app_id)
-    producer = ThrottledProducer(kafka_bootstrap, names.clicks, clicks, per_s=40)
+    # Slow enough that clicks are still being produced at the third kill: each kill
+    # stalls the group for about its 6-s session timeout, and the worker clears the
+    # backlog a stall leaves in well under the test's 50-ms polling (at 40 clicks/s the
+    # last quarter was sometimes answered before the third kill).
+    producer = ThrottledProducer(kafka_bootstrap, names.clicks, clicks, per_s=15)
     kills: list[tuple[str, int]] = []
     try:
         producer.start()
