@@ -11,9 +11,9 @@ Where a click goes:
 4. The recommendations are published and their delivery awaited; only then is each new
    state written to the table, its changelog record sent to the click's partition
    (what a table write in the event's context does; faust-streaming #497). Because a
-   state is never written before its click's output was delivered, a click found already applied after a
-   crash (offset check) already has its output: state is exactly-once, output at least
-   once.
+   state is never written before its click's output was delivered, a click found
+   already applied after a crash (offset check) already has its output: state is
+   exactly-once, output at least once.
 5. Expiry: a timer sends, per assigned partition, a marker to the co-partitioned
    ``<app>-expiry`` topic; when the agent reads it, it deletes that partition's sessions
    idle by then (event time, found by :mod:`stream.idle_sessions` without scanning the
@@ -211,7 +211,7 @@ class ClickProcessor:
         changelog = self.table.changelog_topic.get_topic_name()
         for event, sourced, outcome in answered:
             key, value = event.message.key, outcome.state.encode()
-            self.table.data[key] = value
+            store[key] = value
             self._state_writes.append(await self.output.app.producer.send(
                 changelog, key, value, sourced.partition, None, None))
             self.idle.touch(sourced.partition, key, outcome.state.last_time)
