@@ -108,9 +108,10 @@ class Recommender:
         same as ranking :meth:`scores`, up to float32 rounding between near-equal scores.
 
         States are ranked ``RANKED_TOGETHER`` at a time: their catalogue-wide scores then
-        stay in cache between the product and the search (at 40k items, 64 rows at a time
-        cost 150 us per row and 256 at a time 200 us). A large catalogue on a CPU is
-        searched through its int8 copy (:class:`model.ranking.Int8Catalogue`, exact)."""
+        stay in cache between the product and the search (at 40k items in float32, 64 rows
+        at a time cost 150 us per row and 256 at a time 200 us; through the int8 copy 93
+        and 169). A large catalogue on a CPU is searched through its int8 copy
+        (:class:`model.ranking.Int8Catalogue`, exact)."""
         k = min(k, self.n_items)
         states, started = states.to(self.device), started.to(self.device)
         catalogue = self._int8_catalogue()

@@ -124,9 +124,10 @@ def adagrad_momentum_rows_(param: torch.Tensor, state: torch.Tensor, rows: torch
         if len(rows) != n_rows or lowest < 0 or highest >= len(param):
             raise IndexError(f"rows must be {n_rows} indexes below {len(param)}")
     grad = grad.contiguous()
-    library.adagrad_momentum_rows(param.data_ptr(), param.stride(0), state.data_ptr(), state.stride(0),
-           None if rows is None else rows.data_ptr(), n_rows, grad.data_ptr(), width,
-           lr, momentum, eps, int(nesterov))
+    library.adagrad_momentum_rows(param.data_ptr(), param.stride(0), state.data_ptr(),
+                                  state.stride(0), None if rows is None else rows.data_ptr(),
+                                  n_rows, grad.data_ptr(), width, lr, momentum, eps,
+                                  int(nesterov))
     return True
 
 

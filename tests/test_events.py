@@ -274,7 +274,8 @@ def test_encode_recommendation_accepts_numpy_scores_and_empty_lists() -> None:
     assert json.loads(encode_recommendation(click, [], [], "v", 0, 0))["recommendations"] == []
 
 
-@pytest.mark.parametrize("item_id", ['q"uote', "back\\slash", "tab\tnew\nline", "é☃😀", "\x00\x1f"])
+@pytest.mark.parametrize("item_id", ['q"uote', "back\\slash", "tab\tnew\nline", "é☃😀",
+                                     "\x00\x1f"])
 def test_encode_recommendation_is_the_json_of_the_message(item_id: str) -> None:
     click = Click(f"s-{item_id}", item_id, 1700000000.123456)
     scores = [1e-9, -3.25, 123456.7890123, 0.1 + 0.2, 2.0000005, -4.4e-7]
