@@ -25,7 +25,7 @@ Why it is built this way:
   of a killed writer (staging directories, pointer temp files) found under the lock are
   known to be dead and are swept.
 
-Workers find the current model by reading ``CURRENT`` (see :mod:`stream.hot_swap`); the
+Workers find the current model by reading ``CURRENT`` (see :mod:`stream.serving.hot_swap`); the
 optional :class:`KafkaAnnouncer` also tells the ``model-updates`` topic, for anything else
 that wants to react to a new version without polling.
 """
@@ -51,8 +51,8 @@ from confluent_kafka import Producer
 from model.artifact import fsync_dir, load_model, new_version_id, save_model
 from model.errors import UserError
 from model.inference import Recommender
-from stream.kafka_config import producer_config
-from stream.topics import ensure_topics
+from stream.kafka.config import producer_config
+from stream.kafka.topics import ensure_topics
 
 POINTER = "CURRENT"
 VERSIONS = "versions"

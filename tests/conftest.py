@@ -15,9 +15,9 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from stream.brokers import LocalKafka
+from stream.devtools.brokers import LocalKafka
 
-# The same default as the CLI (see stream.cli): GRU4Rec's steps are small kernels, and idle
+# The same default as the CLI (see stream.cli.main): GRU4Rec's steps are small kernels, and idle
 # OpenMP threads spinning against other processes made them many times slower.
 torch.set_num_threads(1)
 

@@ -22,9 +22,9 @@ from confluent_kafka import Consumer, TopicPartition
 
 from model.data import ClickLog
 from model.inference import Recommender
-from stream.events import Click, encode_click
-from stream.kafka_config import producer_config
-from stream.pipeline import REPO, StreamNames, WorkerProcess
+from stream.kafka.wire import Click, encode_click
+from stream.kafka.config import producer_config
+from stream.devtools.processes import REPO, StreamNames, WorkerProcess
 
 DATA = REPO.parent / "shared" / "data" / "rsc15-100k"
 __all__ = ["DATA", "REPO", "StreamNames", "WorkerProcess", "click_by_click",

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from model.data import ClickLog
-from stream.bench_learning import _drift_data, _retimed
+from stream.bench.learning import _drift_data, _retimed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ def test_retimed_sessions_keep_their_gaps_and_stay_inside_the_window() -> None:
 @pytest.mark.kafka
 def test_tiny_drift_bench_runs_end_to_end(kafka_bootstrap: str, tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "stream.cli", "bench", "drift", "--broker",
+        [sys.executable, "-m", "stream.cli.main", "bench", "drift", "--broker",
          f"kafka://{kafka_bootstrap}", "--items", "50", "--train-sessions", "300",
          "--a-sessions", "200", "--b-sessions", "900", "--rate", "400",
          "--initial-epochs", "1", "--epochs", "1", "--interval", "2",

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from model.synth import SynthSpec, generate
-from stream.bench_soak import session_batches
+from stream.bench.soak import session_batches
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def test_tiny_soak_bench_bounds_the_table_by_expiry(kafka_bootstrap: str) -> Non
     # Paced below the worker's speed, so expiry markers are not queued behind a backlog;
     # 2,000 sessions start one per event-time second and expire after 30 s idle.
     result = subprocess.run(
-        [sys.executable, "-m", "stream.cli", "bench", "soak", "--broker",
+        [sys.executable, "-m", "stream.cli.main", "bench", "soak", "--broker",
          f"kafka://{kafka_bootstrap}", "--sessions", "2000", "--items", "200",
          "--session-timeout-s", "30", "--expiry-interval-s", "0.5", "--sessions-per-s", "1",
          "--rate", "300", "--sample-s", "0.5", "--max-samples", "10"],

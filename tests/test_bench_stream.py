@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.kafka
 def test_tiny_stream_bench_reports_every_figure(kafka_bootstrap: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "stream.cli", "bench", "stream", "--broker",
+        [sys.executable, "-m", "stream.cli.main", "bench", "stream", "--broker",
          f"kafka://{kafka_bootstrap}", "--items", "300", "--events", "600"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -27,9 +27,9 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource
 
 from model.errors import UserError
-from stream import brokers
-from stream.brokers import LocalKafka, Tansu, fetch_kafka_jars, find_java
-from stream.topics import check_topics, ensure_topics
+from stream.devtools import brokers
+from stream.devtools.brokers import LocalKafka, Tansu, fetch_kafka_jars, find_java
+from stream.kafka.topics import check_topics, ensure_topics
 from support import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -238,7 +238,7 @@ def test_tansu_round_trip(topic_name: str) -> None:
 def test_broker_does_not_outlive_a_killed_owner() -> None:
     owner = subprocess.Popen(
         [sys.executable, "-c",
-         "import time\nfrom stream.brokers import Tansu\n"
+         "import time\nfrom stream.devtools.brokers import Tansu\n"
          "broker = Tansu()\nbroker.start()\nprint(broker.bootstrap, broker.data_dir, flush=True)\n"
          "time.sleep(300)\n"],
         cwd=REPO, stdout=subprocess.PIPE, text=True,
@@ -382,7 +382,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def test_broker_help() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "stream.cli", "broker", "--help"],
+        [sys.executable, "-m", "stream.cli.main", "broker", "--help"],
         cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
     )
     assert done.returncode == 0, done.stderr
@@ -403,7 +403,7 @@ def test_tansu_with_data_dir_is_refused(tmp_path: Path) -> None:
 # The CLI exactly as a user runs it, through add_parser and run() in a child process.
 _CLI = (
     "import argparse, sys\n"
-    "from stream import brokers\n"
+    "from stream.devtools import brokers\n"
     "parser = argparse.ArgumentParser(prog='streamrec')\n"
     "brokers.add_parser(parser.add_subparsers(dest='command', required=True))\n"
     "args = parser.parse_args(sys.argv[1:])\n"

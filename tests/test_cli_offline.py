@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from stream.cli import build_parser
+from stream.cli.main import build_parser
 
 BIN = Path(sys.executable).parent / "streamrec"
-COMMAND = [str(BIN)] if BIN.is_file() else [sys.executable, "-m", "stream.cli"]
+COMMAND = [str(BIN)] if BIN.is_file() else [sys.executable, "-m", "stream.cli.main"]
 # tiny models: one intra-op thread is faster, and far faster on a busy machine
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TIMEOUT = 300
@@ -52,7 +52,7 @@ def subcommands() -> list[str]:
 
 HELP_DRIVER = """
 import contextlib, io, json, sys
-from stream.cli import main
+from stream.cli.main import main
 results = {}
 for name in json.loads(sys.argv[1]):
     out = io.StringIO()
@@ -70,7 +70,7 @@ def test_every_subcommand_has_help() -> None:
     names = subcommands()
     assert {"train", "evaluate", "baseline", "synth"} <= set(names)
     # one interpreter for all of them (each start imports torch): a user's `streamrec
-    # NAME --help` is exactly this call of stream.cli.main
+    # NAME --help` is exactly this call of stream.cli.main.main
     done = subprocess.run([sys.executable, "-c", HELP_DRIVER, json.dumps(["", *names])],
                           capture_output=True, text=True, env=ENV, timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr

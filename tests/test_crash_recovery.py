@@ -20,10 +20,10 @@ import pytest
 
 from model.artifact import load_model
 from model.inference import Recommender
-from stream.brokers import LocalKafka
-from stream.events import Click
-from stream.pipeline import StreamNames, TopicReader, WorkerProcess, start_readers
-from stream.state import SessionState
+from stream.devtools.brokers import LocalKafka
+from stream.kafka.wire import Click
+from stream.devtools.processes import StreamNames, TopicReader, WorkerProcess, start_readers
+from stream.serving.state import SessionState
 from support import click_by_click, free_port, http_get, produce_clicks, read_topic
 
 pytestmark = pytest.mark.kafka

@@ -6,7 +6,7 @@ Hypothesis generates the malformed messages (raw bytes and explicit keys, produc
 confluent-kafka like any foreign producer) mixed with good clicks. One ``streamrec
 worker`` serves every example, so the examples use their own session ids and are told
 apart by where their messages landed (partition, offset). The expected reason of each bad
-message is what :func:`stream.events.parse_click` says about the same key and value.
+message is what :func:`stream.kafka.wire.parse_click` says about the same key and value.
 """
 
 from __future__ import annotations
@@ -29,16 +29,16 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from model.artifact import load_model
-from stream.app import TRUNCATED_DEAD_LETTER_BYTES
-from stream.events import (MAX_FUTURE_SKEW_S, MAX_ID_BYTES, MAX_MESSAGE_BYTES, Click, Rejected,
+from stream.serving.app import TRUNCATED_DEAD_LETTER_BYTES
+from stream.kafka.wire import (MAX_FUTURE_SKEW_S, MAX_ID_BYTES, MAX_MESSAGE_BYTES, Click, Rejected,
                            encode_click, parse_click)
-from stream.kafka_config import client_config, producer_config
-from stream.topics import ensure_topics
+from stream.kafka.config import client_config, producer_config
+from stream.kafka.topics import ensure_topics
 from support import StreamNames, WorkerProcess, free_port
 
 pytestmark = pytest.mark.kafka
 
-#: Every reason code stream.events documents; the worker must use no other.
+#: Every reason code stream.kafka.wire documents; the worker must use no other.
 REASONS = frozenset({"empty", "oversized", "not_json", "not_object", "missing_field",
                      "bad_type", "bad_timestamp", "null_key", "key_mismatch"})
 PARTITIONS = 4
@@ -306,7 +306,7 @@ def _padded(data: dict[str, Any], size: int) -> bytes:
 
 
 def oversized_message(size_limit: int) -> Callable[..., Any]:
-    """A well-formed click padded past stream.events' limit, up to just under the topic's
+    """A well-formed click padded past stream.kafka.wire' limit, up to just under the topic's
     (the broker's) max.message.bytes."""
     @st.composite
     def strategy(draw: st.DrawFn, sid: str, item_ids: list[str]) -> tuple[bytes | None, bytes]:

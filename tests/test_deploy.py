@@ -1,7 +1,7 @@
 """The deployment files: compose file, Prometheus config and rules, Grafana dashboard.
 
 Every metric name used in a dashboard or alert expression must be one a worker exports
-(stream.metrics), so a renamed metric cannot silently empty a panel or disable an alert.
+(stream.serving.metrics), so a renamed metric cannot silently empty a panel or disable an alert.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from stream.metrics import exported_names
+from stream.serving.metrics import exported_names
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -135,8 +135,8 @@ def test_compose_file_parses_and_references_existing_files():
 
 def test_topic_init_creates_every_worker_topic():
     yaml = pytest.importorskip("yaml")
-    from stream.app import changelog_topic, expiry_topic
-    from stream.settings import WorkerSettings
+    from stream.serving.app import changelog_topic, expiry_topic
+    from stream.serving.settings import WorkerSettings
 
     script = yaml.safe_load((REPO / "docker-compose.yml").read_text())[
         "services"]["topic-init"]["command"][0]

@@ -1,4 +1,4 @@
-"""Wire formats of stream.events: click parsing (every reason code), encoding round trips,
+"""Wire formats of stream.kafka.wire: click parsing (every reason code), encoding round trips,
 and the recommendation message shape. No Kafka needed."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stream.events import (MAX_FUTURE_SKEW_S, MAX_ID_BYTES, MAX_MESSAGE_BYTES, Click, Rejected,
+from stream.kafka.wire import (MAX_FUTURE_SKEW_S, MAX_ID_BYTES, MAX_MESSAGE_BYTES, Click, Rejected,
                            encode_click, encode_recommendation, parse_click)
 
 NOW = 1_700_000_000.0

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from stream.app import EXPIRY_DELETES_PER_MARKER, ClickProcessor
-from stream.settings import WorkerSettings
-from stream.state import SessionState
+from stream.serving.app import EXPIRY_DELETES_PER_MARKER, ClickProcessor
+from stream.serving.settings import WorkerSettings
+from stream.serving.state import SessionState
 
 
 class Marker:

@@ -1,4 +1,4 @@
-"""The corrections to Faust internals (stream.faust_fixes), pinned one behaviour each.
+"""The corrections to Faust internals (stream.serving.faust_patches), pinned one behaviour each.
 
 The races they fix need a rebalance at the wrong millisecond, so these tests drive the
 patched methods directly, on a stand-in that has exactly the attributes Faust's consumer
@@ -17,7 +17,7 @@ from faust.transport.consumer import Consumer
 from faust.types import TP
 from mode.utils.queues import FlowControlEvent, FlowControlQueue
 
-from stream import faust_fixes
+from stream.serving import faust_patches as faust_fixes
 
 CLICKS0, CLICKS1 = TP("clicks", 0), TP("clicks", 1)
 CHANGELOG1 = TP("app-sessions-changelog", 1)

@@ -21,9 +21,9 @@ from model.config import GRU4RecConfig
 from model.inference import Recommender
 from model.synth import SynthSpec, generate
 from model.train import train
-from stream.app import WorkerCounters
-from stream.events import Click
-from stream.hot_swap import ModelWatcher
+from stream.serving.app import WorkerCounters
+from stream.kafka.wire import Click
+from stream.serving.hot_swap import ModelWatcher
 from stream.registry import ModelRegistry
 from support import StreamNames, WorkerProcess, click_by_click, produce_clicks, read_topic
 

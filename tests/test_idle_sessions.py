@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from stream.app import create_app
-from stream.bench_stream import untrained_model
-from stream.idle_sessions import IdleSessions
-from stream.settings import WorkerSettings
-from stream.state import SessionState
+from stream.serving.app import create_app
+from stream.bench.serving import untrained_model
+from stream.serving.expiry import IdleSessions
+from stream.serving.settings import WorkerSettings
+from stream.serving.state import SessionState
 
 
 def state(partition: int, last_time: float) -> bytes:

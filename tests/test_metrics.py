@@ -19,11 +19,11 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from stream import metrics
-from stream.app import WorkerCounters
-from stream.events import Click
-from stream.online_quality import online_quality
-from stream.pipeline import REPO
+from stream.serving import metrics
+from stream.serving.app import WorkerCounters
+from stream.kafka.wire import Click
+from stream.quality import online_quality
+from stream.devtools.processes import REPO
 from support import free_port, http_get
 
 
@@ -212,7 +212,7 @@ def test_port_in_use_is_a_clear_error():
 def _produce_raw(bootstrap: str, topic: str, key: bytes, value: bytes) -> None:
     from confluent_kafka import Producer
 
-    from stream.kafka_config import producer_config
+    from stream.kafka.config import producer_config
 
     producer = Producer(producer_config(bootstrap))
     producer.produce(topic, key=key, value=value)

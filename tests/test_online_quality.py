@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from stream.events import Click, encode_recommendation
-from stream.online_quality import OnlineQuality, online_quality, rank_in, rank_of
+from stream.kafka.wire import Click, encode_recommendation
+from stream.quality import OnlineQuality, online_quality, rank_in, rank_of
 
 KNOWN = {"a", "b", "c", "d", "x", "y", "z"}
 

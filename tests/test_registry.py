@@ -224,7 +224,7 @@ def test_a_directory_renamed_into_versions_is_refused(tmp_path: Path,
 # --- streamrec model ... ------------------------------------------------------------------
 
 def run_model_command(*argv: str) -> int:
-    """Parse and run ``streamrec model ...`` as stream.cli.main does (errors raise)."""
+    """Parse and run ``streamrec model ...`` as stream.cli.main.main does (errors raise)."""
     parser = argparse.ArgumentParser(prog="streamrec")
     registry_module.add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["model", *argv])

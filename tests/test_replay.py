@@ -24,22 +24,22 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPar
 
 from model.data import read_clicks
 from model.errors import UserError
-from stream import replay as replay_mod
-from stream.events import Click, encode_click
-from stream.kafka_config import (
+from stream.kafka import log_sender as replay_mod
+from stream.kafka.wire import Click, encode_click
+from stream.kafka.config import (
     SECURITY_ENV,
     bootstrap_servers,
     client_config,
     producer_config,
 )
-from stream.replay import (
+from stream.kafka.log_sender import (
     ReplayInterrupted,
     check_topic,
     parse_speed,
     read_replay_log,
     replay,
 )
-from stream.topics import ensure_topics
+from stream.kafka.topics import ensure_topics
 from support import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -90,7 +90,7 @@ s3\ti6\t106.0
 CLI_WRAPPER = """
 import argparse, sys
 from model.errors import UserError
-from stream import replay
+from stream.kafka import log_sender as replay
 parser = argparse.ArgumentParser(prog="streamrec")
 replay.add_parser(parser.add_subparsers(dest="command", required=True))
 args = parser.parse_args(sys.argv[1:])

@@ -28,8 +28,8 @@ from model.report import (POSITIONS, SESSION_LENGTHS, Buckets, evaluate_method,
                           popular_item_ids, top_k_lists)
 from model.synth import SynthSpec, generate, write_clicks
 from model.train import train
-from stream import report_command
-from stream.cli import main as streamrec_main
+from stream.cli import report as report_command
+from stream.cli.main import main as streamrec_main
 
 REPO = Path(__file__).resolve().parents[1]
 RSC15 = REPO.parent / "shared" / "data" / "rsc15-100k"
@@ -257,7 +257,7 @@ def test_report_builds_headless_with_the_default_backend(tiny_inputs: dict[str, 
     env = {key: value for key, value in os.environ.items()
            if key not in ("DISPLAY", "WAYLAND_DISPLAY", "MPLBACKEND")}
     env.update(MPLCONFIGDIR=str(tmp_path / "mpl"), OMP_NUM_THREADS="1")
-    driver = ("import argparse, sys; from stream import report_command; "
+    driver = ("import argparse, sys; from stream.cli import report as report_command; "
               "parser = argparse.ArgumentParser(prog='streamrec'); "
               "report_command.add_parser(parser.add_subparsers()); "
               "args = parser.parse_args(['report', *sys.argv[1:]]); sys.exit(args.run(args))")

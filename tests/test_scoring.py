@@ -1,4 +1,4 @@
-"""stream.scoring: the worker's batch computation, checked against the Recommender stepped
+"""stream.serving.scoring: the worker's batch computation, checked against the Recommender stepped
 one click at a time (the offline path)."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from model.config import GRU4RecConfig
 from model.inference import Recommender
 from model.synth import SynthSpec, generate
 from model.train import train
-from stream.events import Click
-from stream.scoring import Outcome, SourcedClick, apply_clicks, rebuild_states
-from stream.state import RECENT_ITEMS, SessionState
+from stream.kafka.wire import Click
+from stream.serving.scoring import Outcome, SourcedClick, apply_clicks, rebuild_states
+from stream.serving.state import RECENT_ITEMS, SessionState
 
 TOP_N = 10
 ATOL = 1e-5

@@ -16,13 +16,13 @@ import pytest
 
 from model.artifact import load_model
 from model.errors import UserError
-from stream.app import faust_app
-from stream.brokers import LocalKafka
-from stream.kafka_config import client_config, faust_credentials
-from stream.pipeline import REPO, StreamNames, TopicReader, WorkerProcess
+from stream.serving.app import faust_app
+from stream.devtools.brokers import LocalKafka
+from stream.kafka.config import client_config, faust_credentials
+from stream.devtools.processes import REPO, StreamNames, TopicReader, WorkerProcess
 from stream.registry import ModelRegistry
-from stream.settings import WorkerSettings
-from stream.topics import check_topics, ensure_topics
+from stream.serving.settings import WorkerSettings
+from stream.kafka.topics import check_topics, ensure_topics
 from support import free_port
 
 
@@ -59,7 +59,7 @@ SASL_ENV = {"STREAMREC_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "stream.cli", *args]
+    return [sys.executable, "-m", "stream.cli.main", *args]
 
 
 @pytest.mark.kafka

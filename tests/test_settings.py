@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from model.errors import UserError
-from stream.settings import ENV_PREFIX, WorkerSettings
+from stream.serving.settings import ENV_PREFIX, WorkerSettings
 
 
 @pytest.fixture

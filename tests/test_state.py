@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream.state import FORMAT, RECENT_ITEMS, SessionState
+from stream.serving.state import FORMAT, RECENT_ITEMS, SessionState
 
 
 def make_state(hidden: np.ndarray | None = None, recent_items: tuple[str, ...] = ("a", "b"),

@@ -19,11 +19,11 @@ from model.config import GRU4RecConfig
 from model.data import ClickLog, read_clicks
 from model.evaluate import RecommenderScorer, evaluate
 from model.train import train
-from stream.events import Click
-from stream.online_quality import online_quality
+from stream.kafka.wire import Click
+from stream.quality import online_quality
 from support import DATA, REPO, StreamNames, WorkerProcess, click_by_click, \
     clicks_in_time_order, produce_clicks, read_topic
-from stream.topics import ensure_topics
+from stream.kafka.topics import ensure_topics
 
 pytestmark = pytest.mark.kafka
 
@@ -186,7 +186,7 @@ def test_partition_mismatch_is_a_clear_startup_error(kafka_bootstrap, small_mode
     names = StreamNames("mismatch")
     ensure_topics(kafka_bootstrap, {names.clicks: 2})
     result = subprocess.run(
-        [sys.executable, "-m", "stream.cli", "worker", "--broker", kafka_bootstrap,
+        [sys.executable, "-m", "stream.cli.main", "worker", "--broker", kafka_bootstrap,
          "--model", str(small_model), "--partitions", "4", "--web-port", "0",
          *names.worker_args()], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert result.returncode != 0
@@ -198,7 +198,7 @@ def test_partition_mismatch_is_a_clear_startup_error(kafka_bootstrap, small_mode
 def test_missing_topic_without_creation_is_a_clear_startup_error(kafka_bootstrap, small_model):
     names = StreamNames("missing")
     result = subprocess.run(
-        [sys.executable, "-m", "stream.cli", "worker", "--broker", kafka_bootstrap,
+        [sys.executable, "-m", "stream.cli.main", "worker", "--broker", kafka_bootstrap,
          "--model", str(small_model), "--create-topics", "false", "--web-port", "0",
          *names.worker_args()], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert result.returncode != 0
@@ -211,7 +211,7 @@ def test_an_unreachable_broker_is_retried_with_backoff_then_one_clear_line(small
     worker gives up with one error line (each retry was logged before it)."""
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "stream.cli", "worker", "--broker", "kafka://127.0.0.1:1",
+        [sys.executable, "-m", "stream.cli.main", "worker", "--broker", "kafka://127.0.0.1:1",
          "--model", str(small_model), "--broker-wait-s", "7", "--web-port", "0"],
         capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode != 0

@@ -24,11 +24,11 @@ from model.evaluate import RecommenderScorer, evaluate
 from model.inference import Recommender
 from model.synth import SynthSpec, generate
 from model.train import train
-from stream import trainer as trainer_module
-from stream.events import Click
+from stream.learning import trainer as trainer_module
+from stream.kafka.wire import Click
 from stream.registry import ModelRegistry
-from stream.topics import ensure_topics
-from stream.trainer import (MAX_SESSION_CLICKS, LearningLoop, ReplaySample, SessionBuffer,
+from stream.kafka.topics import ensure_topics
+from stream.learning.trainer import (MAX_SESSION_CLICKS, LearningLoop, ReplaySample, SessionBuffer,
                             SessionPool, TrainerSettings, consume, gate, settings_from_args)
 from support import clicks_in_time_order, produce_clicks
 
@@ -624,7 +624,7 @@ def test_the_trainer_process_lowers_its_priority(
 
     ensure_topics(kafka_bootstrap, {topic_name: 1})
     process = subprocess.Popen(
-        [sys.executable, "-m", "stream.cli", "trainer", "--broker", f"kafka://{kafka_bootstrap}",
+        [sys.executable, "-m", "stream.cli.main", "trainer", "--broker", f"kafka://{kafka_bootstrap}",
          "--registry", str(registry.root), "--input-topic", topic_name,
          "--group", f"{topic_name}-trainer", "--updates-topic", f"{topic_name}-updates",
          "--web-port", "0", "--interval", "60", "--nice", "3"],

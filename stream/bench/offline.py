@@ -20,8 +20,8 @@ from model.data import read_clicks
 from model.evaluate import RecommenderScorer, evaluate
 from model.synth import SynthSpec, generate, write_clicks
 from model.train import train
-from stream import bench_learning, bench_soak, bench_stream
-from stream.offline_commands import print_json
+from stream.bench import learning as bench_learning, soak as bench_soak, serving as bench_stream
+from stream.cli.offline import print_json
 
 
 def _peak_rss_gib() -> float:

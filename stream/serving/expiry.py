@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 
-from stream.state import SessionState
+from stream.serving.state import SessionState
 
 
 class IdleSessions:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from model.errors import UserError
-from stream.kafka_config import bootstrap_servers
+from stream.kafka.config import bootstrap_servers
 
 ENV_PREFIX = "STREAMREC_"
 

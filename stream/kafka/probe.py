@@ -16,7 +16,7 @@ import time
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
-from stream.kafka_config import client_config
+from stream.kafka.config import client_config
 
 
 class BrokerProbe:

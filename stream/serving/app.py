@@ -4,10 +4,10 @@ Where a click goes:
 
 1. The ``clicks`` agent (concurrency 1) takes micro-batches of events
    (``batch_size``/``batch_ms``).
-2. Each message is validated (:mod:`stream.events`); a bad one goes to the dead-letter
+2. Each message is validated (:mod:`stream.kafka.wire`); a bad one goes to the dead-letter
    topic with its reason and original bytes, and the batch goes on.
 3. The sessions' states are read from the ``sessions`` table and the whole batch is scored
-   with one model call per wave (:mod:`stream.scoring`).
+   with one model call per wave (:mod:`stream.serving.scoring`).
 4. The recommendations are published and their delivery awaited; only then is each new
    state written to the table, its changelog record sent to the click's partition
    (what a table write in the event's context does; faust-streaming #497). Because a
@@ -16,7 +16,7 @@ Where a click goes:
    exactly-once, output at least once.
 5. Expiry: a timer sends, per assigned partition, a marker to the co-partitioned
    ``<app>-expiry`` topic; when the agent reads it, it deletes that partition's sessions
-   idle by then (event time, found by :mod:`stream.idle_sessions` without scanning the
+   idle by then (event time, found by :mod:`stream.serving.expiry` without scanning the
    table) in the marker's context, which writes changelog tombstones.
 
 An unexpected exception (a bug, not bad input) stops the process without committing the
@@ -43,13 +43,13 @@ from faust.streams import _current_event
 from faust.types import EventT
 
 from model.inference import Recommender
-from stream.events import MAX_MESSAGE_BYTES, Rejected, encode_recommendation, parse_click
-from stream.metrics import ProcessorMetrics
-from stream.idle_sessions import IdleSessions
-from stream.kafka_config import faust_credentials
-from stream.scoring import SourcedClick, apply_clicks
-from stream.settings import WorkerSettings
-from stream.state import SessionState
+from stream.kafka.wire import MAX_MESSAGE_BYTES, Rejected, encode_recommendation, parse_click
+from stream.serving.metrics import ProcessorMetrics
+from stream.serving.expiry import IdleSessions
+from stream.kafka.config import faust_credentials
+from stream.serving.scoring import SourcedClick, apply_clicks
+from stream.serving.settings import WorkerSettings
+from stream.serving.state import SessionState
 
 logger = logging.getLogger("streamrec.worker")
 
@@ -104,7 +104,7 @@ class WorkerCounters:
     unknown_items: int = 0
     expired: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
-    swaps: int = 0            # models swapped in by the registry watcher (stream.hot_swap)
+    swaps: int = 0            # models swapped in by the registry watcher (stream.serving.hot_swap)
     rejected_models: int = 0  # registry versions that failed verification, never served
 
 
@@ -121,7 +121,7 @@ class ClickProcessor:
         self.counters = WorkerCounters()
         self.watermarks: dict[int, float] = {}
         self._expiry_topic = expiry_topic(settings)
-        self.metrics = ProcessorMetrics()  # histograms, live quality (stream.metrics)
+        self.metrics = ProcessorMetrics()  # histograms, live quality (stream.serving.metrics)
         self._serving = False
         self.idle = IdleSessions()  # what expiry deletes (dropped at each rebalance)
         # partition -> (its last expiry marker, the cut-off, idle sessions left to delete)
@@ -357,7 +357,7 @@ def faust_app(settings: WorkerSettings) -> faust.App:
         # instead of 27-30 ms and 2,967-3,038 instead of 2,882-2,988 events/s.
         producer_linger_ms=1,
         producer_max_request_size=PRODUCER_MAX_REQUEST_BYTES,  # the broker's limit applies
-        # The worker serves /metrics, /healthz and /readyz itself (stream.metrics):
+        # The worker serves /metrics, /healthz and /readyz itself (stream.serving.metrics):
         # Faust's web server (which can expose table contents) stays off.
         web_enabled=False,
     )

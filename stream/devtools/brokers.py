@@ -4,7 +4,7 @@ Two engines behind one small interface (``start``, ``stop``, ``kill``, ``bootstr
 use as a context manager):
 
 * :class:`LocalKafka` is a real single-node Apache Kafka in KRaft mode. Its jars come from
-  Maven Central through ``deploy/kafka/pom.xml`` and are cached, so a machine needs only
+  Maven Central through ``stream/devtools/kafka/pom.xml`` and are cached, so a machine needs only
   Java 17+ and Maven: no Kafka tarball, no Docker. It keeps a real log on disk, so restart
   and crash tests exercise what production does, and it answers a waiting fetch as soon as
   data arrives.
@@ -49,12 +49,12 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
 from model.errors import UserError
-from stream.kafka_config import bootstrap_servers
+from stream.kafka.config import bootstrap_servers
 
 if TYPE_CHECKING:
     SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
-KAFKA_DEPLOY_DIR = Path(__file__).resolve().parent.parent / "deploy" / "kafka"
+KAFKA_DEPLOY_DIR = Path(__file__).resolve().parent / "kafka"
 MIN_JAVA_MAJOR = 17
 _POM = KAFKA_DEPLOY_DIR / "pom.xml"
 _LOG4J_CONFIG = KAFKA_DEPLOY_DIR / "log4j2.properties"
@@ -64,7 +64,7 @@ _LOG_TAIL_LINES = 40
 # leak into a throwaway test broker.
 _TANSU_ENV_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "SCHEMA_REGISTRY")
 # librdkafka would print every refused connection while a broker boots to stderr.
-_QUIET_LIBRDKAFKA = logging.getLogger("stream.brokers.librdkafka")
+_QUIET_LIBRDKAFKA = logging.getLogger("stream.devtools.brokers.librdkafka")
 # Runs beside each broker, blocked on a pipe from us. When the pipe closes without the
 # byte we send on stop() or kill(), we are gone, however abruptly (SIGKILL, a test runner's
 # timeout, a crash): it then stops the broker's process group and deletes its temporary
@@ -102,7 +102,7 @@ def cache_root() -> Path:
 
 
 def kafka_version() -> str:
-    """The Apache Kafka version pinned in ``deploy/kafka/pom.xml`` (one place to bump it)."""
+    """The Apache Kafka version pinned in ``stream/devtools/kafka/pom.xml`` (one place to bump it)."""
     if not _POM.is_file():
         raise UserError(
             f"{_POM} is missing; the local Kafka broker needs a streamrec source checkout"

@@ -42,15 +42,15 @@ from model.errors import UserError
 from model.inference import Recommender
 from model.network import GRU4RecNetwork
 from model.synth import SynthSpec, generate
-from stream import faust_fixes
-from stream.app import faust_app, raw_topic
-from stream.brokers import kafka_or_local
-from stream.events import Click, encode_click
-from stream.kafka_config import producer_config
-from stream.offline_commands import print_json
-from stream.pipeline import StreamNames, WorkerProcess, start_readers
-from stream.replay import replay
-from stream.settings import WorkerSettings
+from stream.serving import faust_patches as faust_fixes
+from stream.serving.app import faust_app, raw_topic
+from stream.devtools.brokers import kafka_or_local
+from stream.kafka.wire import Click, encode_click
+from stream.kafka.config import producer_config
+from stream.cli.offline import print_json
+from stream.devtools.processes import StreamNames, WorkerProcess, start_readers
+from stream.kafka.log_sender import replay
+from stream.serving.settings import WorkerSettings
 
 PARTITIONS = 4
 

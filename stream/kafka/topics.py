@@ -18,11 +18,11 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic
 
 from model.errors import UserError
-from stream.kafka_config import client_config
+from stream.kafka.config import client_config
 
 # librdkafka prints every refused connection to stderr; routed to a logger it stays quiet
 # unless someone asks, and failures still surface as UserError.
-_LIBRDKAFKA_LOG = logging.getLogger("stream.topics.librdkafka")
+_LIBRDKAFKA_LOG = logging.getLogger("stream.kafka.topics.librdkafka")
 _LIBRDKAFKA_LOG.setLevel(logging.CRITICAL)  # lower it to see librdkafka's own lines
 
 

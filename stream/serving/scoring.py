@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from model.inference import Recommender
-from stream.events import Click
-from stream.state import RECENT_ITEMS, SessionState
+from stream.kafka.wire import Click
+from stream.serving.state import RECENT_ITEMS, SessionState
 
 
 @dataclass(frozen=True, slots=True)

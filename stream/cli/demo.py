@@ -25,11 +25,11 @@ from model.errors import UserError
 from model.evaluate import RecommenderScorer, evaluate
 from model.synth import SynthSpec, generate
 from model.train import train
-from stream.brokers import LocalKafka, Tansu
-from stream.offline_commands import print_json
-from stream.online_quality import online_quality
-from stream.pipeline import Received, StreamNames, WorkerProcess, start_readers
-from stream.replay import replay
+from stream.devtools.brokers import LocalKafka, Tansu
+from stream.cli.offline import print_json
+from stream.quality import online_quality
+from stream.devtools.processes import Received, StreamNames, WorkerProcess, start_readers
+from stream.kafka.log_sender import replay
 
 PARTITIONS = 4
 

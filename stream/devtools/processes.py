@@ -24,9 +24,9 @@ from confluent_kafka.admin import AdminClient
 
 from model.errors import UserError
 
-from stream.kafka_config import client_config
+from stream.kafka.config import client_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class StreamNames:
@@ -51,7 +51,7 @@ class WorkerProcess:
                  work_dir: Path, *extra: str, partitions: int = 4,
                  subcommand: tuple[str, ...] = ("worker",)) -> None:
         self.log_path = work_dir / f"worker-{uuid.uuid4().hex[:6]}.log"
-        self.command = [sys.executable, "-m", "stream.cli", *subcommand,
+        self.command = [sys.executable, "-m", "stream.cli.main", *subcommand,
                         "--broker", f"kafka://{bootstrap}", "--model", str(model),
                         "--partitions", str(partitions), "--web-port", "0",
                         "--data-dir", str(work_dir / "faust"), "--group-session-timeout-s", "6",
@@ -176,7 +176,7 @@ class TopicReader(threading.Thread):
 def start_readers(bootstrap: str, names: StreamNames,
                   partitions: int) -> tuple[TopicReader, TopicReader]:
     """Create the run's topics and start reading clicks (raw) and recommendations."""
-    from stream.topics import ensure_topics
+    from stream.kafka.topics import ensure_topics
 
     ensure_topics(bootstrap, {t: partitions for t in
                               (names.clicks, names.recommendations, names.dlq)})

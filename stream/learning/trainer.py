@@ -4,7 +4,7 @@ A separate process (never a worker: training for seconds or minutes would stall 
 worker's event loop and its partitions) that follows the click topic in its own consumer
 group and keeps the registry's model current:
 
-1. **Buffer.** Valid clicks (:func:`stream.events.parse_click`; rejects are only counted,
+1. **Buffer.** Valid clicks (:func:`stream.kafka.wire.parse_click`; rejects are only counted,
    the workers dead-letter them) are grouped by session in a :class:`SessionBuffer`. A
    session is complete once the event-time watermark of its partition (the latest click
    time seen there) is ``session_timeout_s`` past its last click: the rule the workers
@@ -84,9 +84,9 @@ from model.errors import UserError
 from model.evaluate import PredictionBatch, RecommenderScorer, evaluate
 from model.inference import Recommender
 from model.train import train
-from stream.events import Click, parse_click
-from stream.kafka_config import bootstrap_servers, client_config
-from stream.metrics import TrainerMetrics, serve
+from stream.kafka.wire import Click, parse_click
+from stream.kafka.config import bootstrap_servers, client_config
+from stream.serving.metrics import TrainerMetrics, serve
 from stream.registry import DEFAULT_KEEP, DEFAULT_UPDATES_TOPIC, KafkaAnnouncer, ModelRegistry
 
 GATE_K = 20

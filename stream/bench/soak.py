@@ -55,16 +55,16 @@ from confluent_kafka.admin import AdminClient
 
 from model.errors import UserError
 from model.synth import SynthSpec, generate
-from stream.app import CHANGELOG_CONFIG, changelog_topic, expiry_topic
-from stream.bench_stream import untrained_model
-from stream.brokers import kafka_or_local
-from stream.events import Click, encode_click
-from stream.kafka_config import client_config, producer_config
-from stream.offline_commands import print_json
-from stream.pipeline import StreamNames, WorkerProcess
-from stream.replay import REPLAY_PRODUCER_SETTINGS
-from stream.settings import WorkerSettings
-from stream.topics import ensure_topics
+from stream.serving.app import CHANGELOG_CONFIG, changelog_topic, expiry_topic
+from stream.bench.serving import untrained_model
+from stream.devtools.brokers import kafka_or_local
+from stream.kafka.wire import Click, encode_click
+from stream.kafka.config import client_config, producer_config
+from stream.cli.offline import print_json
+from stream.devtools.processes import StreamNames, WorkerProcess
+from stream.kafka.log_sender import REPLAY_PRODUCER_SETTINGS
+from stream.serving.settings import WorkerSettings
+from stream.kafka.topics import ensure_topics
 
 PARTITIONS = 4
 # The output topic of a million-session run holds ~4 GB of recommendation lists that
@@ -74,7 +74,7 @@ OUTPUT_TOPIC_CONFIG = {"retention.bytes": str(64 * 2**20), "segment.bytes": str(
 WARMUP_FRACTION = 0.25
 # librdkafka's informational chatter (a fresh idempotent producer retrying for its id, a
 # background queue purged at close) goes to a logger nobody configures; errors still raise.
-_QUIET = logging.getLogger("stream.bench_soak.librdkafka")
+_QUIET = logging.getLogger("stream.bench.soak.librdkafka")
 _QUIET.addHandler(logging.NullHandler())
 _QUIET.propagate = False
 

@@ -17,14 +17,14 @@ import faust
 import torch
 
 from model.artifact import load_model
-from stream import faust_fixes, metrics
-from stream.app import CHANGELOG_CONFIG, changelog_topic, create_app, expiry_topic
-from stream.broker_probe import BrokerProbe
-from stream.hot_swap import watch_registry
-from stream.metrics import ProcessorMetrics
+from stream.serving import faust_patches as faust_fixes, metrics
+from stream.serving.app import CHANGELOG_CONFIG, changelog_topic, create_app, expiry_topic
+from stream.kafka.probe import BrokerProbe
+from stream.serving.hot_swap import watch_registry
+from stream.serving.metrics import ProcessorMetrics
 from stream.registry import ModelRegistry
-from stream.settings import WorkerSettings
-from stream.topics import BrokerUnreachable, check_topics, ensure_topics
+from stream.serving.settings import WorkerSettings
+from stream.kafka.topics import BrokerUnreachable, check_topics, ensure_topics
 
 logger = logging.getLogger("streamrec.worker")
 

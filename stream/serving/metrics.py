@@ -9,17 +9,17 @@ is disabled, so table contents are never served):
 - ``/readyz``: 200 once the model is loaded, partitions are assigned and table recovery is
   over; 503 with the reason otherwise.
 
-Counting stays where it was: :class:`stream.app.WorkerCounters` (updated by the agent and
-by :mod:`stream.hot_swap`) is read at scrape time by a collector, so nothing is counted
+Counting stays where it was: :class:`stream.serving.app.WorkerCounters` (updated by the agent and
+by :mod:`stream.serving.hot_swap`) is read at scrape time by a collector, so nothing is counted
 twice. What needs observations (latency and batch histograms, prequential quality) lives
-in :class:`ProcessorMetrics`, one per :class:`stream.app.ClickProcessor`, with its own
+in :class:`ProcessorMetrics`, one per :class:`stream.serving.app.ClickProcessor`, with its own
 registry (several workers in one process, as in tests, never collide). Values that need
 Faust (assignment, consumer lag, table size) are computed on the event loop by the
 heartbeat timer; the scrape thread only reads plain numbers.
 
 Live quality is prequential: the list published after a session's click is judged by the
-session's next click, exactly as :func:`stream.online_quality.online_quality` does
-offline (same :func:`~stream.online_quality.rank_in`, targets the judged model does not
+session's next click, exactly as :func:`stream.quality.online_quality` does
+offline (same :func:`~stream.quality.rank_in`, targets the judged model does not
 know are counted apart). Counters are labelled with the version that published the
 judged list, so ``rate(streamrec_online_hits_total{k="20"}[5m]) /
 rate(streamrec_online_predictions_total[5m])`` is Recall@20 per model version.
@@ -43,13 +43,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.process_collector import ProcessCollector
 
 from model.errors import UserError
-from stream.broker_probe import BrokerProbe
-from stream.online_quality import rank_in
+from stream.kafka.probe import BrokerProbe
+from stream.quality import rank_in
 
-if TYPE_CHECKING:  # stream.app imports this module
+if TYPE_CHECKING:  # stream.serving.app imports this module
     import faust
 
-    from stream.app import ClickProcessor
+    from stream.serving.app import ClickProcessor
 
 logger = logging.getLogger("streamrec.metrics")
 

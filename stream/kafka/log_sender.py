@@ -12,7 +12,7 @@ Guarantees:
   appearance, then file order), so a session's clicks never swap places and a replay is
   the same sequence on every run.
 * **Partitioning.** The key is the raw UTF-8 session id and the producer hashes it with
-  murmur2 like Java, aiokafka and Faust (:func:`stream.kafka_config.producer_config`), so
+  murmur2 like Java, aiokafka and Faust (:func:`stream.kafka.config.producer_config`), so
   a session's clicks share one partition with everything else the product writes for it.
   The idempotent producer (``acks=all``) keeps each partition in send order despite retries.
 * **Nothing silently lost.** The producer is flushed before returning, also after Ctrl-C;
@@ -53,8 +53,8 @@ from tqdm import tqdm
 
 from model.data import DEFAULT_COLUMNS, ClickLog, check_header
 from model.errors import UserError
-from stream.events import MAX_FUTURE_SKEW_S, MAX_ID_BYTES, Click, encode_click
-from stream.kafka_config import bootstrap_servers, client_config, producer_config
+from stream.kafka.wire import MAX_FUTURE_SKEW_S, MAX_ID_BYTES, Click, encode_click
+from stream.kafka.config import bootstrap_servers, client_config, producer_config
 
 if TYPE_CHECKING:
     SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -76,7 +76,7 @@ _LOG = logging.getLogger(__name__)
 # librdkafka prints every refused connection (and, on a fresh broker, its retries of the
 # idempotent producer id) to stderr; failures surface as UserError or delivery errors, so
 # its chatter goes to a logger that is silent unless the application configures logging.
-_LIBRDKAFKA_LOG = logging.getLogger("stream.replay.librdkafka")
+_LIBRDKAFKA_LOG = logging.getLogger("stream.kafka.log_sender.librdkafka")
 _LIBRDKAFKA_LOG.addHandler(logging.NullHandler())
 
 
@@ -176,7 +176,7 @@ def read_replay_log(path: str | os.PathLike[str],
     ``columns`` names the session, item and time columns; ``sep`` defaults to ``,`` for
     ``.csv`` files and a tab otherwise, as for :func:`model.data.read_clicks`. Ids are kept
     verbatim (``NA`` is an id, not a missing value). Bad rows: a blank line, an empty id, an
-    id over :data:`stream.events.MAX_ID_BYTES`, or a time that is not a finite number >= 0
+    id over :data:`stream.kafka.wire.MAX_ID_BYTES`, or a time that is not a finite number >= 0
     and at most a day ahead. Raises UserError for a missing file, a missing column or a file
     the CSV parser cannot split into rows at all (an unterminated quote).
     """
@@ -380,9 +380,9 @@ def replay(source: str | os.PathLike[str] | ReplayLog | ClickLog | Iterable[Clic
     """Send a click log to ``topic`` in event-time order; return once all is acknowledged.
 
     ``source`` is a log file (read tolerantly, see :func:`read_replay_log`), a
-    :class:`ReplayLog`, a :class:`model.data.ClickLog` or :class:`~stream.events.Click`
+    :class:`ReplayLog`, a :class:`model.data.ClickLog` or :class:`~stream.kafka.wire.Click`
     objects; in-memory events are validated and sorted the same way. ``bootstrap`` may be
-    any form :func:`stream.kafka_config.bootstrap_servers` accepts. ``speed`` is ``"max"``
+    any form :func:`stream.kafka.config.bootstrap_servers` accepts. ``speed`` is ``"max"``
     or a factor: event-time gaps are divided by it (1 = real time), so a paced replay
     reproduces the log's burstiness; if sending cannot keep up, events go out as fast as
     possible. ``limit`` sends only the first events of the replay order.

@@ -88,16 +88,16 @@ from model.errors import UserError
 from model.evaluate import RecommenderScorer, evaluate
 from model.synth import SynthSpec, generate
 from model.train import train
-from stream.brokers import kafka_or_local
-from stream.events import Click, encode_click
-from stream.kafka_config import producer_config
-from stream.offline_commands import print_json
-from stream.online_quality import online_quality
-from stream.pipeline import REPO, StreamNames, WorkerProcess, start_readers
+from stream.devtools.brokers import kafka_or_local
+from stream.kafka.wire import Click, encode_click
+from stream.kafka.config import producer_config
+from stream.cli.offline import print_json
+from stream.quality import online_quality
+from stream.devtools.processes import REPO, StreamNames, WorkerProcess, start_readers
 from stream.registry import ModelRegistry
-from stream.replay import replay
-from stream.topics import ensure_topics
-from stream.trainer import DEFAULT_BUDGET_SHARE, TrainerSettings
+from stream.kafka.log_sender import replay
+from stream.kafka.topics import ensure_topics
+from stream.learning.trainer import DEFAULT_BUDGET_SHARE, TrainerSettings
 
 PARTITIONS = 4
 #: ``streamrec trainer``'s defaults, which the benchmarks' trainer options default to.
@@ -116,7 +116,7 @@ class TrainerProcess:
                  *extra: str, env: dict[str, str] | None = None) -> None:
         tag = uuid.uuid4().hex[:8]
         self.log_path = work / f"trainer-{tag}.log"
-        self.command = [sys.executable, "-m", "stream.cli", "trainer",
+        self.command = [sys.executable, "-m", "stream.cli.main", "trainer",
                         "--broker", f"kafka://{bootstrap}", "--registry", str(registry),
                         "--input-topic", topic, "--group", f"trainer-{tag}",
                         "--updates-topic", f"model-updates-{tag}", *extra]

@@ -16,8 +16,13 @@ from model.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from stream import (bench, brokers, demo, offline_commands, registry, replay,
-                        report_command, trainer, worker)
+    from stream import registry
+    from stream.bench import offline as bench
+    from stream.cli import demo, offline as offline_commands, report as report_command
+    from stream.devtools import brokers
+    from stream.kafka import log_sender as replay
+    from stream.learning import trainer
+    from stream.serving import worker
 
     parser = argparse.ArgumentParser(
         prog="streamrec",
