@@ -1,20 +1,29 @@
-"""Recall@K and MRR@K measured on the output stream itself (prequential evaluation).
+"""Recall@K and MRR@K of what the stream published, judged by the session's next click.
 
-The recommendation published after a session's click is judged by the session's next
-click: a hit at rank r if that item is r-th in the list. This is the offline protocol of
-:mod:`model.evaluate` applied to what the stream actually published, so on a replayed
-test log the two must agree (targets the model does not know are skipped in both).
+Prequential evaluation: the list published after a session's click is judged by the
+session's next click, a hit at rank r if that item is r-th in the list. This is the offline
+protocol of :mod:`model.evaluate` applied to what was actually published, so on a replayed
+test log the two agree. A next click on an item the model that published the list does not
+know is counted apart, never as a miss (as offline, where such targets are skipped).
 
-Messages are de-duplicated by their ``source`` (partition, offset), which at-least-once
-delivery may repeat, and ordered by it, which is a session's click order.
+One implementation, two uses: a worker judges its own answers as it publishes them
+(:class:`PrequentialQuality`, exported per model version), and :func:`online_quality`
+judges a recorded output topic (the demo, the benchmarks, the tests).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+#: Cut-offs a worker exports (``streamrec_online_hits_total{k}``) and MRR's cut-off.
+ONLINE_KS = (5, 20)
+MRR_CUTOFF = 20
+#: Sessions whose last published list a worker keeps to judge (least recently clicked
+#: dropped first).
+MAX_TRACKED_SESSIONS = 200_000
 
 
 @dataclass(frozen=True)
@@ -52,25 +61,79 @@ def rank_in(item_ids: Sequence[str], item_id: str) -> int | None:
         return None
 
 
+class PrequentialQuality:
+    """Recall@k for each of ``ks`` and MRR@``mrr_cutoff`` of published lists, per version.
+
+    Keeps each session's last published list (bounded: least recently clicked dropped
+    first) with the version and the item map of the model that produced it.
+    """
+
+    def __init__(self, ks: Sequence[int] = ONLINE_KS, mrr_cutoff: int = MRR_CUTOFF,
+                 max_sessions: int = MAX_TRACKED_SESSIONS) -> None:
+        self.ks = tuple(ks)
+        self.mrr_cutoff = mrr_cutoff
+        self.max_sessions = max_sessions
+        self._depth = max(*self.ks, mrr_cutoff)
+        self._previous: OrderedDict[str, tuple[Sequence[str], str, Container[str]]] = \
+            OrderedDict()
+        self.predictions: dict[str, int] = defaultdict(int)
+        self.skipped_unknown: dict[str, int] = defaultdict(int)
+        self.hits: dict[tuple[str, int], int] = defaultdict(int)
+        self.reciprocal_rank_sum: dict[str, float] = defaultdict(float)
+
+    def observe(self, session_id: str, item_id: str, published: Sequence[str], version: str,
+                known_items: Container[str]) -> None:
+        """A click of ``session_id`` on ``item_id`` was answered with ``published``; clicks
+        of a session must come in click order."""
+        previous = self._previous.pop(session_id, None)
+        if previous is not None:
+            self._judge(*previous, target=item_id)
+        self._previous[session_id] = (published, version, known_items)
+        if len(self._previous) > self.max_sessions:
+            self._previous.popitem(last=False)
+
+    def _judge(self, items: Sequence[str], version: str, known: Container[str],
+               target: str) -> None:
+        if target not in known:
+            self.skipped_unknown[version] += 1
+            return
+        self.predictions[version] += 1
+        rank = rank_in(items[:self._depth], target)
+        if rank is None:
+            return
+        for k in self.ks:
+            if rank <= k:
+                self.hits[(version, k)] += 1
+        if rank <= self.mrr_cutoff:
+            self.reciprocal_rank_sum[version] += 1.0 / rank
+
+    def forget(self, session_ids: Iterable[str]) -> None:
+        for session_id in session_ids:
+            self._previous.pop(session_id, None)
+
+    def versions(self) -> set[str]:
+        return set(self.predictions) | set(self.skipped_unknown)
+
+    def __len__(self) -> int:
+        return len(self._previous)
+
+
 def online_quality(messages: Iterable[Mapping[str, Any]], k: int,
                    known_items: Container[str]) -> OnlineQuality:
-    """Quality of the published lists (decoded output messages) at cutoff ``k``."""
+    """Quality of the published lists (decoded output messages) at cutoff ``k``.
+
+    Messages are de-duplicated by their ``source`` (partition, offset), which at-least-once
+    delivery may repeat, and ordered by it, which is a session's click order."""
     by_session: dict[str, dict[tuple[int, int], Mapping[str, Any]]] = defaultdict(dict)
     for message in messages:
         source = (message["source"]["partition"], message["source"]["offset"])
         by_session[message["session_id"]].setdefault(source, message)
-    predictions = skipped = hits = 0
-    reciprocal = 0.0
-    for answers in by_session.values():
-        ordered = [answers[source] for source in sorted(answers)]
-        for current, following in zip(ordered, ordered[1:]):
-            target = following["item_id"]
-            if target not in known_items:
-                skipped += 1
-                continue
-            predictions += 1
-            rank = rank_of(current["recommendations"][:k], target)
-            if rank is not None:
-                hits += 1
-                reciprocal += 1.0 / rank
-    return OnlineQuality(k, predictions, skipped, hits, reciprocal)
+    judged = PrequentialQuality(ks=(k,), mrr_cutoff=k, max_sessions=len(by_session) + 1)
+    for session_id, answers in by_session.items():
+        for source in sorted(answers):
+            answer = answers[source]
+            judged.observe(session_id, answer["item_id"],
+                           [entry["item_id"] for entry in answer["recommendations"]],
+                           "", known_items)
+    return OnlineQuality(k, judged.predictions[""], judged.skipped_unknown[""],
+                         judged.hits[("", k)], judged.reciprocal_rank_sum[""])

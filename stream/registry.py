@@ -26,33 +26,27 @@ Why it is built this way:
   known to be dead and are swept.
 
 Workers find the current model by reading ``CURRENT`` (see :mod:`stream.serving.hot_swap`); the
-optional :class:`KafkaAnnouncer` also tells the ``model-updates`` topic, for anything else
+optional :class:`stream.kafka.announcer.KafkaAnnouncer` also tells the ``model-updates`` topic, for anything else
 that wants to react to a new version without polling.
 """
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import json
 import os
 import re
 import secrets
 import shutil
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from confluent_kafka import Producer
-
 from model.artifact import fsync_dir, load_model, new_version_id, save_model
 from model.errors import UserError
 from model.inference import Recommender
-from stream.kafka.config import producer_config
-from stream.kafka.topics import ensure_topics
 
 POINTER = "CURRENT"
 VERSIONS = "versions"
@@ -287,101 +281,9 @@ class ModelRegistry:
             self.announcer.announce(action, version, self.path_of(version).resolve())
 
 
-class KafkaAnnouncer:
-    """Publishes ``{"version", "path", "action"}`` to the model-updates topic (one
-    partition, so every reader sees the moves in order). A failed announcement is
-    reported on stderr but does not undo the move: ``CURRENT`` is the truth and workers
-    read it, so a lost announcement cannot leave a worker on an old model."""
-
-    def __init__(self, bootstrap: str, topic: str = DEFAULT_UPDATES_TOPIC,
-                 timeout: float = 10.0) -> None:
-        ensure_topics(bootstrap, {topic: 1}, timeout=timeout)
-        self.topic = topic
-        self.timeout = timeout
-        self._producer = Producer(producer_config(bootstrap))
-
-    def announce(self, action: str, version: str, path: Path) -> None:
-        value = json.dumps({"version": version, "path": str(path), "action": action})
-        self._producer.produce(self.topic, key=b"model", value=value.encode("utf-8"))
-        if self._producer.flush(self.timeout) != 0:
-            print(f"streamrec: warning: announcing {action} of {version} to {self.topic} "
-                  f"timed out; workers still pick it up from {POINTER}", file=sys.stderr)
-
-
 def _peek_metadata(path: Path) -> dict[str, Any]:
     try:
         metadata = json.loads((path / "metadata.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return metadata if isinstance(metadata, dict) else {}
-
-
-# --- streamrec model ... ----------------------------------------------------------------
-
-def _registry_from(args: argparse.Namespace, *, must_exist: bool = True) -> ModelRegistry:
-    """The registry named on the command line; checked before connecting to announce."""
-    if must_exist and not (Path(args.registry) / VERSIONS).is_dir():
-        raise UserError(f"{args.registry}: not a model registry (no {VERSIONS}/ directory)")
-    announcer = KafkaAnnouncer(args.broker, args.updates_topic) if args.broker else None
-    return ModelRegistry(args.registry, keep=args.keep, announcer=announcer)
-
-
-def _print_json(result: dict[str, Any]) -> None:
-    print(json.dumps(result, sort_keys=True), flush=True)
-
-
-def run_publish(args: argparse.Namespace) -> int:
-    registry = _registry_from(args, must_exist=False)
-    version = registry.publish_directory(args.model)
-    _print_json({"registry": str(registry.root), "version": version,
-                 "path": str(registry.path_of(version)),
-                 "retained": [v.version for v in registry.list_versions()]})
-    return 0
-
-
-def run_list(args: argparse.Namespace) -> int:
-    registry = _registry_from(args)
-    _print_json({"registry": str(registry.root), "current": registry.current_version(),
-                 "versions": [v.to_dict() for v in registry.list_versions()]})
-    return 0
-
-
-def run_rollback(args: argparse.Namespace) -> int:
-    registry = _registry_from(args)
-    previous = registry.current_version()
-    version = registry.rollback()
-    _print_json({"registry": str(registry.root), "version": version, "previous": previous,
-                 "path": str(registry.path_of(version))})
-    return 0
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``streamrec model publish|list|rollback``."""
-    parser = subparsers.add_parser(
-        "model", help="manage a model registry: publish, list, rollback",
-        description="A registry directory holds immutable model versions and a CURRENT "
-                    "pointer; workers started with --model REGISTRY follow the pointer.")
-    commands = parser.add_subparsers(dest="model_command", required=True, metavar="ACTION")
-
-    def action(name: str, help: str, run: Callable[[argparse.Namespace], int],
-               announces: bool) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help, description=help)
-        sub.add_argument("--registry", required=True, help="registry directory")
-        if announces:
-            sub.add_argument("--broker", default=None,
-                             help="also announce the move on Kafka (kafka://HOST:PORT)")
-            sub.add_argument("--updates-topic", default=DEFAULT_UPDATES_TOPIC,
-                             help=f"announcement topic (default {DEFAULT_UPDATES_TOPIC})")
-        sub.set_defaults(run=run, broker=None, updates_topic=DEFAULT_UPDATES_TOPIC,
-                         keep=DEFAULT_KEEP)
-        return sub
-
-    publish = action("publish", "import a model directory as the new current version",
-                     run_publish, announces=True)
-    publish.add_argument("--model", required=True, help="model directory to import")
-    publish.add_argument("--keep", type=int, default=DEFAULT_KEEP,
-                         help=f"versions to retain (default {DEFAULT_KEEP}; the current one "
-                              f"is never deleted)")
-    action("list", "list retained versions, oldest first", run_list, announces=False)
-    action("rollback", "make the version published before the current one current",
-           run_rollback, announces=True)

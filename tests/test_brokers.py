@@ -27,6 +27,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource
 
 from model.errors import UserError
+from stream.cli import broker as broker_cli
 from stream.devtools import brokers
 from stream.devtools.brokers import LocalKafka, Tansu, fetch_kafka_jars, find_java
 from stream.kafka.topics import check_topics, ensure_topics
@@ -376,7 +377,7 @@ def test_cache_dir_follows_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamrec")
-    brokers.add_parser(parser.add_subparsers(dest="command", required=True))
+    broker_cli.add_parser(parser.add_subparsers(dest="command", required=True))
     return parser
 
 
@@ -391,7 +392,7 @@ def test_broker_help() -> None:
     for expected in ("--engine {kafka,tansu}", "--port", "--data-dir", "Java 17", "Ctrl-C"):
         assert expected in help_text
     args = _parser().parse_args(["broker"])
-    assert (args.engine, args.port, args.data_dir, args.run) == ("kafka", 9092, None, brokers.run)
+    assert (args.engine, args.port, args.data_dir, args.run) == ("kafka", 9092, None, broker_cli.run)
 
 
 def test_tansu_with_data_dir_is_refused(tmp_path: Path) -> None:
@@ -403,9 +404,9 @@ def test_tansu_with_data_dir_is_refused(tmp_path: Path) -> None:
 # The CLI exactly as a user runs it, through add_parser and run() in a child process.
 _CLI = (
     "import argparse, sys\n"
-    "from stream.devtools import brokers\n"
+    "from stream.cli import broker\n"
     "parser = argparse.ArgumentParser(prog='streamrec')\n"
-    "brokers.add_parser(parser.add_subparsers(dest='command', required=True))\n"
+    "broker.add_parser(parser.add_subparsers(dest='command', required=True))\n"
     "args = parser.parse_args(sys.argv[1:])\n"
     "sys.exit(args.run(args))\n"
 )

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from model.artifact import load_model
-from stream.serving.app import TRUNCATED_DEAD_LETTER_BYTES
+from stream.serving.dead_letters import TRUNCATED_DEAD_LETTER_BYTES
 from stream.kafka.wire import (MAX_FUTURE_SKEW_S, MAX_ID_BYTES, MAX_MESSAGE_BYTES, Click, Rejected,
                            encode_click, parse_click)
 from stream.kafka.config import client_config, producer_config

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from stream.serving.metrics import exported_names
+from stream.observability import exported_names
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -135,7 +135,7 @@ def test_compose_file_parses_and_references_existing_files():
 
 def test_topic_init_creates_every_worker_topic():
     yaml = pytest.importorskip("yaml")
-    from stream.serving.app import changelog_topic, expiry_topic
+    from stream.serving.topics import changelog_topic, expiry_topic
     from stream.serving.settings import WorkerSettings
 
     script = yaml.safe_load((REPO / "docker-compose.yml").read_text())[

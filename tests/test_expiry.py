@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stream.serving.app import EXPIRY_DELETES_PER_MARKER, ClickProcessor
+from stream.serving.expiry import EXPIRY_DELETES_PER_MARKER
+from stream.serving.processor import ClickProcessor
 from stream.serving.settings import WorkerSettings
 from stream.serving.state import SessionState
 
@@ -39,8 +40,8 @@ def test_a_late_marker_expires_what_the_clicks_applied_since_make_idle(tmp_path:
     table = {b"idle": session(0, 1000.0), b"recent": session(0, 1950.0),
              b"elsewhere": session(1, 0.0)}
     processor = processor_with(tmp_path, table)
-    processor.watermarks[0] = 2000.0
-    processor._expire(Marker(partition=0, before=900.0))
+    processor.expiry.watermarks.advance(0, 2000.0)
+    processor.expiry.on_marker(Marker(partition=0, before=900.0))
     assert set(table) == {b"recent", b"elsewhere"}  # other partitions wait for their marker
     assert processor.counters.expired == 1
 
@@ -49,7 +50,7 @@ def test_without_applied_clicks_the_marker_cut_off_applies(tmp_path: Path) -> No
     """E.g. right after a restart, before any click of the partition was applied."""
     table = {b"idle": session(0, 1000.0), b"recent": session(0, 1950.0)}
     processor = processor_with(tmp_path, table)
-    processor._expire(Marker(partition=0, before=1960.0))
+    processor.expiry.on_marker(Marker(partition=0, before=1960.0))
     assert table == {} and processor.counters.expired == 2
 
 
@@ -61,16 +62,16 @@ def test_a_large_pass_is_spread_over_batches_and_spares_sessions_that_clicked(
     n = 2 * EXPIRY_DELETES_PER_MARKER + 10
     table = {f"s{i:04d}".encode(): session(0, float(i)) for i in range(n)}
     processor = processor_with(tmp_path, table)
-    processor._expire(Marker(partition=0, before=10_000.0))
+    processor.expiry.on_marker(Marker(partition=0, before=10_000.0))
     assert len(table) == n - EXPIRY_DELETES_PER_MARKER
     survivor = max(table)  # deleted last: clicks before its turn
     table[survivor] = session(0, 20_000.0)
-    processor.idle.touch(0, survivor, 20_000.0)
-    processor._delete_expired(EXPIRY_DELETES_PER_MARKER)
+    processor.expiry.idle.touch(0, survivor, 20_000.0)
+    processor.expiry.delete_idle(EXPIRY_DELETES_PER_MARKER)
     assert len(table) == n - 2 * EXPIRY_DELETES_PER_MARKER
-    processor._delete_expired(5)  # a batch of 5 clicks deletes at most 5
+    processor.expiry.delete_idle(5)  # a batch of 5 clicks deletes at most 5
     assert len(table) == 5
-    processor._delete_expired(100)
+    processor.expiry.delete_idle(100)
     assert set(table) == {survivor}
     assert processor.counters.expired == n - 1
 
@@ -79,7 +80,7 @@ def test_a_rebalance_drops_pending_deletes(tmp_path: Path) -> None:
     """Sessions of a partition revoked meanwhile belong to another worker now."""
     table = {f"s{i:04d}".encode(): session(0, 1.0) for i in range(EXPIRY_DELETES_PER_MARKER + 5)}
     processor = processor_with(tmp_path, table)
-    processor._expire(Marker(partition=0, before=10.0))
+    processor.expiry.on_marker(Marker(partition=0, before=10.0))
     processor.on_rebalance(object(), set())
-    processor._delete_expired(EXPIRY_DELETES_PER_MARKER)
+    processor.expiry.delete_idle(EXPIRY_DELETES_PER_MARKER)
     assert len(table) == 5

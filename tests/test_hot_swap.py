@@ -21,7 +21,7 @@ from model.config import GRU4RecConfig
 from model.inference import Recommender
 from model.synth import SynthSpec, generate
 from model.train import train
-from stream.serving.app import WorkerCounters
+from stream.serving.metrics import WorkerCounters
 from stream.kafka.wire import Click
 from stream.serving.hot_swap import ModelWatcher
 from stream.registry import ModelRegistry

@@ -63,8 +63,8 @@ def test_the_worker_app_drops_the_index_at_every_rebalance(tmp_path: Path) -> No
     table = {b"a": state(0, 1.0)}
     for restored, signal in ((b"r1", app.on_partitions_assigned),
                              (b"r2", app.on_partitions_revoked)):
-        known = sorted(processor.idle.idle_before(0, 10.0, table))
+        known = sorted(processor.expiry.idle.idle_before(0, 10.0, table))
         table[restored] = state(0, 2.0)
-        assert sorted(processor.idle.idle_before(0, 10.0, table)) == known
+        assert sorted(processor.expiry.idle.idle_before(0, 10.0, table)) == known
         asyncio.run(signal.send(set()))
-        assert sorted(processor.idle.idle_before(0, 10.0, table)) == sorted(known + [restored])
+        assert sorted(processor.expiry.idle.idle_before(0, 10.0, table)) == sorted(known + [restored])

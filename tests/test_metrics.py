@@ -19,8 +19,11 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from stream import observability
+from stream.learning.metrics import TrainerMetrics
+from stream.quality import ONLINE_KS, PrequentialQuality
 from stream.serving import metrics
-from stream.serving.app import WorkerCounters
+from stream.serving.metrics import WorkerCounters
 from stream.kafka.wire import Click
 from stream.quality import online_quality
 from stream.devtools.processes import REPO
@@ -41,16 +44,16 @@ def _messages(sessions: dict[str, list[tuple[str, list[str]]]]) -> list[dict]:
     return out
 
 
-def _track(messages: list[dict], known) -> metrics.OnlineQualityTracker:
-    tracker = metrics.OnlineQualityTracker()
+def _track(messages: list[dict], known) -> PrequentialQuality:
+    tracker = PrequentialQuality()
     for m in sorted(messages, key=lambda m: (m["source"]["partition"], m["source"]["offset"])):
         tracker.observe(m["session_id"], m["item_id"],
                         [r["item_id"] for r in m["recommendations"]], m["model_version"], known)
     return tracker
 
 
-def _assert_agrees(tracker: metrics.OnlineQualityTracker, messages, known, version="v1"):
-    for k in metrics.ONLINE_KS:
+def _assert_agrees(tracker: PrequentialQuality, messages, known, version="v1"):
+    for k in ONLINE_KS:
         offline = online_quality(messages, k, known)
         assert tracker.predictions.get(version, 0) == offline.n_predictions
         assert tracker.skipped_unknown.get(version, 0) == offline.n_skipped_unknown
@@ -96,7 +99,7 @@ def test_random_sequences_agree_with_online_quality(seed):
 
 
 def test_counts_go_to_the_version_that_published_the_judged_list():
-    tracker = metrics.OnlineQualityTracker()
+    tracker = PrequentialQuality()
     tracker.observe("s", "a", ["b", "c"], "old", {"a", "b", "c"})
     tracker.observe("s", "b", ["c", "new"], "new", {"a", "b", "c", "new"})  # judges "old"
     tracker.observe("s", "new", ["a"], "new", {"a", "b", "c", "new"})       # judges "new"
@@ -106,7 +109,7 @@ def test_counts_go_to_the_version_that_published_the_judged_list():
 
 
 def test_previous_lists_are_bounded_and_forgotten_on_expiry():
-    tracker = metrics.OnlineQualityTracker(max_sessions=3)
+    tracker = PrequentialQuality(max_sessions=3)
     for n in range(5):
         tracker.observe(f"s{n}", "a", ["a"], "v", {"a"})
     assert len(tracker) == 3
@@ -128,8 +131,8 @@ def _fake_processor():
         counters=WorkerCounters(events=10, published=8, duplicates=2, unknown_items=1,
                                 expired=3, rejected={"bad_json": 2, "missing_field": 1},
                                 swaps=1, rejected_models=4),
-        metrics=metrics.ProcessorMetrics(), recommender=recommender,
-        settings=SimpleNamespace(input_topic="clicks"), table={})
+        metrics=metrics.WorkerMetrics(), health=metrics.Health(), recommender=recommender,
+    )
     metrics.register(processor)
     return processor
 
@@ -148,14 +151,14 @@ def test_exposition_names_and_values():
     processor.metrics.online.observe("s", "a", ["a", "b"], "v7", {"a", "b"})
     processor.metrics.online.observe("s", "b", ["a"], "v7", {"a", "b"})
     processor.metrics.observe_published(100.0, 99.9, [99.0, 98.0], [99.5, None])
-    processor.metrics.lag = {("clicks", 2): 5}
+    processor.health.lag = {("clicks", 2): 5}
     text = generate_latest(processor.metrics.registry).decode()
     values = _samples(text)
     names = {re.match(r"[a-zA-Z_:][a-zA-Z0-9_:]*", k).group(0) for k in values}
     streamrec = {n for n in names if n.startswith("streamrec_")}
-    assert streamrec <= metrics.exported_names(metrics.METRICS)
+    assert streamrec <= observability.exported_names(observability.METRICS)
     # Every declared metric shows up (labelled families once they have a sample).
-    assert metrics.exported_names(metrics.METRICS) <= streamrec
+    assert observability.exported_names(observability.METRICS) <= streamrec
     assert values["streamrec_events_consumed_total"] == 13
     assert values["streamrec_recommendations_published_total"] == 8
     assert values['streamrec_events_rejected_total{reason="bad_json"}'] == 2
@@ -177,18 +180,18 @@ def test_exposition_names_and_values():
 
 def test_http_endpoints():
     processor = _fake_processor()
-    server = metrics.serve(metrics.worker_app(processor), 0, "127.0.0.1")
+    server = observability.serve(metrics.worker_app(processor), 0, "127.0.0.1")
     try:
         base = f"http://127.0.0.1:{server.server_port}"
         assert http_get(base + "/healthz") == (200, "ok\n")
         status, body = http_get(base + "/readyz")
         assert status == 503 and "not started" in body
-        processor.metrics.not_ready_reason = None
+        processor.health.not_ready_reason = None
         assert http_get(base + "/readyz") == (200, "ok\n")
         status, body = http_get(base + "/metrics")
         assert status == 200 and "streamrec_ready 1.0" in body
         assert http_get(base + "/tables")[0] == 404
-        processor.metrics.heartbeat -= metrics.STALL_S + 1
+        processor.health.heartbeat -= observability.STALL_S + 1
         assert http_get(base + "/healthz")[0] == 503
         assert http_get(base + "/readyz")[0] == 503
     finally:
@@ -203,7 +206,7 @@ def test_port_in_use_is_a_clear_error():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         with pytest.raises(UserError, match="cannot serve metrics"):
-            metrics.serve(metrics.worker_app(_fake_processor()), taken.getsockname()[1],
+            observability.serve(metrics.worker_app(_fake_processor()), taken.getsockname()[1],
                           "127.0.0.1")
 
 
@@ -392,7 +395,7 @@ def _safe_get(url: str) -> tuple[int, str]:
 
 
 def test_trainer_metrics_follow_its_decisions():
-    trainer = metrics.TrainerMetrics()
+    trainer = TrainerMetrics()
     trainer.record({"decision": "wait", "buffered": 10})
     trainer.record({"decision": "promoted", "buffered": 3, "train_seconds": 4.5,
                     "final_loss": 5.25,
@@ -400,7 +403,7 @@ def test_trainer_metrics_follow_its_decisions():
     text = generate_latest(trainer.registry).decode()
     values = _samples(text)
     names = {re.match(r"[a-zA-Z_:][a-zA-Z0-9_:]*", k).group(0) for k in values}
-    assert metrics.exported_names(metrics.TRAINER_METRICS) <= names
+    assert observability.exported_names(observability.TRAINER_METRICS) <= names
     assert values['streamrec_trainer_rounds_total{decision="promoted"}'] == 1
     assert values['streamrec_trainer_rounds_total{decision="wait"}'] == 1
     assert values["streamrec_trainer_buffered_sessions"] == 3
@@ -408,13 +411,13 @@ def test_trainer_metrics_follow_its_decisions():
     assert values['streamrec_trainer_gate_recall{model="candidate"}'] == 0.61
     assert values["streamrec_trainer_retrain_seconds_count"] == 1
 
-    server = metrics.serve(trainer.app(), 0, "127.0.0.1")
+    server = observability.serve(trainer.app(), 0, "127.0.0.1")
     try:
         base = f"http://127.0.0.1:{server.server_port}"
         assert http_get(base + "/readyz")[0] == 503
         trainer.not_ready_reason = None
         assert http_get(base + "/readyz") == (200, "ok\n")
-        trainer.heartbeat -= metrics.STALL_S + 1
+        trainer.heartbeat -= observability.STALL_S + 1
         assert http_get(base + "/healthz")[0] == 503
         trainer.training = True  # a long round is not a stall
         assert http_get(base + "/healthz") == (200, "training\n")
@@ -441,4 +444,4 @@ def test_faust_numbers_are_read_from_its_monitor_at_scrape(tmp_path) -> None:
     assert values["faust_messages_received_total"] == 7
     assert values["faust_events_total"] == 5
     assert values["faust_commit_latency_seconds"] == pytest.approx(0.020)
-    assert set(values) == metrics.exported_names(metrics.FAUST_METRICS)
+    assert set(values) == observability.exported_names(observability.FAUST_METRICS)

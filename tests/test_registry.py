@@ -20,7 +20,9 @@ from model.inference import Recommender
 from model.synth import SynthSpec, generate
 from model.train import train
 from stream import registry as registry_module
-from stream.registry import KafkaAnnouncer, ModelRegistry
+from stream.cli import model as model_cli
+from stream.kafka.announcer import KafkaAnnouncer
+from stream.registry import ModelRegistry
 from support import REPO, read_topic
 
 TINY = GRU4RecConfig(layers=(16,), n_sample=64, n_epochs=1)
@@ -226,7 +228,7 @@ def test_a_directory_renamed_into_versions_is_refused(tmp_path: Path,
 def run_model_command(*argv: str) -> int:
     """Parse and run ``streamrec model ...`` as stream.cli.main.main does (errors raise)."""
     parser = argparse.ArgumentParser(prog="streamrec")
-    registry_module.add_parser(parser.add_subparsers(dest="command", required=True))
+    model_cli.add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["model", *argv])
     return int(args.run(args))
 

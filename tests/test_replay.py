@@ -24,6 +24,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPar
 
 from model.data import read_clicks
 from model.errors import UserError
+from stream.cli import replay as replay_cli
 from stream.kafka import log_sender as replay_mod
 from stream.kafka.wire import Click, encode_click
 from stream.kafka.config import (
@@ -86,11 +87,11 @@ s3\ti5\tsoon
 s3\ti6\t106.0
 """
 
-# Run the CLI in a child process exactly as stream/cli.py's main() would.
+# Run the CLI in a child process exactly as stream/cli/main.py's main() would.
 CLI_WRAPPER = """
 import argparse, sys
 from model.errors import UserError
-from stream.kafka import log_sender as replay
+from stream.cli import replay
 parser = argparse.ArgumentParser(prog="streamrec")
 replay.add_parser(parser.add_subparsers(dest="command", required=True))
 args = parser.parse_args(sys.argv[1:])
@@ -111,7 +112,7 @@ def _write(tmp_path: Path, text: str, name: str = "clicks.tsv") -> Path:
 def _run_cli(*argv: str) -> int:
     """``streamrec replay ARGV`` in-process, with cli.main's UserError handling."""
     parser = argparse.ArgumentParser(prog="streamrec")
-    replay_mod.add_parser(parser.add_subparsers(dest="command", required=True))
+    replay_cli.add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["replay", *argv])
     try:
         return int(args.run(args) or 0)

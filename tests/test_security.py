@@ -18,7 +18,8 @@ from model.artifact import load_model
 from model.errors import UserError
 from stream.serving.app import faust_app
 from stream.devtools.brokers import LocalKafka
-from stream.kafka.config import client_config, faust_credentials
+from stream.kafka.config import client_config
+from stream.serving.credentials import faust_credentials
 from stream.devtools.processes import REPO, StreamNames, TopicReader, WorkerProcess
 from stream.registry import ModelRegistry
 from stream.serving.settings import WorkerSettings

@@ -24,12 +24,17 @@ from model.evaluate import RecommenderScorer, evaluate
 from model.inference import Recommender
 from model.synth import SynthSpec, generate
 from model.train import train
-from stream.learning import trainer as trainer_module
+from stream.cli import trainer as trainer_cli
+from stream.learning import buffer, loop as loop_module, settings as settings_module
 from stream.kafka.wire import Click
 from stream.registry import ModelRegistry
 from stream.kafka.topics import ensure_topics
-from stream.learning.trainer import (MAX_SESSION_CLICKS, LearningLoop, ReplaySample, SessionBuffer,
-                            SessionPool, TrainerSettings, consume, gate, settings_from_args)
+from stream.learning.buffer import MAX_SESSION_CLICKS, SessionBuffer
+from stream.learning.consumer import consume
+from stream.learning.gate import gate
+from stream.learning.loop import LearningLoop
+from stream.learning.replay import ReplaySample, SessionPool
+from stream.learning.settings import TrainerSettings
 from support import clicks_in_time_order, produce_clicks
 
 TINY = GRU4RecConfig(layers=(16,), n_sample=64, n_epochs=1)
@@ -148,7 +153,7 @@ def test_the_buffer_is_bounded_in_age_and_clicks_per_session() -> None:
 
 def test_the_replay_sample_is_bounded_and_covers_old_sessions() -> None:
     sample = ReplaySample(capacity=50, rng=random.Random(0))
-    offered = [trainer_module.BufferedSession() for _ in range(1000)]
+    offered = [buffer.BufferedSession() for _ in range(1000)]
     for k, session in enumerate(offered):
         session.add(click(str(k), float(k), str(k)))
     sample.offer(offered[:500])
@@ -255,7 +260,7 @@ def test_a_round_resumes_the_optimizer_state_and_publishes_the_grown_one(
         calls.append((config, kwargs["base"]))
         return train(log, config, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "train", spy)
+    monkeypatch.setattr(loop_module, "train", spy)
     loop = LearningLoop(settings(gate_margin=0.5, learning_rate=0.07), registry,
                         out=io.StringIO())
     feed(loop, part(range(1200, 1600)))
@@ -287,7 +292,7 @@ def test_a_model_without_optimizer_state_is_fine_tuned_at_the_fresh_learning_rat
         rates.append(config.learning_rate)
         return train(log, config, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "train", spy)
+    monkeypatch.setattr(loop_module, "train", spy)
     loop = LearningLoop(settings(gate_margin=0.5, learning_rate=0.07,
                                  fresh_learning_rate=0.003), registry, out=io.StringIO())
     feed(loop, part(range(1200, 1600)))
@@ -312,7 +317,7 @@ def test_a_round_replays_a_fresh_draw_of_the_replay_log(
         trained_on.append(log)
         return train(log, config, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "train", spy)
+    monkeypatch.setattr(loop_module, "train", spy)
     loop = LearningLoop(settings(gate_margin=0.5, replay_log=str(old_log),
                                  replay_log_sample=150), registry, out=io.StringIO())
     feed(loop, part(range(1200, 1600)))
@@ -338,10 +343,10 @@ def test_a_round_within_its_budget_trains_the_newest_sessions_then_replay(
         trained_on.append(log)
         return train(log, config, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "train", spy)
+    monkeypatch.setattr(loop_module, "train", spy)
     loop = LearningLoop(settings(gate_margin=0.5, round_budget_s=2.0, epochs=2), registry,
                         out=io.StringIO())
-    assert loop.budget_events() == int(2.0 * trainer_module.PRIOR_THROUGHPUT / 2)
+    assert loop.budget_events() == int(2.0 * loop_module.PRIOR_THROUGHPUT / 2)
     feed(loop, part(range(1200, 1600)))
     first = loop.round()
     assert first["decision"] == "promoted", first
@@ -370,9 +375,9 @@ def test_a_round_within_its_budget_trains_the_newest_sessions_then_replay(
     kept = second["sessions"]["fresh"]
     assert set(fresh[-kept:]) <= trained and not set(fresh[:-kept]) & trained  # the newest
     fresh_clicks = sum(len(s[0]) for s in fresh[-kept:])
-    assert 500 * (1 - trainer_module.REPLAY_SHARE) - 10 <= fresh_clicks <= 500
+    assert 500 * (1 - loop_module.REPLAY_SHARE) - 10 <= fresh_clicks <= 500
     replay_clicks = len(log) - fresh_clicks
-    assert 500 * trainer_module.REPLAY_SHARE - 10 <= replay_clicks and len(log) <= 500
+    assert 500 * loop_module.REPLAY_SHARE - 10 <= replay_clicks and len(log) <= 500
     assert budget["fresh_left_out"] == len(fresh) - kept > 0
     assert budget["replay_left_out"] == 300 - second["sessions"]["replay"] > 200
     # left-out fresh sessions were still offered to the replay sample
@@ -383,7 +388,7 @@ def test_no_budget_trains_everything(registry: ModelRegistry) -> None:
     unbounded = settings(round_budget_s=0.0)
     assert unbounded.budget_s is None
     assert settings(round_budget_s=None, interval_s=10.0).budget_s == pytest.approx(
-        trainer_module.DEFAULT_BUDGET_SHARE * 10.0)
+        settings_module.DEFAULT_BUDGET_SHARE * 10.0)
     loop = LearningLoop(unbounded, registry, out=io.StringIO())
     assert loop.budget_events() is None
     feed(loop, part(range(1200, 1600)))
@@ -468,7 +473,7 @@ def test_a_broken_candidate_is_rejected_and_never_published(
         candidate, stats = train(*args, **kwargs)
         return scrambled(candidate), stats
 
-    monkeypatch.setattr(trainer_module, "train", broken_train)
+    monkeypatch.setattr(loop_module, "train", broken_train)
     loop = LearningLoop(settings(gate_margin=0.02), registry, out=io.StringIO())
     feed(loop, part(range(1200, 1600)))
     decision = loop.round()
@@ -485,7 +490,7 @@ def test_a_candidate_is_not_published_over_a_pointer_moved_during_training(
         registry.publish(copy.deepcopy(base))  # e.g. an operator's publish or rollback
         return train(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "train", train_while_someone_publishes)
+    monkeypatch.setattr(loop_module, "train", train_while_someone_publishes)
     loop = LearningLoop(settings(gate_margin=0.5), registry, out=io.StringIO())
     feed(loop, part(range(1200, 1600)))
     decision = loop.round()
@@ -496,11 +501,11 @@ def test_a_candidate_is_not_published_over_a_pointer_moved_during_training(
 
 def test_cli_options_become_validated_settings() -> None:
     parser = argparse.ArgumentParser()
-    trainer_module.add_parser(parser.add_subparsers())
+    trainer_cli.add_parser(parser.add_subparsers())
     args = parser.parse_args(["trainer", "--broker", "kafka://h:9092", "--registry", "r",
                               "--interval", "5", "--min-sessions", "50", "--holdout-sessions", "10",
                               "--group", "g"])
-    parsed = settings_from_args(args)
+    parsed = TrainerSettings.from_args(args, environ={})
     assert (parsed.interval_s, parsed.min_sessions, parsed.group) == (5.0, 50, "g")
     assert parsed.replay_sample == TrainerSettings.replay_sample
     with pytest.raises(UserError, match="--holdout-sessions"):
@@ -518,13 +523,13 @@ def test_cli_options_become_validated_settings() -> None:
     args = parser.parse_args(["trainer", "--broker", "kafka://h:9092", "--registry", "r",
                               "--replay-log", "train.tsv", "--replay-log-sample", "10",
                               "--fresh-learning-rate", "0.01"])
-    parsed = settings_from_args(args)
+    parsed = TrainerSettings.from_args(args, environ={})
     assert (parsed.replay_log, parsed.replay_log_sample, parsed.fresh_learning_rate) == \
         ("train.tsv", 10, 0.01)
     assert parsed.new_item_rounds is True
     args = parser.parse_args(["trainer", "--broker", "kafka://h:9092", "--registry", "r",
                               "--no-new-item-rounds"])
-    assert settings_from_args(args).new_item_rounds is False
+    assert TrainerSettings.from_args(args, environ={}).new_item_rounds is False
     with pytest.raises(UserError, match="bad broker URL"):
         settings(broker="http://x:1")
 

@@ -91,13 +91,12 @@ from model.train import train
 from stream.devtools.brokers import kafka_or_local
 from stream.kafka.wire import Click, encode_click
 from stream.kafka.config import producer_config
-from stream.cli.offline import print_json
 from stream.quality import online_quality
 from stream.devtools.processes import REPO, StreamNames, WorkerProcess, start_readers
 from stream.registry import ModelRegistry
 from stream.kafka.log_sender import replay
 from stream.kafka.topics import ensure_topics
-from stream.learning.trainer import DEFAULT_BUDGET_SHARE, TrainerSettings
+from stream.learning.settings import DEFAULT_BUDGET_SHARE, TrainerSettings
 
 PARTITIONS = 4
 #: ``streamrec trainer``'s defaults, which the benchmarks' trainer options default to.
@@ -239,7 +238,7 @@ def _trainer_stats(decisions: Iterable[dict[str, Any]]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- incremental
 
-def run_incremental(args: argparse.Namespace) -> int:
+def run_incremental(args: argparse.Namespace) -> dict[str, Any]:
     initial_log = read_clicks(args.initial)
     stream_log = read_clicks(args.stream)
     test_log = read_clicks(args.test)
@@ -316,7 +315,7 @@ def run_incremental(args: argparse.Namespace) -> int:
                                    progress=False)
     scratch_recall = evaluate(RecommenderScorer(scratch), test_log, ks=(20,)).recall(20)
 
-    print_json({
+    return {
         "incremental_recall@20": incremental_recall,
         "scratch_recall@20": scratch_recall,
         "incremental_seconds": float(sum(stats["round_train_seconds"])),
@@ -340,8 +339,7 @@ def run_incremental(args: argparse.Namespace) -> int:
         "session_timeout_s": args.session_timeout_s, "initial_epochs": args.initial_epochs,
         "final_version": final.version, "final_items": final.n_items,
         "scratch_items": scratch.n_items, "scratch_source": scratch_source,
-    })
-    return 0
+    }
 
 
 # --------------------------------------------------------------------------------- drift
@@ -697,7 +695,7 @@ def drift_figures(on: dict[str, Any], off: dict[str, Any], data: dict[str, Any],
     }
 
 
-def run_drift(args: argparse.Namespace) -> int:
+def run_drift(args: argparse.Namespace) -> dict[str, Any]:
     data = _drift_data(args)
     config = GRU4RecConfig(n_epochs=args.initial_epochs)
     _log(f"training the phase-A model ({len(data['a_train']):,} events, {args.items} items, "
@@ -713,8 +711,7 @@ def run_drift(args: argparse.Namespace) -> int:
         if args.work_dir:
             _dump(work / "observations-on.jsonl", on, data["new_items"])
             _dump(work / "observations-off.jsonl", off, data["new_items"])
-    print_json(drift_figures(on, off, data, args))
-    return 0
+    return drift_figures(on, off, data, args)
 
 
 # ------------------------------------------------------------------------------ parsers
@@ -765,7 +762,7 @@ def add_parsers(benches: argparse._SubParsersAction) -> None:
     p.add_argument("--broker", default=None, help="use this Kafka instead of a local one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.set_defaults(run=run_incremental)
+    p.set_defaults(measure=run_incremental)
 
     p = benches.add_parser(
         "drift", help="new items appear: online Recall@20 with and without the trainer",
@@ -808,4 +805,4 @@ def add_parsers(benches: argparse._SubParsersAction) -> None:
                         "(observations-on/off.jsonl) in this directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cpu for the trainer)")
-    p.set_defaults(run=run_drift)
+    p.set_defaults(measure=run_drift)

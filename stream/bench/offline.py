@@ -1,7 +1,7 @@
-"""``streamrec bench ...``: benchmark commands. Each prints one JSON object as its last line.
+"""``streamrec bench train|scale``: training speed and accuracy; loading and memory at scale.
 
 Benchmarks are commands, not tests: a slow shared machine must never fail a test, and the
-figures they print are what README and the issue notes quote.
+figures they print are what the README and the issue notes quote.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,15 +21,13 @@ from model.data import read_clicks
 from model.evaluate import RecommenderScorer, evaluate
 from model.synth import SynthSpec, generate, write_clicks
 from model.train import train
-from stream.bench import learning as bench_learning, soak as bench_soak, serving as bench_stream
-from stream.cli.offline import print_json
 
 
 def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def run_train_bench(args: argparse.Namespace) -> int:
+def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
     """Training throughput with the default (published) setting, and its accuracy."""
     log = read_clicks(args.data)
     config = GRU4RecConfig(n_epochs=args.epochs)
@@ -41,11 +40,10 @@ def run_train_bench(args: argparse.Namespace) -> int:
     if args.test:
         metrics = evaluate(RecommenderScorer(recommender), read_clicks(args.test), ks=(5, 20))
         result.update(metrics.to_dict())
-    print_json(result)
-    return 0
+    return result
 
 
-def run_scale_bench(args: argparse.Namespace) -> int:
+def run_scale_bench(args: argparse.Namespace) -> dict[str, Any]:
     """Generate a large log, time its loading, and train on it within a memory bound."""
     with tempfile.TemporaryDirectory(dir=args.tmp_dir) as tmp:
         path = Path(tmp) / "synthetic.tsv"
@@ -64,7 +62,7 @@ def run_scale_bench(args: argparse.Namespace) -> int:
         config = GRU4RecConfig(n_epochs=1)
         recommender, stats = train(log, config, seed=args.seed, progress=not args.quiet,
                                    max_batches=args.batches)
-        print_json({"events": n_events, "items": recommender.n_items,
+        return {"events": n_events, "items": recommender.n_items,
                     "sessions": log.n_sessions, "load_seconds": load_seconds,
                     "file_bytes": path.stat().st_size,
                     "peak_rss_gib_before_load": rss_before_load,
@@ -72,15 +70,10 @@ def run_scale_bench(args: argparse.Namespace) -> int:
                     "peak_rss_gib": _peak_rss_gib(), "trained_batches": args.batches,
                     "train_seconds": stats.train_seconds,
                     "train_events_per_s": args.batches * config.batch_size
-                    / max(stats.train_seconds, 1e-9)})
-    return 0
+                    / max(stats.train_seconds, 1e-9)}
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("bench", help="benchmarks (print JSON)",
-                                   description="Benchmarks; the last stdout line is JSON.")
-    benches = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
-
+def add_parsers(benches: argparse._SubParsersAction) -> None:
     p = benches.add_parser("train", help="training speed (and accuracy with --test)",
                            description="Train with the default setting and report events/s.")
     p.add_argument("--data", required=True, help="training click log")
@@ -89,7 +82,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(run=run_train_bench)
+    p.set_defaults(measure=run_train_bench)
 
     p = benches.add_parser("scale", help="load time and memory on a large synthetic log",
                            description="Generate SESSIONS synthetic sessions over ITEMS items "
@@ -102,8 +95,4 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tmp-dir", default=None, help="where to write the temporary log")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(run=run_scale_bench)
-
-    bench_stream.add_parsers(benches)
-    bench_learning.add_parsers(benches)
-    bench_soak.add_parsers(benches)
+    p.set_defaults(measure=run_scale_bench)

@@ -29,8 +29,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-import faust
 from confluent_kafka import Producer
 import numpy as np
 import torch
@@ -42,12 +42,11 @@ from model.errors import UserError
 from model.inference import Recommender
 from model.network import GRU4RecNetwork
 from model.synth import SynthSpec, generate
-from stream.serving import faust_patches as faust_fixes
-from stream.serving.app import faust_app, raw_topic
+from stream.serving import faust_patches
+from stream.serving.app import faust_app, raw_topic, run_app
 from stream.devtools.brokers import kafka_or_local
 from stream.kafka.wire import Click, encode_click
 from stream.kafka.config import producer_config
-from stream.cli.offline import print_json
 from stream.devtools.processes import StreamNames, WorkerProcess, start_readers
 from stream.kafka.log_sender import replay
 from stream.serving.settings import WorkerSettings
@@ -189,7 +188,7 @@ def measure(bootstrap: str, model_dir: Path, n_items: int, events: int, work: Pa
             "cpu_us_per_event": cpu_us_per_event, "busy_cores": busy_cores}
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.torch_threads)
     with kafka_or_local(args.broker) as bootstrap, \
             tempfile.TemporaryDirectory(prefix="streamrec-bench-") as tmp:
@@ -217,18 +216,17 @@ def run(args: argparse.Namespace) -> int:
                          "worker_cpu_us_per_event": result["cpu_us_per_event"],
                          "machine_busy_cores": result["busy_cores"]})
             print(json.dumps(runs[-1]), file=sys.stderr)
-    print_json({"noop_events_per_s": noop["events_per_s"], "noop_p99_ms": noop["p99_ms"],
+    return {"noop_events_per_s": noop["events_per_s"], "noop_p99_ms": noop["p99_ms"],
                 "noop_cpu_us_per_event": noop["cpu_us_per_event"],
                 "noop_machine_busy_cores": noop["busy_cores"], "cores": os.cpu_count(),
                 "events_per_run": args.events, "torch_threads": args.torch_threads,
-                "runs": runs})
-    return 0
+                "runs": runs}
 
 
 def run_noop_worker(args: argparse.Namespace) -> int:
     """A Faust agent that answers each click with its source and nothing else."""
     settings = WorkerSettings.from_args(args)
-    faust_fixes.apply(settings.fetch_max_wait_ms)
+    faust_patches.apply(settings.fetch_max_wait_ms)
     app = faust_app(settings)
     clicks = raw_topic(app, settings, settings.input_topic)
     output = raw_topic(app, settings, settings.output_topic)
@@ -248,8 +246,7 @@ def run_noop_worker(args: argparse.Namespace) -> int:
                                                     partition=message.partition, force=True))
             await asyncio.gather(*deliveries)
 
-    faust.Worker(app, loglevel=settings.log_level, quiet=True).execute_from_commandline()
-    return 0
+    return run_app(app, settings)
 
 
 def add_parsers(benches: argparse._SubParsersAction) -> None:
@@ -262,7 +259,7 @@ def add_parsers(benches: argparse._SubParsersAction) -> None:
                    help="use this Kafka instead of starting a local one")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="torch threads of the worker and of the scoring ceiling (default 1)")
-    p.set_defaults(run=run)
+    p.set_defaults(measure=run)
     p = benches.add_parser("noop-worker", help="(used by bench stream) a no-op Faust agent",
                            description="Consume clicks and produce an empty answer for each: "
                                        "the Faust engine's own ceiling.")

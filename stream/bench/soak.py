@@ -55,12 +55,11 @@ from confluent_kafka.admin import AdminClient
 
 from model.errors import UserError
 from model.synth import SynthSpec, generate
-from stream.serving.app import CHANGELOG_CONFIG, changelog_topic, expiry_topic
+from stream.serving.topics import CHANGELOG_CONFIG, changelog_topic, expiry_topic
 from stream.bench.serving import untrained_model
 from stream.devtools.brokers import kafka_or_local
 from stream.kafka.wire import Click, encode_click
 from stream.kafka.config import client_config, producer_config
-from stream.cli.offline import print_json
 from stream.devtools.processes import StreamNames, WorkerProcess
 from stream.kafka.log_sender import REPLAY_PRODUCER_SETTINGS
 from stream.serving.settings import WorkerSettings
@@ -521,7 +520,7 @@ def _delete_topics(bootstrap: str, names: StreamNames) -> None:
         print(f"could not delete the run's topics: {exc}", file=sys.stderr)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("sessions", "items", "chunk", "max_samples"):
         if getattr(args, name) < (2 if name == "items" else 1):
             raise UserError(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}")
@@ -532,8 +531,7 @@ def run(args: argparse.Namespace) -> int:
     with kafka_or_local(args.broker) as bootstrap, \
             tempfile.TemporaryDirectory(prefix="streamrec-soak-") as tmp:
         result = soak(bootstrap, args, Path(tmp))
-    print_json(result)
-    return 0
+    return result
 
 
 def add_parsers(benches: argparse._SubParsersAction) -> None:
@@ -566,4 +564,4 @@ def add_parsers(benches: argparse._SubParsersAction) -> None:
                    help="sessions generated at a time (default 20,000)")
     p.add_argument("--stall-s", type=float, default=180.0,
                    help="give up when nothing is answered for this long (default 180)")
-    p.set_defaults(run=run)
+    p.set_defaults(measure=run)

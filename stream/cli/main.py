@@ -1,8 +1,9 @@
 """`streamrec`: one entry point, one subcommand per job.
 
-Each subcommand lives next to the code it drives and registers itself through an
-``add_parser(subparsers)`` function; this module only wires them together and turns a
-:class:`model.errors.UserError` into one line on stderr and exit status 2.
+Each subcommand is a short file of this package that registers itself through an
+``add_parser(subparsers)`` function over the code it drives; this module only wires them
+together and turns a :class:`model.errors.UserError` into one line on stderr and exit
+status 2.
 """
 
 from __future__ import annotations
@@ -16,25 +17,20 @@ from model.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from stream import registry
-    from stream.bench import offline as bench
-    from stream.cli import demo, offline as offline_commands, report as report_command
-    from stream.devtools import brokers
-    from stream.kafka import log_sender as replay
-    from stream.learning import trainer
-    from stream.serving import worker
+    from stream.cli import (bench, broker, demo, model, offline, replay, report, trainer,
+                            worker)
 
     parser = argparse.ArgumentParser(
         prog="streamrec",
         description="Real-time session-based recommendations (GRU4Rec) on Kafka.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    offline_commands.add_parsers(subparsers)
-    report_command.add_parser(subparsers)
-    brokers.add_parser(subparsers)
+    offline.add_parsers(subparsers)
+    report.add_parser(subparsers)
+    broker.add_parser(subparsers)
     worker.add_parser(subparsers)
     trainer.add_parser(subparsers)
-    registry.add_parser(subparsers)
+    model.add_parser(subparsers)
     replay.add_parser(subparsers)
     demo.add_parser(subparsers)
     bench.add_parser(subparsers)

@@ -7,11 +7,9 @@ and the last line on stdout is one JSON object with the results.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -23,11 +21,7 @@ from model.data import ClickLog, read_clicks, standard_filter
 from model.evaluate import DEFAULT_KS, TIE_MODES, RecommenderScorer, evaluate
 from model.synth import SynthSpec, generate, write_clicks
 from model.train import train
-
-
-def print_json(result: dict[str, Any]) -> None:
-    """The machine-readable result: one JSON object as the last stdout line."""
-    print(json.dumps(result, sort_keys=True), flush=True)
+from stream.cli.base import print_json
 
 
 def add_data_options(parser: argparse.ArgumentParser) -> None:

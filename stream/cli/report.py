@@ -24,7 +24,8 @@ from model.artifact import load_model
 from model.errors import UserError
 from model.evaluate import TIE_MODES
 from model.report import LABELS, MODEL_NAME, Report, build_report
-from stream.cli.offline import add_data_options, print_json, read_log
+from stream.cli.base import print_json
+from stream.cli.offline import add_data_options, read_log
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

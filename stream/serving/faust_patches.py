@@ -1,4 +1,5 @@
-"""Three targeted corrections to faust-streaming 0.15 / mode 0.7, applied once at start-up.
+"""Three targeted corrections to faust-streaming 0.15 / mode 0.7, applied once at start-up,
+and the one private hook the worker needs (:class:`in_context_of`).
 
 1. **Lost events after recovery.** At the end of table recovery Faust resumes flow control,
    and mode's ``FlowControlEvent.resume()`` always clears the stream queues, dropping
@@ -22,19 +23,21 @@
    (Tansu) then add the full wait to every click's latency; the worker's setting bounds it.
 
 All touch private attributes of pinned versions (``faust-streaming>=0.15,<0.16``,
-``mode-streaming`` 0.7); tests/test_faust_fixes.py pins each behaviour, and the tests that
+``mode-streaming`` 0.7); tests/test_faust_patches.py pins each behaviour, and the tests that
 restart workers, rebalance groups and measure latency would catch a change in any.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+from faust.streams import _current_event
 from faust.transport.consumer import Consumer
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
-from faust.types import TP, Message
+from faust.types import TP, EventT, Message
 from mode.utils.queues import FlowControlEvent
 
 logger = logging.getLogger("streamrec.worker")
@@ -113,3 +116,22 @@ def apply(fetch_max_wait_ms: int) -> None:
 
     AIOKafkaConsumerThread._create_worker_consumer = _create_worker_consumer  # type: ignore
     _applied = True
+
+
+class in_context_of:
+    """Make ``event`` Faust's current event, so table writes go to its partition.
+
+    Inside ``take_events()`` the agent task has no current event (a background drainer
+    fills the buffer: faust-streaming #497), and Faust refuses table writes. Setting the
+    private ``_current_event`` ContextVar for the duration of the write is the verified
+    workaround; it is confined to this class.
+    """
+
+    def __init__(self, event: EventT) -> None:
+        self._event = event
+
+    def __enter__(self) -> None:
+        self._token = _current_event.set(weakref.ref(self._event))
+
+    def __exit__(self, *exc: object) -> None:
+        _current_event.reset(self._token)

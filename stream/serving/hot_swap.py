@@ -5,8 +5,8 @@ own copy of the model) polls the registry's pointer on a Faust timer. When it na
 version other than the one being served, the worker loads and verifies it in a thread
 (``loop.run_in_executor``), so reading and checksumming weights never stalls the event
 loop, and then assigns ``processor.recommender`` on the loop. The agent reads that
-attribute once per batch (:meth:`stream.serving.app.ClickProcessor._answer`), so the swap falls
-between two batches and no batch mixes versions. Sessions whose stored state was computed
+attribute once per batch (:class:`stream.serving.processor.ClickProcessor`), so the swap
+falls between two batches and no batch mixes versions. Sessions whose stored state was computed
 by the old version are rebuilt from their recent items on their next click
 (:mod:`stream.serving.scoring`).
 
@@ -30,7 +30,7 @@ import time
 import faust
 
 from model.errors import UserError
-from stream.serving.app import ClickProcessor
+from stream.serving.processor import ClickProcessor
 from stream.registry import POINTER, ModelRegistry
 
 logger = logging.getLogger("streamrec.hot_swap")

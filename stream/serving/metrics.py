@@ -1,63 +1,42 @@
-"""Prometheus metrics, liveness and readiness of a worker, on ``--web-port``.
+"""A worker's metrics, liveness and readiness (served by :mod:`stream.observability`).
 
-Each worker serves three paths on its own small HTTP server (a thread; Faust's web server
-is disabled, so table contents are never served):
+Counting stays where it happens: :class:`WorkerCounters` (updated by the processor, its
+dead letters and expiry, and the hot swap) is read at scrape time by a collector, so
+nothing is counted twice. What needs observations (latency and batch histograms,
+prequential quality) lives in :class:`WorkerMetrics`, one per worker with its own registry
+(several workers in one process, as in tests, never collide). :class:`Health` holds what
+``/healthz`` and ``/readyz`` report; values that need Faust (assignment, consumer lag,
+table size) are refreshed on the event loop (:func:`refresh`), and the scrape thread only
+reads plain numbers.
 
-- ``/metrics``: Prometheus text format (the names are listed in :data:`METRICS`);
-- ``/healthz``: 200 while the worker's event loop is alive (a 1 s timer on the loop stamps
-  a heartbeat; 503 when it has not run for :data:`STALL_S` seconds);
-- ``/readyz``: 200 once the model is loaded, partitions are assigned and table recovery is
-  over; 503 with the reason otherwise.
+Metrics read the worker through :class:`ServedWorker`, a narrow view, so this module
+never depends on the processor that updates them.
 
-Counting stays where it was: :class:`stream.serving.app.WorkerCounters` (updated by the agent and
-by :mod:`stream.serving.hot_swap`) is read at scrape time by a collector, so nothing is counted
-twice. What needs observations (latency and batch histograms, prequential quality) lives
-in :class:`ProcessorMetrics`, one per :class:`stream.serving.app.ClickProcessor`, with its own
-registry (several workers in one process, as in tests, never collide). Values that need
-Faust (assignment, consumer lag, table size) are computed on the event loop by the
-heartbeat timer; the scrape thread only reads plain numbers.
-
-Live quality is prequential: the list published after a session's click is judged by the
-session's next click, exactly as :func:`stream.quality.online_quality` does
-offline (same :func:`~stream.quality.rank_in`, targets the judged model does not
-know are counted apart). Counters are labelled with the version that published the
-judged list, so ``rate(streamrec_online_hits_total{k="20"}[5m]) /
+Live quality is :class:`stream.quality.PrequentialQuality`, labelled with the version that
+published the judged list, so ``rate(streamrec_online_hits_total{k="20"}[5m]) /
 rate(streamrec_online_predictions_total[5m])`` is Recall@20 per model version.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import logging
 import statistics
-import threading
 import time
-from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Container, Iterable, Iterator, Sequence
-from socketserver import ThreadingMixIn
-from typing import TYPE_CHECKING, Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+import faust
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 
-from model.errors import UserError
+from model.inference import Recommender
 from stream.kafka.probe import BrokerProbe
-from stream.quality import rank_in
+from stream.observability import STALL_S, help_text, wsgi_app
+from stream.quality import ONLINE_KS, PrequentialQuality
 
-if TYPE_CHECKING:  # stream.serving.app imports this module
-    import faust
-
-    from stream.serving.app import ClickProcessor
-
-logger = logging.getLogger("streamrec.metrics")
-
-ONLINE_KS = (5, 20)          # cutoffs of streamrec_online_hits_total{k}
-MRR_CUTOFF = 20              # streamrec_online_reciprocal_rank_sum is MRR@20's numerator
-MAX_TRACKED_SESSIONS = 200_000  # previous lists kept for prequential quality (LRU)
-REFRESH_S = 1.0              # heartbeat / lag / table-size refresh on the event loop
-STALL_S = 60.0               # /healthz fails when the loop has not refreshed for this long
+REFRESH_S = 1.0  # heartbeat / lag / table-size refresh on the event loop
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5,
                    5.0, 10.0, 30.0, 60.0)
@@ -65,147 +44,29 @@ SCORING_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
                    2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
-# name -> (type, help). Counter names are given without "_total" (the exposition adds it).
-METRICS: dict[str, tuple[str, str]] = {
-    "streamrec_events_consumed": ("counter", "Click-topic messages consumed (valid clicks, "
-                                             "duplicates and rejected events)"),
-    "streamrec_recommendations_published": ("counter", "Recommendation messages published "
-                                                       "and acknowledged by the broker"),
-    "streamrec_events_rejected": ("counter", "Clicks sent to the dead-letter topic, by "
-                                             "reason"),
-    "streamrec_unknown_items": ("counter", "Clicks on items the serving model does not know"),
-    "streamrec_duplicate_events": ("counter", "Redelivered clicks recognised by offset and "
-                                              "not answered again"),
-    "streamrec_expired_sessions": ("counter", "Sessions deleted after the session timeout"),
-    "streamrec_model_swaps": ("counter", "Models swapped in from the registry"),
-    "streamrec_models_rejected": ("counter", "Registry versions that failed verification "
-                                             "and were never served"),
-    "streamrec_online_predictions": ("counter", "Published lists judged by the session's "
-                                                "next click, by the version that published"),
-    "streamrec_online_hits": ("counter", "Judged lists whose next click was in the top k"),
-    "streamrec_online_reciprocal_rank_sum": ("counter", "Sum of 1/rank of the next click "
-                                                        "(0 beyond rank 20): MRR@20 "
-                                                        "numerator"),
-    "streamrec_online_skipped_unknown": ("counter", "Next clicks not judged: the item is "
-                                                    "unknown to the model that published"),
-    "streamrec_active_sessions": ("gauge", "Sessions in this worker's table"),
-    "streamrec_model_info": ("gauge", "The model version being served (value 1)"),
-    "streamrec_model_age_seconds": ("gauge", "Seconds since the served model was created"),
-    "streamrec_consumer_lag_messages": ("gauge", "Click-topic end offset minus the next "
-                                                 "offset to process, per assigned partition"),
-    "streamrec_assigned_partitions": ("gauge", "Click-topic partitions assigned to this "
-                                               "worker"),
-    "streamrec_ready": ("gauge", "1 when /readyz answers 200"),
-    "streamrec_event_to_publish_seconds": ("histogram", "Click event time to its "
-                                                        "recommendation's delivery"),
-    "streamrec_ingest_to_publish_seconds": ("histogram", "Click's Kafka record timestamp to "
-                                                         "its recommendation's delivery"),
-    "streamrec_consume_to_publish_seconds": ("histogram", "Click handed to the agent to its "
-                                                          "recommendation's delivery"),
-    "streamrec_batch_scoring_seconds": ("histogram", "Model time (state update and ranking) "
-                                                     "per batch"),
-    "streamrec_batch_size": ("histogram", "Clicks per scored batch"),
-}
 
-# What ``streamrec trainer`` serves (same conventions).
-TRAINER_METRICS: dict[str, tuple[str, str]] = {
-    "streamrec_trainer_buffered_sessions": ("gauge", "Sessions in the trainer's buffer"),
-    "streamrec_trainer_rounds": ("counter", "Trainer rounds, by decision (wait, promoted, "
-                                            "rejected, not_published, failed)"),
-    "streamrec_trainer_retrain_seconds": ("histogram", "Fine-tuning time per round"),
-    "streamrec_trainer_training_loss": ("gauge", "Final training loss of the last round"),
-    "streamrec_trainer_gate_recall": ("gauge", "Recall@20 of the candidate and the current "
-                                               "model on the last round's holdout"),
-}
-# Faust's own numbers, read from its default monitor at scrape time. (Faust's
-# PrometheusMonitor updates labelled metrics on every message and event instead: measured
-# at 40k items, it took ~70 us of a worker's ~380 us of CPU per click.)
-FAUST_METRICS: dict[str, tuple[str, str]] = {
-    "faust_messages_received": ("counter", "Messages Faust's consumer received, all topics"),
-    "faust_events": ("counter", "Events Faust's streams handed to agents"),
-    "faust_active_events": ("gauge", "Events being processed"),
-    "faust_rebalances": ("counter", "Consumer group rebalances this worker took part in"),
-    "faust_commit_latency_seconds": ("gauge", "Median time of Faust's recent offset commits"),
-}
-RETRAIN_BUCKETS = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+@dataclass
+class WorkerCounters:
+    """Plain counts, exported as metrics and printed by the demo."""
+
+    events: int = 0
+    published: int = 0
+    duplicates: int = 0
+    unknown_items: int = 0
+    expired: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    swaps: int = 0            # models swapped in by the registry watcher
+    rejected_models: int = 0  # registry versions that failed verification, never served
 
 
-def exported_names(families: dict[str, tuple[str, str]] | None = None) -> set[str]:
-    """Every sample name (``_total``, ``_bucket``, ...) of ``families`` (default: the
-    worker's and the trainer's), besides the standard ``process_*`` ones."""
-    names: set[str] = set()
-    for name, (kind, _) in (families or {**METRICS, **TRAINER_METRICS}).items():
-        if kind == "counter":
-            names.add(name + "_total")
-        elif kind == "histogram":
-            names.update(name + suffix
-                         for suffix in ("_bucket", "_sum", "_count", "_created"))
-        else:
-            names.add(name)
-    return names
-
-
-def _help(name: str) -> str:
-    return {**METRICS, **TRAINER_METRICS, **FAUST_METRICS}[name][1]
-
-
-class OnlineQualityTracker:
-    """Prequential Recall@k / MRR@20 of the published lists, per model version.
-
-    Keeps each session's last published list (bounded, least recently clicked dropped
-    first; expired sessions are dropped by the processor) with the version and the item
-    map of the model that produced it.
-    """
-
-    def __init__(self, max_sessions: int = MAX_TRACKED_SESSIONS) -> None:
-        self.max_sessions = max_sessions
-        self._previous: OrderedDict[str, tuple[Sequence[str], str, Container[str]]] = \
-            OrderedDict()
-        self.predictions: dict[str, int] = defaultdict(int)
-        self.skipped_unknown: dict[str, int] = defaultdict(int)
-        self.hits: dict[tuple[str, int], int] = defaultdict(int)
-        self.reciprocal_rank_sum: dict[str, float] = defaultdict(float)
-
-    def observe(self, session_id: str, item_id: str, published: Sequence[str], version: str,
-                known_items: Container[str]) -> None:
-        """A click of ``session_id`` was answered with ``published`` (in click order)."""
-        previous = self._previous.pop(session_id, None)
-        if previous is not None:
-            items, judged_version, known = previous
-            if item_id not in known:
-                self.skipped_unknown[judged_version] += 1
-            else:
-                self.predictions[judged_version] += 1
-                rank = rank_in(items[:max(ONLINE_KS)], item_id)
-                if rank is not None:
-                    for k in ONLINE_KS:
-                        if rank <= k:
-                            self.hits[(judged_version, k)] += 1
-                    if rank <= MRR_CUTOFF:
-                        self.reciprocal_rank_sum[judged_version] += 1.0 / rank
-        self._previous[session_id] = (published, version, known_items)
-        if len(self._previous) > self.max_sessions:
-            self._previous.popitem(last=False)
-
-    def forget(self, session_ids: Iterable[str]) -> None:
-        for session_id in session_ids:
-            self._previous.pop(session_id, None)
-
-    def versions(self) -> set[str]:
-        return set(self.predictions) | set(self.skipped_unknown)
-
-    def __len__(self) -> int:
-        return len(self._previous)
-
-
-class ProcessorMetrics:
-    """Histograms and live quality of one processor, and the numbers the loop refreshes."""
+class WorkerMetrics:
+    """Histograms and live quality of one worker, in its own registry."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
 
         def histogram(name: str, buckets: Sequence[float]) -> Histogram:
-            return Histogram(name, _help(name), buckets=buckets, registry=self.registry)
+            return Histogram(name, help_text(name), buckets=buckets, registry=self.registry)
 
         self.event_latency = histogram("streamrec_event_to_publish_seconds", LATENCY_BUCKETS)
         self.ingest_latency = histogram("streamrec_ingest_to_publish_seconds", LATENCY_BUCKETS)
@@ -213,16 +74,9 @@ class ProcessorMetrics:
                                          LATENCY_BUCKETS)
         self.scoring_time = histogram("streamrec_batch_scoring_seconds", SCORING_BUCKETS)
         self.batch_size = histogram("streamrec_batch_size", BATCH_BUCKETS)
-        self.online = OnlineQualityTracker()
+        self.online = PrequentialQuality()
         # Next offset to process per (topic, partition), from processed batches.
         self.positions: dict[tuple[str, int], int] = {}
-        # Refreshed on the event loop (see install()); read by the scrape thread.
-        self.heartbeat = time.monotonic()
-        self.lag: dict[tuple[str, int], int] = {}
-        self.assigned = 0
-        self.active_sessions = 0
-        self.not_ready_reason: str | None = "not started"
-        self.broker: BrokerProbe | None = None  # set once the worker is connected
 
     def observe_published(self, published_at: float, consumed_at: float,
                           event_times: Sequence[float], kafka_times: Sequence[float]) -> None:
@@ -239,11 +93,33 @@ class ProcessorMetrics:
         self.positions[(topic, partition)] = offset + 1
 
 
-class _CountersCollector:
-    """Reads the processor's plain counters and the loop-refreshed numbers at scrape."""
+class Health:
+    """What ``/healthz`` and ``/readyz`` report, written on the event loop (or by the
+    start-up code before it runs) and read by the HTTP thread."""
 
-    def __init__(self, processor: ClickProcessor) -> None:
-        self.processor = processor
+    def __init__(self) -> None:
+        self.heartbeat = time.monotonic()
+        self.not_ready_reason: str | None = "not started"
+        self.broker: BrokerProbe | None = None  # set once the worker is connected
+        self.assigned = 0
+        self.lag: dict[tuple[str, int], int] = {}
+        self.active_sessions = 0
+
+
+class ServedWorker(Protocol):
+    """What the metrics read of a worker."""
+
+    counters: WorkerCounters
+    metrics: WorkerMetrics
+    health: Health
+    recommender: Recommender
+
+
+class _CountersCollector:
+    """Reads the worker's plain counters and the loop-refreshed numbers at scrape."""
+
+    def __init__(self, worker: ServedWorker) -> None:
+        self.worker = worker
         self._created: tuple[str, float | None] = ("", None)
 
     def _model_created(self, recommender: Any) -> float | None:
@@ -258,21 +134,20 @@ class _CountersCollector:
         return self._created[1]
 
     def collect(self) -> Iterator[Metric]:
-        processor = self.processor
-        metrics = processor.metrics
-        counters = processor.counters
+        worker = self.worker
+        metrics, health, counters = worker.metrics, worker.health, worker.counters
         rejected = dict(counters.rejected)
 
         def counter(name: str, value: float) -> CounterMetricFamily:
-            return CounterMetricFamily(name, _help(name), value=value)
+            return CounterMetricFamily(name, help_text(name), value=value)
 
         def gauge(name: str, value: float) -> GaugeMetricFamily:
-            return GaugeMetricFamily(name, _help(name), value=value)
+            return GaugeMetricFamily(name, help_text(name), value=value)
 
         yield counter("streamrec_events_consumed", counters.events + sum(rejected.values()))
         yield counter("streamrec_recommendations_published", counters.published)
         family = CounterMetricFamily("streamrec_events_rejected",
-                                     _help("streamrec_events_rejected"), labels=["reason"])
+                                     help_text("streamrec_events_rejected"), labels=["reason"])
         for reason, count in sorted(rejected.items()):
             family.add_metric([reason], count)
         yield family
@@ -285,7 +160,7 @@ class _CountersCollector:
         online = metrics.online
         predictions, skipped = dict(online.predictions), dict(online.skipped_unknown)
         hits, reciprocal = dict(online.hits), dict(online.reciprocal_rank_sum)
-        families = {name: CounterMetricFamily(name, _help(name), labels=labels) for name, labels
+        families = {name: CounterMetricFamily(name, help_text(name), labels=labels) for name, labels
                     in (("streamrec_online_predictions", ["model_version"]),
                         ("streamrec_online_hits", ["model_version", "k"]),
                         ("streamrec_online_reciprocal_rank_sum", ["model_version"]),
@@ -302,8 +177,8 @@ class _CountersCollector:
                                                              hits.get((version, k), 0))
         yield from families.values()
 
-        recommender = processor.recommender
-        info = GaugeMetricFamily("streamrec_model_info", _help("streamrec_model_info"),
+        recommender = worker.recommender
+        info = GaugeMetricFamily("streamrec_model_info", help_text("streamrec_model_info"),
                                  labels=["model_version"])
         info.add_metric([recommender.version], 1)
         yield info
@@ -311,51 +186,51 @@ class _CountersCollector:
         if created is not None:
             yield gauge("streamrec_model_age_seconds", max(time.time() - created, 0.0))
         lag = GaugeMetricFamily("streamrec_consumer_lag_messages",
-                                _help("streamrec_consumer_lag_messages"),
+                                help_text("streamrec_consumer_lag_messages"),
                                 labels=["topic", "partition"])
-        for (topic, partition), value in sorted(dict(metrics.lag).items()):
+        for (topic, partition), value in sorted(dict(health.lag).items()):
             lag.add_metric([topic, str(partition)], value)
         yield lag
-        yield gauge("streamrec_assigned_partitions", metrics.assigned)
-        yield gauge("streamrec_active_sessions", metrics.active_sessions)
-        yield gauge("streamrec_ready", 1 if readiness(processor)[0] else 0)
+        yield gauge("streamrec_assigned_partitions", health.assigned)
+        yield gauge("streamrec_active_sessions", health.active_sessions)
+        yield gauge("streamrec_ready", 1 if readiness(worker)[0] else 0)
 
 
-def liveness(processor: ClickProcessor) -> tuple[bool, str]:
-    stalled = time.monotonic() - processor.metrics.heartbeat
+def liveness(worker: ServedWorker) -> tuple[bool, str]:
+    stalled = time.monotonic() - worker.health.heartbeat
     if stalled > STALL_S:
         return False, f"event loop has not run for {stalled:.0f} s"
     return True, "ok"
 
 
-def readiness(processor: ClickProcessor) -> tuple[bool, str]:
-    alive, why = liveness(processor)
+def readiness(worker: ServedWorker) -> tuple[bool, str]:
+    alive, why = liveness(worker)
     if not alive:
         return False, why
-    if processor.recommender is None:
+    if worker.recommender is None:
         return False, "no model loaded"
-    reason = processor.metrics.not_ready_reason
-    if reason is None and processor.metrics.broker is not None:
-        reason = processor.metrics.broker.problem
+    health = worker.health
+    reason = health.not_ready_reason
+    if reason is None and health.broker is not None:
+        reason = health.broker.problem
     return (False, reason) if reason else (True, "ok")
 
 
-def refresh(app: faust.App, processor: ClickProcessor) -> None:
+def refresh(app: faust.App, health: Health, input_topic: str,
+            positions: dict[tuple[str, int], int], table: Sized) -> None:
     """On the event loop: heartbeat, assignment, readiness, lag, table size."""
-    metrics = processor.metrics
-    metrics.heartbeat = time.monotonic()
-    topic = processor.settings.input_topic
+    health.heartbeat = time.monotonic()
     try:
-        assignment = {tp for tp in app.consumer.assignment() if tp.topic == topic}
+        assignment = {tp for tp in app.consumer.assignment() if tp.topic == input_topic}
     except Exception:  # consumer not started yet
         assignment = set()
-    metrics.assigned = len(assignment)
+    health.assigned = len(assignment)
     if not assignment:
-        metrics.not_ready_reason = "no partitions assigned"
+        health.not_ready_reason = "no partitions assigned"
     elif getattr(app, "in_recovery", False) or getattr(app, "rebalancing", False):
-        metrics.not_ready_reason = "rebalancing or recovering the session table"
+        health.not_ready_reason = "rebalancing or recovering the session table"
     else:
-        metrics.not_ready_reason = None
+        health.not_ready_reason = None
     committed = getattr(app.consumer, "_committed_offset", {})
     lag: dict[tuple[str, int], int] = {}
     for tp in assignment:
@@ -365,111 +240,21 @@ def refresh(app: faust.App, processor: ClickProcessor) -> None:
             end = None
         if end is None:
             continue
-        position = metrics.positions.get((tp.topic, tp.partition))
+        position = positions.get((tp.topic, tp.partition))
         if position is None:
             position = committed.get(tp) if hasattr(committed, "get") else None
         lag[(tp.topic, tp.partition)] = max(int(end) - int(position or 0), 0)
-    metrics.lag = lag
+    health.lag = lag
     try:
-        metrics.active_sessions = len(processor.table)
+        health.active_sessions = len(table)
     except Exception:
         pass
 
 
-class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        pass
-
-
-class TrainerMetrics:
-    """What ``streamrec trainer`` exports: its buffer, and each round's decision and gate.
-
-    Every round's decision record passes through :meth:`record`; the consume loop calls
-    :meth:`beat` as it polls. During a training round the loop does not poll, so liveness
-    reports "training" rather than a stall.
-    """
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.buffered = Gauge("streamrec_trainer_buffered_sessions",
-                              _help("streamrec_trainer_buffered_sessions"),
-                              registry=self.registry)
-        self.rounds = Counter("streamrec_trainer_rounds", _help("streamrec_trainer_rounds"),
-                              ["decision"], registry=self.registry)
-        self.retrain_seconds = Histogram("streamrec_trainer_retrain_seconds",
-                                         _help("streamrec_trainer_retrain_seconds"),
-                                         buckets=RETRAIN_BUCKETS, registry=self.registry)
-        self.loss = Gauge("streamrec_trainer_training_loss",
-                          _help("streamrec_trainer_training_loss"), registry=self.registry)
-        self.gate_recall = Gauge("streamrec_trainer_gate_recall",
-                                 _help("streamrec_trainer_gate_recall"), ["model"],
-                                 registry=self.registry)
-        self.heartbeat = time.monotonic()
-        self.training = False
-        self.not_ready_reason: str | None = "not consuming yet"
-
-    def beat(self, buffered: int) -> None:
-        self.heartbeat = time.monotonic()
-        self.buffered.set(buffered)
-
-    def record(self, decision: dict[str, Any]) -> None:
-        """Count a round's decision record (as logged by the trainer)."""
-        self.rounds.labels(decision["decision"]).inc()
-        self.buffered.set(decision.get("buffered", 0))
-        if "train_seconds" in decision:
-            self.retrain_seconds.observe(decision["train_seconds"])
-            self.loss.set(decision["final_loss"])
-        gate = decision.get("gate")
-        if gate:
-            self.gate_recall.labels("candidate").set(gate["candidate_recall"])
-            self.gate_recall.labels("current").set(gate["current_recall"])
-
-    def liveness(self) -> tuple[bool, str]:
-        if self.training:
-            return True, "training"
-        stalled = time.monotonic() - self.heartbeat
-        return (stalled < STALL_S, "ok" if stalled < STALL_S else
-                f"consume loop stalled for {stalled:.0f} s")
-
-    def readiness(self) -> tuple[bool, str]:
-        return (self.not_ready_reason is None, self.not_ready_reason or "ok")
-
-    def app(self) -> Callable[..., Iterable[bytes]]:
-        return wsgi_app(self.registry, self.liveness, self.readiness)
-
-
-Check = Callable[[], tuple[bool, str]]
-
-
-def wsgi_app(registry: CollectorRegistry, liveness_check: Check,
-             readiness_check: Check) -> Callable[..., Iterable[bytes]]:
-    """/metrics from ``registry``, /healthz and /readyz from the checks, 404 otherwise."""
-    metrics_app = make_wsgi_app(registry)
-    checks = {"/healthz": liveness_check, "/readyz": readiness_check}
-
-    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "/")
-        if path in checks:
-            ok, why = checks[path]()
-            start_response("200 OK" if ok else "503 Service Unavailable",
-                           [("Content-Type", "text/plain; charset=utf-8")])
-            return [why.encode() + b"\n"]
-        if path == "/metrics":
-            return metrics_app(environ, start_response)
-        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
-        return [b"not found: try /metrics, /healthz or /readyz\n"]
-
-    return app
-
-
-def worker_app(processor: ClickProcessor) -> Callable[..., Iterable[bytes]]:
+def worker_app(worker: ServedWorker) -> Callable[..., Iterable[bytes]]:
     """The worker's HTTP endpoints."""
-    return wsgi_app(processor.metrics.registry, lambda: liveness(processor),
-                    lambda: readiness(processor))
+    return wsgi_app(worker.metrics.registry, lambda: liveness(worker),
+                    lambda: readiness(worker))
 
 
 class _FaustCollector:
@@ -483,52 +268,24 @@ class _FaustCollector:
         for name, value in (("faust_messages_received", monitor.messages_received_total),
                             ("faust_events", monitor.events_total),
                             ("faust_rebalances", monitor.rebalances)):
-            yield CounterMetricFamily(name, _help(name), value=value)
-        yield GaugeMetricFamily("faust_active_events", _help("faust_active_events"),
+            yield CounterMetricFamily(name, help_text(name), value=value)
+        yield GaugeMetricFamily("faust_active_events", help_text("faust_active_events"),
                                 value=monitor.events_active)
         commits = list(monitor.commit_latency)
         if commits:
             yield GaugeMetricFamily("faust_commit_latency_seconds",
-                                    _help("faust_commit_latency_seconds"),
+                                    help_text("faust_commit_latency_seconds"),
                                     value=statistics.median(commits))
 
 
-def register(processor: ClickProcessor) -> None:
-    """Add the counters collector (and process_* metrics) to the processor's registry."""
-    registry = processor.metrics.registry
-    registry.register(_CountersCollector(processor))  # type: ignore[arg-type]
+def register(worker: ServedWorker, app: faust.App | None = None) -> None:
+    """Add the counters collector, ``process_*`` metrics and, given the Faust ``app``, its
+    engine numbers (``faust_*``) to the worker's registry."""
+    registry = worker.metrics.registry
+    registry.register(_CountersCollector(worker))  # type: ignore[arg-type]
+    if app is not None:
+        registry.register(_FaustCollector(app))  # type: ignore[arg-type]
     try:
         ProcessCollector(registry=registry)
     except Exception:  # platforms without /proc
         pass
-
-
-def serve(app: Callable[..., Iterable[bytes]], port: int, addr: str = "0.0.0.0") -> WSGIServer:
-    """Serve ``app`` (see :func:`wsgi_app`) in a daemon thread; returns the server."""
-    try:
-        server = make_server(addr, port, app, _ThreadingWSGIServer,
-                             handler_class=_QuietHandler)
-    except OSError as exc:
-        raise UserError(f"cannot serve metrics on {addr}:{port}: {exc.strerror or exc}") \
-            from None
-    threading.Thread(target=server.serve_forever, name="streamrec-metrics",
-                     daemon=True).start()
-    return server
-
-
-def install(app: faust.App, processor: ClickProcessor, port: int,
-            addr: str = "0.0.0.0") -> WSGIServer | None:
-    """Register the collectors (Faust's ``faust_*`` numbers among them) and the loop
-    refresher; serve HTTP unless ``port`` is 0."""
-    register(processor)
-    processor.metrics.registry.register(_FaustCollector(app))  # type: ignore[arg-type]
-
-    async def refresh_metrics() -> None:
-        refresh(app, processor)
-
-    app.timer(REFRESH_S, on_leader=False, name="streamrec.metrics")(refresh_metrics)
-    if port == 0:
-        return None
-    server = serve(worker_app(processor), port, addr)
-    logger.info("metrics on http://%s:%d/metrics", addr, port)
-    return server

@@ -1,0 +1,250 @@
+"""The trainer's rounds: buffer clicks, then train, gate and publish (no Kafka here).
+
+The consumer (:mod:`stream.learning.consumer`) feeds :meth:`LearningLoop.add` and decides
+when a round is due; tests drive :meth:`LearningLoop.round` directly.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from typing import Any, TextIO
+
+from model.data import read_clicks
+from model.errors import UserError
+from model.inference import Recommender
+from model.train import train
+from stream.kafka.wire import Click
+from stream.learning.buffer import BufferedSession, SessionBuffer, sessions_log
+from stream.learning.gate import gate
+from stream.learning.metrics import TrainerMetrics
+from stream.learning.replay import MAX_REPLAY_LOG_SESSIONS, ReplaySample, SessionPool
+from stream.learning.settings import TrainerSettings
+from stream.registry import ModelRegistry
+
+#: Share of a round's budget kept for replayed sessions when fresh ones would fill it:
+#: a trainer that only just keeps up with the stream must not stop replaying, or it forgets.
+REPLAY_SHARE = 0.25
+#: Training speed (clicks x epochs per second) assumed until a round has measured it:
+#: about what one CPU thread does for the default network (100 units) with a core's
+#: worth of other work on the machine.
+PRIOR_THROUGHPUT = 5000.0
+
+
+class LearningLoop:
+    """Buffer, replay sample and rounds of train-gate-publish (no Kafka: the consumer
+    feeds :meth:`add`, and tests drive :meth:`round` directly)."""
+
+    def __init__(self, settings: TrainerSettings, registry: ModelRegistry,
+                 out: TextIO = sys.stdout, metrics: TrainerMetrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or TrainerMetrics()
+        self.registry = registry
+        self.out = out
+        self.buffer = SessionBuffer(settings.session_timeout_s, settings.max_buffer_sessions,
+                                    settings.max_session_age_s)
+        self.replay = ReplaySample(settings.replay_sample, random.Random(settings.seed))
+        self.replay_log: SessionPool | None = None
+        if settings.replay_log and settings.replay_log_sample:
+            self.replay_log = SessionPool(read_clicks(settings.replay_log),
+                                          MAX_REPLAY_LOG_SESSIONS,
+                                          random.Random(settings.seed + 1))
+        self.rejected_clicks = 0
+        self.rounds = 0
+        #: measured training speed, clicks x epochs per second (None until a round ran)
+        self.throughput: float | None = None
+        self._budget_rng = random.Random(settings.seed + 2)
+        self.clicks = 0                 # valid clicks added so far
+        self._clicks_at_last_round = 0
+        self._current: Recommender | None = None
+        #: ids of buffered sessions that got a click on an item the model did not know
+        #: then (checked again against the current model before a round is started for it)
+        self._new_item_sessions: set[str] = set()
+
+    def add(self, click: Click, partition: int = 0) -> None:
+        self.buffer.add(click, partition)
+        self.clicks += 1
+        if self.settings.new_item_rounds:
+            model = self._current if self._current is not None else self.current()
+            if click.item_id not in model.item_map:
+                self._new_item_sessions.add(click.session_id)
+
+    def _enough(self, complete: int) -> tuple[bool, bool]:
+        """(enough, idle): whether a round with ``complete`` complete sessions trains,
+        and whether it does so because the stream went quiet."""
+        settings = self.settings
+        quiet = self.clicks == self._clicks_at_last_round  # nothing new since last round
+        idle = quiet and complete < settings.min_sessions
+        return (complete >= settings.min_sessions
+                or (idle and complete > settings.holdout_sessions)), idle
+
+    def new_item_sessions(self) -> int:
+        """Complete sessions that a round started now would train on (not hold out) and
+        that hold an item the current model does not know; 0 if a round now would not
+        train at all."""
+        if not self._new_item_sessions:
+            return 0
+        known = self.current().item_map
+        waiting = []
+        for session_id in list(self._new_item_sessions):
+            session = self.buffer.get(session_id)
+            if session is None or all(item in known for item in session.items):
+                self._new_item_sessions.discard(session_id)  # taken, evicted, or learnt
+            elif len(session.items) >= 2 and self.buffer.is_complete(session):
+                waiting.append(session)
+        if not waiting:
+            return 0
+        complete = self.buffer.complete_sessions()
+        if not self._enough(len(complete))[0]:
+            return 0
+        trained = set(map(id, complete[:-self.settings.holdout_sessions]))
+        return sum(id(session) in trained for session in waiting)
+
+    def current(self) -> Recommender:
+        """The registry's current model, reloaded only when the pointer moved."""
+        version = self.registry.current_version()
+        if self._current is None or self._current.version != version:
+            self._current = self.registry.current(device=self.settings.device,
+                                                  optimizer_state=True)
+        return self._current
+
+    def budget_events(self) -> int | None:
+        """Clicks a round may train on (each for every epoch) within the budget, at the
+        training speed measured so far (None: no budget)."""
+        budget = self.settings.budget_s
+        if budget is None:
+            return None
+        speed = self.throughput if self.throughput is not None else PRIOR_THROUGHPUT
+        return int(budget * speed / self.settings.epochs)
+
+    def _within_budget(self, fresh: list[BufferedSession], older: list[BufferedSession]
+                       ) -> tuple[list[BufferedSession], list[BufferedSession], dict[str, Any]]:
+        """The fresh and older sessions a round trains on within the budget. The most
+        recent fresh sessions come first (they carry what the model does not know yet),
+        up to ``1 - REPLAY_SHARE`` of the budget when there are older sessions; then a
+        random part of the older ones (replay, against forgetting); then more fresh ones
+        if room is left. Fresh sessions left out stay in the replay sample like the rest."""
+        limit = self.budget_events()
+        if limit is None:
+            return fresh, older, {}
+        events = 0
+        newest_first = list(reversed(fresh))
+        taken = 0
+
+        def take_fresh(up_to: int) -> None:
+            nonlocal events, taken
+            while taken < len(newest_first):
+                clicks = len(newest_first[taken].items)
+                if taken and events + clicks > up_to:
+                    break
+                events += clicks
+                taken += 1
+
+        take_fresh(int(limit * (1 - REPLAY_SHARE)) if older else limit)
+        chosen = set()
+        for session in self._budget_rng.sample(older, len(older)):
+            if events + len(session.items) <= limit:
+                chosen.add(id(session))
+                events += len(session.items)
+        take_fresh(limit)
+        kept_fresh = newest_first[:taken][::-1]
+        kept_older = [s for s in older if id(s) in chosen]  # in their original order
+        return kept_fresh, kept_older, {
+            "seconds": self.settings.budget_s, "events": limit,
+            "throughput": None if self.throughput is None else round(self.throughput, 1),
+            "fresh_left_out": len(fresh) - len(kept_fresh),
+            "replay_left_out": len(older) - len(kept_older)}
+
+    def round(self, late_s: float | None = None, trigger: str = "clock",
+              **started_for: Any) -> dict[str, Any]:
+        """Train, gate and maybe publish if enough sessions are complete; log and return
+        the decision. ``late_s``: how long after it was due the round started;
+        ``trigger``: what started it (``clock`` or ``new_items``), logged with
+        ``started_for`` (e.g. how many sessions with new items were waiting)."""
+        settings = self.settings
+        started, clock = time.time(), time.perf_counter()
+        record: dict[str, Any] = {"event": "trainer_round", "buffered": len(self.buffer),
+                                  "evicted": self.buffer.evicted, "stale": self.buffer.stale,
+                                  "rejected_clicks": self.rejected_clicks,
+                                  "trigger": trigger, **started_for}
+        if late_s is not None:
+            record["late_s"] = round(late_s, 3)
+        complete = self.buffer.complete_count()
+        enough, idle = self._enough(complete)
+        self._clicks_at_last_round = self.clicks
+        if not enough:
+            return self._log({**record, "decision": "wait", "complete_sessions": complete,
+                              "min_sessions": settings.min_sessions})
+        record.update(idle=idle, started_at=round(started, 3))
+        self.rounds += 1
+        sessions = self.buffer.take_complete()
+        holdout = sessions[-settings.holdout_sessions:]
+        fresh = sessions[:-settings.holdout_sessions]
+        replayed = list(self.replay.sessions)
+        self.replay.offer(fresh + holdout)  # for later rounds; this one has its copy
+        from_log = (self.replay_log.draw(settings.replay_log_sample)
+                    if self.replay_log is not None else [])
+        fresh, older, budget = self._within_budget(fresh, from_log + replayed)
+        if budget:
+            record["budget"] = budget
+            kept = set(map(id, older))
+            from_log = [s for s in from_log if id(s) in kept]
+            replayed = [s for s in replayed if id(s) in kept]
+        current = self.current()
+        resume = current.optimizer_state is not None
+        learning_rate = settings.learning_rate if resume else settings.fresh_learning_rate
+        record.update(base_version=current.version, round=self.rounds,
+                      sessions={"fresh": len(fresh), "replay": len(replayed),
+                                "replay_log": len(from_log), "holdout": len(holdout)},
+                      resumed_optimizer=resume, learning_rate=learning_rate)
+        prepared = time.perf_counter()
+        record["prepare_seconds"] = round(prepared - clock, 3)
+        try:
+            candidate, stats = train(sessions_log(from_log + replayed + fresh,
+                                                  "trainer buffer"),
+                                     current.config.replace(n_epochs=settings.epochs,
+                                                            learning_rate=learning_rate),
+                                     seed=settings.seed + self.rounds, device=settings.device,
+                                     base=current, progress=False)
+        except UserError as exc:
+            return self._log({**record, "decision": "failed", "reason": str(exc)})
+        trained = time.perf_counter()
+        speed = stats.n_events * stats.epochs / max(trained - prepared, 1e-6)
+        self.throughput = speed if self.throughput is None else \
+            0.5 * self.throughput + 0.5 * speed
+        result = gate(current, candidate, sessions_log(holdout, "trainer holdout"),
+                      settings.gate_margin)
+        gated = time.perf_counter()
+        record.update(gate=result.to_dict(), new_items=candidate.n_items - current.n_items,
+                      train_seconds=round(stats.train_seconds, 3),
+                      fit_seconds=round(trained - prepared, 3),
+                      gate_seconds=round(gated - trained, 3),
+                      train_events=stats.n_events, epochs=stats.epochs,
+                      final_loss=stats.final_loss)
+        if not result.passed:
+            return self._log({**record, "decision": "rejected", "reason": result.reason()})
+        training = {"base_version": current.version, "epochs": stats.epochs,
+                    "n_events": stats.n_events, "final_loss": stats.final_loss,
+                    "train_seconds": stats.train_seconds, "round": self.rounds,
+                    "learning_rate": learning_rate,
+                    "resumed_optimizer": stats.resumed_optimizer, **record["sessions"]}
+        try:
+            version = self.registry.publish(candidate, training=training,
+                                            metrics={"gate": result.to_dict()},
+                                            if_current=current.version)
+        except UserError as exc:
+            return self._log({**record, "decision": "not_published", "reason": str(exc)})
+        self._current = candidate
+        published = time.perf_counter()
+        return self._log({**record, "decision": "promoted", "version": version,
+                          "publish_seconds": round(published - gated, 3),
+                          "round_seconds": round(published - clock, 3),
+                          "published_at": round(time.time(), 3),
+                          "reason": result.reason()})
+
+    def _log(self, record: dict[str, Any]) -> dict[str, Any]:
+        print(json.dumps(record, sort_keys=True), file=self.out, flush=True)
+        self.metrics.record(record)
+        return record
