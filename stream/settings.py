@@ -119,15 +119,23 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser,
-                      skip: tuple[str, ...] = ()) -> None:
-        """One flag per setting (but those in ``skip``); defaults come from
-        :meth:`from_args`, so that a flag equal to the default still wins."""
+    def add_arguments(cls, parser: argparse._ActionsContainer,
+                      only: tuple[str, ...] | None = None,
+                      defaults: Mapping[str, Any] | None = None, env: bool = True) -> None:
+        """One flag per setting (or per setting in ``only``). The flags default to None
+        and :meth:`from_args` fills in the environment and the defaults, so that a flag
+        equal to the default still wins; ``defaults`` replaces the defaults shown in the
+        help, and ``env=False`` leaves out the environment variables, for a tool (a benchmark)
+        that sets its own defaults through ``parser.set_defaults`` and passes the flags on."""
+        shown = {f.name: f.default for f in fields(cls)} | dict(defaults or {})
         for f in fields(cls):
-            if f.name in skip:
+            if only is not None and f.name not in only:
                 continue
-            default = "" if f.default is None else f"; default {f.default!r}"
-            help_text = f"{f.metadata['help']} (env {cls.env_name(f.name)}{default})"
+            notes = [f"env {cls.env_name(f.name)}"] if env else []
+            if shown[f.name] is not None:
+                notes.append(f"default {shown[f.name]!r}")
+            help_text = f"{f.metadata['help']} ({'; '.join(notes)})" if notes else \
+                f.metadata["help"]
             switch_off = f.metadata.get("switch_off")
             if switch_off:
                 parser.add_argument(switch_off, dest=f.name, action="store_const",
@@ -135,6 +143,18 @@ class Settings:
             else:
                 parser.add_argument(cls.flag(f.name), dest=f.name, type=_parser(f.type),
                                     default=None, help=help_text)
+
+    @classmethod
+    def command_line(cls, **values: Any) -> list[str]:
+        """The flags that give these values (for a tool that starts the command)."""
+        argv: list[str] = []
+        for name, value in values.items():
+            switch_off = cls._field(name).metadata.get("switch_off")
+            if switch_off:
+                argv += [] if value else [switch_off]
+            elif value is not None:
+                argv += [cls.flag(name), str(value)]
+        return argv
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None,

@@ -66,12 +66,8 @@ import contextlib
 import gc
 import json
 import math
-import os
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -92,84 +88,56 @@ from stream.devtools.brokers import kafka_or_local
 from stream.kafka.wire import Click, encode_click
 from stream.kafka.config import producer_config
 from stream.quality import online_quality
-from stream.devtools.processes import REPO, StreamNames, WorkerProcess, start_readers
+from stream.devtools.processes import StreamNames, TrainerProcess, WorkerProcess, start_readers
 from stream.registry import ModelRegistry
 from stream.kafka.log_sender import replay
 from stream.kafka.topics import ensure_topics
-from stream.learning.settings import DEFAULT_BUDGET_SHARE, TrainerSettings
+from stream.learning.settings import TrainerSettings
 
 PARTITIONS = 4
-#: ``streamrec trainer``'s defaults, which the benchmarks' trainer options default to.
-TRAINER_DEFAULTS = {f.name: f.default for f in fields(TrainerSettings)}
+#: ``streamrec trainer`` options each benchmark takes (declared once, by TrainerSettings)
+#: and where its defaults differ from the trainer's.
+INCREMENTAL_TRAINER_OPTIONS = ("interval_s", "epochs", "learning_rate", "session_timeout_s",
+                               "min_sessions", "holdout_sessions", "replay_sample",
+                               "replay_log_sample", "gate_margin", "round_budget_s")
+INCREMENTAL_TRAINER_DEFAULTS = {
+    "interval_s": 5.0,
+    "session_timeout_s": 3600.0,  # 99.9 % of RSC15's gaps between clicks are shorter
+    "min_sessions": 300,
+    # no budget: the stream is compressed into a few intervals and every round trains
+    # on all it has
+    "round_budget_s": 0.0}
+DRIFT_TRAINER_OPTIONS = ("interval_s", "epochs", "session_timeout_s", "min_sessions",
+                         "holdout_sessions", "replay_sample", "gate_margin", "round_budget_s",
+                         "nice")
+DRIFT_TRAINER_DEFAULTS = {
+    "interval_s": 5.0, "epochs": 3,
+    "session_timeout_s": 120.0,  # event time; the worker's too: passes in ~1 s of phase B
+    "min_sessions": 200, "replay_sample": 2000,
+    "gate_margin": 0.05}  # the gate sees only the A sessions of a 100-session holdout
+
+
+def _add_trainer_options(parser: argparse.ArgumentParser, options: tuple[str, ...],
+                         defaults: dict[str, Any]) -> None:
+    """The trainer's own flags for ``options``, with this benchmark's ``defaults``."""
+    group = parser.add_argument_group("streamrec trainer options")
+    TrainerSettings.add_arguments(group, only=options, defaults=defaults, env=False)
+    trainer_defaults = {f.name: f.default for f in fields(TrainerSettings)}
+    parser.set_defaults(**({name: trainer_defaults[name] for name in options} | defaults))
+
+
+def _trainer_argv(args: argparse.Namespace, options: tuple[str, ...]) -> list[str]:
+    return TrainerSettings.command_line(**{name: getattr(args, name) for name in options})
 
 
 def _log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-class TrainerProcess:
-    """``streamrec trainer`` as a subprocess; its JSON decision lines are collected with
-    the wall time they were read."""
-
-    def __init__(self, bootstrap: str, registry: Path, topic: str, work: Path,
-                 *extra: str, env: dict[str, str] | None = None) -> None:
-        tag = uuid.uuid4().hex[:8]
-        self.log_path = work / f"trainer-{tag}.log"
-        self.command = [sys.executable, "-m", "stream.cli.main", "trainer",
-                        "--broker", f"kafka://{bootstrap}", "--registry", str(registry),
-                        "--input-topic", topic, "--group", f"trainer-{tag}",
-                        "--updates-topic", f"model-updates-{tag}", *extra]
-        self.env = {**os.environ, **(env or {})}
-        self.records: list[tuple[float, dict[str, Any]]] = []
-        self.process: subprocess.Popen[str] | None = None
-        self._reader: threading.Thread | None = None
-
-    def start(self) -> TrainerProcess:
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=log,
-                                            stdin=subprocess.DEVNULL, cwd=REPO, text=True,
-                                            env=self.env, start_new_session=True)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        return self
-
-    def _read(self) -> None:
-        assert self.process is not None and self.process.stdout is not None
-        for line in self.process.stdout:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            self.records.append((time.time(), record))
-            _log(f"trainer: {_summary(record)}")
-
-    def decisions(self) -> list[dict[str, Any]]:
-        return [r for _, r in self.records]
-
-    def check_alive(self) -> None:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise UserError(f"trainer exited with {self.process.returncode}:\n"
-                            + self.log_path.read_text(errors="replace")[-2000:])
-
-    def stop(self, timeout: float = 60.0) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        if self._reader is not None:
-            self._reader.join(5)
-
-
-def _summary(record: dict[str, Any]) -> str:
+def _log_decision(record: dict[str, Any]) -> None:
     keys = ("decision", "round", "late_s", "complete_sessions", "buffered", "sessions",
             "budget", "new_items", "train_seconds", "round_seconds", "reason", "version")
-    return json.dumps({k: record[k] for k in keys if k in record})
+    _log(f"trainer: {json.dumps({k: record[k] for k in keys if k in record})}")
 
 
 def _clicks(log: ClickLog, prefix: str, time_shift: float = 0.0) -> list[Click]:
@@ -254,21 +222,12 @@ def run_incremental(args: argparse.Namespace) -> dict[str, Any]:
 
     span = float(stream_log.times.max() - stream_log.times.min())
     speed: float | str = (args.speed if args.speed is not None
-                          else max(span / (args.stream_rounds * args.interval), 1.0))
-    trainer_args = ["--interval", str(args.interval), "--epochs", str(args.epochs),
-                    "--session-timeout-s", str(args.session_timeout_s),
-                    "--max-session-age-s", str(max(86400.0, 10 * args.session_timeout_s)),
-                    "--min-sessions", str(args.min_sessions),
-                    "--holdout-sessions", str(args.holdout_sessions),
-                    "--replay-sample", str(args.replay_sample),
-                    "--learning-rate", str(args.learning_rate),
-                    "--round-budget-s", str(args.round_budget_s),
-                    "--gate-margin", str(args.gate_margin), "--seed", str(args.seed)]
-    if not args.no_replay_log:
-        trainer_args += ["--replay-log", str(Path(args.initial).resolve()),
-                         "--replay-log-sample", str(args.replay_log_sample)]
-    if args.device:
-        trainer_args += ["--device", args.device]
+                          else max(span / (args.stream_rounds * args.interval_s), 1.0))
+    trainer_args = _trainer_argv(args, INCREMENTAL_TRAINER_OPTIONS) + \
+        TrainerSettings.command_line(
+            max_session_age_s=max(86400.0, 10 * args.session_timeout_s), seed=args.seed,
+            device=args.device,
+            replay_log=None if args.no_replay_log else str(Path(args.initial).resolve()))
 
     with kafka_or_local(args.broker) as bootstrap, \
             tempfile.TemporaryDirectory(prefix="streamrec-bench-incr-") as tmp:
@@ -279,7 +238,7 @@ def run_incremental(args: argparse.Namespace) -> dict[str, Any]:
         names = StreamNames("incr")
         ensure_topics(bootstrap, {names.clicks: PARTITIONS})
         trainer = TrainerProcess(bootstrap, registry.root, names.clicks, work,
-                                 *trainer_args).start()
+                                 *trainer_args, on_record=_log_decision).start()
         try:
             started = time.perf_counter()
             _log(f"replaying {args.stream} ({len(stream_log):,} events, {span / 3600:.1f} h "
@@ -329,7 +288,7 @@ def run_incremental(args: argparse.Namespace) -> dict[str, Any]:
         "trainer_settled": settled,
         "stream_replay_seconds": stream_seconds,
         "stream_wall_seconds": wall_seconds,
-        "speed": speed, "interval_s": args.interval, "epochs_per_round": args.epochs,
+        "speed": speed, "interval_s": args.interval_s, "epochs_per_round": args.epochs,
         "round_budget_s": args.round_budget_s,
         "replay_sample": args.replay_sample, "learning_rate": args.learning_rate,
         "replay_log_sample": 0 if args.no_replay_log else args.replay_log_sample,
@@ -423,16 +382,9 @@ def _drift_run(bootstrap: str, data: dict[str, Any], model_dir: Path, work: Path
     if retraining:
         trainer = TrainerProcess(
             bootstrap, registry.root, names.clicks, work,
-            "--interval", str(args.interval), "--epochs", str(args.epochs),
-            "--session-timeout-s", str(args.session_timeout_s),
-            "--min-sessions", str(args.min_sessions),
-            "--holdout-sessions", str(args.holdout_sessions),
-            "--replay-sample", str(args.replay_sample), "--gate-margin", str(args.gate_margin),
-            "--seed", str(args.seed), "--device", args.device or "cpu",
-            *(["--round-budget-s", str(args.round_budget_s)]
-              if args.round_budget_s is not None else []),
-            *(["--nice", str(args.trainer_nice)] if args.trainer_nice is not None else []),
-            env={"OMP_NUM_THREADS": str(args.trainer_threads)})
+            *_trainer_argv(args, DRIFT_TRAINER_OPTIONS),
+            *TrainerSettings.command_line(seed=args.seed, device=args.device or "cpu"),
+            env={"OMP_NUM_THREADS": str(args.trainer_threads)}, on_record=_log_decision)
     total = len(data["a_prime"]) + len(data["phase_b"])
     try:
         worker.wait_until_consuming(bootstrap, names.app_id)
@@ -660,12 +612,12 @@ def drift_figures(on: dict[str, Any], off: dict[str, Any], data: dict[str, Any],
         "new_items_first_recommended_after_s": after_s,
         "retrain_seconds": first_new_round["train_seconds"] if first_new_round else math.nan,
         "max_swap_gap_ms": max((w["max_gap_ms"] for w in windows), default=math.nan),
-        "retrain_interval_s": args.interval,
-        "new_items_within_one_interval": bool(after_s <= args.interval),
+        "retrain_interval_s": args.interval_s,
+        "new_items_within_one_interval": bool(after_s <= args.interval_s),
         # Had the first new-item click come just after a round started, it would have
         # waited a whole interval for the next one, then the same round and poll.
         "new_items_worst_phase_after_s":
-            args.interval + after_s - timeline.get("round_started_after_s", math.nan),
+            args.interval_s + after_s - timeline.get("round_started_after_s", math.nan),
         "new_items_timeline": timeline,
         "swap_windows": windows,
         "max_swap_gap_consumed_ms": max(consumed_gaps, default=math.nan),
@@ -729,29 +681,8 @@ def add_parsers(benches: argparse._SubParsersAction) -> None:
                    help="training log of the scratch model (default: INITIAL+STREAM)")
     p.add_argument("--initial-epochs", type=int, default=10,
                    help="epochs of the initial and the scratch model (default 10)")
-    p.add_argument("--interval", type=float, default=5.0, help="trainer --interval (5)")
-    p.add_argument("--epochs", type=int, default=TRAINER_DEFAULTS["epochs"],
-                   help="trainer --epochs per round (%(default)s)")
-    p.add_argument("--learning-rate", type=float, default=TRAINER_DEFAULTS["learning_rate"],
-                   help="trainer --learning-rate (%(default)s)")
-    p.add_argument("--session-timeout-s", type=float, default=3600.0,
-                   help="trainer --session-timeout-s (3600: 99.9%% of RSC15 gaps are shorter)")
-    p.add_argument("--min-sessions", type=int, default=300, help="trainer --min-sessions (300)")
-    p.add_argument("--holdout-sessions", type=int, default=100,
-                   help="trainer --holdout-sessions (100)")
-    p.add_argument("--replay-sample", type=int, default=TRAINER_DEFAULTS["replay_sample"],
-                   help="trainer --replay-sample (%(default)s)")
-    p.add_argument("--replay-log-sample", type=int,
-                   default=TRAINER_DEFAULTS["replay_log_sample"],
-                   help="trainer --replay-log-sample: sessions of INITIAL replayed per round "
-                        "(%(default)s)")
     p.add_argument("--no-replay-log", action="store_true",
                    help="do not give the trainer INITIAL as --replay-log")
-    p.add_argument("--gate-margin", type=float, default=TRAINER_DEFAULTS["gate_margin"],
-                   help="trainer --gate-margin (%(default)s)")
-    p.add_argument("--round-budget-s", type=float, default=0.0,
-                   help="trainer --round-budget-s (0: none; the stream is compressed into "
-                        "a few intervals and every round trains on all it has)")
     p.add_argument("--speed", default=None,
                    help="replay speed: 'max' or a time-compression factor (default: the "
                         "stream's event-time span over STREAM_ROUNDS x INTERVAL)")
@@ -762,6 +693,7 @@ def add_parsers(benches: argparse._SubParsersAction) -> None:
     p.add_argument("--broker", default=None, help="use this Kafka instead of a local one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    _add_trainer_options(p, INCREMENTAL_TRAINER_OPTIONS, INCREMENTAL_TRAINER_DEFAULTS)
     p.set_defaults(measure=run_incremental)
 
     p = benches.add_parser(
@@ -779,24 +711,9 @@ def add_parsers(benches: argparse._SubParsersAction) -> None:
                    help="event-time seconds per wall second in phase B (120: the 120 s "
                         "session timeout passes in about 1 s)")
     p.add_argument("--initial-epochs", type=int, default=5)
-    p.add_argument("--interval", type=float, default=5.0, help="trainer --interval (5)")
-    p.add_argument("--epochs", type=int, default=3, help="trainer --epochs (3)")
-    p.add_argument("--session-timeout-s", type=float, default=120.0,
-                   help="trainer and worker --session-timeout-s, event time (120)")
-    p.add_argument("--min-sessions", type=int, default=200)
-    p.add_argument("--holdout-sessions", type=int, default=100)
-    p.add_argument("--replay-sample", type=int, default=2000)
-    p.add_argument("--gate-margin", type=float, default=0.05,
-                   help="trainer --gate-margin (0.05: the gate sees only the A sessions of "
-                        "a 100-session holdout)")
-    p.add_argument("--round-budget-s", type=float, default=None,
-                   help="trainer --round-budget-s (default: the trainer's, "
-                        f"{DEFAULT_BUDGET_SHARE * 100:.0f}%% of --interval)")
     p.add_argument("--model-poll-s", type=float, default=1.0, help="worker --model-poll-s")
     p.add_argument("--trainer-threads", type=int, default=1,
                    help="OMP_NUM_THREADS of the trainer (1: leave a core to the worker)")
-    p.add_argument("--trainer-nice", type=int, default=None,
-                   help="trainer --nice (default: the trainer's, %s)" % TRAINER_DEFAULTS["nice"])
     p.add_argument("--swap-window-s", type=float, default=1.0,
                    help="max_swap_gap_ms looks at outputs this close to a swap")
     p.add_argument("--broker", default=None, help="use this Kafka instead of a local one")
@@ -805,4 +722,5 @@ def add_parsers(benches: argparse._SubParsersAction) -> None:
                         "(observations-on/off.jsonl) in this directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cpu for the trainer)")
+    _add_trainer_options(p, DRIFT_TRAINER_OPTIONS, DRIFT_TRAINER_DEFAULTS)
     p.set_defaults(measure=run_drift)

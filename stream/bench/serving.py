@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import sys
 import tempfile
@@ -47,6 +48,7 @@ from stream.serving.app import faust_app, raw_topic, run_app
 from stream.devtools.brokers import kafka_or_local
 from stream.kafka.wire import Click, encode_click
 from stream.kafka.config import producer_config
+from stream.devtools.procfs import cpu_seconds, machine_busy_seconds
 from stream.devtools.processes import StreamNames, WorkerProcess, start_readers
 from stream.kafka.log_sender import replay
 from stream.serving.settings import WorkerSettings
@@ -80,42 +82,21 @@ def scoring_ceiling(recommender: Recommender, batch: int = 256, seconds: float =
 
 
 class CpuMeter:
-    """CPU seconds used by one process, and by the whole machine, since creation.
-
-    Read from Linux's /proc (None elsewhere): whether a run was bound by the worker's
-    own CPU, or by a machine with no core left (broker, clients and worker together)."""
+    """CPU seconds used by one process, and by the whole machine, since creation: whether
+    a run was bound by the worker's own CPU, or by a machine with no core left."""
 
     def __init__(self, pid: int) -> None:
         self._pid = pid
-        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        self._start = (self._process(), self._machine(), time.monotonic())
-
-    def _process(self) -> float | None:
-        try:
-            # Fields after the parenthesised name: utime and stime are the 12th and 13th.
-            fields = Path(f"/proc/{self._pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / self._tick
-        except (OSError, IndexError, ValueError):
-            return None
-
-    def _machine(self) -> float | None:
-        try:
-            user, nice, system, _idle, _iowait, irq, softirq, steal = (
-                int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9])
-            return (user + nice + system + irq + softirq + steal) / self._tick
-        except (OSError, ValueError):
-            return None
+        self._start = (cpu_seconds(pid), machine_busy_seconds(), time.monotonic())
 
     def per_event_and_busy_cores(self, events: int) -> tuple[float | None, float | None]:
-        """The process's CPU microseconds per event, and the machine's busy cores."""
+        """The process's CPU microseconds per event, and the machine's busy cores (None
+        where /proc cannot tell)."""
         process, machine, begun = self._start
-        now_process, now_machine, elapsed = (self._process(), self._machine(),
-                                             time.monotonic() - begun)
-        per_event = (None if process is None or now_process is None
-                     else (now_process - process) / events * 1e6)
-        busy = None if machine is None or now_machine is None else \
-            (now_machine - machine) / elapsed
-        return per_event, busy
+        per_event = (cpu_seconds(self._pid) - process) / events * 1e6
+        busy = (machine_busy_seconds() - machine) / (time.monotonic() - begun)
+        return (None if math.isnan(per_event) else per_event,
+                None if math.isnan(busy) else busy)
 
 
 def _clicks(prefix: str, count: int, n_items: int, seed: int, rate: float | None) -> list[Click]:

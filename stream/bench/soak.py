@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import socket
 import sys
 import tempfile
@@ -60,6 +59,7 @@ from stream.bench.serving import untrained_model
 from stream.devtools.brokers import kafka_or_local
 from stream.kafka.wire import Click, encode_click
 from stream.kafka.config import client_config, producer_config
+from stream.devtools.procfs import cpu_seconds, rss_mib
 from stream.devtools.processes import StreamNames, WorkerProcess
 from stream.kafka.log_sender import REPLAY_PRODUCER_SETTINGS
 from stream.serving.settings import WorkerSettings
@@ -160,28 +160,6 @@ def produce_all(bootstrap: str, topic: str,
 
 
 # --- observation: worker memory, metrics, lag, changelog -----------------------------------
-
-
-def rss_mib(pid: int) -> float:
-    """Resident memory of a process (VmRSS), MiB; NaN if it is gone."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return math.nan
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process so far, seconds; NaN if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-            fields = stat.read().rpartition(")")[2].split()
-    except OSError:
-        return math.nan
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def scrape(port: int) -> dict[str, float]:

@@ -1,8 +1,8 @@
-"""Run the whole pipeline locally: a worker process and a reader of its output topic.
+"""Run the pipeline locally: worker and trainer processes, and readers of their topics.
 
 Used by ``streamrec demo``, the stream benchmarks and the integration tests, so that all
-three start and observe the worker the same way a user would: as a separate
-``streamrec worker`` process talking to a broker.
+three start and observe the worker and the trainer the same way a user would: as separate
+``streamrec`` processes talking to a broker.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Self
 
 from confluent_kafka import Consumer, ConsumerGroupState, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
@@ -44,26 +45,25 @@ class StreamNames:
                 "--output-topic", self.recommendations, "--dlq-topic", self.dlq]
 
 
-class WorkerProcess:
-    """``streamrec worker`` as a subprocess (own process group), logging to a file."""
+class CommandProcess:
+    """``streamrec ARGS`` as a subprocess in its own process group, logging to a file."""
 
-    def __init__(self, bootstrap: str, model: str | os.PathLike[str], names: StreamNames,
-                 work_dir: Path, *extra: str, partitions: int = 4,
-                 subcommand: tuple[str, ...] = ("worker",)) -> None:
-        self.log_path = work_dir / f"worker-{uuid.uuid4().hex[:6]}.log"
-        self.command = [sys.executable, "-m", "stream.cli.main", *subcommand,
-                        "--broker", f"kafka://{bootstrap}", "--model", str(model),
-                        "--partitions", str(partitions), "--web-port", "0",
-                        "--data-dir", str(work_dir / "faust"), "--group-session-timeout-s", "6",
-                        "--log-level", "info", *names.worker_args(), *extra]
-        self.process: subprocess.Popen[bytes] | None = None
+    def __init__(self, args: list[str], log_path: Path,
+                 env: dict[str, str] | None = None) -> None:
+        self.command = [sys.executable, "-m", "stream.cli", *args]
+        self.log_path = log_path
+        self.env = {**os.environ, **(env or {})}
+        self.process: subprocess.Popen[Any] | None = None
 
-    def start(self) -> WorkerProcess:
+    def start(self) -> Self:
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, cwd=REPO,
-                                            start_new_session=True)
+            self.process = self._popen(log)
         return self
+
+    def _popen(self, log: IO[bytes]) -> subprocess.Popen[Any]:
+        return subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, cwd=REPO, env=self.env,
+                                start_new_session=True)
 
     def stop(self, timeout: float = 20.0) -> int:
         """SIGTERM and wait; SIGKILL if it has not exited in time. Returns the exit code."""
@@ -86,16 +86,40 @@ class WorkerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def check_alive(self) -> None:
+        """Raise with the end of the log if the process has exited."""
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise UserError(f"{self.command[3]} exited with {self.process.returncode}:\n"
+                            + self.log()[-2000:])
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class WorkerProcess(CommandProcess):
+    """``streamrec worker`` (or another worker-like subcommand) for ``names``."""
+
+    def __init__(self, bootstrap: str, model: str | os.PathLike[str], names: StreamNames,
+                 work_dir: Path, *extra: str, partitions: int = 4,
+                 subcommand: tuple[str, ...] = ("worker",)) -> None:
+        super().__init__([*subcommand, "--broker", f"kafka://{bootstrap}", "--model", str(model),
+                          "--partitions", str(partitions), "--web-port", "0",
+                          "--data-dir", str(work_dir / "faust"),
+                          "--group-session-timeout-s", "6", "--log-level", "info",
+                          *names.worker_args(), *extra],
+                         work_dir / f"worker-{uuid.uuid4().hex[:6]}.log")
+
     def wait_until_consuming(self, bootstrap: str, group: str, timeout: float = 60.0) -> None:
         """Block until the worker's consumer group is stable with partitions assigned,
         so that what is measured next is processing, not start-up."""
         admin = AdminClient(client_config(bootstrap))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise UserError(f"worker exited with {self.process.returncode}:\n"
-                                + self.log()[-2000:])
+            self.check_alive()
             try:
                 description = admin.describe_consumer_groups([group])[group].result(5)
                 # Tansu reports a stable group without its members' assignments.
@@ -108,11 +132,50 @@ class WorkerProcess:
             time.sleep(0.2)
         raise UserError(f"worker group {group} did not start consuming within {timeout:g} s")
 
-    def __enter__(self) -> WorkerProcess:
-        return self.start()
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+class TrainerProcess(CommandProcess):
+    """``streamrec trainer``; its JSON decision lines are collected with the wall time they
+    were read (and each passed to ``on_record``)."""
+
+    def __init__(self, bootstrap: str, registry: Path, topic: str, work: Path, *extra: str,
+                 env: dict[str, str] | None = None,
+                 on_record: Callable[[dict[str, Any]], None] | None = None) -> None:
+        tag = uuid.uuid4().hex[:8]
+        super().__init__(["trainer", "--broker", f"kafka://{bootstrap}", "--registry",
+                          str(registry), "--input-topic", topic, "--group", f"trainer-{tag}",
+                          "--updates-topic", f"model-updates-{tag}", *extra],
+                         work / f"trainer-{tag}.log", env)
+        self.records: list[tuple[float, dict[str, Any]]] = []
+        self._on_record = on_record
+        self._reader: threading.Thread | None = None
+
+    def _popen(self, log: IO[bytes]) -> subprocess.Popen[Any]:
+        process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=log,
+                                   stdin=subprocess.DEVNULL, cwd=REPO, text=True,
+                                   env=self.env, start_new_session=True)
+        self._reader = threading.Thread(target=self._read, args=(process,), daemon=True)
+        self._reader.start()
+        return process
+
+    def _read(self, process: subprocess.Popen[str]) -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            self.records.append((time.time(), record))
+            if self._on_record is not None:
+                self._on_record(record)
+
+    def decisions(self) -> list[dict[str, Any]]:
+        return [r for _, r in self.records]
+
+    def stop(self, timeout: float = 60.0) -> int:
+        code = super().stop(timeout)
+        if self._reader is not None:
+            self._reader.join(5)
+        return code
 
 
 @dataclass(frozen=True)
