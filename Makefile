@@ -1,18 +1,24 @@
 # The two entry points a newcomer needs: `make demo` and `make test`.
-# Both create the virtual environment in .venv on first use.
+# Both create the virtual environment in .venv on first use; each installs the project
+# (editable) with the extras it needs: demo the embedded broker Tansu, test the test tools
+# (and Tansu, which the tests use too). The default install, as in the Docker image, is
+# the runtime only.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
 .PHONY: demo test venv system-deps
 
-$(BIN)/streamrec: pyproject.toml constraints.txt
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+
+# One stamp per extra: .venv/.installed-demo, .venv/.installed-test.
+$(VENV)/.installed-%: pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[$*]'
 	touch $@
 
-venv: $(BIN)/streamrec
+venv: $(VENV)/.installed-test
 
 # Test-only system tools: kcat (independent Kafka client) and Prometheus.
 # Java 17 and Maven are expected on the machine (the local Kafka broker is built from Maven jars).
@@ -20,8 +26,8 @@ system-deps:
 	@command -v kcat >/dev/null && command -v promtool >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kcat prometheus >/dev/null; }
 
-demo: venv
+demo: $(VENV)/.installed-demo
 	$(BIN)/streamrec demo
 
-test: venv system-deps
+test: $(VENV)/.installed-test system-deps
 	$(BIN)/python -m pytest -q
