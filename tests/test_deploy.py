@@ -154,3 +154,28 @@ def test_dockerfile_runs_as_non_root_and_installs_pinned_versions():
     for copied in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.M):
         for source in copied.split():
             assert (REPO / source).exists(), source
+
+
+def image_drops(text: str) -> list[str]:
+    """The paths the Dockerfile's build stage deletes from its copy of the source tree."""
+    return [path for line in re.findall(r"^RUN rm -rf (.+)$", text, re.M)
+            for path in line.split()]
+
+
+def test_dockerfile_image_holds_the_runtime_only():
+    """model/ and stream/ are copied and installed without extras, less the development
+    tools; what is dropped must exist, or a rename would silently ship it again.
+    (tests/test_packaging.py installs the same tree and runs `streamrec --help` in it.)"""
+    text = (DEPLOY / "Dockerfile").read_text()
+    copied = {source for line in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.M)
+              for source in line.split()}
+    assert {"pyproject.toml", "README.md", "model", "stream"} <= copied
+    dropped = image_drops(text)
+    assert {"stream/bench", "stream/devtools", "stream/cli/demo.py"} <= set(dropped)
+    for path in dropped:
+        assert path.startswith(("model/", "stream/")) and (REPO / path).exists(), path
+    drop_at, install_at = text.index("RUN rm -rf "), text.index("RUN pip install -c ")
+    assert drop_at < install_at
+    install = text[install_at:].splitlines()[0]
+    assert "pip install -c constraints.txt . " in install  # no [extras]
+    assert "streamrec --help" in install
