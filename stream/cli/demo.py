@@ -14,12 +14,13 @@ Latency is reported in three spans, each containing the one before:
   exact, and the bucket bound that holds the p99).
 * ``click_to_answer``: from the click's Kafka timestamp (stamped by the replaying producer
   as it sends) to the answer's (stamped by the worker's producer as it publishes), so it
-  adds the broker handing the click to the worker.
+  adds the click's way to the worker's code: the broker's answer to the worker's fetch,
+  Faust's buffers, and any queue when the worker or the machine is busy.
 * ``produced_to_consumed``: from the click's Kafka timestamp to the moment the demo's own
-  reader has the answer, so it adds the broker handing the answer to that reader.
+  reader has the answer, so it adds the broker's answer to that reader's fetch.
 
-The gaps between them are broker fetch waits, which is why the embedded Tansu broker (it
-answers waiting fetches late) shows hundreds of milliseconds where the worker takes a few.
+The embedded Tansu broker answers waiting fetches late, so with it the outer spans were
+hundreds of milliseconds, varying from run to run, around the worker's ten or twenty.
 """
 
 from __future__ import annotations
@@ -165,10 +166,11 @@ def _latency_lines(summary: dict) -> str:
         p50, p99 = summary[f"{key}_p50_ms"], summary[f"{key}_p99_ms"]
         spans.append((span, f"p50 {p50:.1f} ms, p99 {p99:.1f} ms"))
     lines = [f"      {span + ':':<51} {figures}\n" for span, figures in spans]
-    lines.append("      each span holds the one above; the rest is the broker handing the click "
-                 "to the worker\n      and the answer to this demo")
-    lines.append(" (Tansu answers waiting fetches late)\n" if summary["engine"] == "tansu"
-                 else "\n")
+    lines.append("      each span holds the one above; the rest is the click's way to the "
+                 "worker's code and\n      the answer's to this demo: broker fetches, "
+                 "buffers and, on a busy machine, queues")
+    lines.append("\n      (Tansu, the embedded broker, answers waiting fetches late)\n"
+                 if summary["engine"] == "tansu" else "\n")
     return "".join(lines)
 
 
