@@ -31,8 +31,11 @@ import uuid
 from pathlib import Path
 
 import pytest
-
+from aiokafka.partitioner import murmur2
+from confluent_kafka.admin import AdminClient
 from support import free_port
+
+from stream.kafka.config import client_config
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -92,13 +95,13 @@ def _heading_anchors(path: Path) -> set[str]:
 def test_paths_and_links_in_readme_and_docs_exist() -> None:
     """The files, folders and anchors the README and docs/ name are there (the layout moves
     under them: a stale path is a broken promise to the reader)."""
-    roots = ("model/", "stream/", "deploy/", "docs/", "tests/")
+    repo_path = re.compile(r"(?<![\w/.-])((?:model|stream|deploy|docs|tests)/[\w./-]*)")
     missing = []
     for doc in [README, *sorted((REPO / "docs").glob("*.md"))]:
         text = doc.read_text()
-        for path in re.findall(r"`([\w./-]+)`", text):
-            if path.startswith(roots) and not (REPO / path).exists():
-                missing.append(f"{doc.name}: `{path}`")
+        for path in repo_path.findall(text):
+            if not (REPO / path.rstrip(".")).exists():
+                missing.append(f"{doc.name}: {path}")
         for target in re.findall(r"\]\(([^)\s]+)\)", text):
             if re.match(r"[a-z]+://", target):
                 continue
@@ -145,14 +148,16 @@ def test_walk_through_runs_as_written(kafka_bootstrap: str, tmp_path: Path) -> N
                   "STREAMREC_DATA_DIR": str(tmp_path / "faust")}
 
     def localise(body: str) -> str:
-        body = body.replace(README_BROKER, kafka_bootstrap)
-        body = body.replace(README_WEB, f"localhost:{web_port}")
-        body = re.sub(r"(-t|--topic) clicks\b", rf"\1 {clicks}", body)
-        body = re.sub(r"(-t|--topic) recommendations\b", rf"\1 {recommendations}", body)
-        body = re.sub(r"^(streamrec replay (?!.*--topic).*)$", rf"\1 --topic {clicks}", body,
+        body = body.replace(README_BROKER, "@@broker@@").replace(README_WEB, "@@web@@")
+        body = re.sub(r"(-t|--topic) clicks(?![\w-])", "\\1 @@clicks@@", body)
+        body = re.sub(r"(-t|--topic) recommendations(?![\w-])", "\\1 @@recs@@", body)
+        body = re.sub(r"^(streamrec replay (?!.*--topic).*)$", "\\1 --topic @@clicks@@", body,
                       flags=re.MULTILINE)
-        leftover = re.findall(r":9092|:6066|-t clicks\b|-t recommendations\b", body)
+        leftover = re.findall(r":9092|:6066|-t clicks|-t recommendations", body)
         assert not leftover, f"the README block uses {leftover} in a form this test cannot swap"
+        for placeholder, value in (("broker", kafka_bootstrap), ("web", f"localhost:{web_port}"),
+                                   ("clicks", clicks), ("recs", recommendations)):
+            body = body.replace(f"@@{placeholder}@@", value)
         return body
 
     blocks = quickstart_blocks()
@@ -181,7 +186,7 @@ def test_walk_through_runs_as_written(kafka_bootstrap: str, tmp_path: Path) -> N
             try:
                 done = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", script],
                                       cwd=tmp_path, env=env, capture_output=True, text=True,
-                                      timeout=90)
+                                      timeout=90, check=False)
             except subprocess.TimeoutExpired as exc:
                 pytest.fail(f"README block timed out:\n{script}\nstdout: {exc.stdout!r}\n"
                             f"worker log:\n{log_tail()}")
@@ -207,6 +212,12 @@ def test_walk_through_runs_as_written(kafka_bootstrap: str, tmp_path: Path) -> N
         assert all(isinstance(r["item_id"], str) and isinstance(r["score"], float)
                    for r in answer["recommendations"])
         assert answer["source"]["offset"] == 0
+        # kcat put the click where every other producer (and the session's state) would: by
+        # murmur2, as the README tells it to; its default (CRC32) would put sess-1 elsewhere.
+        topic = AdminClient(client_config(kafka_bootstrap)).list_topics(clicks, timeout=10)
+        murmur2_partition = (murmur2(session_id.encode()) & 0x7FFFFFFF) % len(
+            topic.topics[clicks].partitions)
+        assert answer["source"]["partition"] == murmur2_partition
 
         # The metrics the walk-through shows: exactly the one click, answered.
         assert re.search(r"^streamrec_events_consumed_total 1\.0$", stdout, re.MULTILINE), stdout
