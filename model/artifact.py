@@ -47,20 +47,30 @@ from model.optim import packed_shape
 
 FORMAT = 3  # 2: GRU layers gained a hidden-side bias; 3: optional optimizer state
 READABLE_FORMATS = (2, 3)
-WEIGHTS, ITEMS, CONFIG, METADATA = "weights.safetensors", "items.json", "config.json", "metadata.json"
+WEIGHTS, ITEMS, CONFIG, METADATA = (
+    "weights.safetensors",
+    "items.json",
+    "config.json",
+    "metadata.json",
+)
 OPTIMIZER = "optimizer.safetensors"
 POPULARITY_KEY = "__popularity__"
 
 
 def new_version_id() -> str:
     """A sortable, unique version id: UTC time plus random bits."""
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
     return f"v{stamp}-{secrets.token_hex(3)}"
 
 
-def save_model(recommender: Recommender, directory: str | os.PathLike[str], *,
-               training: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
-               version: str | None = None) -> Path:
+def save_model(
+    recommender: Recommender,
+    directory: str | os.PathLike[str],
+    *,
+    training: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    version: str | None = None,
+) -> Path:
     """Write ``recommender`` to ``directory`` (which must not exist yet); return the path.
 
     The version id is stored in the artifact and set on ``recommender``.
@@ -73,22 +83,28 @@ def save_model(recommender: Recommender, directory: str | os.PathLike[str], *,
     staging = target.parent / f".{target.name}.tmp-{secrets.token_hex(4)}"
     staging.mkdir()
     try:
-        tensors = {name: t.detach().cpu().contiguous()
-                   for name, t in recommender.network.state_dict().items()}
+        tensors = {
+            name: t.detach().cpu().contiguous()
+            for name, t in recommender.network.state_dict().items()
+        }
         tensors[POPULARITY_KEY] = torch.from_numpy(recommender.popularity.copy())
         save_file(tensors, str(staging / WEIGHTS))
         _write_json(staging / ITEMS, recommender.item_map.ids)
         _write_json(staging / CONFIG, recommender.config.to_dict())
         written = [WEIGHTS, ITEMS, CONFIG]
         if recommender.optimizer_state is not None:
-            save_file({name: t.detach().cpu().contiguous()
-                       for name, t in recommender.optimizer_state.items()},
-                      str(staging / OPTIMIZER))
+            save_file(
+                {
+                    name: t.detach().cpu().contiguous()
+                    for name, t in recommender.optimizer_state.items()
+                },
+                str(staging / OPTIMIZER),
+            )
             written.append(OPTIMIZER)
         metadata = {
             "format": FORMAT,
             "version": version,
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "n_items": recommender.n_items,
             "state_size": recommender.state_size,
             "training": training or {},
@@ -107,8 +123,9 @@ def save_model(recommender: Recommender, directory: str | os.PathLike[str], *,
     return target
 
 
-def load_model(directory: str | os.PathLike[str], device: str | None = None, *,
-               optimizer_state: bool = False) -> Recommender:
+def load_model(
+    directory: str | os.PathLike[str], device: str | None = None, *, optimizer_state: bool = False
+) -> Recommender:
     """Load and verify a model directory; raise :class:`UserError` if anything is off.
 
     ``optimizer_state``: also read the optimizer state, if the artifact has one (for a warm
@@ -121,17 +138,21 @@ def load_model(directory: str | os.PathLike[str], device: str | None = None, *,
         raise UserError(f"{path}: an unfinished save (staging directory), never loaded")
     metadata = _read_json(path, METADATA)
     if not isinstance(metadata, dict) or metadata.get("format") not in READABLE_FORMATS:
-        raise UserError(f"{path}: unsupported artifact format {metadata.get('format')!r} "
-                        f"(this streamrec reads formats "
-                        f"{', '.join(map(str, READABLE_FORMATS))})"
-                        if isinstance(metadata, dict) else f"{path}: {METADATA} is not an object")
+        raise UserError(
+            f"{path}: unsupported artifact format {metadata.get('format')!r} "
+            f"(this streamrec reads formats "
+            f"{', '.join(map(str, READABLE_FORMATS))})"
+            if isinstance(metadata, dict)
+            else f"{path}: {METADATA} is not an object"
+        )
     files = metadata.get("files", {})
     if not isinstance(files, dict):
         raise UserError(f"{path}: {METADATA} has no file checksums")
     has_optimizer = OPTIMIZER in files
     if (path / OPTIMIZER).exists() and not has_optimizer:
-        raise UserError(f"{path}: {OPTIMIZER} is not covered by {METADATA}'s checksums "
-                        f"(tampered artifact)")
+        raise UserError(
+            f"{path}: {OPTIMIZER} is not covered by {METADATA}'s checksums (tampered artifact)"
+        )
     checked = (WEIGHTS, ITEMS, CONFIG, OPTIMIZER) if has_optimizer else (WEIGHTS, ITEMS, CONFIG)
     for name in checked:
         if not (path / name).is_file():
@@ -140,8 +161,11 @@ def load_model(directory: str | os.PathLike[str], device: str | None = None, *,
             raise UserError(f"{path}: checksum mismatch for {name} (corrupt or tampered)")
     config = GRU4RecConfig.from_dict(_read_json(path, CONFIG))
     item_ids = _read_json(path, ITEMS)
-    if not isinstance(item_ids, list) or not all(isinstance(i, str) for i in item_ids) \
-            or len(set(item_ids)) != len(item_ids):
+    if (
+        not isinstance(item_ids, list)
+        or not all(isinstance(i, str) for i in item_ids)
+        or len(set(item_ids)) != len(item_ids)
+    ):
         raise UserError(f"{path}: {ITEMS} must be a list of distinct item id strings")
     try:
         tensors = load_file(str(path / WEIGHTS))
@@ -152,17 +176,24 @@ def load_model(directory: str | os.PathLike[str], device: str | None = None, *,
     expected = {name: tuple(t.shape) for name, t in network.state_dict().items()}
     found = {name: tuple(t.shape) for name, t in tensors.items()}
     if popularity is None or expected != found or tuple(popularity.shape) != (len(item_ids),):
-        raise UserError(f"{path}: weights do not match config.json and items.json "
-                        f"(incompatible artifact)")
+        raise UserError(
+            f"{path}: weights do not match config.json and items.json (incompatible artifact)"
+        )
     network.load_state_dict(tensors)
     torch_device = select_device(device)
     network.to(torch_device)
     state = _load_optimizer_state(path, network) if optimizer_state and has_optimizer else None
     if state is not None:
         state = {name: t.to(torch_device) for name, t in state.items()}
-    return Recommender(network, ItemMap(item_ids), popularity.numpy().astype(np.float64),
-                       config, version=str(metadata.get("version", "unknown")),
-                       metadata=metadata, optimizer_state=state)
+    return Recommender(
+        network,
+        ItemMap(item_ids),
+        popularity.numpy().astype(np.float64),
+        config,
+        version=str(metadata.get("version", "unknown")),
+        metadata=metadata,
+        optimizer_state=state,
+    )
 
 
 def _load_optimizer_state(path: Path, network: GRU4RecNetwork) -> dict[str, torch.Tensor]:
@@ -176,13 +207,13 @@ def _load_optimizer_state(path: Path, network: GRU4RecNetwork) -> dict[str, torc
     expected = {name: (packed_shape(p), p.dtype) for name, p in params.items()}
     found = {name: (tuple(t.shape), t.dtype) for name, t in state.items()}
     if expected != found:
-        raise UserError(f"{path}: {OPTIMIZER} does not match the weights (incompatible "
-                        f"artifact)")
+        raise UserError(f"{path}: {OPTIMIZER} does not match the weights (incompatible artifact)")
     for name, packed in state.items():
-        accumulator = packed[..., :params[name].shape[-1]]
+        accumulator = packed[..., : params[name].shape[-1]]
         if not bool(torch.isfinite(packed).all()) or bool((accumulator < 0).any()):
-            raise UserError(f"{path}: {OPTIMIZER} holds invalid values for {name} "
-                            f"(corrupt artifact)")
+            raise UserError(
+                f"{path}: {OPTIMIZER} holds invalid values for {name} (corrupt artifact)"
+            )
     return state
 
 
@@ -205,8 +236,9 @@ def _read_json(directory: Path, name: str) -> Any:
     try:
         return json.loads((directory / name).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UserError(f"{directory}: missing {name} (not a model directory, or a partial "
-                        f"one)") from None
+        raise UserError(
+            f"{directory}: missing {name} (not a model directory, or a partial one)"
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{directory}: {name} is not valid JSON ({exc})") from None
 

@@ -69,23 +69,32 @@ class SessionPop:
         for out_row, row in enumerate(rows):
             counts = states[row]
             if counts:
-                scores[out_row, list(counts)] += torch.tensor(list(counts.values()),
-                                                             dtype=torch.float32)
+                scores[out_row, list(counts)] += torch.tensor(
+                    list(counts.values()), dtype=torch.float32
+                )
         return scores
 
 
 class ItemKNN:
     """Item-to-item similarity of the last clicked item (the paper's Item-KNN)."""
 
-    def __init__(self, train: ClickLog, neighbours: int = 100, regularisation: float = 20.0,
-                 alpha: float = 0.5) -> None:
+    def __init__(
+        self,
+        train: ClickLog,
+        neighbours: int = 100,
+        regularisation: float = 20.0,
+        alpha: float = 0.5,
+    ) -> None:
         self.item_map, _ = _popularity(train)
         n_items = len(self.item_map)
         pairs = np.unique(np.stack([train.sessions, train.items]), axis=1)
         support = np.bincount(pairs[1], minlength=n_items).astype(np.float64)
         incidence = torch.sparse_coo_tensor(
-            torch.from_numpy(pairs), torch.ones(pairs.shape[1], dtype=torch.float64),
-            (train.n_sessions, n_items), check_invariants=True).coalesce()
+            torch.from_numpy(pairs),
+            torch.ones(pairs.shape[1], dtype=torch.float64),
+            (train.n_sessions, n_items),
+            check_invariants=True,
+        ).coalesce()
         with warnings.catch_warnings():  # sparse @ sparse works but is labelled beta
             warnings.simplefilter("ignore", UserWarning)
             co = torch.sparse.mm(incidence.t().coalesce(), incidence).coalesce()
@@ -93,8 +102,10 @@ class ItemKNN:
         values = co.values().numpy()
         off_diagonal = rows != cols
         rows, cols, values = rows[off_diagonal], cols[off_diagonal], values[off_diagonal]
-        values = values / ((support[rows] + regularisation) ** alpha
-                           * (support[cols] + regularisation) ** (1 - alpha))
+        values = values / (
+            (support[rows] + regularisation) ** alpha
+            * (support[cols] + regularisation) ** (1 - alpha)
+        )
         # Keep each item's strongest neighbours: order by (row, -similarity), cut per row.
         order = np.lexsort((-values, rows))
         rows, cols, values = rows[order], cols[order], values[order]

@@ -41,8 +41,12 @@ class GRU4RecConfig:
 
     def __post_init__(self) -> None:
         _check(self.loss in LOSSES, "loss", self.loss, "one of " + ", ".join(LOSSES))
-        _check(len(self.layers) >= 1 and all(n >= 1 for n in self.layers), "layers",
-               self.layers, "one or more positive layer sizes, e.g. 100 or 100,100")
+        _check(
+            len(self.layers) >= 1 and all(n >= 1 for n in self.layers),
+            "layers",
+            self.layers,
+            "one or more positive layer sizes, e.g. 100 or 100,100",
+        )
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         for name in ("dropout_p_embed", "dropout_p_hidden"):
             value = getattr(self, name)
@@ -50,19 +54,29 @@ class GRU4RecConfig:
         _check(self.learning_rate > 0, "learning_rate", self.learning_rate, "a number > 0")
         _check(0.0 <= self.momentum < 1.0, "momentum", self.momentum, "a number in [0, 1)")
         _check(self.n_sample >= 0, "n_sample", self.n_sample, "an integer >= 0")
-        _check(0.0 <= self.sample_alpha <= 1.0, "sample_alpha", self.sample_alpha,
-               "a number in [0, 1]")
-        _check(self.sample_store_size >= 0, "sample_store_size", self.sample_store_size,
-               "an integer >= 0 (0 draws samples on demand)")
+        _check(
+            0.0 <= self.sample_alpha <= 1.0, "sample_alpha", self.sample_alpha, "a number in [0, 1]"
+        )
+        _check(
+            self.sample_store_size >= 0,
+            "sample_store_size",
+            self.sample_store_size,
+            "an integer >= 0 (0 draws samples on demand)",
+        )
         _check(self.bpreg >= 0, "bpreg", self.bpreg, "a number >= 0")
         _check(0.0 <= self.logq <= 1.0, "logq", self.logq, "a number in [0, 1]")
-        _check(self.embedding >= 0, "embedding", self.embedding,
-               "an integer >= 0 (0 = one-hot input)")
+        _check(
+            self.embedding >= 0, "embedding", self.embedding, "an integer >= 0 (0 = one-hot input)"
+        )
         _check(self.init_scale > 0, "init_scale", self.init_scale, "a number > 0")
         _check(self.n_epochs >= 1, "n_epochs", self.n_epochs, "an integer >= 1")
-        _check(not (self.constrained_embedding and self.embedding), "embedding",
-               self.embedding, "0 when constrained_embedding is on (the tied embedding has "
-               "the size of the last layer)")
+        _check(
+            not (self.constrained_embedding and self.embedding),
+            "embedding",
+            self.embedding,
+            "0 when constrained_embedding is on (the tied embedding has "
+            "the size of the last layer)",
+        )
 
     def replace(self, **changes: Any) -> GRU4RecConfig:
         """A copy with some values changed (validated again)."""
@@ -79,8 +93,9 @@ class GRU4RecConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise UserError(f"unknown hyperparameter(s) {', '.join(unknown)}; "
-                            f"known: {', '.join(sorted(known))}")
+            raise UserError(
+                f"unknown hyperparameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
         values = dict(data)
         if "layers" in values:
             values["layers"] = tuple(int(n) for n in values["layers"])
@@ -98,8 +113,9 @@ class GRU4RecConfig:
             if not sep or not key:
                 raise UserError(f"--param expects KEY=VALUE, got {pair!r}")
             if key not in types:
-                raise UserError(f"unknown hyperparameter {key!r}; known: "
-                                f"{', '.join(sorted(types))}")
+                raise UserError(
+                    f"unknown hyperparameter {key!r}; known: {', '.join(sorted(types))}"
+                )
             changes[key] = _parse_value(key, str(types[key]), raw.strip())
         return base.replace(**changes)
 

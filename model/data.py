@@ -103,12 +103,21 @@ class ClickLog:
         return item_map.lookup(self.item_ids)[self.items]
 
     @classmethod
-    def from_arrays(cls, session_ids: Iterable[str], item_ids: Iterable[str],
-                    times: Iterable[float], source: str = "<memory>") -> ClickLog:
+    def from_arrays(
+        cls,
+        session_ids: Iterable[str],
+        item_ids: Iterable[str],
+        times: Iterable[float],
+        source: str = "<memory>",
+    ) -> ClickLog:
         """Build a log from parallel sequences (tests, generators, buffered streams)."""
-        frame = pd.DataFrame({"s": pd.Series(list(session_ids), dtype=str),
-                              "i": pd.Series(list(item_ids), dtype=str),
-                              "t": np.asarray(list(times), dtype=np.float64)})
+        frame = pd.DataFrame(
+            {
+                "s": pd.Series(list(session_ids), dtype=str),
+                "i": pd.Series(list(item_ids), dtype=str),
+                "t": np.asarray(list(times), dtype=np.float64),
+            }
+        )
         return _from_frame(frame["s"], frame["i"], frame["t"].to_numpy(), source)
 
 
@@ -116,8 +125,12 @@ def sessions_log(sessions: dict[str, list[str]], source: str = "<memory>") -> Cl
     """A log from ``{session id: [item ids]}``, one click per second in the given order
     (hand-built examples and tests)."""
     pairs = [(session, item) for session, items in sessions.items() for item in items]
-    return ClickLog.from_arrays([p[0] for p in pairs], [p[1] for p in pairs],
-                                [float(k + 1) for k in range(len(pairs))], source)
+    return ClickLog.from_arrays(
+        [p[0] for p in pairs],
+        [p[1] for p in pairs],
+        [float(k + 1) for k in range(len(pairs))],
+        source,
+    )
 
 
 @dataclass(frozen=True)
@@ -130,13 +143,18 @@ class FilterReport:
     items_removed: int
 
     def __str__(self) -> str:
-        return (f"filtering kept {self.events_after:,} of {self.events_before:,} events "
-                f"(removed {self.items_removed:,} rare items and "
-                f"{self.sessions_removed:,} short sessions)")
+        return (
+            f"filtering kept {self.events_after:,} of {self.events_before:,} events "
+            f"(removed {self.items_removed:,} rare items and "
+            f"{self.sessions_removed:,} short sessions)"
+        )
 
 
-def read_clicks(path: str | os.PathLike[str], columns: tuple[str, str, str] = DEFAULT_COLUMNS,
-                sep: str | None = None) -> ClickLog:
+def read_clicks(
+    path: str | os.PathLike[str],
+    columns: tuple[str, str, str] = DEFAULT_COLUMNS,
+    sep: str | None = None,
+) -> ClickLog:
     """Read a click log, validating every row; the result is sorted by session and time.
 
     ``columns`` names the session, item and time columns; ``sep`` defaults to ``,`` for
@@ -148,9 +166,14 @@ def read_clicks(path: str | os.PathLike[str], columns: tuple[str, str, str] = DE
     if fast is not None:
         return fast
     try:
-        frame = pd.read_csv(path, sep=sep, usecols=list(columns), skip_blank_lines=False,
-                            dtype={session_col: "category", item_col: "category",
-                                   time_col: str}, engine="c")
+        frame = pd.read_csv(
+            path,
+            sep=sep,
+            usecols=list(columns),
+            skip_blank_lines=False,
+            dtype={session_col: "category", item_col: "category", time_col: str},
+            engine="c",
+        )
     except pd.errors.ParserError as exc:
         raise UserError(f"{path}: {exc}") from None
     if frame.empty:
@@ -163,13 +186,16 @@ def read_clicks(path: str | os.PathLike[str], columns: tuple[str, str, str] = DE
     bad = ~np.isfinite(times)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise UserError(f"{path}: line {row + 2}: {time_col} value {time_text.iloc[row]!r} "
-                        f"is not a finite number ({int(bad.sum())} such row(s))")
+        raise UserError(
+            f"{path}: line {row + 2}: {time_col} value {time_text.iloc[row]!r} "
+            f"is not a finite number ({int(bad.sum())} such row(s))"
+        )
     return _from_frame(frame[session_col], frame[item_col], times, str(path))
 
 
-def check_header(path: str | os.PathLike[str], columns: Sequence[str],
-                 sep: str | None) -> tuple[Path, str]:
+def check_header(
+    path: str | os.PathLike[str], columns: Sequence[str], sep: str | None
+) -> tuple[Path, str]:
     """The file exists and its header names ``columns``; returns (path, separator).
 
     ``sep`` defaults to ``,`` for ``.csv`` files and a tab otherwise.
@@ -184,14 +210,17 @@ def check_header(path: str | os.PathLike[str], columns: Sequence[str],
     try:
         header = pd.read_csv(path, sep=sep, nrows=0)
     except pd.errors.EmptyDataError:
-        raise UserError(f"{path}: empty file (expected a header with columns "
-                        f"{', '.join(columns)})") from None
+        raise UserError(
+            f"{path}: empty file (expected a header with columns {', '.join(columns)})"
+        ) from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read the header: {exc}") from None
     missing = [c for c in columns if c not in header.columns]
     if missing:
-        raise UserError(f"{path}: line 1: missing column(s) {', '.join(missing)} "
-                        f"(found: {', '.join(map(str, header.columns))}; separator {sep!r})")
+        raise UserError(
+            f"{path}: line 1: missing column(s) {', '.join(missing)} "
+            f"(found: {', '.join(map(str, header.columns))}; separator {sep!r})"
+        )
     return path, sep
 
 
@@ -207,10 +236,14 @@ def _read_with_arrow(path: Path, columns: tuple[str, str, str], sep: str) -> Cli
     ids = pa.dictionary(pa.int32(), pa.string())
     try:
         table = pa_csv.read_csv(
-            path, parse_options=pa_csv.ParseOptions(delimiter=sep, ignore_empty_lines=False),
+            path,
+            parse_options=pa_csv.ParseOptions(delimiter=sep, ignore_empty_lines=False),
             convert_options=pa_csv.ConvertOptions(
                 column_types={session_col: ids, item_col: ids, time_col: pa.float64()},
-                include_columns=list(columns), strings_can_be_null=False))
+                include_columns=list(columns),
+                strings_can_be_null=False,
+            ),
+        )
     except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeDecodeError):
         return None
     if table.num_rows == 0 or any(table.column(c).null_count for c in columns):
@@ -227,41 +260,56 @@ def _read_with_arrow(path: Path, columns: tuple[str, str, str], sep: str) -> Cli
         encoded.append((array.indices.to_numpy().astype(np.int64), values.astype(str)))
     (sessions, session_ids), (items, item_ids) = encoded
     order = np.lexsort((times, sessions))
-    return ClickLog(sessions=sessions[order], items=items[order], times=times[order],
-                    session_ids=session_ids, item_ids=item_ids, source=str(path))
+    return ClickLog(
+        sessions=sessions[order],
+        items=items[order],
+        times=times[order],
+        session_ids=session_ids,
+        item_ids=item_ids,
+        source=str(path),
+    )
 
 
 def _reject_missing(path: Path, mask: np.ndarray, column: str, problem: str) -> None:
     if mask.any():
         row = int(np.flatnonzero(mask)[0])
-        raise UserError(f"{path}: line {row + 2}: {column} {problem} "
-                        f"({int(mask.sum())} such row(s); blank lines count as rows)")
+        raise UserError(
+            f"{path}: line {row + 2}: {column} {problem} "
+            f"({int(mask.sum())} such row(s); blank lines count as rows)"
+        )
 
 
-def _from_frame(session_col: pd.Series, item_col: pd.Series, times: np.ndarray,
-                source: str) -> ClickLog:
+def _from_frame(
+    session_col: pd.Series, item_col: pd.Series, times: np.ndarray, source: str
+) -> ClickLog:
     session_codes, session_ids = pd.factorize(session_col, sort=False)
     item_codes, item_ids = pd.factorize(item_col, sort=False)
     order = np.lexsort((times, session_codes))
-    return ClickLog(sessions=session_codes[order].astype(np.int64),
-                    items=item_codes[order].astype(np.int64),
-                    times=times[order],
-                    session_ids=np.asarray(session_ids, dtype=object).astype(str),
-                    item_ids=np.asarray(item_ids, dtype=object).astype(str),
-                    source=source)
+    return ClickLog(
+        sessions=session_codes[order].astype(np.int64),
+        items=item_codes[order].astype(np.int64),
+        times=times[order],
+        session_ids=np.asarray(session_ids, dtype=object).astype(str),
+        item_ids=np.asarray(item_ids, dtype=object).astype(str),
+        source=source,
+    )
 
 
-def standard_filter(log: ClickLog, min_item_support: int = 5,
-                    min_session_length: int = 2) -> tuple[ClickLog, FilterReport]:
+def standard_filter(
+    log: ClickLog, min_item_support: int = 5, min_session_length: int = 2
+) -> tuple[ClickLog, FilterReport]:
     """The GRU4Rec preprocessing: drop rare items, then sessions left too short."""
     item_support = np.bincount(log.items, minlength=len(log.item_ids))
     keep = item_support[log.items] >= min_item_support
     session_length = np.bincount(log.sessions[keep], minlength=log.n_sessions)
     keep &= session_length[log.sessions] >= min_session_length
     filtered = _subset(log, keep)
-    report = FilterReport(events_before=len(log), events_after=len(filtered),
-                          sessions_removed=log.n_sessions - filtered.n_sessions,
-                          items_removed=len(log.item_ids) - len(filtered.item_ids))
+    report = FilterReport(
+        events_before=len(log),
+        events_after=len(filtered),
+        sessions_removed=log.n_sessions - filtered.n_sessions,
+        items_removed=len(log.item_ids) - len(filtered.item_ids),
+    )
     return filtered, report
 
 
@@ -269,9 +317,14 @@ def _subset(log: ClickLog, keep: np.ndarray) -> ClickLog:
     """Events where ``keep`` holds, with unused session and item ids dropped."""
     session_codes, session_ids = pd.factorize(log.sessions[keep], sort=True)
     item_codes, item_ids = pd.factorize(log.items[keep], sort=True)
-    return ClickLog(sessions=session_codes.astype(np.int64), items=item_codes.astype(np.int64),
-                    times=log.times[keep], session_ids=log.session_ids[session_ids],
-                    item_ids=log.item_ids[item_ids], source=log.source)
+    return ClickLog(
+        sessions=session_codes.astype(np.int64),
+        items=item_codes.astype(np.int64),
+        times=log.times[keep],
+        session_ids=log.session_ids[session_ids],
+        item_ids=log.item_ids[item_ids],
+        source=log.source,
+    )
 
 
 def time_split(log: ClickLog, train_fraction: float) -> tuple[ClickLog, ClickLog]:

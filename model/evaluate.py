@@ -52,15 +52,17 @@ class RecommenderScorer:
         self.item_map = recommender.item_map
 
     def start(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return (self.recommender.initial_states(n),
-                torch.zeros(n, dtype=torch.bool, device=self.recommender.device))
+        return (
+            self.recommender.initial_states(n),
+            torch.zeros(n, dtype=torch.bool, device=self.recommender.device),
+        )
 
-    def advance(self, states: tuple[torch.Tensor, torch.Tensor],
-                items: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def advance(
+        self, states: tuple[torch.Tensor, torch.Tensor], items: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, started = states
         items_t = torch.from_numpy(items)
-        return (self.recommender.step(hidden, items_t),
-                started | (items_t >= 0).to(started.device))
+        return (self.recommender.step(hidden, items_t), started | (items_t >= 0).to(started.device))
 
     def score(self, states: tuple[torch.Tensor, torch.Tensor], rows: np.ndarray) -> torch.Tensor:
         hidden, started = states
@@ -101,11 +103,11 @@ class PredictionBatch:
     totals. ``scores`` is only valid during the call: copy what you keep.
     """
 
-    sessions: np.ndarray   # each prediction's session index in the evaluated log
-    position: int          # clicks seen so far in these sessions: 1 = after the first click
-    targets: np.ndarray    # item index (in the scorer's item map) of the next click
-    scores: torch.Tensor   # scores of every item, one row per prediction
-    ranks: torch.Tensor    # 1-based rank of the target under the tie mode (CPU, float64)
+    sessions: np.ndarray  # each prediction's session index in the evaluated log
+    position: int  # clicks seen so far in these sessions: 1 = after the first click
+    targets: np.ndarray  # item index (in the scorer's item map) of the next click
+    scores: torch.Tensor  # scores of every item, one row per prediction
+    ranks: torch.Tensor  # 1-based rank of the target under the tie mode (CPU, float64)
 
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor, ties: str) -> torch.Tensor:
@@ -120,9 +122,14 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, ties: str) -> torc
     return greater + (equal + 1) / 2
 
 
-def evaluate(scorer: SessionScorer, log: ClickLog, ks: Sequence[int] = DEFAULT_KS,
-             ties: str = "conservative", sessions_per_batch: int = 512,
-             on_batch: Callable[[PredictionBatch], None] | None = None) -> EvaluationResult:
+def evaluate(
+    scorer: SessionScorer,
+    log: ClickLog,
+    ks: Sequence[int] = DEFAULT_KS,
+    ties: str = "conservative",
+    sessions_per_batch: int = 512,
+    on_batch: Callable[[PredictionBatch], None] | None = None,
+) -> EvaluationResult:
     """Recall@K and MRR@K of ``scorer`` on every next-click prediction in ``log``.
 
     ``on_batch``, when given, sees every step's predictions (see :class:`PredictionBatch`).
@@ -132,21 +139,27 @@ def evaluate(scorer: SessionScorer, log: ClickLog, ks: Sequence[int] = DEFAULT_K
     if not ks or any(k < 1 for k in ks):
         raise UserError(f"cutoffs must be positive integers, got {list(ks)}")
     ks = tuple(sorted(set(int(k) for k in ks)))
-    result = EvaluationResult(ks=ks, hits=dict.fromkeys(ks, 0.0),
-                              reciprocal_ranks=dict.fromkeys(ks, 0.0))
+    result = EvaluationResult(
+        ks=ks, hits=dict.fromkeys(ks, 0.0), reciprocal_ranks=dict.fromkeys(ks, 0.0)
+    )
     items = log.item_indexes(scorer.item_map)
     offsets = log.session_offsets()
     for first in range(0, log.n_sessions, sessions_per_batch):
-        starts = offsets[first:first + sessions_per_batch + 1]
-        _evaluate_sessions(scorer, items, starts[:-1], starts[1:], ties, result, first,
-                           on_batch)
+        starts = offsets[first : first + sessions_per_batch + 1]
+        _evaluate_sessions(scorer, items, starts[:-1], starts[1:], ties, result, first, on_batch)
     return result
 
 
-def _evaluate_sessions(scorer: SessionScorer, items: np.ndarray, starts: np.ndarray,
-                       ends: np.ndarray, ties: str, result: EvaluationResult,
-                       first_session: int,
-                       on_batch: Callable[[PredictionBatch], None] | None) -> None:
+def _evaluate_sessions(
+    scorer: SessionScorer,
+    items: np.ndarray,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    ties: str,
+    result: EvaluationResult,
+    first_session: int,
+    on_batch: Callable[[PredictionBatch], None] | None,
+) -> None:
     """Walk a group of sessions position by position, all sessions at once."""
     lengths = ends - starts
     states = scorer.start(len(starts))
@@ -169,5 +182,4 @@ def _evaluate_sessions(scorer: SessionScorer, items: np.ndarray, starts: np.ndar
             result.hits[k] += float(hit.sum())
             result.reciprocal_ranks[k] += float((hit / ranks).sum())
         if on_batch is not None:
-            on_batch(PredictionBatch(first_session + rows, position + 1, targets, scores,
-                                     ranks))
+            on_batch(PredictionBatch(first_session + rows, position + 1, targets, scores, ranks))

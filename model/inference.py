@@ -43,10 +43,16 @@ def select_device(name: str | None = None) -> torch.device:
 class Recommender:
     """A servable GRU4Rec model: batched state updates and full-catalogue ranking."""
 
-    def __init__(self, network: GRU4RecNetwork, item_map: ItemMap, popularity: np.ndarray,
-                 config: GRU4RecConfig, version: str = "unsaved",
-                 metadata: dict[str, Any] | None = None,
-                 optimizer_state: dict[str, torch.Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        network: GRU4RecNetwork,
+        item_map: ItemMap,
+        popularity: np.ndarray,
+        config: GRU4RecConfig,
+        version: str = "unsaved",
+        metadata: dict[str, Any] | None = None,
+        optimizer_state: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         if len(item_map) != network.n_items or len(popularity) != network.n_items:
             raise ValueError("item map, popularity and network disagree on the catalogue size")
         self.network = network.eval()
@@ -60,8 +66,9 @@ class Recommender:
         self.optimizer_state = optimizer_state
         self.device = network.item_output.device
         peak = max(float(self.popularity.max(initial=0.0)), 1.0)
-        self._popularity_scores = torch.as_tensor(self.popularity / peak, dtype=torch.float32,
-                                                  device=self.device)
+        self._popularity_scores = torch.as_tensor(
+            self.popularity / peak, dtype=torch.float32, device=self.device
+        )
         self._popular: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._int8: Int8Catalogue | None = None
         self._int8_catalogue()  # made now, off the serving path (a hot swap loads here)
@@ -102,8 +109,9 @@ class Recommender:
         return scores
 
     @torch.no_grad()
-    def top_k(self, states: torch.Tensor, started: torch.Tensor,
-              k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def top_k(
+        self, states: torch.Tensor, started: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` best item indexes and their scores for each state, best first: the
         same as ranking :meth:`scores`, up to float32 rounding between near-equal scores.
 
@@ -116,11 +124,17 @@ class Recommender:
         states, started = states.to(self.device), started.to(self.device)
         catalogue = self._int8_catalogue()
         if catalogue is None:
-            parts = [top_k_rows(self.scores(some, some_started), k) for some, some_started
-                     in zip(states.split(RANKED_TOGETHER), started.split(RANKED_TOGETHER))]
+            parts = [
+                top_k_rows(self.scores(some, some_started), k)
+                for some, some_started in zip(
+                    states.split(RANKED_TOGETHER), started.split(RANKED_TOGETHER)
+                )
+            ]
         else:
-            parts = [catalogue.top_k(self.network.last_output(some), k)
-                     for some in states.split(RANKED_TOGETHER)]
+            parts = [
+                catalogue.top_k(self.network.last_output(some), k)
+                for some in states.split(RANKED_TOGETHER)
+            ]
         indices = torch.cat([p[0] for p in parts])
         values = torch.cat([p[1] for p in parts])
         if catalogue is not None and not bool(started.all()):

@@ -41,12 +41,43 @@ SOURCES = tuple(Path(__file__).with_name(name) for name in ("adagrad_rows.c", "r
 FLAGS = ("-O3", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC")
 _POINTER, _INT64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
-    "adagrad_momentum_rows": (None, (_POINTER, _INT64, _POINTER, _INT64, _POINTER, _INT64,
-                                     _POINTER, _INT64, ctypes.c_float, ctypes.c_float,
-                                     ctypes.c_float, ctypes.c_int)),
-    "rank_blocks": (ctypes.c_int, (_POINTER, _INT64, _INT64, _POINTER, _POINTER, _POINTER,
-                                   _POINTER, _POINTER, _INT64, _POINTER, _POINTER, _INT64,
-                                   _INT64, _POINTER, _POINTER)),
+    "adagrad_momentum_rows": (
+        None,
+        (
+            _POINTER,
+            _INT64,
+            _POINTER,
+            _INT64,
+            _POINTER,
+            _INT64,
+            _POINTER,
+            _INT64,
+            ctypes.c_float,
+            ctypes.c_float,
+            ctypes.c_float,
+            ctypes.c_int,
+        ),
+    ),
+    "rank_blocks": (
+        ctypes.c_int,
+        (
+            _POINTER,
+            _INT64,
+            _INT64,
+            _POINTER,
+            _POINTER,
+            _POINTER,
+            _POINTER,
+            _POINTER,
+            _INT64,
+            _POINTER,
+            _POINTER,
+            _INT64,
+            _INT64,
+            _POINTER,
+            _POINTER,
+        ),
+    ),
 }
 
 
@@ -59,9 +90,11 @@ def enabled() -> bool:
 def _library() -> ctypes.CDLL | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        log.warning("no C compiler (cc) found: training updates item rows, and ranking "
-                    "searches large catalogues, with torch ops, which takes longer; "
-                    "install gcc to speed them up")
+        log.warning(
+            "no C compiler (cc) found: training updates item rows, and ranking "
+            "searches large catalogues, with torch ops, which takes longer; "
+            "install gcc to speed them up"
+        )
         return None
     build = Path(tempfile.mkdtemp(prefix="streamrec-kernel-"))
     try:
@@ -69,17 +102,22 @@ def _library() -> ctypes.CDLL | None:
         # -march=native where the compiler knows it, plain otherwise.
         for extra in (("-march=native",), ()):
             try:
-                result = subprocess.run([compiler, *FLAGS, *extra, "-o", str(path),
-                                         *map(str, SOURCES), "-lm"],
-                                        capture_output=True, text=True)
+                result = subprocess.run(
+                    [compiler, *FLAGS, *extra, "-o", str(path), *map(str, SOURCES), "-lm"],
+                    capture_output=True,
+                    text=True,
+                )
                 error = result.stderr.strip()[-500:] if result.returncode else None
             except OSError as exc:  # CC names no runnable program
                 error = str(exc)
             if error is None:
                 break
         else:
-            log.warning("compiling %s failed, training and ranking use torch ops, which "
-                        "takes longer: %s", " and ".join(s.name for s in SOURCES), error)
+            log.warning(
+                "compiling %s failed, training and ranking use torch ops, which takes longer: %s",
+                " and ".join(s.name for s in SOURCES),
+                error,
+            )
             return None
         library = ctypes.CDLL(str(path))
     finally:
@@ -95,9 +133,16 @@ def _fits(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
 
 
-def adagrad_momentum_rows_(param: torch.Tensor, state: torch.Tensor, rows: torch.Tensor | None,
-                           grad: torch.Tensor, lr: float, momentum: float, eps: float,
-                           nesterov: bool) -> bool:
+def adagrad_momentum_rows_(
+    param: torch.Tensor,
+    state: torch.Tensor,
+    rows: torch.Tensor | None,
+    grad: torch.Tensor,
+    lr: float,
+    momentum: float,
+    eps: float,
+    nesterov: bool,
+) -> bool:
     """Apply the update to rows ``rows`` (distinct; None: all) of the 2-D ``param`` with
     their gradient rows ``grad`` and packed ``[accumulator | velocity]`` ``state`` rows.
 
@@ -110,10 +155,17 @@ def adagrad_momentum_rows_(param: torch.Tensor, state: torch.Tensor, rows: torch
     if library is None:
         return False
     n_rows, width = grad.shape
-    if param.stride(1) != 1 or not state.is_contiguous() or state.shape[1] != 2 * width \
-            or param.shape[1] != width or len(state) != len(param):
-        raise ValueError("the kernel needs rows of unit stride as wide as the gradient's "
-                         "and a contiguous packed state of as many rows")
+    if (
+        param.stride(1) != 1
+        or not state.is_contiguous()
+        or state.shape[1] != 2 * width
+        or param.shape[1] != width
+        or len(state) != len(param)
+    ):
+        raise ValueError(
+            "the kernel needs rows of unit stride as wide as the gradient's "
+            "and a contiguous packed state of as many rows"
+        )
     # C does not check bounds: what torch would refuse with an IndexError is refused here.
     if rows is None:
         if n_rows > len(param):
@@ -124,17 +176,34 @@ def adagrad_momentum_rows_(param: torch.Tensor, state: torch.Tensor, rows: torch
         if len(rows) != n_rows or lowest < 0 or highest >= len(param):
             raise IndexError(f"rows must be {n_rows} indexes below {len(param)}")
     grad = grad.contiguous()
-    library.adagrad_momentum_rows(param.data_ptr(), param.stride(0), state.data_ptr(),
-                                  state.stride(0), None if rows is None else rows.data_ptr(),
-                                  n_rows, grad.data_ptr(), width, lr, momentum, eps,
-                                  int(nesterov))
+    library.adagrad_momentum_rows(
+        param.data_ptr(),
+        param.stride(0),
+        state.data_ptr(),
+        state.stride(0),
+        None if rows is None else rows.data_ptr(),
+        n_rows,
+        grad.data_ptr(),
+        width,
+        lr,
+        momentum,
+        eps,
+        int(nesterov),
+    )
     return True
 
 
-def rank_blocks(products: torch.Tensor, unit: torch.Tensor, bound: torch.Tensor,
-                padded_bias: torch.Tensor, block_max_bias: torch.Tensor,
-                outputs: torch.Tensor, vectors: torch.Tensor, bias: torch.Tensor,
-                k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+def rank_blocks(
+    products: torch.Tensor,
+    unit: torch.Tensor,
+    bound: torch.Tensor,
+    padded_bias: torch.Tensor,
+    block_max_bias: torch.Tensor,
+    outputs: torch.Tensor,
+    vectors: torch.Tensor,
+    bias: torch.Tensor,
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``rank_blocks.c`` on contiguous CPU tensors: the ``k`` best (indexes, scores) of
     each row, or None when the kernel is off or unavailable (the caller searches in torch).
 
@@ -149,20 +218,42 @@ def rank_blocks(products: torch.Tensor, unit: torch.Tensor, bound: torch.Tensor,
     rows, blocks, block = products.shape
     items, width = vectors.shape
     # C does not check shapes: what would read past a tensor is refused here.
-    if (block != 64 or k > blocks or k > items or blocks * block != len(padded_bias)
-            or items > blocks * block or outputs.shape != (rows, width)
-            or not all(len(t) == n for t, n in ((unit, rows), (bound, rows),
-                                                  (block_max_bias, blocks), (bias, items)))):
+    if (
+        block != 64
+        or k > blocks
+        or k > items
+        or blocks * block != len(padded_bias)
+        or items > blocks * block
+        or outputs.shape != (rows, width)
+        or not all(
+            len(t) == n
+            for t, n in ((unit, rows), (bound, rows), (block_max_bias, blocks), (bias, items))
+        )
+    ):
         raise ValueError("rank_blocks: tensors of inconsistent shapes")
-    if products.dtype != torch.int32 or not _fits(unit, bound, padded_bias, block_max_bias,
-                                                  outputs, vectors, bias):
+    if products.dtype != torch.int32 or not _fits(
+        unit, bound, padded_bias, block_max_bias, outputs, vectors, bias
+    ):
         raise ValueError("rank_blocks: needs int32 products and float32 CPU tensors")
-    tensors = [t.contiguous() for t in (products, unit, bound, padded_bias, block_max_bias,
-                                        outputs, vectors, bias)]
+    tensors = [
+        t.contiguous()
+        for t in (products, unit, bound, padded_bias, block_max_bias, outputs, vectors, bias)
+    ]
     indices = torch.empty(rows, k, dtype=torch.int64)
     scores = torch.empty(rows, k)
     pointers = [t.data_ptr() for t in tensors]
-    if library.rank_blocks(pointers[0], rows, blocks, *pointers[1:6], width, pointers[6],
-                           pointers[7], items, k, indices.data_ptr(), scores.data_ptr()):
+    if library.rank_blocks(
+        pointers[0],
+        rows,
+        blocks,
+        *pointers[1:6],
+        width,
+        pointers[6],
+        pointers[7],
+        items,
+        k,
+        indices.data_ptr(),
+        scores.data_ptr(),
+    ):
         raise MemoryError("rank_blocks: out of memory")
     return indices, scores

@@ -33,8 +33,9 @@ class GRU4RecNetwork(nn.Module):
     #: The parameters with one row per item (``item_input`` only without tied embeddings).
     ITEM_PARAMETERS = ("item_output", "item_bias", "item_input")
 
-    def __init__(self, config: GRU4RecConfig, n_items: int,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self, config: GRU4RecConfig, n_items: int, generator: torch.Generator | None = None
+    ) -> None:
         super().__init__()
         self.config = config
         self.n_items = n_items
@@ -49,8 +50,11 @@ class GRU4RecNetwork(nn.Module):
         # Item-indexed matrices: a mini-batch updates only the rows it touched.
         self.item_output = nn.Parameter(torch.empty(n_items, last))
         self.item_bias = nn.Parameter(torch.zeros(n_items, 1))  # a column: rows like the others
-        self.item_input = (None if config.constrained_embedding else
-                           nn.Parameter(torch.empty(n_items, input_width or 3 * layers[0])))
+        self.item_input = (
+            None
+            if config.constrained_embedding
+            else nn.Parameter(torch.empty(n_items, input_width or 3 * layers[0]))
+        )
         self.one_hot = input_width == 0
         self.input_weights = nn.ParameterList()
         self.hidden_weights = nn.ParameterList()
@@ -84,14 +88,19 @@ class GRU4RecNetwork(nn.Module):
         scale = self.config.init_scale
         for name, param in self.named_parameters():
             gated = name.startswith(("input_weights", "hidden_weights")) or (
-                name == "item_input" and self.one_hot)
+                name == "item_input" and self.one_hot
+            )
             if param.dim() == 2 and name != "item_bias" and not gated:
                 _glorot_uniform_(param.data, scale, generator=generator)
             elif gated:
                 # GRU matrices hold three gates side by side: each is initialised as the
                 # (fan_in x units) matrix it is, not as one three-times-wider matrix.
-                _glorot_uniform_(param.data, scale, fan=(param.shape[0], param.shape[1] // 3),
-                                 generator=generator)
+                _glorot_uniform_(
+                    param.data,
+                    scale,
+                    fan=(param.shape[0], param.shape[1] // 3),
+                    generator=generator,
+                )
             else:
                 param.data.zero_()
 
@@ -118,7 +127,7 @@ class GRU4RecNetwork(nn.Module):
         new_states = []
         offset = 0
         for i, units in enumerate(self.config.layers):
-            h = state[:, offset:offset + units]
+            h = state[:, offset : offset + units]
             offset += units
             if i == 0 and self.one_hot:
                 gates_x = x + self.biases[i]
@@ -140,7 +149,7 @@ class GRU4RecNetwork(nn.Module):
         return torch.addmm(self.item_bias.t(), output, self.item_output.t())
 
     def last_output(self, state: torch.Tensor) -> torch.Tensor:
-        return state[:, -self.config.layers[-1]:]
+        return state[:, -self.config.layers[-1] :]
 
     @torch.no_grad()
     def grow(self, n_items: int, generator: torch.Generator | None = None) -> None:
@@ -157,15 +166,21 @@ class GRU4RecNetwork(nn.Module):
                 continue
             rows = torch.zeros((extra, *old.shape[1:]), dtype=old.dtype, device=old.device)
             if name != "item_bias":
-                fan = (old.shape[0], old.shape[1] // 3 if self.one_hot and name == "item_input"
-                       else old.shape[1])
+                fan = (
+                    old.shape[0],
+                    old.shape[1] // 3 if self.one_hot and name == "item_input" else old.shape[1],
+                )
                 _glorot_uniform_(rows, self.config.init_scale, fan=fan, generator=generator)
             setattr(self, name, nn.Parameter(torch.cat([old.data, rows])))
         self.n_items = n_items
 
 
-def _glorot_uniform_(tensor: torch.Tensor, scale: float, fan: tuple[int, ...] | None = None,
-                     generator: torch.Generator | None = None) -> None:
+def _glorot_uniform_(
+    tensor: torch.Tensor,
+    scale: float,
+    fan: tuple[int, ...] | None = None,
+    generator: torch.Generator | None = None,
+) -> None:
     rows, cols = fan or tensor.shape
     bound = scale * math.sqrt(6.0 / (rows + cols))
     tensor.uniform_(-bound, bound, generator=generator)

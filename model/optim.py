@@ -58,8 +58,8 @@ class FlatParameters:
         offset = 0
         for param in params:
             size = param.numel()
-            param.data = self.values[offset:offset + size].view_as(param)
-            self.grads.append(self.grad[offset:offset + size].view_as(param))
+            param.data = self.values[offset : offset + size].view_as(param)
+            self.grads.append(self.grad[offset : offset + size].view_as(param))
             self.offsets.append(offset)
             offset += size
 
@@ -67,8 +67,9 @@ class FlatParameters:
 class AdagradMomentum:
     """Adagrad with (heavy-ball or Nesterov) momentum, for flat vectors and item rows."""
 
-    def __init__(self, lr: float, momentum: float, nesterov: bool = False,
-                 native: bool = True) -> None:
+    def __init__(
+        self, lr: float, momentum: float, nesterov: bool = False, native: bool = True
+    ) -> None:
         self.lr = lr
         self.momentum = momentum
         self.nesterov = nesterov
@@ -79,16 +80,18 @@ class AdagradMomentum:
         """``[accumulator | velocity]`` along the last dimension."""
         key = id(param)
         if key not in self._state:
-            self._state[key] = torch.zeros((*param.shape[:-1], 2 * param.shape[-1]),
-                                           dtype=param.dtype, device=param.device)
+            self._state[key] = torch.zeros(
+                (*param.shape[:-1], 2 * param.shape[-1]), dtype=param.dtype, device=param.device
+            )
         return self._state[key]
 
     @torch.no_grad()
     def step_flat(self, flat: FlatParameters) -> None:
         """Update a flat parameter vector from its flat gradient."""
         state = self._state_of(flat.values)
-        if not self._native_update(flat.values.view(1, -1), state.view(1, -1), None,
-                                   flat.grad.view(1, -1)):
+        if not self._native_update(
+            flat.values.view(1, -1), state.view(1, -1), None, flat.grad.view(1, -1)
+        ):
             flat.values.add_(self._advance(flat.grad, state))
 
     @torch.no_grad()
@@ -102,8 +105,9 @@ class AdagradMomentum:
         param.index_add_(0, rows, change)
 
     @torch.no_grad()
-    def export_state(self, params: Mapping[str, torch.Tensor],
-                     flat: FlatParameters | None = None) -> dict[str, torch.Tensor]:
+    def export_state(
+        self, params: Mapping[str, torch.Tensor], flat: FlatParameters | None = None
+    ) -> dict[str, torch.Tensor]:
         """The state of each named parameter, packed ``[accumulator | velocity]`` along
         its last dimension (copies). Parameters inside ``flat`` are cut out of the flat
         state; parameters never stepped are left out."""
@@ -116,27 +120,35 @@ class AdagradMomentum:
                     continue
                 size, offset = param.numel(), flat.offsets[flat_ids[id(param)]]
                 state, total = self._state[id(flat.values)], flat.values.numel()
-                acc = state[offset:offset + size].view_as(param)
-                velocity = state[total + offset:total + offset + size].view_as(param)
+                acc = state[offset : offset + size].view_as(param)
+                velocity = state[total + offset : total + offset + size].view_as(param)
                 out[name] = _pack(acc, velocity)
             elif id(param) in self._state:
                 out[name] = self._state[id(param)].clone()
         return out
 
     @torch.no_grad()
-    def import_state(self, params: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
-                     flat: FlatParameters | None = None) -> None:
+    def import_state(
+        self,
+        params: Mapping[str, torch.Tensor],
+        state: Mapping[str, torch.Tensor],
+        flat: FlatParameters | None = None,
+    ) -> None:
         """Resume from ``state`` (as :meth:`export_state` gives it) for every parameter in
         ``params``; raise ``ValueError`` if a parameter's state is missing or misshapen.
         A flat vector's parameters must be all given a state or none."""
         if set(state) != set(params):
-            raise ValueError(f"optimizer state names {sorted(state)} do not match the "
-                             f"parameters {sorted(params)}")
+            raise ValueError(
+                f"optimizer state names {sorted(state)} do not match the "
+                f"parameters {sorted(params)}"
+            )
         for name, param in params.items():
             expected = packed_shape(param)
             if tuple(state[name].shape) != expected:
-                raise ValueError(f"optimizer state of {name} has shape "
-                                 f"{tuple(state[name].shape)}, expected {expected}")
+                raise ValueError(
+                    f"optimizer state of {name} has shape "
+                    f"{tuple(state[name].shape)}, expected {expected}"
+                )
         flat_ids = _flat_index(flat)
         for name, param in params.items():
             if id(param) not in flat_ids:
@@ -149,15 +161,20 @@ class AdagradMomentum:
                 raise ValueError("the optimizer state covers only part of the flat parameters")
             for param, offset in zip(flat.params, flat.offsets):
                 size = param.numel()
-                acc, velocity = _unpack(state[in_flat[id(param)]].to(packed.device,
-                                                                     packed.dtype))
-                packed[offset:offset + size] = acc.reshape(-1)
-                packed[total + offset:total + offset + size] = velocity.reshape(-1)
+                acc, velocity = _unpack(state[in_flat[id(param)]].to(packed.device, packed.dtype))
+                packed[offset : offset + size] = acc.reshape(-1)
+                packed[total + offset : total + offset + size] = velocity.reshape(-1)
 
-    def _native_update(self, param: torch.Tensor, state: torch.Tensor,
-                       rows: torch.Tensor | None, grad: torch.Tensor) -> bool:
-        return self.native and adagrad_momentum_rows_(param.data, state, rows, grad, self.lr,
-                                                      self.momentum, EPSILON, self.nesterov)
+    def _native_update(
+        self,
+        param: torch.Tensor,
+        state: torch.Tensor,
+        rows: torch.Tensor | None,
+        grad: torch.Tensor,
+    ) -> bool:
+        return self.native and adagrad_momentum_rows_(
+            param.data, state, rows, grad, self.lr, self.momentum, EPSILON, self.nesterov
+        )
 
     def _advance(self, grad: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """Update ``state`` (accumulator and velocity) in place; return the step to add.
@@ -171,8 +188,7 @@ class AdagradMomentum:
             return velocity * self.momentum - self.lr * scaled
         return velocity
 
-    def _change(self, grad: torch.Tensor,
-                state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _change(self, grad: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The same rule as :meth:`_advance` for gathered rows, as changes to add to
         ``state`` (packed like it) and to the parameter: adding rows (``index_add_``) is
         several times faster on the CPU than overwriting them (``index_copy_``), and
@@ -195,8 +211,9 @@ def packed_shape(param: torch.Tensor) -> tuple[int, ...]:
     return (*param.shape[:-1], 2 * param.shape[-1])
 
 
-def grow_rows(state: Mapping[str, torch.Tensor], item_names: Collection[str],
-              n_rows: int) -> dict[str, torch.Tensor]:
+def grow_rows(
+    state: Mapping[str, torch.Tensor], item_names: Collection[str], n_rows: int
+) -> dict[str, torch.Tensor]:
     """``state`` with the item matrices' states (``item_names``) grown to ``n_rows`` rows:
     old rows kept, new rows zero (a fresh accumulator and no velocity), as
     :meth:`model.network.GRU4RecNetwork.grow` grows the weights."""
@@ -207,8 +224,9 @@ def grow_rows(state: Mapping[str, torch.Tensor], item_names: Collection[str],
         old = grown[name]
         extra = n_rows - old.shape[0]
         if extra < 0:
-            raise ValueError(f"cannot shrink the optimizer state of {name} from "
-                             f"{old.shape[0]} to {n_rows} rows")
+            raise ValueError(
+                f"cannot shrink the optimizer state of {name} from {old.shape[0]} to {n_rows} rows"
+            )
         if extra:
             grown[name] = torch.cat([old, old.new_zeros((extra, *old.shape[1:]))])
     return grown

@@ -116,8 +116,11 @@ class Int8Catalogue:
 
     def matches(self, vectors: torch.Tensor, bias: torch.Tensor) -> bool:
         """Whether this copy was made from these tensors and they are unchanged."""
-        return (self._sources[0] is vectors and self._sources[1] is bias
-                and self._versions == (vectors._version, bias._version))
+        return (
+            self._sources[0] is vectors
+            and self._sources[1] is bias
+            and self._versions == (vectors._version, bias._version)
+        )
 
     def top_k(self, outputs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Indexes and float32 scores of the ``k`` best items for each row of ``outputs``."""
@@ -130,19 +133,35 @@ class Int8Catalogue:
         bound = x_norm * self.max_vector_error + x_error * self.max_restored_norm
         # float32 rounding of the first pass, products * unit + bias: well below 2^-20 of
         # any |x . v| (Cauchy-Schwarz) plus 2^-22 of the largest |bias|
-        bound += ((x_norm + x_error) * self.max_restored_norm * 2.0 ** -20
-                  + self.max_abs_bias * 2.0 ** -22)
+        bound += (
+            x_norm + x_error
+        ) * self.max_restored_norm * 2.0**-20 + self.max_abs_bias * 2.0**-22
         products = torch._int_mm(quantized.to(torch.int8), self.quantized_t).view(rows, -1, _BLOCK)
         unit = row_scale * self.scale  # the first pass is products * unit + bias
         if k <= products.shape[1]:
-            found = native.rank_blocks(products, unit, bound, self.padded_bias,
-                                       self.block_max_bias, x, self.vectors, self.bias, k)
+            found = native.rank_blocks(
+                products,
+                unit,
+                bound,
+                self.padded_bias,
+                self.block_max_bias,
+                x,
+                self.vectors,
+                self.bias,
+                k,
+            )
             if found is not None:
                 return found
         return self.search(products, unit, bound, x, k)
 
-    def search(self, products: torch.Tensor, unit: torch.Tensor, bound: torch.Tensor,
-               outputs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(
+        self,
+        products: torch.Tensor,
+        unit: torch.Tensor,
+        bound: torch.Tensor,
+        outputs: torch.Tensor,
+        k: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """After the int8 product, in torch: the reference of ``rank_blocks.c``
         (:mod:`model.native`), and what runs without it."""
         rows = len(products)
@@ -157,22 +176,25 @@ class Int8Catalogue:
         first = self._first_pass(products, unit, block_row, block)
         row, offset = (first >= threshold[block_row, None]).nonzero(as_tuple=True)
         row, column = block_row[row], block[row] * _BLOCK + offset
-        exact = ((outputs.index_select(0, row) * self.vectors.index_select(0, column)).sum(1)
-                 + self.bias.index_select(0, column))
+        exact = (outputs.index_select(0, row) * self.vectors.index_select(0, column)).sum(
+            1
+        ) + self.bias.index_select(0, column)
         return _best_per_row(row, column, exact, rows, k)
 
-    def _first_pass(self, products: torch.Tensor, unit: torch.Tensor, row: torch.Tensor,
-                    block: torch.Tensor) -> torch.Tensor:
+    def _first_pass(
+        self, products: torch.Tensor, unit: torch.Tensor, row: torch.Tensor, block: torch.Tensor
+    ) -> torch.Tensor:
         """First-pass scores of the given blocks of the given rows (one more dimension)."""
-        return (products[row, block] * unit[row] + self.padded_bias.view(-1, _BLOCK)[block])
+        return products[row, block] * unit[row] + self.padded_bias.view(-1, _BLOCK)[block]
 
 
 def _blocks(n: int) -> int:
     return -(-n // _BLOCK)
 
 
-def _best_per_row(row: torch.Tensor, column: torch.Tensor, score: torch.Tensor, rows: int,
-                  k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _best_per_row(
+    row: torch.Tensor, column: torch.Tensor, score: torch.Tensor, rows: int, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` best (column, score) of each row from a list sorted by row (every row
     has at least ``k`` entries)."""
     counts = torch.bincount(row, minlength=rows)

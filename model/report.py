@@ -31,8 +31,14 @@ import torch
 
 from model.baselines import make_baseline
 from model.data import ClickLog
-from model.evaluate import (EvaluationResult, PredictionBatch, RecommenderScorer, SessionScorer,
-                            evaluate, target_ranks)
+from model.evaluate import (
+    EvaluationResult,
+    PredictionBatch,
+    RecommenderScorer,
+    SessionScorer,
+    evaluate,
+    target_ranks,
+)
 from model.inference import Recommender
 
 MODEL_NAME = "gru4rec"
@@ -59,8 +65,8 @@ class Buckets:
         return np.searchsorted(np.asarray(self.lows), values, side="right") - 1
 
 
-POSITIONS = Buckets(tuple(range(1, 11)))             # 1, 2, ..., 9, 10+
-SESSION_LENGTHS = Buckets((2, 3, 4, 5, 6, 10))      # 2, 3, 4, 5, 6-9, 10+ (tests have 2+)
+POSITIONS = Buckets(tuple(range(1, 11)))  # 1, 2, ..., 9, 10+
+SESSION_LENGTHS = Buckets((2, 3, 4, 5, 6, 10))  # 2, 3, 4, 5, 6-9, 10+ (tests have 2+)
 
 
 @dataclass(frozen=True)
@@ -80,10 +86,10 @@ class ListStats:
     """What the top-K lists recommend: how much of the catalogue, and how popular it is."""
 
     k: int
-    n_items: int            # the method's catalogue
-    n_recommended: int      # items in at least one list
-    n_slots: int            # list entries over all predictions
-    n_popular_slots: int    # of which items among TRAIN's top 1%
+    n_items: int  # the method's catalogue
+    n_recommended: int  # items in at least one list
+    n_slots: int  # list entries over all predictions
+    n_popular_slots: int  # of which items among TRAIN's top 1%
 
     @property
     def coverage(self) -> float:
@@ -94,9 +100,14 @@ class ListStats:
         return self.n_popular_slots / self.n_slots if self.n_slots else 0.0
 
     def to_dict(self, n_predictions: int) -> dict[str, Any]:
-        return {"k": self.k, "n_items": self.n_items, "n_recommended": self.n_recommended,
-                "coverage": self.coverage, "popular_share": self.popular_share,
-                "mean_list_length": self.n_slots / n_predictions if n_predictions else 0.0}
+        return {
+            "k": self.k,
+            "n_items": self.n_items,
+            "n_recommended": self.n_recommended,
+            "coverage": self.coverage,
+            "popular_share": self.popular_share,
+            "mean_list_length": self.n_slots / n_predictions if n_predictions else 0.0,
+        }
 
 
 @dataclass(frozen=True)
@@ -111,11 +122,14 @@ class MethodReport:
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"label": LABELS.get(self.name, self.name), "overall": self.result.to_dict(),
-                "by_position": [b.to_dict() for b in self.by_position],
-                "by_session_length": [b.to_dict() for b in self.by_session_length],
-                "lists": self.lists.to_dict(self.result.n_predictions),
-                "seconds": self.seconds}
+        return {
+            "label": LABELS.get(self.name, self.name),
+            "overall": self.result.to_dict(),
+            "by_position": [b.to_dict() for b in self.by_position],
+            "by_session_length": [b.to_dict() for b in self.by_session_length],
+            "lists": self.lists.to_dict(self.result.n_predictions),
+            "seconds": self.seconds,
+        }
 
 
 @dataclass(frozen=True)
@@ -130,17 +144,27 @@ class LogSummary:
 
     @classmethod
     def of(cls, log: ClickLog) -> LogSummary:
-        return cls(source=log.source, n_events=len(log), n_sessions=log.n_sessions,
-                   n_items=int(len(np.unique(log.items))),
-                   length_counts=np.bincount(session_lengths(log)))
+        return cls(
+            source=log.source,
+            n_events=len(log),
+            n_sessions=log.n_sessions,
+            n_items=int(len(np.unique(log.items))),
+            length_counts=np.bincount(session_lengths(log)),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         sessions = max(self.n_sessions, 1)
-        return {"source": self.source, "events": self.n_events, "sessions": self.n_sessions,
-                "items": self.n_items, "mean_session_length": self.n_events / sessions,
-                "share_sessions_length_1_3": int(self.length_counts[:4].sum()) / sessions,
-                "session_length_counts": {str(n): int(c)
-                                          for n, c in enumerate(self.length_counts) if c}}
+        return {
+            "source": self.source,
+            "events": self.n_events,
+            "sessions": self.n_sessions,
+            "items": self.n_items,
+            "mean_session_length": self.n_events / sessions,
+            "share_sessions_length_1_3": int(self.length_counts[:4].sum()) / sessions,
+            "session_length_counts": {
+                str(n): int(c) for n, c in enumerate(self.length_counts) if c
+            },
+        }
 
 
 @dataclass(frozen=True)
@@ -161,20 +185,27 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "ks": list(self.ks), "ties": self.ties, "list_k": self.list_k,
+            "ks": list(self.ks),
+            "ties": self.ties,
+            "list_k": self.list_k,
             "model_version": self.model_version,
-            "data": {"train": self.train.to_dict(), "test": self.test.to_dict(),
-                     "popular_items": self.popular_items},
-            "buckets": {"position": POSITIONS.labels,
-                        "session_length": SESSION_LENGTHS.labels},
+            "data": {
+                "train": self.train.to_dict(),
+                "test": self.test.to_dict(),
+                "popular_items": self.popular_items,
+            },
+            "buckets": {"position": POSITIONS.labels, "session_length": SESSION_LENGTHS.labels},
             "methods": {name: method.to_dict() for name, method in self.methods.items()},
         }
         if MODEL_NAME in self.methods and "itemknn" in self.methods:
             rows = position_comparison(self, MODEL_NAME, "itemknn", self.list_k)
-            out["comparison"] = {"method": MODEL_NAME, "baseline": "itemknn",
-                                 "k": self.list_k, "by_position": rows,
-                                 "note": comparison_note(rows, MODEL_NAME, "itemknn",
-                                                         self.list_k)}
+            out["comparison"] = {
+                "method": MODEL_NAME,
+                "baseline": "itemknn",
+                "k": self.list_k,
+                "by_position": rows,
+                "note": comparison_note(rows, MODEL_NAME, "itemknn", self.list_k),
+            }
         return out
 
 
@@ -213,8 +244,9 @@ class _Collector:
     breakdowns need: per prediction its rank, position and session length; per item
     whether any top-K list held it."""
 
-    def __init__(self, lengths: np.ndarray, n_items: int, popular: np.ndarray, k: int,
-                 ties: str) -> None:
+    def __init__(
+        self, lengths: np.ndarray, n_items: int, popular: np.ndarray, k: int, ties: str
+    ) -> None:
         self.lengths = lengths
         self.popular = torch.from_numpy(popular)
         self.k = k
@@ -237,14 +269,20 @@ class _Collector:
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Ranks, positions and session lengths of all predictions, in evaluation order."""
+
         def join(parts: list[np.ndarray], dtype: type) -> np.ndarray:
             return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
-        return (join(self.ranks, np.float64), join(self.positions, np.int64),
-                join(self.session_lengths, np.int64))
+
+        return (
+            join(self.ranks, np.float64),
+            join(self.positions, np.int64),
+            join(self.session_lengths, np.int64),
+        )
 
 
-def bucket_metrics(ranks: np.ndarray, values: np.ndarray, buckets: Buckets,
-                   ks: Sequence[int]) -> list[BucketMetrics]:
+def bucket_metrics(
+    ranks: np.ndarray, values: np.ndarray, buckets: Buckets, ks: Sequence[int]
+) -> list[BucketMetrics]:
     """Recall@K and MRR@K of the predictions in each bucket of ``values``.
 
     Same sums as :func:`model.evaluate.evaluate`, so the buckets' counts add up to the
@@ -264,8 +302,14 @@ def bucket_metrics(ranks: np.ndarray, values: np.ndarray, buckets: Buckets,
     return out
 
 
-def evaluate_method(name: str, scorer: SessionScorer, test: ClickLog, ks: Sequence[int],
-                    ties: str, popular_ids: Sequence[str]) -> MethodReport:
+def evaluate_method(
+    name: str,
+    scorer: SessionScorer,
+    test: ClickLog,
+    ks: Sequence[int],
+    ties: str,
+    popular_ids: Sequence[str],
+) -> MethodReport:
     """Evaluate one scorer with the standard protocol and break its results down.
 
     The top-K lists use the largest K.
@@ -281,54 +325,80 @@ def evaluate_method(name: str, scorer: SessionScorer, test: ClickLog, ks: Sequen
     seconds = time.perf_counter() - started
     ranks, positions, lengths = collector.arrays()
     return MethodReport(
-        name=name, result=result,
+        name=name,
+        result=result,
         by_position=bucket_metrics(ranks, positions, POSITIONS, ks),
         by_session_length=bucket_metrics(ranks, lengths, SESSION_LENGTHS, ks),
-        lists=ListStats(k=max(ks), n_items=n_items,
-                        n_recommended=int(collector.recommended.sum()),
-                        n_slots=collector.n_slots, n_popular_slots=collector.n_popular_slots),
-        seconds=seconds)
+        lists=ListStats(
+            k=max(ks),
+            n_items=n_items,
+            n_recommended=int(collector.recommended.sum()),
+            n_slots=collector.n_slots,
+            n_popular_slots=collector.n_popular_slots,
+        ),
+        seconds=seconds,
+    )
 
 
-def build_report(model: Recommender, train: ClickLog, test: ClickLog, ks: Sequence[int],
-                 ties: str = "conservative",
-                 progress: Callable[[str], None] = lambda message: None) -> Report:
+def build_report(
+    model: Recommender,
+    train: ClickLog,
+    test: ClickLog,
+    ks: Sequence[int],
+    ties: str = "conservative",
+    progress: Callable[[str], None] = lambda message: None,
+) -> Report:
     """GRU4Rec and the paper's baselines (fitted on ``train``) evaluated on ``test``."""
     ks = tuple(sorted(set(int(k) for k in ks)))
     popular_ids = popular_item_ids(train)
     methods: dict[str, MethodReport] = {}
     progress(f"evaluating {LABELS[MODEL_NAME]} on {test.n_sessions:,} test sessions")
-    methods[MODEL_NAME] = evaluate_method(MODEL_NAME, RecommenderScorer(model), test, ks, ties,
-                                          popular_ids)
+    methods[MODEL_NAME] = evaluate_method(
+        MODEL_NAME, RecommenderScorer(model), test, ks, ties, popular_ids
+    )
     progress(f"  {_headline(methods[MODEL_NAME])}")
     for method in BASELINES:
-        progress(f"fitting {LABELS[method]} on {train.n_sessions:,} training sessions "
-                 f"and evaluating it")
-        methods[method] = evaluate_method(method, make_baseline(method, train), test, ks, ties,
-                                          popular_ids)
+        progress(
+            f"fitting {LABELS[method]} on {train.n_sessions:,} training sessions and evaluating it"
+        )
+        methods[method] = evaluate_method(
+            method, make_baseline(method, train), test, ks, ties, popular_ids
+        )
         progress(f"  {_headline(methods[method])}")
-    return Report(ks=ks, ties=ties, model_version=model.version, train=LogSummary.of(train),
-                  test=LogSummary.of(test), popular_items=len(popular_ids), methods=methods)
+    return Report(
+        ks=ks,
+        ties=ties,
+        model_version=model.version,
+        train=LogSummary.of(train),
+        test=LogSummary.of(test),
+        popular_items=len(popular_ids),
+        methods=methods,
+    )
 
 
 def _headline(method: MethodReport) -> str:
     k = max(method.result.ks)
-    return (f"{LABELS.get(method.name, method.name)}: Recall@{k} {method.result.recall(k):.4f}, "
-            f"MRR@{k} {method.result.mrr(k):.4f} ({method.result.n_predictions:,} predictions, "
-            f"{method.seconds:.1f} s)")
+    return (
+        f"{LABELS.get(method.name, method.name)}: Recall@{k} {method.result.recall(k):.4f}, "
+        f"MRR@{k} {method.result.mrr(k):.4f} ({method.result.n_predictions:,} predictions, "
+        f"{method.seconds:.1f} s)"
+    )
 
 
-def position_comparison(report: Report, method: str, baseline: str,
-                        k: int) -> list[dict[str, Any]]:
+def position_comparison(report: Report, method: str, baseline: str, k: int) -> list[dict[str, Any]]:
     """Per position bucket: both methods' Recall@K and MRR@K and the differences."""
     rows = []
-    for ours, theirs in zip(report.methods[method].by_position,
-                            report.methods[baseline].by_position):
+    for ours, theirs in zip(
+        report.methods[method].by_position, report.methods[baseline].by_position
+    ):
         row: dict[str, Any] = {"bucket": ours.bucket, "n_predictions": ours.n_predictions}
         for metric in (f"recall@{k}", f"mrr@{k}"):
             a, b = ours.metrics[metric], theirs.metrics[metric]
-            row[metric] = {method: a, baseline: b,
-                           "difference": None if a is None or b is None else a - b}
+            row[metric] = {
+                method: a,
+                baseline: b,
+                "difference": None if a is None or b is None else a - b,
+            }
         rows.append(row)
     return rows
 
@@ -340,23 +410,32 @@ def comparison_note(rows: list[dict[str, Any]], method: str, baseline: str, k: i
     total = sum(row["n_predictions"] for row in rows)
     sentences = []
     for metric, title in ((f"recall@{k}", f"Recall@{k}"), (f"mrr@{k}", f"MRR@{k}")):
-        cells = [(row["bucket"], row[metric]["difference"], row["n_predictions"])
-                 for row in rows if row[metric]["difference"] is not None]
+        cells = [
+            (row["bucket"], row[metric]["difference"], row["n_predictions"])
+            for row in rows
+            if row[metric]["difference"] is not None
+        ]
         ahead = [cell for cell in cells if cell[1] > 0]
         behind = [cell for cell in cells if cell[1] < 0]
         if not ahead:
             text = f"{title}: {name} does not beat {other} at any position"
         else:
-            where = (f"at every position ({cells[0][0]} to {cells[-1][0]})"
-                     if len(ahead) == len(cells)
-                     else f"at position(s) {', '.join(bucket for bucket, _, _ in ahead)}")
+            where = (
+                f"at every position ({cells[0][0]} to {cells[-1][0]})"
+                if len(ahead) == len(cells)
+                else f"at position(s) {', '.join(bucket for bucket, _, _ in ahead)}"
+            )
             share = sum(n for _, _, n in ahead) / total if total else 0.0
-            text = (f"{title}: {name} beats {other} {where}, {share:.0%} of the predictions, "
-                    f"by {_spread([diff for _, diff, _ in ahead])}")
+            text = (
+                f"{title}: {name} beats {other} {where}, {share:.0%} of the predictions, "
+                f"by {_spread([diff for _, diff, _ in ahead])}"
+            )
         if behind:
-            text += (f"; it is behind at position(s) "
-                     f"{', '.join(bucket for bucket, _, _ in behind)}, by "
-                     f"{_spread([diff for _, diff, _ in behind])}")
+            text += (
+                f"; it is behind at position(s) "
+                f"{', '.join(bucket for bucket, _, _ in behind)}, by "
+                f"{_spread([diff for _, diff, _ in behind])}"
+            )
         sentences.append(text + ".")
     return " ".join(sentences)
 

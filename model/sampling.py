@@ -16,15 +16,20 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-
 _DRAWS_AT_ONCE = 1_000_000
 
 
 class PopularitySampler:
     """Hands out ``n`` negatives at a time, drawn with P(item) ~ support(item)^alpha."""
 
-    def __init__(self, support: np.ndarray, alpha: float, store_size: int,
-                 generator: torch.Generator, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        support: np.ndarray,
+        alpha: float,
+        store_size: int,
+        generator: torch.Generator,
+        device: torch.device | str = "cpu",
+    ) -> None:
         weights = np.asarray(support, dtype=np.float64) ** alpha
         weights[np.asarray(support) <= 0] = 0.0  # 0**0 == 1: unseen items are never drawn
         if weights.sum() <= 0:
@@ -46,12 +51,18 @@ class PopularitySampler:
         device = self._keep.device
         out = torch.empty(n, dtype=torch.int64, device=device)
         for part in out.split(_DRAWS_AT_ONCE):
-            column = torch.randint(len(self._keep), (len(part),), generator=self._generator,
-                                   device=device)
-            coin = torch.rand(len(part), generator=self._generator, dtype=torch.float64,
-                              device=device)
-            torch.where(coin < self._keep.index_select(0, column), column,
-                        self._alias.index_select(0, column), out=part)
+            column = torch.randint(
+                len(self._keep), (len(part),), generator=self._generator, device=device
+            )
+            coin = torch.rand(
+                len(part), generator=self._generator, dtype=torch.float64, device=device
+            )
+            torch.where(
+                coin < self._keep.index_select(0, column),
+                column,
+                self._alias.index_select(0, column),
+                out=part,
+            )
         return out
 
     def sample(self, n: int) -> torch.Tensor:
@@ -64,7 +75,7 @@ class PopularitySampler:
             draws = (self._store_size // n) * n
             self._store = self._draw(draws)
             self._position = 0
-        out = self._store[self._position:self._position + n]
+        out = self._store[self._position : self._position + n]
         self._position += n
         return out
 

@@ -92,10 +92,14 @@ def generate(spec: SynthSpec) -> ClickLog:
     gaps[offsets[:-1]] = 0.0
     session_of_event = np.repeat(np.arange(spec.sessions), lengths)
     times = starts[session_of_event] + _cumsum_within(gaps, offsets)
-    return ClickLog(sessions=session_of_event, items=items, times=np.round(times, 3),
-                    session_ids=np.arange(1, spec.sessions + 1).astype(str),
-                    item_ids=(np.arange(spec.items) + spec.item_offset + 1).astype(str),
-                    source=f"synth(seed={spec.seed})")
+    return ClickLog(
+        sessions=session_of_event,
+        items=items,
+        times=np.round(times, 3),
+        session_ids=np.arange(1, spec.sessions + 1).astype(str),
+        item_ids=(np.arange(spec.items) + spec.item_offset + 1).astype(str),
+        source=f"synth(seed={spec.seed})",
+    )
 
 
 def _cumsum_within(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -113,7 +117,11 @@ def write_clicks(log: ClickLog, path: str | os.PathLike[str], chunk: int = 2_000
         handle.write("SessionId\tItemId\tTime\n")
         for first in range(0, len(log), chunk):
             part = slice(first, first + chunk)
-            frame = pd.DataFrame({"s": log.session_ids[log.sessions[part]],
-                                  "i": log.item_ids[log.items[part]],
-                                  "t": log.times[part]})
+            frame = pd.DataFrame(
+                {
+                    "s": log.session_ids[log.sessions[part]],
+                    "i": log.item_ids[log.items[part]],
+                    "t": log.times[part],
+                }
+            )
             frame.to_csv(handle, sep="\t", header=False, index=False, float_format="%.3f")

@@ -51,8 +51,9 @@ class Batch:
     reset: np.ndarray
 
 
-def session_parallel_batches(items: np.ndarray, starts: np.ndarray, ends: np.ndarray,
-                             batch_size: int) -> Iterator[Batch]:
+def session_parallel_batches(
+    items: np.ndarray, starts: np.ndarray, ends: np.ndarray, batch_size: int
+) -> Iterator[Batch]:
     """Yield the steps of one epoch over sessions ``items[starts[k]:ends[k]]``, in order k."""
     usable = (ends - starts) >= 2
     starts, ends = starts[usable], ends[usable]
@@ -72,8 +73,8 @@ def session_parallel_batches(items: np.ndarray, starts: np.ndarray, ends: np.nda
         if len(finished):
             n_new = min(len(finished), n_sessions - next_session)
             refill = finished[:n_new]
-            position[refill] = starts[next_session:next_session + n_new]
-            end[refill] = ends[next_session:next_session + n_new]
+            position[refill] = starts[next_session : next_session + n_new]
+            end[refill] = ends[next_session : next_session + n_new]
             next_session += n_new
             reset[refill] = True
             if n_new < len(finished):
@@ -123,10 +124,17 @@ class TrainStats:
         return self.n_events * self.epochs / max(self.train_seconds, 1e-9)
 
 
-def train(log: ClickLog, config: GRU4RecConfig | None = None, *, seed: int = 0,
-          device: str | None = None, base: Recommender | None = None,
-          progress: bool = True, max_batches: int | None = None,
-          resume_optimizer: bool = True) -> tuple[Recommender, TrainStats]:
+def train(
+    log: ClickLog,
+    config: GRU4RecConfig | None = None,
+    *,
+    seed: int = 0,
+    device: str | None = None,
+    base: Recommender | None = None,
+    progress: bool = True,
+    max_batches: int | None = None,
+    resume_optimizer: bool = True,
+) -> tuple[Recommender, TrainStats]:
     """Train GRU4Rec on ``log``; warm-start from ``base`` when given.
 
     ``max_batches`` stops each epoch early (benchmarks on logs too large to finish).
@@ -147,15 +155,20 @@ def train(log: ClickLog, config: GRU4RecConfig | None = None, *, seed: int = 0,
     if sessions.n_predictions == 0:
         raise UserError(f"{log.source}: no session has two or more events; nothing to train on")
     if base is not None:
-        if base.config.layers != config.layers or base.config.embedding != config.embedding \
-                or base.config.constrained_embedding != config.constrained_embedding:
-            raise UserError("warm start needs the base model's architecture "
-                            "(layers, embedding, constrained_embedding)")
+        if (
+            base.config.layers != config.layers
+            or base.config.embedding != config.embedding
+            or base.config.constrained_embedding != config.constrained_embedding
+        ):
+            raise UserError(
+                "warm start needs the base model's architecture "
+                "(layers, embedding, constrained_embedding)"
+            )
         network = GRU4RecNetwork(config, base.network.n_items)
         network.load_state_dict(base.network.state_dict())
         network.grow(len(item_map), generator=generator)
         popularity = np.zeros(len(item_map))
-        popularity[:len(base.popularity)] = base.popularity
+        popularity[: len(base.popularity)] = base.popularity
         if resume_optimizer and base.optimizer_state is not None:
             resume = grow_rows(base.optimizer_state, network.ITEM_PARAMETERS, len(item_map))
     else:
@@ -164,23 +177,39 @@ def train(log: ClickLog, config: GRU4RecConfig | None = None, *, seed: int = 0,
     counts = np.bincount(sessions.items, minlength=len(item_map)).astype(np.float64)
     popularity += counts
     network.to(torch_device)
-    stats, optimizer_state = _fit(network, sessions, counts, config, seed, torch_device,
-                                  progress, max_batches, resume)
+    stats, optimizer_state = _fit(
+        network, sessions, counts, config, seed, torch_device, progress, max_batches, resume
+    )
     network.eval()
-    return Recommender(network, item_map, popularity, config,
-                       optimizer_state=optimizer_state), stats
+    return Recommender(
+        network, item_map, popularity, config, optimizer_state=optimizer_state
+    ), stats
 
 
-def _fit(network: GRU4RecNetwork, sessions: TrainingSessions, support: np.ndarray,
-         config: GRU4RecConfig, seed: int, device: torch.device,
-         progress: bool, max_batches: int | None,
-         resume: dict[str, torch.Tensor] | None = None,
-         ) -> tuple[TrainStats, dict[str, torch.Tensor]]:
+def _fit(
+    network: GRU4RecNetwork,
+    sessions: TrainingSessions,
+    support: np.ndarray,
+    config: GRU4RecConfig,
+    seed: int,
+    device: torch.device,
+    progress: bool,
+    max_batches: int | None,
+    resume: dict[str, torch.Tensor] | None = None,
+) -> tuple[TrainStats, dict[str, torch.Tensor]]:
     network.train()
-    sampler = PopularitySampler(support, config.sample_alpha, config.sample_store_size,
-                                torch.Generator(device).manual_seed(seed), device)
-    log_q = log_q_correction(support, config) if config.loss == "cross-entropy" \
-        and config.logq > 0 else None
+    sampler = PopularitySampler(
+        support,
+        config.sample_alpha,
+        config.sample_store_size,
+        torch.Generator(device).manual_seed(seed),
+        device,
+    )
+    log_q = (
+        log_q_correction(support, config)
+        if config.loss == "cross-entropy" and config.logq > 0
+        else None
+    )
     optimizer = AdagradMomentum(config.learning_rate, config.momentum, config.nesterov)
     step = TrainingStep(network, optimizer, make_loss(config.loss, config.bpreg), log_q)
     named = dict(network.named_parameters())
@@ -192,16 +221,23 @@ def _fit(network: GRU4RecNetwork, sessions: TrainingSessions, support: np.ndarra
     epoch_losses: list[float] = []
     started = time.perf_counter()
     for epoch in range(config.n_epochs):
-        bar = tqdm(total=sessions.n_predictions, desc=f"epoch {epoch + 1}/{config.n_epochs}",
-                   unit="ev", file=sys.stderr, disable=not progress, leave=True,
-                   mininterval=0.5)
+        bar = tqdm(
+            total=sessions.n_predictions,
+            desc=f"epoch {epoch + 1}/{config.n_epochs}",
+            unit="ev",
+            file=sys.stderr,
+            disable=not progress,
+            leave=True,
+            mininterval=0.5,
+        )
         usable = int(((sessions.ends - sessions.starts) >= 2).sum())
         state = network.initial_state(min(config.batch_size, usable), device)
         loss_sum = torch.zeros((), device=device)
         n_steps = 0
         epoch_start = time.perf_counter()
-        for batch in session_parallel_batches(sessions.items, sessions.starts,
-                                              sessions.ends, config.batch_size):
+        for batch in session_parallel_batches(
+            sessions.items, sessions.starts, sessions.ends, config.batch_size
+        ):
             if batch.keep is not None:
                 state = state[torch.from_numpy(batch.keep).to(device)]
             if batch.reset.any():
@@ -218,20 +254,28 @@ def _fit(network: GRU4RecNetwork, sessions: TrainingSessions, support: np.ndarra
                 _show(bar, n_steps * config.batch_size, loss_sum.item() / n_steps, epoch_start)
         epoch_loss = loss_sum.item() / max(n_steps, 1)
         if not math.isfinite(epoch_loss):
-            raise UserError(f"training diverged in epoch {epoch + 1} (loss {epoch_loss}); "
-                            f"try a lower learning_rate than {config.learning_rate}")
+            raise UserError(
+                f"training diverged in epoch {epoch + 1} (loss {epoch_loss}); "
+                f"try a lower learning_rate than {config.learning_rate}"
+            )
         _show(bar, sessions.n_predictions, epoch_loss, epoch_start)
         bar.close()
         epoch_losses.append(epoch_loss)
     n_events = sessions.n_events if max_batches is None else n_steps * config.batch_size
-    stats = TrainStats(epochs=config.n_epochs, n_events=n_events,
-                       final_loss=epoch_losses[-1],
-                       train_seconds=time.perf_counter() - started,
-                       epoch_losses=tuple(epoch_losses), resumed_optimizer=resume is not None)
+    stats = TrainStats(
+        epochs=config.n_epochs,
+        n_events=n_events,
+        final_loss=epoch_losses[-1],
+        train_seconds=time.perf_counter() - started,
+        epoch_losses=tuple(epoch_losses),
+        resumed_optimizer=resume is not None,
+    )
     return stats, optimizer.export_state(named, step.flat)
 
 
-def log_q_correction(support: np.ndarray, config: GRU4RecConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def log_q_correction(
+    support: np.ndarray, config: GRU4RecConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
     """logQ terms for the two kinds of sampled columns (Hidasi & Czapp 2023).
 
     A column's score is lowered by ``logq * log Q(item)``, Q being how likely the item was to

@@ -38,9 +38,13 @@ class _LayerCache:
 class TrainingStep:
     """Forward, backward and update for one session-parallel mini-batch."""
 
-    def __init__(self, network: GRU4RecNetwork, optimizer: AdagradMomentum,
-                 loss_fn: LossFunction,
-                 log_q: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    def __init__(
+        self,
+        network: GRU4RecNetwork,
+        optimizer: AdagradMomentum,
+        loss_fn: LossFunction,
+        log_q: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> None:
         self.network = network
         self.optimizer = optimizer
         self.loss_fn = loss_fn
@@ -50,8 +54,9 @@ class TrainingStep:
         self.p_embed = network.config.dropout_p_embed
         self.p_hidden = network.config.dropout_p_hidden
         item_params = network.item_parameters()
-        self.dense_params = [p for p in network.parameters()
-                             if all(p is not q for q in item_params)]
+        self.dense_params = [
+            p for p in network.parameters() if all(p is not q for q in item_params)
+        ]
         self.flat = FlatParameters(self.dense_params)
         self._grad_of = {id(p): g for p, g in zip(self.dense_params, self.flat.grads)}
 
@@ -76,8 +81,9 @@ class TrainingStep:
         return torch.rand_like(like).lt_(keep).mul_(1.0 / keep)  # bernoulli_ is 2x slower
 
     @torch.no_grad()
-    def __call__(self, state: torch.Tensor, inputs: torch.Tensor,
-                 out_items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, state: torch.Tensor, inputs: torch.Tensor, out_items: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Train on one batch: ``inputs`` are clicked items, ``out_items`` the targets
         (first ``len(inputs)``) then the shared negatives. Returns (new state, loss)."""
         net = self.network
@@ -89,6 +95,7 @@ class TrainingStep:
             in_rows = out_rows = rows
             out_table = in_table = net.item_output.index_select(0, rows)
         else:
+            assert net.item_input is not None  # not tied
             in_rows, in_inverse = self._unique(inputs)
             out_rows, out_inverse = self._unique(out_items)
             in_table = net.item_input.index_select(0, in_rows)
@@ -103,21 +110,22 @@ class TrainingStep:
         new_states = []
         offset = 0
         for i, units in enumerate(self.layers):
-            previous = state[:, offset:offset + units]
+            previous = state[:, offset : offset + units]
             offset += units
             if i == 0 and net.one_hot:
                 gates_x = x + net.biases[i]
             else:
                 gates_x = torch.addmm(net.biases[i], x, net.input_weights[i - net.one_hot])
             gates_h = torch.addmm(net.hidden_biases[i], previous, net.hidden_weights[i])
-            reset_update = torch.sigmoid(gates_x[:, :2 * units] + gates_h[:, :2 * units])
+            reset_update = torch.sigmoid(gates_x[:, : 2 * units] + gates_h[:, : 2 * units])
             reset, update = reset_update[:, :units], reset_update[:, units:]
-            hidden_candidate = gates_h[:, 2 * units:]
-            candidate = torch.tanh(gates_x[:, 2 * units:] + reset * hidden_candidate)
+            hidden_candidate = gates_h[:, 2 * units :]
+            candidate = torch.tanh(gates_x[:, 2 * units :] + reset * hidden_candidate)
             hidden = candidate + update * (previous - candidate)
             mask = self._dropout_mask(hidden, self.p_hidden)
-            caches.append(_LayerCache(x, previous, reset, update, candidate,
-                                      hidden_candidate, mask))
+            caches.append(
+                _LayerCache(x, previous, reset, update, candidate, hidden_candidate, mask)
+            )
             x = hidden * mask if mask is not None else hidden
             new_states.append(x)  # the dropped-out state is carried on, as in the papers' code
 
@@ -126,8 +134,9 @@ class TrainingStep:
         # Items are kept along dim 0 (item x batch), where gathers and scatters are fast.
         unique_scores = torch.addmm(out_bias, out_table, x.t())
         if self.loss_fn is cross_entropy:
-            loss, d_unique_scores = self._cross_entropy(unique_scores, out_rows, out_items,
-                                                        out_inverse, n)
+            loss, d_unique_scores = self._cross_entropy(
+                unique_scores, out_rows, out_items, out_inverse, n
+            )
         else:
             loss, d_unique_scores = self._any_loss(unique_scores, out_items, out_inverse, n)
         if n < self.batch_size:
@@ -153,18 +162,25 @@ class TrainingStep:
             used_as_output[out_inverse] = True
             outputs = used_as_output.nonzero().squeeze(1)
             self.optimizer.step_rows(net.item_output, rows, out_grad)
-            self.optimizer.step_rows(net.item_bias, rows.index_select(0, outputs),
-                                     bias_grad.index_select(0, outputs))
+            self.optimizer.step_rows(
+                net.item_bias, rows.index_select(0, outputs), bias_grad.index_select(0, outputs)
+            )
         else:
+            assert net.item_input is not None  # not tied
             in_grad = torch.zeros_like(in_table).index_add_(0, in_inverse, d_x)
             self.optimizer.step_rows(net.item_input, in_rows, in_grad)
             self.optimizer.step_rows(net.item_output, out_rows, out_grad)
             self.optimizer.step_rows(net.item_bias, out_rows, bias_grad)
         return torch.cat(new_states, dim=1), loss.detach()
 
-    def _cross_entropy(self, unique_scores: torch.Tensor, out_rows: torch.Tensor,
-                       out_items: torch.Tensor, out_inverse: torch.Tensor,
-                       n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cross_entropy(
+        self,
+        unique_scores: torch.Tensor,
+        out_rows: torch.Tensor,
+        out_items: torch.Tensor,
+        out_inverse: torch.Tensor,
+        n: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy over the sampled columns, computed once per distinct negative.
 
         A negative drawn ``c`` times adds ``c`` equal terms to each row's softmax
@@ -185,22 +201,32 @@ class TrainingStep:
         d_unique_scores = d_scores[n:].index_add_(0, out_inverse[:n], d_scores[:n])
         return loss, d_unique_scores
 
-    def _any_loss(self, unique_scores: torch.Tensor, out_items: torch.Tensor,
-                  out_inverse: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _any_loss(
+        self,
+        unique_scores: torch.Tensor,
+        out_items: torch.Tensor,
+        out_inverse: torch.Tensor,
+        n: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Any loss of :mod:`model.losses` on the sampled layout, differentiated by autograd."""
         scores_by_item = unique_scores.index_select(0, out_inverse)
         if self.log_q is not None:
             for_targets, for_samples = self.log_q
-            scores_by_item -= torch.cat([for_targets.index_select(0, out_items[:n]),
-                                         for_samples.index_select(0, out_items[n:])]
-                                        ).unsqueeze(1)
+            scores_by_item -= torch.cat(
+                [
+                    for_targets.index_select(0, out_items[:n]),
+                    for_samples.index_select(0, out_items[n:]),
+                ]
+            ).unsqueeze(1)
         with torch.enable_grad():
             scores = scores_by_item.t().contiguous().requires_grad_()
             loss = self.loss_fn(scores)
             loss.backward()
+        assert scores.grad is not None  # a leaf that requires grad, after backward()
         d_scores_by_item = scores.grad.t().contiguous()
-        d_unique_scores = torch.zeros_like(unique_scores).index_add_(0, out_inverse,
-                                                                     d_scores_by_item)
+        d_unique_scores = torch.zeros_like(unique_scores).index_add_(
+            0, out_inverse, d_scores_by_item
+        )
         return loss, d_unique_scores
 
     def _layer_backward(self, i: int, cache: _LayerCache, d_output: torch.Tensor) -> torch.Tensor:

@@ -29,55 +29,80 @@ STALL_S = 60.0  # /healthz fails when the main loop has not reported for this lo
 # What a worker serves: name -> (type, help). Counter names are given without "_total"
 # (the exposition adds it).
 METRICS: dict[str, tuple[str, str]] = {
-    "streamrec_events_consumed": ("counter", "Click-topic messages consumed (valid clicks, "
-                                             "duplicates and rejected events)"),
-    "streamrec_recommendations_published": ("counter", "Recommendation messages published "
-                                                       "and acknowledged by the broker"),
-    "streamrec_events_rejected": ("counter", "Clicks sent to the dead-letter topic, by "
-                                             "reason"),
+    "streamrec_events_consumed": (
+        "counter",
+        "Click-topic messages consumed (valid clicks, duplicates and rejected events)",
+    ),
+    "streamrec_recommendations_published": (
+        "counter",
+        "Recommendation messages published and acknowledged by the broker",
+    ),
+    "streamrec_events_rejected": ("counter", "Clicks sent to the dead-letter topic, by reason"),
     "streamrec_unknown_items": ("counter", "Clicks on items the serving model does not know"),
-    "streamrec_duplicate_events": ("counter", "Redelivered clicks recognised by offset and "
-                                              "not answered again"),
+    "streamrec_duplicate_events": (
+        "counter",
+        "Redelivered clicks recognised by offset and not answered again",
+    ),
     "streamrec_expired_sessions": ("counter", "Sessions deleted after the session timeout"),
     "streamrec_model_swaps": ("counter", "Models swapped in from the registry"),
-    "streamrec_models_rejected": ("counter", "Registry versions that failed verification "
-                                             "and were never served"),
-    "streamrec_online_predictions": ("counter", "Published lists judged by the session's "
-                                                "next click, by the version that published"),
+    "streamrec_models_rejected": (
+        "counter",
+        "Registry versions that failed verification and were never served",
+    ),
+    "streamrec_online_predictions": (
+        "counter",
+        "Published lists judged by the session's next click, by the version that published",
+    ),
     "streamrec_online_hits": ("counter", "Judged lists whose next click was in the top k"),
-    "streamrec_online_reciprocal_rank_sum": ("counter", "Sum of 1/rank of the next click "
-                                                        "(0 beyond rank 20): MRR@20 "
-                                                        "numerator"),
-    "streamrec_online_skipped_unknown": ("counter", "Next clicks not judged: the item is "
-                                                    "unknown to the model that published"),
+    "streamrec_online_reciprocal_rank_sum": (
+        "counter",
+        "Sum of 1/rank of the next click (0 beyond rank 20): MRR@20 numerator",
+    ),
+    "streamrec_online_skipped_unknown": (
+        "counter",
+        "Next clicks not judged: the item is unknown to the model that published",
+    ),
     "streamrec_active_sessions": ("gauge", "Sessions in this worker's table"),
     "streamrec_model_info": ("gauge", "The model version being served (value 1)"),
     "streamrec_model_age_seconds": ("gauge", "Seconds since the served model was created"),
-    "streamrec_consumer_lag_messages": ("gauge", "Click-topic end offset minus the next "
-                                                 "offset to process, per assigned partition"),
-    "streamrec_assigned_partitions": ("gauge", "Click-topic partitions assigned to this "
-                                               "worker"),
+    "streamrec_consumer_lag_messages": (
+        "gauge",
+        "Click-topic end offset minus the next offset to process, per assigned partition",
+    ),
+    "streamrec_assigned_partitions": ("gauge", "Click-topic partitions assigned to this worker"),
     "streamrec_ready": ("gauge", "1 when /readyz answers 200"),
-    "streamrec_event_to_publish_seconds": ("histogram", "Click event time to its "
-                                                        "recommendation's delivery"),
-    "streamrec_ingest_to_publish_seconds": ("histogram", "Click's Kafka record timestamp to "
-                                                         "its recommendation's delivery"),
-    "streamrec_consume_to_publish_seconds": ("histogram", "Click handed to the agent to its "
-                                                          "recommendation's delivery"),
-    "streamrec_batch_scoring_seconds": ("histogram", "Model time (state update and ranking) "
-                                                     "per batch"),
+    "streamrec_event_to_publish_seconds": (
+        "histogram",
+        "Click event time to its recommendation's delivery",
+    ),
+    "streamrec_ingest_to_publish_seconds": (
+        "histogram",
+        "Click's Kafka record timestamp to its recommendation's delivery",
+    ),
+    "streamrec_consume_to_publish_seconds": (
+        "histogram",
+        "Click handed to the agent to its recommendation's delivery",
+    ),
+    "streamrec_batch_scoring_seconds": (
+        "histogram",
+        "Model time (state update and ranking) per batch",
+    ),
     "streamrec_batch_size": ("histogram", "Clicks per scored batch"),
 }
 
 # What ``streamrec trainer`` serves (same conventions).
 TRAINER_METRICS: dict[str, tuple[str, str]] = {
     "streamrec_trainer_buffered_sessions": ("gauge", "Sessions in the trainer's buffer"),
-    "streamrec_trainer_rounds": ("counter", "Trainer rounds, by decision (wait, promoted, "
-                                            "rejected, not_published, failed)"),
+    "streamrec_trainer_rounds": (
+        "counter",
+        "Trainer rounds, by decision (wait, promoted, rejected, not_published, failed)",
+    ),
     "streamrec_trainer_retrain_seconds": ("histogram", "Fine-tuning time per round"),
     "streamrec_trainer_training_loss": ("gauge", "Final training loss of the last round"),
-    "streamrec_trainer_gate_recall": ("gauge", "Recall@20 of the candidate and the current "
-                                               "model on the last round's holdout"),
+    "streamrec_trainer_gate_recall": (
+        "gauge",
+        "Recall@20 of the candidate and the current model on the last round's holdout",
+    ),
 }
 # Faust's own numbers, read from its default monitor at scrape time. (Faust's
 # PrometheusMonitor updates labelled metrics on every message and event instead: measured
@@ -90,6 +115,7 @@ FAUST_METRICS: dict[str, tuple[str, str]] = {
     "faust_commit_latency_seconds": ("gauge", "Median time of Faust's recent offset commits"),
 }
 
+
 def exported_names(families: dict[str, tuple[str, str]] | None = None) -> set[str]:
     """Every sample name (``_total``, ``_bucket``, ...) of ``families`` (default: the
     worker's and the trainer's), besides the standard ``process_*`` ones."""
@@ -98,8 +124,7 @@ def exported_names(families: dict[str, tuple[str, str]] | None = None) -> set[st
         if kind == "counter":
             names.add(name + "_total")
         elif kind == "histogram":
-            names.update(name + suffix
-                         for suffix in ("_bucket", "_sum", "_count", "_created"))
+            names.update(name + suffix for suffix in ("_bucket", "_sum", "_count", "_created"))
         else:
             names.add(name)
     return names
@@ -121,8 +146,9 @@ class _QuietHandler(WSGIRequestHandler):
 Check = Callable[[], tuple[bool, str]]
 
 
-def wsgi_app(registry: CollectorRegistry, liveness_check: Check,
-             readiness_check: Check) -> Callable[..., Iterable[bytes]]:
+def wsgi_app(
+    registry: CollectorRegistry, liveness_check: Check, readiness_check: Check
+) -> Callable[..., Iterable[bytes]]:
     """/metrics from ``registry``, /healthz and /readyz from the checks, 404 otherwise."""
     metrics_app = make_wsgi_app(registry)
     checks = {"/healthz": liveness_check, "/readyz": readiness_check}
@@ -131,8 +157,10 @@ def wsgi_app(registry: CollectorRegistry, liveness_check: Check,
         path = environ.get("PATH_INFO", "/")
         if path in checks:
             ok, why = checks[path]()
-            start_response("200 OK" if ok else "503 Service Unavailable",
-                           [("Content-Type", "text/plain; charset=utf-8")])
+            start_response(
+                "200 OK" if ok else "503 Service Unavailable",
+                [("Content-Type", "text/plain; charset=utf-8")],
+            )
             return [why.encode() + b"\n"]
         if path == "/metrics":
             return metrics_app(environ, start_response)
@@ -145,11 +173,8 @@ def wsgi_app(registry: CollectorRegistry, liveness_check: Check,
 def serve(app: Callable[..., Iterable[bytes]], port: int, addr: str = "0.0.0.0") -> WSGIServer:
     """Serve ``app`` (see :func:`wsgi_app`) in a daemon thread; returns the server."""
     try:
-        server = make_server(addr, port, app, _ThreadingWSGIServer,
-                             handler_class=_QuietHandler)
+        server = make_server(addr, port, app, _ThreadingWSGIServer, handler_class=_QuietHandler)
     except OSError as exc:
-        raise UserError(f"cannot serve metrics on {addr}:{port}: {exc.strerror or exc}") \
-            from None
-    threading.Thread(target=server.serve_forever, name="streamrec-metrics",
-                     daemon=True).start()
+        raise UserError(f"cannot serve metrics on {addr}:{port}: {exc.strerror or exc}") from None
+    threading.Thread(target=server.serve_forever, name="streamrec-metrics", daemon=True).start()
     return server

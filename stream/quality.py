@@ -43,9 +43,12 @@ class OnlineQuality:
         return self.reciprocal_rank_sum / self.n_predictions if self.n_predictions else 0.0
 
     def to_dict(self) -> dict[str, float | int]:
-        return {f"recall@{self.k}": self.recall, f"mrr@{self.k}": self.mrr,
-                "n_predictions": self.n_predictions,
-                "n_skipped_unknown": self.n_skipped_unknown}
+        return {
+            f"recall@{self.k}": self.recall,
+            f"mrr@{self.k}": self.mrr,
+            "n_predictions": self.n_predictions,
+            "n_skipped_unknown": self.n_skipped_unknown,
+        }
 
 
 def rank_of(recommendations: list[Mapping[str, Any]], item_id: str) -> int | None:
@@ -68,21 +71,30 @@ class PrequentialQuality:
     first) with the version and the item map of the model that produced it.
     """
 
-    def __init__(self, ks: Sequence[int] = ONLINE_KS, mrr_cutoff: int = MRR_CUTOFF,
-                 max_sessions: int = MAX_TRACKED_SESSIONS) -> None:
+    def __init__(
+        self,
+        ks: Sequence[int] = ONLINE_KS,
+        mrr_cutoff: int = MRR_CUTOFF,
+        max_sessions: int = MAX_TRACKED_SESSIONS,
+    ) -> None:
         self.ks = tuple(ks)
         self.mrr_cutoff = mrr_cutoff
         self.max_sessions = max_sessions
         self._depth = max(*self.ks, mrr_cutoff)
-        self._previous: OrderedDict[str, tuple[Sequence[str], str, Container[str]]] = \
-            OrderedDict()
+        self._previous: OrderedDict[str, tuple[Sequence[str], str, Container[str]]] = OrderedDict()
         self.predictions: dict[str, int] = defaultdict(int)
         self.skipped_unknown: dict[str, int] = defaultdict(int)
         self.hits: dict[tuple[str, int], int] = defaultdict(int)
         self.reciprocal_rank_sum: dict[str, float] = defaultdict(float)
 
-    def observe(self, session_id: str, item_id: str, published: Sequence[str], version: str,
-                known_items: Container[str]) -> None:
+    def observe(
+        self,
+        session_id: str,
+        item_id: str,
+        published: Sequence[str],
+        version: str,
+        known_items: Container[str],
+    ) -> None:
         """A click of ``session_id`` on ``item_id`` was answered with ``published``; clicks
         of a session must come in click order."""
         previous = self._previous.pop(session_id, None)
@@ -92,13 +104,14 @@ class PrequentialQuality:
         if len(self._previous) > self.max_sessions:
             self._previous.popitem(last=False)
 
-    def _judge(self, items: Sequence[str], version: str, known: Container[str],
-               target: str) -> None:
+    def _judge(
+        self, items: Sequence[str], version: str, known: Container[str], target: str
+    ) -> None:
         if target not in known:
             self.skipped_unknown[version] += 1
             return
         self.predictions[version] += 1
-        rank = rank_in(items[:self._depth], target)
+        rank = rank_in(items[: self._depth], target)
         if rank is None:
             return
         for k in self.ks:
@@ -118,8 +131,9 @@ class PrequentialQuality:
         return len(self._previous)
 
 
-def online_quality(messages: Iterable[Mapping[str, Any]], k: int,
-                   known_items: Container[str]) -> OnlineQuality:
+def online_quality(
+    messages: Iterable[Mapping[str, Any]], k: int, known_items: Container[str]
+) -> OnlineQuality:
     """Quality of the published lists (decoded output messages) at cutoff ``k``.
 
     Messages are de-duplicated by their ``source`` (partition, offset), which at-least-once
@@ -132,8 +146,17 @@ def online_quality(messages: Iterable[Mapping[str, Any]], k: int,
     for session_id, answers in by_session.items():
         for source in sorted(answers):
             answer = answers[source]
-            judged.observe(session_id, answer["item_id"],
-                           [entry["item_id"] for entry in answer["recommendations"]],
-                           "", known_items)
-    return OnlineQuality(k, judged.predictions[""], judged.skipped_unknown[""],
-                         judged.hits[("", k)], judged.reciprocal_rank_sum[""])
+            judged.observe(
+                session_id,
+                answer["item_id"],
+                [entry["item_id"] for entry in answer["recommendations"]],
+                "",
+                known_items,
+            )
+    return OnlineQuality(
+        k,
+        judged.predictions[""],
+        judged.skipped_unknown[""],
+        judged.hits[("", k)],
+        judged.reciprocal_rank_sum[""],
+    )

@@ -25,9 +25,10 @@ Why it is built this way:
   of a killed writer (staging directories, pointer temp files) found under the lock are
   known to be dead and are swept.
 
-Workers find the current model by reading ``CURRENT`` (see :mod:`stream.serving.hot_swap`); the
-optional :class:`stream.kafka.announcer.KafkaAnnouncer` also tells the ``model-updates`` topic, for anything else
-that wants to react to a new version without polling.
+Workers find the current model by reading ``CURRENT`` (see
+:mod:`stream.serving.hot_swap`); an optional announcer
+(:class:`stream.kafka.announcer.KafkaAnnouncer`) also tells the ``model-updates`` topic,
+for anything else that wants to react to a new version without polling.
 """
 
 from __future__ import annotations
@@ -75,15 +76,25 @@ class VersionInfo:
     metrics: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": self.version, "path": str(self.path), "created": self.created,
-                "current": self.current, "metrics": self.metrics}
+        return {
+            "version": self.version,
+            "path": str(self.path),
+            "created": self.created,
+            "current": self.current,
+            "metrics": self.metrics,
+        }
 
 
 class ModelRegistry:
     """A registry directory (see the module docstring); ``keep`` versions are retained."""
 
-    def __init__(self, root: str | os.PathLike[str], *, keep: int = DEFAULT_KEEP,
-                 announcer: Announcer | None = None) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        keep: int = DEFAULT_KEEP,
+        announcer: Announcer | None = None,
+    ) -> None:
         if keep < 1:
             raise UserError(f"a registry must keep at least 1 version, got {keep}")
         self.root = Path(root)
@@ -116,25 +127,30 @@ class ModelRegistry:
             raise UserError(f"{self.root / POINTER}: {text[:80]!r} is not a version id")
         return text
 
-    def current(self, device: str | None = "cpu", *,
-                optimizer_state: bool = False) -> Recommender:
+    def current(self, device: str | None = "cpu", *, optimizer_state: bool = False) -> Recommender:
         """Load and verify the current version (with its optimizer state, if asked and
         saved: the trainer resumes from it, workers never need it)."""
         version = self.current_version()
         if version is None:
-            raise UserError(f"{self.root}: empty registry (no {POINTER}); add a model with "
-                            f"`streamrec model publish --registry {self.root} --model DIR`")
+            raise UserError(
+                f"{self.root}: empty registry (no {POINTER}); add a model with "
+                f"`streamrec model publish --registry {self.root} --model DIR`"
+            )
         return self.load(version, device, optimizer_state=optimizer_state)
 
-    def load(self, version: str, device: str | None = "cpu", *,
-             optimizer_state: bool = False) -> Recommender:
+    def load(
+        self, version: str, device: str | None = "cpu", *, optimizer_state: bool = False
+    ) -> Recommender:
         """Load and verify ``version``; its artifact must carry that same version id (a
         directory copied or renamed into ``versions/`` by hand is refused)."""
-        recommender = load_model(self.path_of(version), device=device,
-                                 optimizer_state=optimizer_state)
+        recommender = load_model(
+            self.path_of(version), device=device, optimizer_state=optimizer_state
+        )
         if recommender.version != version:
-            raise UserError(f"{self.path_of(version)}: artifact says version "
-                            f"{recommender.version!r}, not {version!r}")
+            raise UserError(
+                f"{self.path_of(version)}: artifact says version "
+                f"{recommender.version!r}, not {version!r}"
+            )
         return recommender
 
     def list_versions(self) -> list[VersionInfo]:
@@ -143,13 +159,26 @@ class ModelRegistry:
         listed = []
         for sequence, name, path in self._versions():
             metadata = _peek_metadata(path)
-            listed.append(VersionInfo(version=name, path=path, sequence=sequence,
-                                      created=metadata.get("created"), current=name == current,
-                                      metrics=metadata.get("metrics", {})))
+            listed.append(
+                VersionInfo(
+                    version=name,
+                    path=path,
+                    sequence=sequence,
+                    created=metadata.get("created"),
+                    current=name == current,
+                    metrics=metadata.get("metrics", {}),
+                )
+            )
         return listed
 
-    def publish(self, recommender: Recommender, *, training: dict[str, Any] | None = None,
-                metrics: dict[str, Any] | None = None, if_current: str | None = None) -> str:
+    def publish(
+        self,
+        recommender: Recommender,
+        *,
+        training: dict[str, Any] | None = None,
+        metrics: dict[str, Any] | None = None,
+        if_current: str | None = None,
+    ) -> str:
         """Save ``recommender`` as a new version, verify it, make it current; return its id.
 
         ``if_current``: publish only if the current version is still this one (a trainer
@@ -158,13 +187,20 @@ class ModelRegistry:
         """
         with self._locked(create=True):
             if if_current is not None and self.current_version() != if_current:
-                raise UserError(f"{self.root}: current version changed from {if_current} to "
-                                f"{self.current_version()} meanwhile; not publishing")
+                raise UserError(
+                    f"{self.root}: current version changed from {if_current} to "
+                    f"{self.current_version()} meanwhile; not publishing"
+                )
             versions = self._versions()
             sequence = versions[-1][0] + 1 if versions else 1
             version = f"{sequence:06d}-{new_version_id()}"
-            path = save_model(recommender, self.path_of(version), training=training,
-                              metrics=metrics, version=version)
+            path = save_model(
+                recommender,
+                self.path_of(version),
+                training=training,
+                metrics=metrics,
+                version=version,
+            )
             try:
                 self.load(version, optimizer_state=True)
             except UserError:
@@ -179,10 +215,14 @@ class ModelRegistry:
         """Import an offline-trained model directory (verified) as a new version, with
         its optimizer state if it has one."""
         recommender = load_model(model_dir, device="cpu", optimizer_state=True)
-        training = {**recommender.metadata.get("training", {}),
-                    "imported_from": str(model_dir), "imported_version": recommender.version}
-        return self.publish(recommender, training=training,
-                            metrics=recommender.metadata.get("metrics", {}))
+        training = {
+            **recommender.metadata.get("training", {}),
+            "imported_from": str(model_dir),
+            "imported_version": recommender.version,
+        }
+        return self.publish(
+            recommender, training=training, metrics=recommender.metadata.get("metrics", {})
+        )
 
     def rollback(self) -> str:
         """Point ``CURRENT`` at the retained version published before the current one;
@@ -194,13 +234,17 @@ class ModelRegistry:
                 raise UserError(f"{self.root}: empty registry; nothing to roll back")
             match = _VERSION.fullmatch(current)
             if match is None:
-                raise UserError(f"{self.root}: current version {current!r} was not "
-                                f"published by this registry; cannot tell what precedes it")
-            earlier = [name for sequence, name, _ in self._versions()
-                       if sequence < int(match.group(1))]
+                raise UserError(
+                    f"{self.root}: current version {current!r} was not "
+                    f"published by this registry; cannot tell what precedes it"
+                )
+            earlier = [
+                name for sequence, name, _ in self._versions() if sequence < int(match.group(1))
+            ]
             if not earlier:
-                raise UserError(f"{self.root}: no retained version before {current}; "
-                                f"nothing to roll back to")
+                raise UserError(
+                    f"{self.root}: no retained version before {current}; nothing to roll back to"
+                )
             target = earlier[-1]
             self.load(target)
             self._point_to(target)
@@ -226,7 +270,7 @@ class ModelRegistry:
     def _prune(self) -> list[str]:
         current = self.current_version()
         versions = self._versions()
-        doomed = [(name, path) for _, name, path in versions[:-self.keep] if name != current]
+        doomed = [(name, path) for _, name, path in versions[: -self.keep] if name != current]
         for _, path in doomed:
             self._delete(path)
         return [name for name, _ in doomed]
@@ -270,8 +314,7 @@ class ModelRegistry:
         """Remove what killed writers left: with the lock held, no live writer owns any
         staging directory or pointer temp file."""
         for path in self.versions_dir.iterdir():
-            if path.name.startswith(".") and (".tmp-" in path.name
-                                              or ".deleting-" in path.name):
+            if path.name.startswith(".") and (".tmp-" in path.name or ".deleting-" in path.name):
                 shutil.rmtree(path, ignore_errors=True)
         for path in self.root.glob(f"{POINTER}.tmp-*"):
             path.unlink(missing_ok=True)

@@ -29,12 +29,15 @@ from model.errors import UserError
 Check = Callable[[Any], "str | None"]
 
 
-def setting(default: Any, help: str, *checks: Check, flag: str | None = None,
-            switch_off: str | None = None) -> Any:
+def setting(
+    default: Any, help: str, *checks: Check, flag: str | None = None, switch_off: str | None = None
+) -> Any:
     """A settings field. ``switch_off`` makes a boolean a flag without value that turns
     it off (``--no-new-item-rounds``) instead of ``--name BOOL``."""
-    return field(default=default, metadata={"help": help, "checks": checks, "flag": flag,
-                                            "switch_off": switch_off})
+    return field(
+        default=default,
+        metadata={"help": help, "checks": checks, "flag": flag, "switch_off": switch_off},
+    )
 
 
 def positive(value: float) -> str | None:
@@ -46,13 +49,15 @@ def at_least(low: float) -> Check:
 
 
 def within(low: float, high: float, why: str = "") -> Check:
-    return lambda value: None if low <= value <= high else \
-        f"must be within [{low:g}, {high:g}]{why}"
+    return lambda value: (
+        None if low <= value <= high else f"must be within [{low:g}, {high:g}]{why}"
+    )
 
 
 def one_of(*choices: str) -> Check:
-    return lambda value: None if value in choices else \
-        f"must be {', '.join(choices[:-1])} or {choices[-1]}"
+    return lambda value: (
+        None if value in choices else f"must be {', '.join(choices[:-1])} or {choices[-1]}"
+    )
 
 
 def non_empty(value: str | None) -> str | None:
@@ -73,8 +78,12 @@ def boolean(raw: str) -> bool:
     raise ValueError(raw)
 
 
-_PARSERS: dict[str, Callable[[str], Any]] = {"str": str, "int": int, "float": float,
-                                             "bool": boolean}
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "str": str,
+    "int": int,
+    "float": float,
+    "bool": boolean,
+}
 
 
 def _parser(annotation: object) -> Callable[[str], Any]:
@@ -111,17 +120,20 @@ class Settings:
     @classmethod
     def invalid(cls, name: str, problem: str) -> UserError:
         """The one-line error for setting ``name``: ``--flag problem (setting name)``."""
-        return UserError(f"{cls.flag(name)} {problem} (setting {name}, env "
-                         f"{cls.env_name(name)})")
+        return UserError(f"{cls.flag(name)} {problem} (setting {name}, env {cls.env_name(name)})")
 
     def replace(self, **changes: Any) -> Self:
         """A copy with ``changes``, validated again."""
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def add_arguments(cls, parser: argparse._ActionsContainer,
-                      only: tuple[str, ...] | None = None,
-                      defaults: Mapping[str, Any] | None = None, env: bool = True) -> None:
+    def add_arguments(
+        cls,
+        parser: argparse._ActionsContainer,
+        only: tuple[str, ...] | None = None,
+        defaults: Mapping[str, Any] | None = None,
+        env: bool = True,
+    ) -> None:
         """One flag per setting (or per setting in ``only``). The flags default to None
         and :meth:`from_args` fills in the environment and the defaults, so that a flag
         equal to the default still wins; ``defaults`` replaces the defaults shown in the
@@ -134,15 +146,27 @@ class Settings:
             notes = [f"env {cls.env_name(f.name)}"] if env else []
             if shown[f.name] is not None:
                 notes.append(f"default {shown[f.name]!r}")
-            help_text = f"{f.metadata['help']} ({'; '.join(notes)})" if notes else \
-                f.metadata["help"]
+            help_text = (
+                f"{f.metadata['help']} ({'; '.join(notes)})" if notes else f.metadata["help"]
+            )
             switch_off = f.metadata.get("switch_off")
             if switch_off:
-                parser.add_argument(switch_off, dest=f.name, action="store_const",
-                                    const=False, default=None, help=help_text)
+                parser.add_argument(
+                    switch_off,
+                    dest=f.name,
+                    action="store_const",
+                    const=False,
+                    default=None,
+                    help=help_text,
+                )
             else:
-                parser.add_argument(cls.flag(f.name), dest=f.name, type=_parser(f.type),
-                                    default=None, help=help_text)
+                parser.add_argument(
+                    cls.flag(f.name),
+                    dest=f.name,
+                    type=_parser(f.type),
+                    default=None,
+                    help=help_text,
+                )
 
     @classmethod
     def command_line(cls, **values: Any) -> list[str]:
@@ -157,8 +181,9 @@ class Settings:
         return argv
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None,
-                  **overrides: Any) -> Self:
+    def from_args(
+        cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None, **overrides: Any
+    ) -> Self:
         """Settings from parsed flags, then ``environ`` (default ``os.environ``), then
         the defaults; ``overrides`` win over all three."""
         environ = os.environ if environ is None else environ
@@ -173,8 +198,10 @@ class Settings:
                 try:
                     values[f.name] = _parser(f.type)(raw)
                 except ValueError:
-                    raise UserError(f"environment {cls.env_name(f.name)}={raw!r} is not a "
-                                    f"valid {f.type} (setting {f.name})") from None
+                    raise UserError(
+                        f"environment {cls.env_name(f.name)}={raw!r} is not a "
+                        f"valid {f.type} (setting {f.name})"
+                    ) from None
         return cls(**{**values, **overrides})
 
     @classmethod

@@ -59,8 +59,9 @@ def small_model(tmp_path_factory: pytest.TempPathFactory):
     from model.train import train
 
     log = generate(SynthSpec(sessions=2000, items=200, seed=3))
-    recommender, _ = train(log, GRU4RecConfig(layers=(16,), n_sample=64, n_epochs=1),
-                           seed=0, progress=False)
+    recommender, _ = train(
+        log, GRU4RecConfig(layers=(16,), n_sample=64, n_epochs=1), seed=0, progress=False
+    )
     path = tmp_path_factory.mktemp("models") / "small"
     save_model(recommender, path)
     return path

@@ -22,13 +22,23 @@ from confluent_kafka import Consumer, TopicPartition
 
 from model.data import ClickLog
 from model.inference import Recommender
-from stream.kafka.wire import Click, encode_click
-from stream.kafka.config import producer_config
 from stream.devtools.processes import REPO, StreamNames, WorkerProcess
+from stream.kafka.config import producer_config
+from stream.kafka.wire import Click, encode_click
 
 DATA = REPO.parent / "shared" / "data" / "rsc15-100k"
-__all__ = ["DATA", "REPO", "StreamNames", "WorkerProcess", "click_by_click",
-           "clicks_in_time_order", "free_port", "http_get", "produce_clicks", "read_topic"]
+__all__ = [
+    "DATA",
+    "REPO",
+    "StreamNames",
+    "WorkerProcess",
+    "click_by_click",
+    "clicks_in_time_order",
+    "free_port",
+    "http_get",
+    "produce_clicks",
+    "read_topic",
+]
 
 
 def free_port() -> int:
@@ -48,8 +58,9 @@ def http_get(url: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-def click_by_click(recommender: Recommender, items: list[str], top_n: int = 20
-                   ) -> tuple[np.ndarray, list[list[tuple[str, float]]]]:
+def click_by_click(
+    recommender: Recommender, items: list[str], top_n: int = 20
+) -> tuple[np.ndarray, list[list[tuple[str, float]]]]:
     """A session applied one click at a time from an empty state, in-process: its final
     hidden state and the top-N ``(item, score)`` list after each click. The uninterrupted
     run that streamed (batched, crashed, swapped) answers must equal."""
@@ -61,8 +72,12 @@ def click_by_click(recommender: Recommender, items: list[str], top_n: int = 20
         state = recommender.step(state, index)
         started |= index >= 0
         top, scores = recommender.top_k(state, started, top_n)
-        lists.append([(recommender.item_map.ids[i], float(s))
-                      for i, s in zip(top[0].tolist(), scores[0].tolist())])
+        lists.append(
+            [
+                (recommender.item_map.ids[i], float(s))
+                for i, s in zip(top[0].tolist(), scores[0].tolist())
+            ]
+        )
     return state[0].cpu().numpy(), lists
 
 
@@ -80,15 +95,32 @@ def produce_clicks(bootstrap: str, topic: str, clicks: list[Click]) -> None:
 
 def clicks_in_time_order(log: ClickLog) -> list[Click]:
     order = sorted(range(len(log)), key=lambda k: log.times[k])
-    return [Click(str(log.session_ids[log.sessions[k]]), str(log.item_ids[log.items[k]]),
-                  float(log.times[k])) for k in order]
+    return [
+        Click(
+            str(log.session_ids[log.sessions[k]]),
+            str(log.item_ids[log.items[k]]),
+            float(log.times[k]),
+        )
+        for k in order
+    ]
 
 
-def read_topic(bootstrap: str, topic: str, until: Callable[[list[Any]], bool],
-               timeout: float = 60.0, decode: bool = True) -> list[Any]:
+def read_topic(
+    bootstrap: str,
+    topic: str,
+    until: Callable[[list[Any]], bool],
+    timeout: float = 60.0,
+    decode: bool = True,
+) -> list[Any]:
     """Read a topic from the beginning until ``until(messages)`` holds or time runs out."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4()}",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"reader-{uuid.uuid4()}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
     metadata = consumer.list_topics(topic, timeout=10)
     partitions = metadata.topics[topic].partitions
     consumer.assign([TopicPartition(topic, p, 0) for p in partitions])

@@ -29,13 +29,13 @@ FILES = ("weights.safetensors", "items.json", "config.json", "metadata.json")
 CONFIGS = {
     "tied": GRU4RecConfig(layers=(8,), n_epochs=1),
     "one-hot": GRU4RecConfig(layers=(8, 4), constrained_embedding=False, n_epochs=1),
-    "embedding": GRU4RecConfig(layers=(8,), constrained_embedding=False, embedding=5,
-                               n_epochs=1),
+    "embedding": GRU4RecConfig(layers=(8,), constrained_embedding=False, embedding=5, n_epochs=1),
 }
 
 
-def make_recommender(config: GRU4RecConfig = CONFIGS["tied"], n_items: int = 6,
-                     seed: int = 0) -> Recommender:
+def make_recommender(
+    config: GRU4RecConfig = CONFIGS["tied"], n_items: int = 6, seed: int = 0
+) -> Recommender:
     generator = torch.Generator().manual_seed(seed)
     network = GRU4RecNetwork(config, n_items, generator=generator)
     with torch.no_grad():  # biases start at zero: make them worth round-tripping
@@ -83,6 +83,7 @@ def saved(tmp_path: Path) -> Path:
 
 # --- round trip -----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_round_trip_gives_the_same_model(tmp_path: Path, name: str) -> None:
     original = make_recommender(CONFIGS[name])
@@ -103,18 +104,22 @@ def test_round_trip_gives_the_same_model(tmp_path: Path, name: str) -> None:
 
 def test_version_and_metadata(tmp_path: Path) -> None:
     recommender = make_recommender()
-    target = save_model(recommender, tmp_path / "model", version="v-keep-me",
-                        training={"epochs": 3, "final_loss": 1.25},
-                        metrics={"recall@20": 0.5})
+    target = save_model(
+        recommender,
+        tmp_path / "model",
+        version="v-keep-me",
+        training={"epochs": 3, "final_loss": 1.25},
+        metrics={"recall@20": 0.5},
+    )
     metadata = json.loads((target / "metadata.json").read_text())
     assert metadata["format"] == FORMAT == 3
     assert metadata["version"] == "v-keep-me"
     assert metadata["n_items"] == 6 and metadata["state_size"] == 8
     assert metadata["training"] == {"epochs": 3, "final_loss": 1.25}
     assert metadata["metrics"] == {"recall@20": 0.5}
-    assert metadata["files"] == {name: sha256(target / name)
-                                 for name in ("weights.safetensors", "items.json",
-                                              "config.json")}
+    assert metadata["files"] == {
+        name: sha256(target / name) for name in ("weights.safetensors", "items.json", "config.json")
+    }
     loaded = load_model(target, device="cpu")
     assert loaded.version == "v-keep-me"
     assert loaded.metadata["files"] == metadata["files"]
@@ -146,6 +151,7 @@ def test_failed_save_leaves_nothing_behind(tmp_path: Path) -> None:
 
 
 # --- refusals -------------------------------------------------------------------------------
+
 
 def test_refuses_an_existing_target(saved: Path) -> None:
     before = {name: sha256(saved / name) for name in FILES}
@@ -190,13 +196,17 @@ def test_refuses_edited_items(saved: Path) -> None:
     refused(saved, "items.json", "checksum")
 
 
-@pytest.mark.parametrize(("ids", "word"), [
-    (["item-00", "item-00", "item-02", "item-03", "item-04", "item-05"], "items.json"),
-    (["item-00", "item-01", "item-02", "item-03", "item-04"], "weights"),
-    ({"item-00": 0}, "items.json"),
-])
-def test_refuses_inconsistent_items_with_a_matching_checksum(saved: Path, ids: object,
-                                                             word: str) -> None:
+@pytest.mark.parametrize(
+    ("ids", "word"),
+    [
+        (["item-00", "item-00", "item-02", "item-03", "item-04", "item-05"], "items.json"),
+        (["item-00", "item-01", "item-02", "item-03", "item-04"], "weights"),
+        ({"item-00": 0}, "items.json"),
+    ],
+)
+def test_refuses_inconsistent_items_with_a_matching_checksum(
+    saved: Path, ids: object, word: str
+) -> None:
     (saved / "items.json").write_text(json.dumps(ids))
     refresh_checksum(saved, "items.json")
     refused(saved, word)
@@ -249,6 +259,7 @@ def test_refuses_a_path_that_is_not_a_directory(tmp_path: Path, saved: Path) -> 
 
 # --- optimizer state -------------------------------------------------------------------------
 
+
 def with_optimizer_state(recommender: Recommender, seed: int = 0) -> Recommender:
     """Give ``recommender`` an optimizer state: non-negative accumulators, any velocity."""
     generator = torch.Generator().manual_seed(seed)
@@ -264,8 +275,9 @@ def with_optimizer_state(recommender: Recommender, seed: int = 0) -> Recommender
 
 @pytest.fixture
 def saved_with_state(tmp_path: Path) -> Path:
-    return save_model(with_optimizer_state(make_recommender()), tmp_path / "models" / "s1",
-                      version="v-test-state")
+    return save_model(
+        with_optimizer_state(make_recommender()), tmp_path / "models" / "s1", version="v-test-state"
+    )
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -312,8 +324,9 @@ def test_refuses_a_missing_optimizer_state_the_metadata_lists(saved_with_state: 
     refused(saved_with_state, "missing", OPTIMIZER)
 
 
-def test_refuses_an_optimizer_state_the_metadata_does_not_list(saved: Path,
-                                                               saved_with_state: Path) -> None:
+def test_refuses_an_optimizer_state_the_metadata_does_not_list(
+    saved: Path, saved_with_state: Path
+) -> None:
     shutil.copy(saved_with_state / OPTIMIZER, saved / OPTIMIZER)
     refused(saved, OPTIMIZER, "not covered")
 
@@ -326,17 +339,19 @@ def optimizer_refused(model_dir: Path, *words: str) -> None:
 
 
 def rewrite_state(model_dir: Path, change: Any) -> None:
-    from safetensors.torch import load_file as read, save_file as write
+    from safetensors.torch import load_file as read
+    from safetensors.torch import save_file as write
+
     state = read(str(model_dir / OPTIMIZER))
     change(state)
     write(state, str(model_dir / OPTIMIZER))
     refresh_checksum(model_dir, OPTIMIZER)
 
 
-def test_refuses_an_optimizer_state_that_does_not_match_the_weights(
-        saved_with_state: Path) -> None:
-    rewrite_state(saved_with_state,
-                  lambda state: state.update(item_output=state["item_output"][:4]))
+def test_refuses_an_optimizer_state_that_does_not_match_the_weights(saved_with_state: Path) -> None:
+    rewrite_state(
+        saved_with_state, lambda state: state.update(item_output=state["item_output"][:4])
+    )
     optimizer_refused(saved_with_state, "does not match")
 
 
@@ -349,6 +364,7 @@ def test_refuses_an_optimizer_state_with_a_parameter_missing(saved_with_state: P
 def test_refuses_invalid_accumulators(saved_with_state: Path, value: float) -> None:
     def spoil(state: dict[str, torch.Tensor]) -> None:
         state["item_output"][2, 0] = value  # an accumulator (first half of the row)
+
     rewrite_state(saved_with_state, spoil)
     optimizer_refused(saved_with_state, "invalid", "item_output")
 
@@ -380,8 +396,12 @@ CRASHING_SAVE = textwrap.dedent("""
 
 def test_a_save_killed_midway_leaves_only_an_unloadable_staging_dir(tmp_path: Path) -> None:
     target = tmp_path / "models" / "m1"
-    done = subprocess.run([sys.executable, "-c", CRASHING_SAVE, str(REPO), str(target)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", CRASHING_SAVE, str(REPO), str(target)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == -9, done.stderr
     assert not target.exists()
     staging = list((tmp_path / "models").iterdir())

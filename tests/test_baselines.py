@@ -19,12 +19,14 @@ def log_of(sessions: dict[str, list[str]]) -> ClickLog:
 
 
 # training counts: A 4, C 3, B 2, D 1
-TRAIN = log_of({
-    "t1": ["A", "B", "A", "C"],
-    "t2": ["A", "B", "C"],
-    "t3": ["C", "D"],
-    "t4": ["A"],
-})
+TRAIN = log_of(
+    {
+        "t1": ["A", "B", "A", "C"],
+        "t2": ["A", "B", "C"],
+        "t3": ["C", "D"],
+        "t4": ["A"],
+    }
+)
 
 
 def ranking(scorer, states, row: int = 0) -> list[str]:  # noqa: ANN001
@@ -99,11 +101,13 @@ def test_spop_sessions_do_not_share_counts() -> None:
 
 # sessions containing each item: A 2, B 3, C 1, D 1 (A twice in k1 counts once);
 # co-occurrence: A-B 2, A-C 1, B-C 1, B-D 1, A-D 0, C-D 0
-KNN_TRAIN = log_of({
-    "k1": ["A", "B", "A", "C"],
-    "k2": ["A", "B"],
-    "k3": ["B", "D"],
-})
+KNN_TRAIN = log_of(
+    {
+        "k1": ["A", "B", "A", "C"],
+        "k2": ["A", "B"],
+        "k3": ["B", "D"],
+    }
+)
 N = {"A": 2, "B": 3, "C": 1, "D": 1}
 CO = {frozenset("AB"): 2, frozenset("AC"): 1, frozenset("BC"): 1, frozenset("BD"): 1}
 
@@ -123,7 +127,8 @@ def test_itemknn_similarity_matches_the_formula() -> None:
         scores = knn.score(states, np.array([0]))[0]
         for other in "ABCD":
             assert scores[knn.item_map.index_of(other)].item() == pytest.approx(
-                hand_similarity(last, other), rel=1e-6, abs=1e-9), (last, other)
+                hand_similarity(last, other), rel=1e-6, abs=1e-9
+            ), (last, other)
 
 
 def test_itemknn_uses_the_last_known_item() -> None:
@@ -135,7 +140,8 @@ def test_itemknn_uses_the_last_known_item() -> None:
     for row, last in ((0, "D"), (1, "C")):
         for other in "ABCD":
             assert scores[row, knn.item_map.index_of(other)].item() == pytest.approx(
-                hand_similarity(last, other), rel=1e-6, abs=1e-9)
+                hand_similarity(last, other), rel=1e-6, abs=1e-9
+            )
     # no known item yet: nothing to say, all zero
     assert torch.count_nonzero(knn.score(knn.start(1), np.array([0]))) == 0
 
@@ -147,7 +153,8 @@ def test_itemknn_keeps_only_the_strongest_neighbours() -> None:
     # B's neighbours: A 2/sqrt(23*22) > C = D 1/sqrt(23*21): only A survives
     assert torch.count_nonzero(scores) == 1
     assert scores[knn.item_map.index_of("A")].item() == pytest.approx(
-        hand_similarity("B", "A"), rel=1e-6)
+        hand_similarity("B", "A"), rel=1e-6
+    )
 
 
 def test_make_baseline() -> None:

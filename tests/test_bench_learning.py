@@ -20,8 +20,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def drift_args(**changes: object) -> argparse.Namespace:
-    values: dict[str, object] = dict(items=50, train_sessions=300, a_sessions=200,
-                                     b_sessions=900, rate=400.0, speed=120.0, seed=0)
+    values: dict[str, object] = dict(
+        items=50,
+        train_sessions=300,
+        a_sessions=200,
+        b_sessions=900,
+        rate=400.0,
+        speed=120.0,
+        seed=0,
+    )
     return argparse.Namespace(**{**values, **changes})
 
 
@@ -42,12 +49,15 @@ def test_phase_b_is_sent_at_the_rate_throughout_not_in_a_burst() -> None:
 
 
 def test_retimed_sessions_keep_their_gaps_and_stay_inside_the_window() -> None:
-    log = ClickLog.from_arrays(["a", "a", "a", "b", "b"], ["1", "2", "3", "4", "5"],
-                               [0.0, 10.0, 500.0, 5.0, 6.0])
+    log = ClickLog.from_arrays(
+        ["a", "a", "a", "b", "b"], ["1", "2", "3", "4", "5"], [0.0, 10.0, 500.0, 5.0, 6.0]
+    )
     moved = _retimed(log, 1000.0, 100.0, np.random.default_rng(0))
     offsets = moved.session_offsets()
-    by_session = {moved.session_ids[moved.sessions[offsets[k]]]:
-                  moved.times[offsets[k]:offsets[k + 1]] for k in range(len(offsets) - 1)}
+    by_session = {
+        moved.session_ids[moved.sessions[offsets[k]]]: moved.times[offsets[k] : offsets[k + 1]]
+        for k in range(len(offsets) - 1)
+    }
     assert (moved.times >= 1000.0).all() and (moved.times < 1100.0).all()
     assert np.diff(by_session["b"]).tolist() == pytest.approx([1.0])
     assert len(by_session["a"]) == 2  # its click 490 s after the first is past the window
@@ -57,21 +67,62 @@ def test_retimed_sessions_keep_their_gaps_and_stay_inside_the_window() -> None:
 @pytest.mark.kafka
 def test_tiny_drift_bench_runs_end_to_end(kafka_bootstrap: str, tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "stream.cli.main", "bench", "drift", "--broker",
-         f"kafka://{kafka_bootstrap}", "--items", "50", "--train-sessions", "300",
-         "--a-sessions", "200", "--b-sessions", "900", "--rate", "400",
-         "--initial-epochs", "1", "--epochs", "1", "--interval", "2",
-         "--min-sessions", "60", "--holdout-sessions", "30", "--replay-sample", "300",
-         "--work-dir", str(tmp_path / "work")],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "stream.cli.main",
+            "bench",
+            "drift",
+            "--broker",
+            f"kafka://{kafka_bootstrap}",
+            "--items",
+            "50",
+            "--train-sessions",
+            "300",
+            "--a-sessions",
+            "200",
+            "--b-sessions",
+            "900",
+            "--rate",
+            "400",
+            "--initial-epochs",
+            "1",
+            "--epochs",
+            "1",
+            "--interval",
+            "2",
+            "--min-sessions",
+            "60",
+            "--holdout-sessions",
+            "30",
+            "--replay-sample",
+            "300",
+            "--work-dir",
+            str(tmp_path / "work"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
-    for key in ("recall@20_with_retraining", "recall@20_without_retraining",
-                "new_items_first_recommended_after_s", "retrain_seconds", "max_swap_gap_ms",
-                "retrain_interval_s", "new_items_timeline", "swap_windows"):
+    for key in (
+        "recall@20_with_retraining",
+        "recall@20_without_retraining",
+        "new_items_first_recommended_after_s",
+        "retrain_seconds",
+        "max_swap_gap_ms",
+        "retrain_interval_s",
+        "new_items_timeline",
+        "swap_windows",
+    ):
         assert key in figures
-    assert figures["answered"] == figures["answered_without"] \
+    assert (
+        figures["answered"]
+        == figures["answered_without"]
         == figures["a_prime_events"] + figures["phase_b_events"]
+    )
     assert 0.0 <= figures["recall@20_without_retraining"] <= 1.0
     assert figures["retrain_interval_s"] == 2.0
     assert figures["phase_b_sent_events_per_s"] == pytest.approx(400, rel=0.2)
@@ -84,11 +135,15 @@ def test_tiny_drift_bench_runs_end_to_end(kafka_bootstrap: str, tmp_path: Path) 
         # serves that version, and an answer recommends a new item: in that order
         assert timeline["first_recommended_after_s"] == after > 0
         # (published_at is taken after the announcement, which a worker may not wait for)
-        assert timeline["round_started_after_s"] < timeline["published_after_s"] \
+        assert (
+            timeline["round_started_after_s"]
+            < timeline["published_after_s"]
             <= timeline["first_served_after_s"] + 0.5
+        )
         assert timeline["first_served_after_s"] <= after + 0.01
         assert timeline["round_seconds"] > 0
         assert figures["new_items_worst_phase_after_s"] == pytest.approx(
-            2.0 + after - timeline["round_started_after_s"])
+            2.0 + after - timeline["round_started_after_s"]
+        )
     for window in figures["swap_windows"]:
         assert window["boundary_gap_ms"] <= window["max_gap_ms"]

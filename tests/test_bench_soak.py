@@ -39,24 +39,64 @@ def test_tiny_soak_bench_bounds_the_table_by_expiry(kafka_bootstrap: str) -> Non
     # Paced below the worker's speed, so expiry markers are not queued behind a backlog;
     # 2,000 sessions start one per event-time second and expire after 30 s idle.
     result = subprocess.run(
-        [sys.executable, "-m", "stream.cli.main", "bench", "soak", "--broker",
-         f"kafka://{kafka_bootstrap}", "--sessions", "2000", "--items", "200",
-         "--session-timeout-s", "30", "--expiry-interval-s", "0.5", "--sessions-per-s", "1",
-         "--rate", "300", "--sample-s", "0.5", "--max-samples", "10"],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "stream.cli.main",
+            "bench",
+            "soak",
+            "--broker",
+            f"kafka://{kafka_bootstrap}",
+            "--sessions",
+            "2000",
+            "--items",
+            "200",
+            "--session-timeout-s",
+            "30",
+            "--expiry-interval-s",
+            "0.5",
+            "--sessions-per-s",
+            "1",
+            "--rate",
+            "300",
+            "--sample-s",
+            "0.5",
+            "--max-samples",
+            "10",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
-    for key in ("sessions", "events", "seconds", "events_per_s", "rss_growth_after_warmup_mib",
-                "max_lag", "lag_at_end_of_production", "throughput_first_quarter_per_s",
-                "throughput_last_quarter_per_s", "max_active_sessions",
-                "max_changelog_live_keys", "changelog_records_at_end"):
+    for key in (
+        "sessions",
+        "events",
+        "seconds",
+        "events_per_s",
+        "rss_growth_after_warmup_mib",
+        "max_lag",
+        "lag_at_end_of_production",
+        "throughput_first_quarter_per_s",
+        "throughput_last_quarter_per_s",
+        "max_active_sessions",
+        "max_changelog_live_keys",
+        "changelog_records_at_end",
+    ):
         assert isinstance(figures[key], (int, float)), key
     assert set(figures["rss_mib"]) == {"first", "max", "last"}
     assert 0 < figures["rss_mib"]["first"] <= figures["rss_mib"]["max"]
     assert figures["sessions"] == 2000 and figures["events"] > 2000
     assert 1 <= len(figures["samples"]) <= 10
-    assert set(figures["samples"][0]) >= {"t", "rss_mib", "lag", "active_sessions",
-                                          "window_events_per_s"}
+    assert set(figures["samples"][0]) >= {
+        "t",
+        "rss_mib",
+        "lag",
+        "active_sessions",
+        "window_events_per_s",
+    }
     assert figures["samples"][-1]["answered"] == figures["events"]
     # Expiry bounded the table and the changelog's live keys far below the sessions sent.
     assert figures["expired_sessions"] > 1000

@@ -31,6 +31,7 @@ from stream.cli import broker as broker_cli
 from stream.devtools import brokers
 from stream.devtools.brokers import LocalKafka, Tansu, fetch_kafka_jars, find_java
 from stream.kafka.topics import check_topics, ensure_topics
+
 from support import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,7 +56,10 @@ def _produce(bootstrap: str, topic: str, *pairs: tuple[bytes, bytes]) -> None:
     producer = Producer({"bootstrap.servers": bootstrap, "acks": "all"})
     for key, value in pairs:
         producer.produce(
-            topic, value, key=key, partition=0,
+            topic,
+            value,
+            key=key,
+            partition=0,
             on_delivery=lambda err, _msg: errors.append(err) if err else None,
         )
     assert producer.flush(15) == 0, "messages still in flight after 15 s"
@@ -66,9 +70,13 @@ def _read(
     bootstrap: str, topic: str, count: int, timeout: float = 15
 ) -> list[tuple[bytes | None, bytes | None]]:
     """The first ``count`` messages of partition 0, read without a consumer group."""
-    consumer = Consumer({
-        "bootstrap.servers": bootstrap, "group.id": "unused", "enable.auto.commit": False,
-    })
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "unused",
+            "enable.auto.commit": False,
+        }
+    )
     consumer.assign([TopicPartition(topic, 0, 0)])
     got: list[tuple[bytes | None, bytes | None]] = []
     deadline = time.monotonic() + timeout
@@ -94,8 +102,6 @@ def _kcat(*args: str, stdin: str | None = None) -> str:
     return done.stdout
 
 
-
-
 def _refuses_connections(bootstrap: str) -> bool:
     host, port = bootstrap.rsplit(":", 1)
     try:
@@ -110,14 +116,27 @@ def test_kafka_round_trip_with_kcat(kafka_bootstrap: str, topic_name: str) -> No
     ensure_topics(kafka_bootstrap, {topic_name: 1})
 
     _produce(kafka_bootstrap, topic_name, (b"s1", b"from confluent"))
-    out = _kcat("-b", kafka_bootstrap, "-C", "-t", topic_name, "-o", "beginning", "-e", "-q",
-                "-f", "%k=%s\n")
+    out = _kcat(
+        "-b",
+        kafka_bootstrap,
+        "-C",
+        "-t",
+        topic_name,
+        "-o",
+        "beginning",
+        "-e",
+        "-q",
+        "-f",
+        "%k=%s\n",
+    )
     assert out.splitlines() == ["s1=from confluent"]
 
-    _kcat("-b", kafka_bootstrap, "-P", "-t", topic_name, "-p", "0", "-K", ":",
-          stdin="s2:from kcat\n")
+    _kcat(
+        "-b", kafka_bootstrap, "-P", "-t", topic_name, "-p", "0", "-K", ":", stdin="s2:from kcat\n"
+    )
     assert _read(kafka_bootstrap, topic_name, 2) == [
-        (b"s1", b"from confluent"), (b"s2", b"from kcat"),
+        (b"s1", b"from confluent"),
+        (b"s2", b"from kcat"),
     ]
 
 
@@ -169,9 +188,7 @@ def test_ensure_topics_from_racing_callers(kafka_bootstrap: str, topic_name: str
 
 
 @pytest.mark.kafka
-def test_check_topics_reports_missing_topic_quickly(
-    kafka_bootstrap: str, topic_name: str
-) -> None:
+def test_check_topics_reports_missing_topic_quickly(kafka_bootstrap: str, topic_name: str) -> None:
     ensure_topics(kafka_bootstrap, {topic_name: 1})
     started = time.monotonic()
     with pytest.raises(UserError, match=rf"missing topic\(s\) on .*: '{topic_name}-nope'$"):
@@ -238,11 +255,17 @@ def test_tansu_round_trip(topic_name: str) -> None:
 @needs_tansu
 def test_broker_does_not_outlive_a_killed_owner() -> None:
     owner = subprocess.Popen(
-        [sys.executable, "-c",
-         "import time\nfrom stream.devtools.brokers import Tansu\n"
-         "broker = Tansu()\nbroker.start()\nprint(broker.bootstrap, broker.data_dir, flush=True)\n"
-         "time.sleep(300)\n"],
-        cwd=REPO, stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import time\nfrom stream.devtools.brokers import Tansu\n"
+            "broker = Tansu()\nbroker.start()\n"
+            "print(broker.bootstrap, broker.data_dir, flush=True)\n"
+            "time.sleep(300)\n",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         bootstrap, data_dir = _readline_within(owner, 30).split()
@@ -272,10 +295,9 @@ def test_requested_port_in_use_is_refused_before_starting() -> None:
 def test_broker_dying_during_startup_raises_with_its_log(monkeypatch: pytest.MonkeyPatch) -> None:
     # The real binary with a flag it rejects: it exits before it ever answers.
     monkeypatch.setattr(
-        Tansu, "_command",
-        lambda self: (
-            [str(brokers.tansu_binary()), "broker", "--no-such-flag"], dict(os.environ)
-        ),
+        Tansu,
+        "_command",
+        lambda self: ([str(brokers.tansu_binary()), "broker", "--no-such-flag"], dict(os.environ)),
     )
     broker = Tansu()
     started = time.monotonic()
@@ -299,7 +321,7 @@ def test_missing_java_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_old_java_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _fake_executable(tmp_path, "java", 'echo \'openjdk version "11.0.21" 2023-10-17\' >&2\n')
+    _fake_executable(tmp_path, "java", "echo 'openjdk version \"11.0.21\" 2023-10-17' >&2\n")
     monkeypatch.delenv("JAVA_HOME", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(UserError, match=r"is Java 11; Apache Kafka .* needs Java 17 or newer"):
@@ -321,14 +343,18 @@ def test_concurrent_jar_fetches_run_maven_once(
     bin_dir.mkdir()
     calls = tmp_path / "mvn-calls"
     # A stand-in for Maven that is slow enough for the callers to overlap.
-    _fake_executable(bin_dir, "mvn", f"""\
+    _fake_executable(
+        bin_dir,
+        "mvn",
+        f"""\
         for arg; do
           case "$arg" in -DoutputDirectory=*) out="${{arg#-DoutputDirectory=}}";; esac
         done
         echo call >> {calls}
         sleep 1
         echo jar > "$out/kafka_2.13-test.jar"
-    """)
+    """,
+    )
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
     results: list[Path] = []
     threads = [
@@ -384,7 +410,11 @@ def _parser() -> argparse.ArgumentParser:
 def test_broker_help() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "stream.cli.main", "broker", "--help"],
-        cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     help_text = done.stdout
@@ -392,7 +422,12 @@ def test_broker_help() -> None:
     for expected in ("--engine {kafka,tansu}", "--port", "--data-dir", "Java 17", "Ctrl-C"):
         assert expected in help_text
     args = _parser().parse_args(["broker"])
-    assert (args.engine, args.port, args.data_dir, args.run) == ("kafka", 9092, None, broker_cli.run)
+    assert (args.engine, args.port, args.data_dir, args.run) == (
+        "kafka",
+        9092,
+        None,
+        broker_cli.run,
+    )
 
 
 def test_tansu_with_data_dir_is_refused(tmp_path: Path) -> None:
@@ -417,7 +452,10 @@ _CLI = (
 def test_broker_command_runs_until_signalled(stop_signal: signal.Signals) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-c", _CLI, "broker", "--engine", "tansu", "--port", "0"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         line = _readline_within(proc, 30)

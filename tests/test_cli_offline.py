@@ -22,8 +22,9 @@ TIMEOUT = 300
 
 
 def streamrec(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*COMMAND, *args], capture_output=True, text=True, env=ENV,
-                          cwd=cwd, timeout=TIMEOUT)
+    return subprocess.run(
+        [*COMMAND, *args], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=TIMEOUT
+    )
 
 
 def last_json(done: subprocess.CompletedProcess[str]) -> dict:
@@ -33,8 +34,7 @@ def last_json(done: subprocess.CompletedProcess[str]) -> dict:
     return json.loads(lines[-1])
 
 
-def assert_one_line_error(done: subprocess.CompletedProcess[str], command: str,
-                          *words: str) -> str:
+def assert_one_line_error(done: subprocess.CompletedProcess[str], command: str, *words: str) -> str:
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, f"expected one line on stderr, got: {done.stderr!r}"
@@ -71,8 +71,13 @@ def test_every_subcommand_has_help() -> None:
     assert {"train", "evaluate", "baseline", "synth"} <= set(names)
     # one interpreter for all of them (each start imports torch): a user's `streamrec
     # NAME --help` is exactly this call of stream.cli.main.main
-    done = subprocess.run([sys.executable, "-c", HELP_DRIVER, json.dumps(["", *names])],
-                          capture_output=True, text=True, env=ENV, timeout=TIMEOUT)
+    done = subprocess.run(
+        [sys.executable, "-c", HELP_DRIVER, json.dumps(["", *names])],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=TIMEOUT,
+    )
     assert done.returncode == 0, done.stderr
     results = json.loads(done.stdout.strip().splitlines()[-1])
     for name in ["", *names]:
@@ -92,15 +97,47 @@ def workflow(tmp_path_factory: pytest.TempPathFactory) -> dict:
     work = tmp_path_factory.mktemp("cli")
     clicks = work / "clicks.tsv"
     model = work / "model"
-    synth = streamrec("synth", "--out", str(clicks), "--sessions", "300", "--items", "50",
-                      "--seed", "3")
-    train = streamrec("train", "--data", str(clicks), "--out", str(model), "--epochs", "1",
-                      "--param", "layers=16", "--param", "n_sample=64",
-                      "--param", "sample_store_size=8192", "--quiet", "--device", "cpu")
-    evaluate = streamrec("evaluate", "--model", str(model), "--data", str(clicks),
-                         "--k", "5", "20", "--device", "cpu")
-    return {"work": work, "clicks": clicks, "model": model, "synth": synth, "train": train,
-            "evaluate": evaluate}
+    synth = streamrec(
+        "synth", "--out", str(clicks), "--sessions", "300", "--items", "50", "--seed", "3"
+    )
+    train = streamrec(
+        "train",
+        "--data",
+        str(clicks),
+        "--out",
+        str(model),
+        "--epochs",
+        "1",
+        "--param",
+        "layers=16",
+        "--param",
+        "n_sample=64",
+        "--param",
+        "sample_store_size=8192",
+        "--quiet",
+        "--device",
+        "cpu",
+    )
+    evaluate = streamrec(
+        "evaluate",
+        "--model",
+        str(model),
+        "--data",
+        str(clicks),
+        "--k",
+        "5",
+        "20",
+        "--device",
+        "cpu",
+    )
+    return {
+        "work": work,
+        "clicks": clicks,
+        "model": model,
+        "synth": synth,
+        "train": train,
+        "evaluate": evaluate,
+    }
 
 
 def test_synth_writes_the_click_log(workflow: dict) -> None:
@@ -115,8 +152,7 @@ def test_synth_writes_the_click_log(workflow: dict) -> None:
 def test_train_reports_documented_keys_and_saves_a_model(workflow: dict) -> None:
     synth = last_json(workflow["synth"])
     result = last_json(workflow["train"])
-    for key in ("events_per_s", "epochs", "final_loss", "n_items", "n_events",
-                "train_seconds"):
+    for key in ("events_per_s", "epochs", "final_loss", "n_items", "n_events", "train_seconds"):
         assert key in result, key
     assert result["epochs"] == 1
     assert result["n_events"] == synth["events"]
@@ -124,8 +160,12 @@ def test_train_reports_documented_keys_and_saves_a_model(workflow: dict) -> None
     assert math.isfinite(result["final_loss"])
     assert result["events_per_s"] > 0 and result["train_seconds"] > 0
     assert sorted(p.name for p in workflow["model"].iterdir()) == [
-        "config.json", "items.json", "metadata.json", "optimizer.safetensors",
-        "weights.safetensors"]
+        "config.json",
+        "items.json",
+        "metadata.json",
+        "optimizer.safetensors",
+        "weights.safetensors",
+    ]
     metadata = json.loads((workflow["model"] / "metadata.json").read_text())
     assert metadata["version"] == result["version"]
     assert json.loads((workflow["model"] / "config.json").read_text())["layers"] == [16]
@@ -146,8 +186,9 @@ def test_evaluate_reports_documented_keys(workflow: dict) -> None:
 
 def test_baseline_reports_the_same_keys(workflow: dict) -> None:
     clicks = str(workflow["clicks"])
-    result = last_json(streamrec("baseline", "--method", "pop", "--train", clicks,
-                                 "--test", clicks, "--k", "20"))
+    result = last_json(
+        streamrec("baseline", "--method", "pop", "--train", clicks, "--test", clicks, "--k", "20")
+    )
     assert result["method"] == "pop"
     assert {"recall@20", "mrr@20", "n_predictions", "n_skipped_unknown"} <= set(result)
     assert result["n_predictions"] == last_json(workflow["evaluate"])["n_predictions"]
@@ -155,25 +196,37 @@ def test_baseline_reports_the_same_keys(workflow: dict) -> None:
 
 def test_bad_data_path_is_one_line_on_stderr(tmp_path: Path) -> None:
     missing = tmp_path / "missing.tsv"
-    done = streamrec("train", "--data", str(missing), "--out", str(tmp_path / "model"),
-                     "--quiet")
+    done = streamrec("train", "--data", str(missing), "--out", str(tmp_path / "model"), "--quiet")
     assert_one_line_error(done, "train", str(missing))
     assert not (tmp_path / "model").exists()
 
 
 def test_bad_model_path_is_one_line_on_stderr(tmp_path: Path, workflow: dict) -> None:
-    done = streamrec("evaluate", "--model", str(tmp_path / "no-model"), "--data",
-                     str(workflow["clicks"]))
+    done = streamrec(
+        "evaluate", "--model", str(tmp_path / "no-model"), "--data", str(workflow["clicks"])
+    )
     assert_one_line_error(done, "evaluate", "no-model")
 
 
-@pytest.mark.parametrize(("param", "words"), [
-    ("loss=foo", ["loss", "cross-entropy"]),
-    ("layers=abc", ["layers"]),
-])
-def test_bad_param_is_one_line_on_stderr(tmp_path: Path, workflow: dict, param: str,
-                                         words: list[str]) -> None:
-    done = streamrec("train", "--data", str(workflow["clicks"]), "--out",
-                     str(tmp_path / "model"), "--param", param, "--quiet")
+@pytest.mark.parametrize(
+    ("param", "words"),
+    [
+        ("loss=foo", ["loss", "cross-entropy"]),
+        ("layers=abc", ["layers"]),
+    ],
+)
+def test_bad_param_is_one_line_on_stderr(
+    tmp_path: Path, workflow: dict, param: str, words: list[str]
+) -> None:
+    done = streamrec(
+        "train",
+        "--data",
+        str(workflow["clicks"]),
+        "--out",
+        str(tmp_path / "model"),
+        "--param",
+        param,
+        "--quiet",
+    )
     assert_one_line_error(done, "train", *words)
     assert not (tmp_path / "model").exists()

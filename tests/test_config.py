@@ -55,8 +55,9 @@ def test_config_is_immutable_and_replace_validates() -> None:
         ("n_sample=-1", "n_sample", [">= 0"]),
     ],
 )
-def test_invalid_values_name_parameter_and_allowed_values(pair: str, name: str,
-                                                          allowed: list[str]) -> None:
+def test_invalid_values_name_parameter_and_allowed_values(
+    pair: str, name: str, allowed: list[str]
+) -> None:
     with pytest.raises(UserError) as info:
         GRU4RecConfig.from_strings([pair])
     message = str(info.value)
@@ -75,8 +76,7 @@ def test_invalid_values_name_parameter_and_allowed_values(pair: str, name: str,
         ("constrained_embedding=maybe", "constrained_embedding", "bool"),
     ],
 )
-def test_non_numeric_value_names_parameter_and_type(pair: str, name: str,
-                                                    type_name: str) -> None:
+def test_non_numeric_value_names_parameter_and_type(pair: str, name: str, type_name: str) -> None:
     with pytest.raises(UserError) as info:
         GRU4RecConfig.from_strings([pair])
     message = str(info.value)
@@ -120,10 +120,16 @@ def test_from_strings_parses_values_onto_defaults() -> None:
 
 
 def test_from_strings_parses_every_type() -> None:
-    config = GRU4RecConfig.from_strings([
-        "layers=64", "batch_size=16", "learning_rate=0.05", "constrained_embedding=false",
-        "embedding=32", " n_sample = 128 ",
-    ])
+    config = GRU4RecConfig.from_strings(
+        [
+            "layers=64",
+            "batch_size=16",
+            "learning_rate=0.05",
+            "constrained_embedding=false",
+            "embedding=32",
+            " n_sample = 128 ",
+        ]
+    )
     assert config.layers == (64,)
     assert config.batch_size == 16 and isinstance(config.batch_size, int)
     assert config.learning_rate == 0.05
@@ -139,12 +145,24 @@ def test_from_strings_applies_onto_a_base() -> None:
     assert (config.loss, config.n_epochs, config.batch_size) == ("bpr", 3, 8)
 
 
-@pytest.mark.parametrize("config", [
-    GRU4RecConfig(),
-    GRU4RecConfig(loss="top1-max", layers=(64, 32), batch_size=7, dropout_p_embed=0.25,
-                  n_sample=0, constrained_embedding=False, embedding=12, bpreg=0.5,
-                  logq=0.0, n_epochs=2),
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        GRU4RecConfig(),
+        GRU4RecConfig(
+            loss="top1-max",
+            layers=(64, 32),
+            batch_size=7,
+            dropout_p_embed=0.25,
+            n_sample=0,
+            constrained_embedding=False,
+            embedding=12,
+            bpreg=0.5,
+            logq=0.0,
+            n_epochs=2,
+        ),
+    ],
+)
 def test_to_dict_from_dict_round_trip(config: GRU4RecConfig) -> None:
     data = config.to_dict()
     assert GRU4RecConfig.from_dict(data) == config

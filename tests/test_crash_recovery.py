@@ -21,35 +21,37 @@ import pytest
 from model.artifact import load_model
 from model.inference import Recommender
 from stream.devtools.brokers import LocalKafka
-from stream.kafka.wire import Click
 from stream.devtools.processes import StreamNames, TopicReader, WorkerProcess, start_readers
+from stream.kafka.wire import Click
 from stream.serving.state import SessionState
+
 from support import click_by_click, free_port, http_get, produce_clicks, read_topic
 
 pytestmark = pytest.mark.kafka
 
-STATE_TOLERANCE = 1e-5   # the issue's bar for a recovered state
-TIE = 1e-6               # scores this close may come in either order
-SCORE_ROUNDING = 1e-6    # output scores carry six decimals
+STATE_TOLERANCE = 1e-5  # the issue's bar for a recovered state
+TIE = 1e-6  # scores this close may come in either order
+SCORE_ROUNDING = 1e-6  # output scores carry six decimals
 
 
-def uninterrupted(recommender: Recommender, items: list[str],
-                  top_n: int) -> tuple[np.ndarray, list[tuple[str, float]]]:
+def uninterrupted(
+    recommender: Recommender, items: list[str], top_n: int
+) -> tuple[np.ndarray, list[tuple[str, float]]]:
     """Final hidden state and last top-N of a session, applied one click at a time."""
     hidden, lists = click_by_click(recommender, items, top_n)
     return hidden, lists[-1]
 
 
-def same_up_to_ties(published: list[tuple[str, float]],
-                    expected: list[tuple[str, float]]) -> bool:
+def same_up_to_ties(published: list[tuple[str, float]], expected: list[tuple[str, float]]) -> bool:
     """Equal lists, except that items whose expected scores tie may swap places."""
     if len(published) != len(expected):
         return False
     for (item, score), (want_item, want_score) in zip(published, expected):
         if abs(score - want_score) > SCORE_ROUNDING + TIE:
             return False
-        if item != want_item and not any(abs(s - want_score) <= TIE
-                                         for i, s in expected if i == item):
+        if item != want_item and not any(
+            abs(s - want_score) <= TIE for i, s in expected if i == item
+        ):
             return False
     return True
 
@@ -66,7 +68,7 @@ class ThrottledProducer(threading.Thread):
         try:
             chunk = max(1, int(self.per_s / 10))
             for start in range(0, len(self.clicks), chunk):
-                produce_clicks(self.bootstrap, self.topic, self.clicks[start:start + chunk])
+                produce_clicks(self.bootstrap, self.topic, self.clicks[start : start + chunk])
                 time.sleep(0.1)
         except BaseException as exc:  # surfaced by the test
             self.error = exc
@@ -88,8 +90,7 @@ def final_states(bootstrap: str, topic: str, sessions: int) -> dict[str, Session
             time.sleep(0.2)
     finally:
         reader.close()
-    return {key: SessionState.decode(value) for key, value in latest.items()
-            if value is not None}
+    return {key: SessionState.decode(value) for key, value in latest.items() if value is not None}
 
 
 def distinct_sources(messages: list[Any]) -> set[tuple[int, int]]:
@@ -97,18 +98,21 @@ def distinct_sources(messages: list[Any]) -> set[tuple[int, int]]:
 
 
 def test_kills_at_several_points_lose_nothing_and_change_no_state(
-        kafka_bootstrap: str, small_model: Path, tmp_path: Path) -> None:
+    kafka_bootstrap: str, small_model: Path, tmp_path: Path
+) -> None:
     recommender = load_model(small_model, device="cpu")
     ids = recommender.item_map.ids
     top_n = 20
-    sessions = {f"s{k}": [ids[(11 * k + 7 * j) % len(ids)] for j in range(10)]
-                for k in range(40)}
+    sessions = {f"s{k}": [ids[(11 * k + 7 * j) % len(ids)] for j in range(10)] for k in range(40)}
     clicks = [Click(s, items[j], 1000.0 + j) for j in range(10) for s, items in sessions.items()]
     names = StreamNames("kills")
     inputs, outputs = start_readers(kafka_bootstrap, names, partitions=4)
-    workers = {name: WorkerProcess(kafka_bootstrap, small_model, names, tmp_path / name,
-                                   "--batch-ms", "20")
-               for name in ("a", "b")}
+    workers = {
+        name: WorkerProcess(
+            kafka_bootstrap, small_model, names, tmp_path / name, "--batch-ms", "20"
+        )
+        for name in ("a", "b")
+    }
     for name, worker in workers.items():
         (tmp_path / name).mkdir()
         worker.start()
@@ -125,20 +129,23 @@ def test_kills_at_several_points_lose_nothing_and_change_no_state(
         # answered; the other takes over its partitions, then the killed one comes back
         # and recovers state from the changelog on the next rebalance.
         for fraction, name in ((0.25, "a"), (0.5, "b"), (0.75, "a")):
-            assert outputs.wait_for(int(fraction * len(clicks)), timeout=120), \
+            assert outputs.wait_for(int(fraction * len(clicks)), timeout=120), (
                 f"stalled before {fraction:.0%}:\n" + workers[name].log()[-3000:]
+            )
             workers[name].kill()
             kills.append((name, len(distinct_sources(outputs.messages))))
-            workers[name] = WorkerProcess(kafka_bootstrap, small_model, names,
-                                          tmp_path / name, "--batch-ms", "20").start()
+            workers[name] = WorkerProcess(
+                kafka_bootstrap, small_model, names, tmp_path / name, "--batch-ms", "20"
+            ).start()
         producer.join(120)
         assert producer.error is None, producer.error
         deadline = time.monotonic() + 120
         while len(distinct_sources(outputs.messages)) < len(clicks):
             assert time.monotonic() < deadline, (
                 f"{len(distinct_sources(outputs.messages))} of {len(clicks)} clicks answered "
-                f"after kills {kills}:\n" + "\n---\n".join(w.log()[-3000:]
-                                                        for w in workers.values()))
+                f"after kills {kills}:\n"
+                + "\n---\n".join(w.log()[-3000:] for w in workers.values())
+            )
             time.sleep(0.2)
     finally:
         for worker in workers.values():
@@ -157,10 +164,14 @@ def test_kills_at_several_points_lose_nothing_and_change_no_state(
     for answers in by_source.values():
         first = answers[0]
         for again in answers[1:]:
-            assert (again["session_id"], again["item_id"]) == (first["session_id"],
-                                                               first["item_id"])
-            assert same_up_to_ties([(r["item_id"], r["score"]) for r in again["recommendations"]],
-                                   [(r["item_id"], r["score"]) for r in first["recommendations"]])
+            assert (again["session_id"], again["item_id"]) == (
+                first["session_id"],
+                first["item_id"],
+            )
+            assert same_up_to_ties(
+                [(r["item_id"], r["score"]) for r in again["recommendations"]],
+                [(r["item_id"], r["score"]) for r in first["recommendations"]],
+            )
 
     # Exactly-once state: the recovered states and last lists equal an uninterrupted run's.
     states = final_states(kafka_bootstrap, f"{names.app_id}-sessions-changelog", len(sessions))
@@ -173,8 +184,9 @@ def test_kills_at_several_points_lose_nothing_and_change_no_state(
         hidden, top = uninterrupted(recommender, items, top_n)
         state = states[session]
         assert state.recent_items == tuple(items)
-        np.testing.assert_allclose(state.hidden, hidden, rtol=0, atol=STATE_TOLERANCE,
-                                   err_msg=session)
+        np.testing.assert_allclose(
+            state.hidden, hidden, rtol=0, atol=STATE_TOLERANCE, err_msg=session
+        )
         assert last_answer[session]["timestamp"] == 1009.0
         published = [(r["item_id"], r["score"]) for r in last_answer[session]["recommendations"]]
         assert same_up_to_ties(published, top), (session, published, top)
@@ -182,13 +194,15 @@ def test_kills_at_several_points_lose_nothing_and_change_no_state(
     assert all(0 < answered < len(clicks) for _, answered in kills), kills
 
 
-def wait_for_status(port: int, path: str, status: int, worker: WorkerProcess,
-                    timeout: float = 90.0) -> str:
+def wait_for_status(
+    port: int, path: str, status: int, worker: WorkerProcess, timeout: float = 90.0
+) -> str:
     deadline = time.monotonic() + timeout
     seen: tuple[int, str] | None = None
     while time.monotonic() < deadline:
-        assert worker.process is not None and worker.process.poll() is None, \
+        assert worker.process is not None and worker.process.poll() is None, (
             "worker exited:\n" + worker.log()[-3000:]
+        )
         try:
             seen = http_get(f"http://127.0.0.1:{port}{path}")
         except OSError as error:  # not serving yet
@@ -196,21 +210,18 @@ def wait_for_status(port: int, path: str, status: int, worker: WorkerProcess,
         if seen[0] == status:
             return seen[1]
         time.sleep(0.3)
-    raise AssertionError(f"{path} never answered {status}; last {seen}:\n"
-                         + worker.log()[-3000:])
-
-
+    raise AssertionError(f"{path} never answered {status}; last {seen}:\n" + worker.log()[-3000:])
 
 
 def test_broker_outage_at_start_and_midstream_the_worker_waits_and_resumes_in_order(
-        small_model: Path, tmp_path: Path) -> None:
+    small_model: Path, tmp_path: Path
+) -> None:
     """The broker is down when the worker starts, then stops (cleanly, log kept on disk)
     in the middle of the stream: the worker stays alive, reports not ready, and resumes;
     every click is answered and each session's clicks were applied in order."""
     recommender = load_model(small_model, device="cpu")
     ids = recommender.item_map.ids
-    sessions = {f"s{k}": [ids[(13 * k + 5 * j) % len(ids)] for j in range(6)]
-                for k in range(20)}
+    sessions = {f"s{k}": [ids[(13 * k + 5 * j) % len(ids)] for j in range(6)] for k in range(20)}
     clicks = [Click(s, items[j], 1000.0 + j) for j in range(6) for s, items in sessions.items()]
     broker = LocalKafka(port=free_port(), data_dir=tmp_path / "kafka")
     bootstrap = f"127.0.0.1:{broker._requested_port}"
@@ -236,9 +247,14 @@ def test_broker_outage_at_start_and_midstream_the_worker_waits_and_resumes_in_or
         broker.start()
         wait_for_status(web_port, "/readyz", 200, worker)
         produce_clicks(bootstrap, names.clicks, clicks[80:])
-        messages = read_topic(bootstrap, names.recommendations,
-                              lambda ms: len({(m["source"]["partition"], m["source"]["offset"])
-                                              for m in ms}) >= len(clicks), timeout=90)
+        messages = read_topic(
+            bootstrap,
+            names.recommendations,
+            lambda ms: (
+                len({(m["source"]["partition"], m["source"]["offset"]) for m in ms}) >= len(clicks)
+            ),
+            timeout=90,
+        )
     finally:
         worker.stop()
         broker.stop()
@@ -250,5 +266,6 @@ def test_broker_outage_at_start_and_midstream_the_worker_waits_and_resumes_in_or
         in_order = [answered[session][o] for o in sorted(answered[session])]
         assert [m["item_id"] for m in in_order] == items
         _, top = uninterrupted(recommender, items, 20)
-        assert same_up_to_ties([(r["item_id"], r["score"]) for r in in_order[-1]["recommendations"]],
-                               top)
+        assert same_up_to_ties(
+            [(r["item_id"], r["score"]) for r in in_order[-1]["recommendations"]], top
+        )

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.data import ClickLog, ItemMap, read_clicks, standard_filter, sessions_log
+from model.data import ClickLog, ItemMap, read_clicks, sessions_log, standard_filter
 from model.errors import UserError
 
 
@@ -19,8 +19,10 @@ def write(path: Path, text: str) -> Path:
 
 def events(log: ClickLog) -> list[tuple[str, str, float]]:
     """The log as (session id, item id, time) rows in its order."""
-    return [(str(log.session_ids[s]), str(log.item_ids[i]), float(t))
-            for s, i, t in zip(log.sessions, log.items, log.times)]
+    return [
+        (str(log.session_ids[s]), str(log.item_ids[i]), float(t))
+        for s, i, t in zip(log.sessions, log.items, log.times)
+    ]
 
 
 def assert_grouped_and_time_ordered(rows: list[tuple[str, str, float]]) -> None:
@@ -33,8 +35,9 @@ def assert_grouped_and_time_ordered(rows: list[tuple[str, str, float]]) -> None:
             seen.append(session)
 
 
-def assert_error(exc: pytest.ExceptionInfo[UserError], path: Path, line: int | None,
-                 *words: str) -> None:
+def assert_error(
+    exc: pytest.ExceptionInfo[UserError], path: Path, line: int | None, *words: str
+) -> None:
     message = str(exc.value)
     assert str(path) in message, message
     if line is not None:
@@ -45,19 +48,30 @@ def assert_error(exc: pytest.ExceptionInfo[UserError], path: Path, line: int | N
 
 # --- reading -------------------------------------------------------------------------------
 
+
 def test_tsv_is_sorted_by_session_then_time(tmp_path: Path) -> None:
-    path = write(tmp_path / "clicks.tsv",
-                 "SessionId\tItemId\tTime\n"
-                 "s2\tb\t50\n"
-                 "s1\ta\t30\n"
-                 "s2\ta\t10\n"
-                 "s1\tc\t20\n"
-                 "s3\tc\t5\n"
-                 "s2\td\t40.5\n")
+    path = write(
+        tmp_path / "clicks.tsv",
+        "SessionId\tItemId\tTime\n"
+        "s2\tb\t50\n"
+        "s1\ta\t30\n"
+        "s2\ta\t10\n"
+        "s1\tc\t20\n"
+        "s3\tc\t5\n"
+        "s2\td\t40.5\n",
+    )
     log = read_clicks(path)
     rows = events(log)
-    assert sorted(rows) == sorted([("s2", "b", 50.0), ("s1", "a", 30.0), ("s2", "a", 10.0),
-                                   ("s1", "c", 20.0), ("s3", "c", 5.0), ("s2", "d", 40.5)])
+    assert sorted(rows) == sorted(
+        [
+            ("s2", "b", 50.0),
+            ("s1", "a", 30.0),
+            ("s2", "a", 10.0),
+            ("s1", "c", 20.0),
+            ("s3", "c", 5.0),
+            ("s2", "d", 40.5),
+        ]
+    )
     assert_grouped_and_time_ordered(rows)
     by_session = {s: [i for s2, i, _ in rows if s2 == s] for s in ("s1", "s2", "s3")}
     assert by_session == {"s1": ["c", "a"], "s2": ["a", "d", "b"], "s3": ["c"]}
@@ -67,25 +81,20 @@ def test_tsv_is_sorted_by_session_then_time(tmp_path: Path) -> None:
 
 
 def test_ids_are_kept_as_strings(tmp_path: Path) -> None:
-    path = write(tmp_path / "clicks.tsv",
-                 "SessionId\tItemId\tTime\n007\t0042\t1\n007\t42\t2\n")
+    path = write(tmp_path / "clicks.tsv", "SessionId\tItemId\tTime\n007\t0042\t1\n007\t42\t2\n")
     log = read_clicks(path)
     assert list(log.session_ids) == ["007"]
     assert events(log) == [("007", "0042", 1.0), ("007", "42", 2.0)]
 
 
 def test_csv_with_custom_columns_and_extra_columns(tmp_path: Path) -> None:
-    path = write(tmp_path / "clicks.csv",
-                 "ts,user,item,sess\n"
-                 "3.5,u1,x,B\n"
-                 "1,u1,y,A\n"
-                 "2,u2,x,B\n"
-                 "4,u2,z,A\n")
+    path = write(
+        tmp_path / "clicks.csv", "ts,user,item,sess\n3.5,u1,x,B\n1,u1,y,A\n2,u2,x,B\n4,u2,z,A\n"
+    )
     log = read_clicks(path, columns=("sess", "item", "ts"))
     rows = events(log)
     assert_grouped_and_time_ordered(rows)
-    assert sorted(rows) == [("A", "y", 1.0), ("A", "z", 4.0), ("B", "x", 2.0),
-                            ("B", "x", 3.5)]
+    assert sorted(rows) == [("A", "y", 1.0), ("A", "z", 4.0), ("B", "x", 2.0), ("B", "x", 3.5)]
 
 
 def test_explicit_separator(tmp_path: Path) -> None:
@@ -108,13 +117,10 @@ def test_csv_read_with_wrong_separator_reports_missing_columns(tmp_path: Path) -
 
 
 def test_non_numeric_time_names_the_right_line(tmp_path: Path) -> None:
-    path = write(tmp_path / "clicks.tsv",
-                 "SessionId\tItemId\tTime\n"
-                 "1\ta\t1\n"
-                 "1\tb\t2\n"
-                 "2\tc\t3\n"
-                 "2\td\tyesterday\n"
-                 "3\te\t5\n")
+    path = write(
+        tmp_path / "clicks.tsv",
+        "SessionId\tItemId\tTime\n1\ta\t1\n1\tb\t2\n2\tc\t3\n2\td\tyesterday\n3\te\t5\n",
+    )
     with pytest.raises(UserError) as info:
         read_clicks(path)
     assert_error(info, path, 5, "Time", "yesterday")
@@ -141,14 +147,18 @@ def test_header_only(tmp_path: Path) -> None:
     assert_error(info, path, None, "no events")
 
 
-@pytest.mark.parametrize(("body", "line", "column"), [
-    ("1\ta\t1\n1\t\t2\n", 3, "ItemId"),
-    ("1\ta\t1\n2\tb\t2\n\tc\t3\n", 4, "SessionId"),
-    ("1\ta\t1\n1\tb\n", 3, "Time"),          # a short row
-    ("1\ta\t1\n\n1\tb\t2\n", 3, "SessionId"),  # a blank line counts as a row
-])
-def test_missing_value_names_file_line_and_column(tmp_path: Path, body: str, line: int,
-                                                  column: str) -> None:
+@pytest.mark.parametrize(
+    ("body", "line", "column"),
+    [
+        ("1\ta\t1\n1\t\t2\n", 3, "ItemId"),
+        ("1\ta\t1\n2\tb\t2\n\tc\t3\n", 4, "SessionId"),
+        ("1\ta\t1\n1\tb\n", 3, "Time"),  # a short row
+        ("1\ta\t1\n\n1\tb\t2\n", 3, "SessionId"),  # a blank line counts as a row
+    ],
+)
+def test_missing_value_names_file_line_and_column(
+    tmp_path: Path, body: str, line: int, column: str
+) -> None:
     path = write(tmp_path / "clicks.tsv", "SessionId\tItemId\tTime\n" + body)
     with pytest.raises(UserError) as info:
         read_clicks(path)
@@ -168,6 +178,7 @@ def test_directory_is_not_a_click_log(tmp_path: Path) -> None:
 
 
 # --- ItemMap -------------------------------------------------------------------------------
+
 
 def test_item_map_growth_keeps_old_indexes_and_appends_in_first_appearance_order() -> None:
     item_map = ItemMap(["b", "a"])
@@ -214,15 +225,16 @@ def test_item_indexes_maps_events_through_an_item_map() -> None:
 
 # --- filtering -----------------------------------------------------------------------------
 
+
 def hand_built_log() -> ClickLog:
     # supports: A 5, B 6, C 2, D 4
     sessions = {
-        "s1": ["A", "B", "A"],       # kept whole
-        "s2": ["A", "C"],            # C is rare -> one click left -> removed
+        "s1": ["A", "B", "A"],  # kept whole
+        "s2": ["A", "C"],  # C is rare -> one click left -> removed
         "s3": ["D", "D", "D", "D"],  # D is rare (4 < 5) -> removed
         "s4": ["B", "B", "A", "B"],  # kept whole
-        "s5": ["A", "B", "C"],       # C removed, A B kept
-        "s6": ["B"],                 # too short
+        "s5": ["A", "B", "C"],  # C removed, A B kept
+        "s6": ["B"],  # too short
     }
     return sessions_log(sessions)
 
@@ -239,8 +251,7 @@ def test_standard_filter_removes_rare_items_and_short_sessions() -> None:
     by_session: dict[str, list[str]] = {}
     for session, item, _ in rows:
         by_session.setdefault(session, []).append(item)
-    assert by_session == {"s1": ["A", "B", "A"], "s4": ["B", "B", "A", "B"],
-                          "s5": ["A", "B"]}
+    assert by_session == {"s1": ["A", "B", "A"], "s4": ["B", "B", "A", "B"], "s5": ["A", "B"]}
     assert sorted(filtered.item_ids) == ["A", "B"]
     assert sorted(filtered.session_ids) == ["s1", "s4", "s5"]
     text = str(report)
@@ -248,8 +259,7 @@ def test_standard_filter_removes_rare_items_and_short_sessions() -> None:
 
 
 def test_standard_filter_thresholds_are_parameters() -> None:
-    filtered, report = standard_filter(hand_built_log(), min_item_support=1,
-                                       min_session_length=3)
+    filtered, report = standard_filter(hand_built_log(), min_item_support=1, min_session_length=3)
     # nothing is rare; s2 (2 clicks) and s6 (1 click) are too short
     assert (report.events_before, report.events_after) == (17, 14)
     assert report.sessions_removed == 2
@@ -260,33 +270,37 @@ def test_standard_filter_thresholds_are_parameters() -> None:
 def test_filtered_log_offsets_match_its_sessions() -> None:
     filtered, _ = standard_filter(hand_built_log())
     offsets = filtered.session_offsets()
-    lengths = {str(filtered.session_ids[filtered.sessions[a]]): b - a
-               for a, b in zip(offsets[:-1], offsets[1:])}
+    lengths = {
+        str(filtered.session_ids[filtered.sessions[a]]): b - a
+        for a, b in zip(offsets[:-1], offsets[1:])
+    }
     assert lengths == {"s1": 3, "s4": 4, "s5": 2}
 
 
 # --- ClickLog ------------------------------------------------------------------------------
 
+
 def test_session_offsets() -> None:
-    log = ClickLog.from_arrays(["a", "b", "a", "c", "c", "a"],
-                               ["1", "2", "3", "4", "5", "6"],
-                               [1, 2, 3, 4, 5, 6])
+    log = ClickLog.from_arrays(
+        ["a", "b", "a", "c", "c", "a"], ["1", "2", "3", "4", "5", "6"], [1, 2, 3, 4, 5, 6]
+    )
     offsets = log.session_offsets()
     assert offsets.dtype == np.int64
     assert list(offsets) == [0, 3, 4, 6]
     for k, (start, end) in enumerate(zip(offsets[:-1], offsets[1:])):
         assert (log.sessions[start:end] == k).all()
-    assert [list(log.item_ids[log.items[a:b]]) for a, b in zip(offsets[:-1], offsets[1:])] \
-        == [["1", "3", "6"], ["2"], ["4", "5"]]
+    assert [list(log.item_ids[log.items[a:b]]) for a, b in zip(offsets[:-1], offsets[1:])] == [
+        ["1", "3", "6"],
+        ["2"],
+        ["4", "5"],
+    ]
 
 
 def test_from_arrays_sorts_by_session_then_time() -> None:
-    log = ClickLog.from_arrays(["x", "y", "x", "y"], ["i1", "i2", "i3", "i4"],
-                               [5.0, 1.0, 2.0, 0.5])
+    log = ClickLog.from_arrays(["x", "y", "x", "y"], ["i1", "i2", "i3", "i4"], [5.0, 1.0, 2.0, 0.5])
     rows = events(log)
     assert_grouped_and_time_ordered(rows)
-    assert sorted(rows) == [("x", "i1", 5.0), ("x", "i3", 2.0), ("y", "i2", 1.0),
-                            ("y", "i4", 0.5)]
+    assert sorted(rows) == [("x", "i1", 5.0), ("x", "i3", 2.0), ("y", "i2", 1.0), ("y", "i4", 0.5)]
     assert log.n_sessions == 2 and len(log) == 4
 
 

@@ -29,18 +29,37 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from model.artifact import load_model
-from stream.serving.dead_letters import TRUNCATED_DEAD_LETTER_BYTES
-from stream.kafka.wire import (MAX_FUTURE_SKEW_S, MAX_ID_BYTES, MAX_MESSAGE_BYTES, Click, Rejected,
-                           encode_click, parse_click)
 from stream.kafka.config import client_config, producer_config
 from stream.kafka.topics import ensure_topics
+from stream.kafka.wire import (
+    MAX_FUTURE_SKEW_S,
+    MAX_ID_BYTES,
+    MAX_MESSAGE_BYTES,
+    Click,
+    Rejected,
+    encode_click,
+    parse_click,
+)
+from stream.serving.dead_letters import TRUNCATED_DEAD_LETTER_BYTES
+
 from support import StreamNames, WorkerProcess, free_port
 
 pytestmark = pytest.mark.kafka
 
 #: Every reason code stream.kafka.wire documents; the worker must use no other.
-REASONS = frozenset({"empty", "oversized", "not_json", "not_object", "missing_field",
-                     "bad_type", "bad_timestamp", "null_key", "key_mismatch"})
+REASONS = frozenset(
+    {
+        "empty",
+        "oversized",
+        "not_json",
+        "not_object",
+        "missing_field",
+        "bad_type",
+        "bad_timestamp",
+        "null_key",
+        "key_mismatch",
+    }
+)
 PARTITIONS = 4
 #: A good click's event time: in the past, so that it stays valid however long the run.
 PAST = 1_700_000_000.0
@@ -58,8 +77,6 @@ RECORD_OVERHEAD = 100
 # --------------------------------------------------------------------------- the worker
 
 
-
-
 def max_message_bytes(bootstrap: str, topic: str) -> int:
     admin = AdminClient(client_config(bootstrap))
     resource = ConfigResource("topic", topic)
@@ -71,9 +88,16 @@ class TopicLog:
     """Everything on a topic so far, read from the beginning by one consumer and kept."""
 
     def __init__(self, bootstrap: str, topic: str) -> None:
-        self._consumer = Consumer(client_config(bootstrap, **{
-            "group.id": f"reader-{uuid.uuid4()}", "enable.auto.commit": False,
-            "fetch.wait.max.ms": 50}))
+        self._consumer = Consumer(
+            client_config(
+                bootstrap,
+                **{
+                    "group.id": f"reader-{uuid.uuid4()}",
+                    "enable.auto.commit": False,
+                    "fetch.wait.max.ms": 50,
+                },
+            )
+        )
         self._consumer.assign([TopicPartition(topic, p, 0) for p in range(PARTITIONS)])
         self.messages: list[Any] = []
 
@@ -97,7 +121,7 @@ class Harness:
     names: StreamNames
     worker: WorkerProcess
     port: int
-    size_limit: int                  # the input topic's max.message.bytes
+    size_limit: int  # the input topic's max.message.bytes
     item_ids: list[str]
     outputs: TopicLog
     dead_letters: TopicLog
@@ -123,8 +147,9 @@ class Harness:
                 time.sleep(0.2)
 
     def rejected_counts(self) -> dict[str, float]:
-        pattern = re.compile(r'^streamrec_events_rejected_total\{reason="([^"]*)"\} (\S+)$',
-                             re.MULTILINE)
+        pattern = re.compile(
+            r'^streamrec_events_rejected_total\{reason="([^"]*)"\} (\S+)$', re.MULTILINE
+        )
         return {reason: float(value) for reason, value in pattern.findall(self.metrics())}
 
     def log(self) -> str:
@@ -134,20 +159,34 @@ class Harness:
 @pytest.fixture(scope="module")
 def harness(kafka_bootstrap: str, small_model, tmp_path_factory) -> Iterator[Harness]:
     names = StreamNames("dlq")
-    ensure_topics(kafka_bootstrap, {t: PARTITIONS for t in
-                                    (names.clicks, names.recommendations, names.dlq)})
+    ensure_topics(
+        kafka_bootstrap, {t: PARTITIONS for t in (names.clicks, names.recommendations, names.dlq)}
+    )
     port = free_port()
-    worker = WorkerProcess(kafka_bootstrap, small_model, names,
-                           tmp_path_factory.mktemp("dead-letters"), "--web-port", str(port),
-                           partitions=PARTITIONS)
+    worker = WorkerProcess(
+        kafka_bootstrap,
+        small_model,
+        names,
+        tmp_path_factory.mktemp("dead-letters"),
+        "--web-port",
+        str(port),
+        partitions=PARTITIONS,
+    )
     outputs = TopicLog(kafka_bootstrap, names.recommendations)
     dead_letters = TopicLog(kafka_bootstrap, names.dlq)
     worker.start()
     try:
-        harness = Harness(kafka_bootstrap, names, worker, port,
-                          max_message_bytes(kafka_bootstrap, names.clicks),
-                          list(load_model(small_model).item_map.ids), outputs, dead_letters,
-                          Counter())
+        harness = Harness(
+            kafka_bootstrap,
+            names,
+            worker,
+            port,
+            max_message_bytes(kafka_bootstrap, names.clicks),
+            list(load_model(small_model).item_map.ids),
+            outputs,
+            dead_letters,
+            Counter(),
+        )
         harness.wait_ready(timeout=90)
         yield harness
     finally:
@@ -165,9 +204,9 @@ class Sent:
 
     key: bytes | None
     value: bytes | None
-    click: Click | None = None     # a good click: answered on the output topic
-    reason: str | None = None      # a bad one: dead-lettered with this reason
-    too_large: bool = False        # ...its dead letter too large for the topic: truncated
+    click: Click | None = None  # a good click: answered on the output topic
+    reason: str | None = None  # a bad one: dead-lettered with this reason
+    too_large: bool = False  # ...its dead letter too large for the topic: truncated
     partition: int = -1
     offset: int = -1
 
@@ -177,10 +216,14 @@ class Sent:
 
     def __repr__(self) -> str:  # short: some values are a megabyte
         def cut(raw: bytes | None) -> str:
-            return repr(raw) if raw is None or len(raw) <= 80 else \
-                f"{raw[:80]!r}...({len(raw)} bytes)"
-        return (f"Sent(key={cut(self.key)}, value={cut(self.value)}, reason={self.reason}, "
-                f"source={self.source})")
+            return (
+                repr(raw) if raw is None or len(raw) <= 80 else f"{raw[:80]!r}...({len(raw)} bytes)"
+            )
+
+        return (
+            f"Sent(key={cut(self.key)}, value={cut(self.value)}, reason={self.reason}, "
+            f"source={self.source})"
+        )
 
 
 def _is_json(value: bytes) -> bool:
@@ -195,39 +238,55 @@ def _dumps(data: Any) -> bytes:
     return json.dumps(data).encode("utf-8")  # allow_nan: NaN, Infinity literals
 
 
-json_leaves = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=12),
-                        st.floats(allow_nan=False, allow_infinity=False))
-json_values = st.recursive(json_leaves, lambda inner: st.one_of(
-    st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)),
-    max_leaves=6)
-past_times = st.one_of(st.floats(min_value=0.0, max_value=PAST),
-                       st.integers(min_value=0, max_value=int(PAST)))
+json_leaves = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.text(max_size=12),
+    st.floats(allow_nan=False, allow_infinity=False),
+)
+json_values = st.recursive(
+    json_leaves,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+past_times = st.one_of(
+    st.floats(min_value=0.0, max_value=PAST), st.integers(min_value=0, max_value=int(PAST))
+)
 
 
 @st.composite
 def good_fields(draw: st.DrawFn, session_id: str, item_ids: list[str]) -> dict[str, Any]:
-    return {"session_id": session_id, "item_id": draw(st.sampled_from(item_ids)),
-            "timestamp": draw(past_times)}
+    return {
+        "session_id": session_id,
+        "item_id": draw(st.sampled_from(item_ids)),
+        "timestamp": draw(past_times),
+    }
 
 
 @st.composite
 def not_json(draw: st.DrawFn, sid: str, item_ids: list[str]) -> tuple[bytes | None, bytes]:
     valid = _dumps(draw(good_fields(sid, item_ids)))
-    value = draw(st.one_of(
-        st.just(b""),
-        st.binary(min_size=1, max_size=120),
-        st.integers(1, len(valid) - 1).map(lambda n: valid[:n]),           # truncated
-        st.binary(min_size=1, max_size=8).map(lambda junk: valid + junk),    # trailing junk
-        st.just(valid.replace(b'"item_id": "', b'"item_id": "\xff\xfe')),    # bad UTF-8
-        st.just(valid.replace(b'"', b"'")),                                  # single quotes
-    ).filter(lambda v: not _is_json(v)))
+    value = draw(
+        st.one_of(
+            st.just(b""),
+            st.binary(min_size=1, max_size=120),
+            st.integers(1, len(valid) - 1).map(lambda n: valid[:n]),  # truncated
+            st.binary(min_size=1, max_size=8).map(lambda junk: valid + junk),  # trailing junk
+            st.just(valid.replace(b'"item_id": "', b'"item_id": "\xff\xfe')),  # bad UTF-8
+            st.just(valid.replace(b'"', b"'")),  # single quotes
+        ).filter(lambda v: not _is_json(v))
+    )
     return sid.encode(), value
 
 
 @st.composite
 def not_object(draw: st.DrawFn, sid: str, item_ids: list[str]) -> tuple[bytes | None, bytes]:
-    data = draw(st.one_of(json_leaves, st.lists(json_values, max_size=4),
-                          st.just([sid, item_ids[0], PAST])))
+    data = draw(
+        st.one_of(json_leaves, st.lists(json_values, max_size=4), st.just([sid, item_ids[0], PAST]))
+    )
     return sid.encode(), _dumps(data)
 
 
@@ -247,16 +306,25 @@ def bad_type(draw: st.DrawFn, sid: str, item_ids: list[str]) -> tuple[bytes | No
     data = draw(good_fields(sid, item_ids))
     name = draw(st.sampled_from(sorted(data)))
     if name == "timestamp":
-        data[name] = draw(st.one_of(st.text(max_size=12), st.booleans(),
-                                    st.lists(past_times, min_size=1, max_size=2),
-                                    st.dictionaries(st.text(max_size=4), past_times,
-                                                    max_size=2)))
+        data[name] = draw(
+            st.one_of(
+                st.text(max_size=12),
+                st.booleans(),
+                st.lists(past_times, min_size=1, max_size=2),
+                st.dictionaries(st.text(max_size=4), past_times, max_size=2),
+            )
+        )
     else:
-        data[name] = draw(st.one_of(st.just(""), st.booleans(), st.integers(),
-                                    st.floats(allow_nan=False, allow_infinity=False),
-                                    st.lists(st.text(max_size=5), max_size=2),
-                                    st.dictionaries(st.text(max_size=4), st.text(max_size=4),
-                                                    max_size=2)))
+        data[name] = draw(
+            st.one_of(
+                st.just(""),
+                st.booleans(),
+                st.integers(),
+                st.floats(allow_nan=False, allow_infinity=False),
+                st.lists(st.text(max_size=5), max_size=2),
+                st.dictionaries(st.text(max_size=4), st.text(max_size=4), max_size=2),
+            )
+        )
     return sid.encode(), _dumps(data)
 
 
@@ -264,12 +332,15 @@ def bad_type(draw: st.DrawFn, sid: str, item_ids: list[str]) -> tuple[bytes | No
 def bad_timestamp(draw: st.DrawFn, sid: str, item_ids: list[str]) -> tuple[bytes | None, bytes]:
     data = draw(good_fields(sid, item_ids))
     data["timestamp"] = math.nan  # a placeholder replaced by the literal below
-    literal = draw(st.one_of(
-        st.sampled_from(["NaN", "Infinity", "-Infinity", "1e400", "-1e400", "-0.5"]),
-        st.floats(max_value=-1e-9, allow_infinity=False, allow_nan=False).map(repr),
-        st.integers(max_value=-1).map(str),
-        st.floats(min_value=FAR_FUTURE, max_value=1e300).map(repr),
-        st.integers(min_value=int(FAR_FUTURE) + 1, max_value=10**30).map(str)))
+    literal = draw(
+        st.one_of(
+            st.sampled_from(["NaN", "Infinity", "-Infinity", "1e400", "-1e400", "-0.5"]),
+            st.floats(max_value=-1e-9, allow_infinity=False, allow_nan=False).map(repr),
+            st.integers(max_value=-1).map(str),
+            st.floats(min_value=FAR_FUTURE, max_value=1e300).map(repr),
+            st.integers(min_value=int(FAR_FUTURE) + 1, max_value=10**30).map(str),
+        )
+    )
     return sid.encode(), _dumps(data).replace(b"NaN", literal.encode())
 
 
@@ -280,10 +351,20 @@ def null_key(draw: st.DrawFn, sid: str, item_ids: list[str]) -> tuple[bytes | No
 
 @st.composite
 def key_mismatch(draw: st.DrawFn, sid: str, item_ids: list[str]) -> tuple[bytes | None, bytes]:
-    key = draw(st.one_of(st.just(b""), st.binary(min_size=1, max_size=40),
-                         st.sampled_from([sid.upper().encode(), (sid + " ").encode(),
-                                          sid.encode("utf-16"), sid[:-1].encode()]))
-               .filter(lambda k: k != sid.encode()))
+    key = draw(
+        st.one_of(
+            st.just(b""),
+            st.binary(min_size=1, max_size=40),
+            st.sampled_from(
+                [
+                    sid.upper().encode(),
+                    (sid + " ").encode(),
+                    sid.encode("utf-16"),
+                    sid[:-1].encode(),
+                ]
+            ),
+        ).filter(lambda k: k != sid.encode())
+    )
     return key, _dumps(draw(good_fields(sid, item_ids)))
 
 
@@ -308,10 +389,12 @@ def _padded(data: dict[str, Any], size: int) -> bytes:
 def oversized_message(size_limit: int) -> Callable[..., Any]:
     """A well-formed click padded past stream.kafka.wire' limit, up to just under the topic's
     (the broker's) max.message.bytes."""
+
     @st.composite
     def strategy(draw: st.DrawFn, sid: str, item_ids: list[str]) -> tuple[bytes | None, bytes]:
         size = draw(st.integers(MAX_MESSAGE_BYTES + 1, size_limit - BATCH_OVERHEAD - len(sid)))
         return sid.encode(), _padded(draw(good_fields(sid, item_ids)), size)
+
     return strategy
 
 
@@ -320,13 +403,24 @@ def empty(sid: str, item_ids: list[str]) -> st.SearchStrategy[tuple[bytes | None
 
 
 def malformations(size_limit: int) -> list[Callable[..., Any]]:
-    return [empty, not_json, not_object, missing_field, bad_type, bad_timestamp, null_key,
-            key_mismatch, oversized_id, oversized_message(size_limit)]
+    return [
+        empty,
+        not_json,
+        not_object,
+        missing_field,
+        bad_type,
+        bad_timestamp,
+        null_key,
+        key_mismatch,
+        oversized_id,
+        oversized_message(size_limit),
+    ]
 
 
 @st.composite
-def mixed_batch(draw: st.DrawFn, tag: str, item_ids: list[str],
-                size_limit: int) -> tuple[list[Sent], list[Sent]]:
+def mixed_batch(
+    draw: st.DrawFn, tag: str, item_ids: list[str], size_limit: int
+) -> tuple[list[Sent], list[Sent]]:
     """Good clicks and at least one message of every malformation, shuffled; then the
     good clicks to produce after all of them."""
     kinds = malformations(size_limit)
@@ -338,15 +432,22 @@ def mixed_batch(draw: st.DrawFn, tag: str, item_ids: list[str],
     # In every batch, messages near the broker's limit (the dead letter adds headers):
     # one whose copy still fits, and two (a long value, a long key) whose copies cannot.
     sid = f"{tag}-huge"
-    bad.append(Sent(sid.encode(), _padded(draw(good_fields(sid, item_ids)),
-                                          size_limit - BATCH_OVERHEAD - len(sid))))
+    bad.append(
+        Sent(
+            sid.encode(),
+            _padded(draw(good_fields(sid, item_ids)), size_limit - BATCH_OVERHEAD - len(sid)),
+        )
+    )
     sid = f"{tag}-full"
-    bad.append(Sent(sid.encode(), _padded(draw(good_fields(sid, item_ids)),
-                                          size_limit - RECORD_OVERHEAD - len(sid)),
-                    too_large=True))
+    bad.append(
+        Sent(
+            sid.encode(),
+            _padded(draw(good_fields(sid, item_ids)), size_limit - RECORD_OVERHEAD - len(sid)),
+            too_large=True,
+        )
+    )
     value = _dumps(draw(good_fields(f"{tag}-longkey", item_ids)))
-    bad.append(Sent(b"k" * (size_limit - RECORD_OVERHEAD - len(value)), value,
-                    too_large=True))
+    bad.append(Sent(b"k" * (size_limit - RECORD_OVERHEAD - len(value)), value, too_large=True))
 
     def good_clicks(prefix: str, sessions: int) -> list[Sent]:
         sent = []
@@ -361,13 +462,14 @@ def mixed_batch(draw: st.DrawFn, tag: str, item_ids: list[str],
     # Shuffle the bad messages in among the good ones; each session's clicks keep their
     # order (a session's offsets order its clicks).
     bad = draw(st.permutations(bad))
-    positions = sorted(draw(st.lists(st.integers(0, len(good)), min_size=len(bad),
-                                     max_size=len(bad))))
+    positions = sorted(
+        draw(st.lists(st.integers(0, len(good)), min_size=len(bad), max_size=len(bad)))
+    )
     mixed: list[Sent] = []
     for n, message in enumerate(bad):
-        mixed.extend(good[positions[n - 1] if n else 0:positions[n]])
+        mixed.extend(good[positions[n - 1] if n else 0 : positions[n]])
         mixed.append(message)
-    mixed.extend(good[positions[-1]:])
+    mixed.extend(good[positions[-1] :])
     return mixed, good_clicks("after", 5)
 
 
@@ -377,15 +479,18 @@ def mixed_batch(draw: st.DrawFn, tag: str, item_ids: list[str],
 def produce(bootstrap: str, topic: str, messages: list[Sent], size_limit: int) -> None:
     """Produce raw key/value bytes as given (murmur2 on the key, like every click producer)
     and record where each landed."""
-    producer = Producer(producer_config(bootstrap, **{"message.max.bytes": size_limit,
-                                                      "linger.ms": 5}))
+    producer = Producer(
+        producer_config(bootstrap, **{"message.max.bytes": size_limit, "linger.ms": 5})
+    )
     errors = []
     for sent in messages:
+
         def delivered(err: Any, message: Any, sent: Sent = sent) -> None:
             if err is not None:
                 errors.append(err)
             else:
                 sent.partition, sent.offset = message.partition(), message.offset()
+
         producer.produce(topic, key=sent.key, value=sent.value, on_delivery=delivered)
         producer.poll(0)
     assert producer.flush(60) == 0
@@ -398,13 +503,21 @@ def header(message: Any, name: str) -> bytes | None:
     return values[0] if values else None
 
 
-@settings(max_examples=5, deadline=None, database=None,
-          phases=[Phase.explicit, Phase.generate],  # shrinking would replay against one worker
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                 HealthCheck.large_base_example])
+@settings(
+    max_examples=5,
+    deadline=None,
+    database=None,
+    phases=[Phase.explicit, Phase.generate],  # shrinking would replay against one worker
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.large_base_example,
+    ],
+)
 @given(data=st.data())
-def test_bad_messages_are_dead_lettered_and_never_stop_the_worker(harness: Harness,
-                                                                  data: st.DataObject) -> None:
+def test_bad_messages_are_dead_lettered_and_never_stop_the_worker(
+    harness: Harness, data: st.DataObject
+) -> None:
     h = harness
     tag = f"x{uuid.uuid4().hex[:8]}"  # this example's sessions
     mixed, after = data.draw(mixed_batch(tag, h.item_ids, h.size_limit), label="batch")
@@ -425,8 +538,9 @@ def test_bad_messages_are_dead_lettered_and_never_stop_the_worker(harness: Harne
     sources = {s.source for s in mixed + after}
     assert len(sources) == len(mixed) + len(after)
 
-    def by_source(messages: list[Any], decode: Callable[[Any], tuple[int, int]]) \
-            -> dict[tuple[int, int], list[Any]]:
+    def by_source(
+        messages: list[Any], decode: Callable[[Any], tuple[int, int]]
+    ) -> dict[tuple[int, int], list[Any]]:
         found: dict[tuple[int, int], list[Any]] = {}
         for message in messages:
             source = decode(message)
@@ -443,32 +557,40 @@ def test_bad_messages_are_dead_lettered_and_never_stop_the_worker(harness: Harne
     def dlq_source(message: Any) -> tuple[int, int]:
         raw = (header(message, "streamrec-source") or b"").decode()
         assert raw.startswith(prefix), raw
-        partition, offset = raw[len(prefix):].split("/")
+        partition, offset = raw[len(prefix) :].split("/")
         return int(partition), int(offset)
 
     want_outputs = {s.source for s in good}
     want_dead = {s.source for s in bad}
     answered = h.outputs.read_until(
-        lambda ms: want_outputs <= set(by_source(ms, output_source)), timeout=45)
+        lambda ms: want_outputs <= set(by_source(ms, output_source)), timeout=45
+    )
     dead = h.dead_letters.read_until(
-        lambda ms: want_dead <= set(by_source(ms, dlq_source)), timeout=45)
+        lambda ms: want_dead <= set(by_source(ms, dlq_source)), timeout=45
+    )
     assert h.worker.process.poll() is None, "the worker died:\n" + h.log()
     outputs = by_source(h.outputs.messages, output_source)
     dead_letters = by_source(h.dead_letters.messages, dlq_source)
-    assert answered, (f"{len(want_outputs - set(outputs))} of {len(want_outputs)} good "
-                      f"clicks unanswered\n" + h.log())
-    assert dead, (f"{len(want_dead - set(dead_letters))} of {len(want_dead)} bad messages "
-                  f"not dead-lettered, reasons "
-                  f"{Counter(s.reason for s in bad if s.source not in dead_letters)}\n"
-                  + h.log())
+    assert answered, (
+        f"{len(want_outputs - set(outputs))} of {len(want_outputs)} good "
+        f"clicks unanswered\n" + h.log()
+    )
+    assert dead, (
+        f"{len(want_dead - set(dead_letters))} of {len(want_dead)} bad messages "
+        f"not dead-lettered, reasons "
+        f"{Counter(s.reason for s in bad if s.source not in dead_letters)}\n" + h.log()
+    )
 
     # Good clicks: answered (at least once), as themselves, never dead-lettered.
     for sent in good:
         for message in outputs[sent.source]:
             value = json.loads(message.value())
             assert message.key() == sent.key
-            assert (value["session_id"], value["item_id"], value["timestamp"]) == \
-                (sent.click.session_id, sent.click.item_id, sent.click.timestamp)
+            assert (value["session_id"], value["item_id"], value["timestamp"]) == (
+                sent.click.session_id,
+                sent.click.item_id,
+                sent.click.timestamp,
+            )
             assert len(value["recommendations"]) == 20
         assert sent.source not in dead_letters
     # Bad messages: dead-lettered with the reason parse_click gives and the original
@@ -523,12 +645,16 @@ def test_a_flood_of_bad_messages_does_not_slow_the_worker(harness: Harness) -> N
         return [m for m in messages if header(m, "streamrec-source") in sources]
 
     assert h.dead_letters.read_until(
-        lambda ms: len({header(m, "streamrec-source") for m in ours(ms)}) == len(flood),
-        timeout=45), h.log()
-    assert h.outputs.read_until(lambda ms: any(
-        json.loads(m.value())["source"] == {"partition": answer[0].partition,
-                                             "offset": answer[0].offset} for m in ms),
-        timeout=45), h.log()
+        lambda ms: len({header(m, "streamrec-source") for m in ours(ms)}) == len(flood), timeout=45
+    ), h.log()
+    assert h.outputs.read_until(
+        lambda ms: any(
+            json.loads(m.value())["source"]
+            == {"partition": answer[0].partition, "offset": answer[0].offset}
+            for m in ms
+        ),
+        timeout=45,
+    ), h.log()
     copies = ours(h.dead_letters.messages)
     assert {header(m, "streamrec-source") for m in copies} == set(sources)
     for message in copies:

@@ -17,21 +17,26 @@ from model.train import train
 
 # --- target_ranks ---------------------------------------------------------------------------
 
-SCORES = torch.tensor([
-    [0.5, 0.9, 0.5, 0.1, 0.5],   # target 0: 1 above, tied with 2 others
-    [0.1, 0.1, 0.3, 0.2, 0.0],   # target 1: 2 above, tied with 1 other
-    [0.7, 0.2, 0.3, 0.1, 0.0],   # target 0: unique best
-    [0.4, 0.4, 0.4, 0.4, 0.4],   # target 4: everything tied
-    [0.9, 0.8, 0.7, 0.6, 0.5],   # target 4: unique worst
-])
+SCORES = torch.tensor(
+    [
+        [0.5, 0.9, 0.5, 0.1, 0.5],  # target 0: 1 above, tied with 2 others
+        [0.1, 0.1, 0.3, 0.2, 0.0],  # target 1: 2 above, tied with 1 other
+        [0.7, 0.2, 0.3, 0.1, 0.0],  # target 0: unique best
+        [0.4, 0.4, 0.4, 0.4, 0.4],  # target 4: everything tied
+        [0.9, 0.8, 0.7, 0.6, 0.5],  # target 4: unique worst
+    ]
+)
 TARGETS = torch.tensor([0, 1, 0, 4, 4])
 
 
-@pytest.mark.parametrize(("ties", "expected"), [
-    ("conservative", [4.0, 4.0, 1.0, 5.0, 5.0]),
-    ("optimistic", [2.0, 3.0, 1.0, 1.0, 5.0]),
-    ("median", [3.0, 3.5, 1.0, 3.0, 5.0]),
-])
+@pytest.mark.parametrize(
+    ("ties", "expected"),
+    [
+        ("conservative", [4.0, 4.0, 1.0, 5.0, 5.0]),
+        ("optimistic", [2.0, 3.0, 1.0, 1.0, 5.0]),
+        ("median", [3.0, 3.5, 1.0, 3.0, 5.0]),
+    ],
+)
 def test_target_ranks_under_each_tie_mode(ties: str, expected: list[float]) -> None:
     assert target_ranks(SCORES, TARGETS, ties).tolist() == expected
 
@@ -41,11 +46,11 @@ def test_target_ranks_under_each_tie_mode(ties: str, expected: list[float]) -> N
 KNOWN = ["A", "B", "C", "D"]
 # scores of (A, B, C, D) given the last known item clicked, or no known item yet
 TABLE = {
-    "A": [0.0, 3.0, 2.0, 1.0],    # B > C > D > A
-    "B": [1.0, 0.0, 3.0, 2.0],    # C > D > A > B
-    "C": [3.0, 2.0, 0.0, 1.0],    # A > B > D > C
-    "D": [2.0, 2.0, 2.0, 0.0],    # A = B = C > D
-    None: [1.0, 1.0, 1.0, 1.0],   # nothing known yet: all tied
+    "A": [0.0, 3.0, 2.0, 1.0],  # B > C > D > A
+    "B": [1.0, 0.0, 3.0, 2.0],  # C > D > A > B
+    "C": [3.0, 2.0, 0.0, 1.0],  # A > B > D > C
+    "D": [2.0, 2.0, 2.0, 0.0],  # A = B = C > D
+    None: [1.0, 1.0, 1.0, 1.0],  # nothing known yet: all tied
 }
 
 
@@ -72,12 +77,12 @@ class TableScorer:
 
 
 SESSIONS = {
-    "s1": ["A", "B", "C"],       # A->B rank 1; B->C rank 1
+    "s1": ["A", "B", "C"],  # A->B rank 1; B->C rank 1
     "s2": ["A", "D", "X", "B"],  # A->D rank 3; D->X unknown target, skipped;
-                                 # X is unknown so the state stays D: D->B ties with A, C
-    "s3": ["X", "C", "A"],       # nothing known -> C ties with all 4; C->A rank 1
-    "s4": ["B"],                 # no prediction
-    "s5": ["C", "D"],            # C->D rank 3
+    # X is unknown so the state stays D: D->B ties with A, C
+    "s3": ["X", "C", "A"],  # nothing known -> C ties with all 4; C->A rank 1
+    "s4": ["B"],  # no prediction
+    "s5": ["C", "D"],  # C->D rank 3
 }
 # ranks of the 7 predictions, by hand, in the order above
 HAND_RANKS = {
@@ -140,8 +145,10 @@ def test_unknown_items_are_passed_as_minus_one_and_never_scored() -> None:
 @pytest.mark.parametrize("per_batch", [1, 2, 3, 1000])
 def test_session_batching_does_not_change_results(per_batch: int) -> None:
     reference = evaluate(TableScorer(), hand_log(), ks=(1, 3)).to_dict()
-    assert evaluate(TableScorer(), hand_log(), ks=(1, 3),
-                    sessions_per_batch=per_batch).to_dict() == reference
+    assert (
+        evaluate(TableScorer(), hand_log(), ks=(1, 3), sessions_per_batch=per_batch).to_dict()
+        == reference
+    )
 
 
 def test_cutoffs_are_sorted_and_deduplicated() -> None:
@@ -163,6 +170,7 @@ def test_invalid_cutoffs_are_a_user_error(ks: list[int]) -> None:
 
 # --- GRU4Rec through RecommenderScorer ------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def recommender() -> Recommender:
     log = generate(SynthSpec(sessions=300, items=50, seed=1))
@@ -177,8 +185,9 @@ def test_log() -> ClickLog:
     return generate(SynthSpec(sessions=80, items=50, seed=9, item_offset=30))
 
 
-def slow_reference(recommender: Recommender, log: ClickLog,
-                   ks: tuple[int, ...]) -> dict[str, float]:
+def slow_reference(
+    recommender: Recommender, log: ClickLog, ks: tuple[int, ...]
+) -> dict[str, float]:
     """One session at a time, straight through Recommender.step / Recommender.scores."""
     hits = dict.fromkeys(ks, 0.0)
     reciprocal = dict.fromkeys(ks, 0.0)
@@ -219,11 +228,13 @@ def test_recommender_scorer_is_repeatable(recommender: Recommender, test_log: Cl
     assert first == second
 
 
-def test_recommender_scorer_equals_slow_reference(recommender: Recommender,
-                                                  test_log: ClickLog) -> None:
+def test_recommender_scorer_equals_slow_reference(
+    recommender: Recommender, test_log: ClickLog
+) -> None:
     ks = (1, 5, 20)
-    result = evaluate(RecommenderScorer(recommender), test_log, ks=ks,
-                      sessions_per_batch=16).to_dict()
+    result = evaluate(
+        RecommenderScorer(recommender), test_log, ks=ks, sessions_per_batch=16
+    ).to_dict()
     reference = slow_reference(recommender, test_log, ks)
     assert result["n_predictions"] == reference["n_predictions"] > 0
     assert result["n_skipped_unknown"] == reference["n_skipped_unknown"] > 0

@@ -10,14 +10,26 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stream.kafka.wire import (MAX_FUTURE_SKEW_S, MAX_ID_BYTES, MAX_MESSAGE_BYTES, Click, Rejected,
-                           encode_click, encode_recommendation, parse_click)
+from stream.kafka.wire import (
+    MAX_FUTURE_SKEW_S,
+    MAX_ID_BYTES,
+    MAX_MESSAGE_BYTES,
+    Click,
+    Rejected,
+    encode_click,
+    encode_recommendation,
+    parse_click,
+)
 
 NOW = 1_700_000_000.0
 
 
-def message(session_id: object = "s1", item_id: object = "i1", timestamp: object = NOW - 5.0,
-            **extra: object) -> bytes:
+def message(
+    session_id: object = "s1",
+    item_id: object = "i1",
+    timestamp: object = NOW - 5.0,
+    **extra: object,
+) -> bytes:
     data = {"session_id": session_id, "item_id": item_id, "timestamp": timestamp, **extra}
     return json.dumps(data).encode("utf-8")
 
@@ -61,11 +73,13 @@ def test_zero_timestamp_and_max_skew_are_accepted() -> None:
 
 def test_non_ascii_ids_and_ids_at_the_size_limit() -> None:
     session = "séance-😀"
-    assert parse_click(session.encode("utf-8"), message(session_id=session, item_id="ü"),
-                       NOW) == Click(session, "ü", NOW - 5.0)
+    assert parse_click(
+        session.encode("utf-8"), message(session_id=session, item_id="ü"), NOW
+    ) == Click(session, "ü", NOW - 5.0)
     long_id = "x" * MAX_ID_BYTES
-    assert parse_click(long_id.encode(), message(session_id=long_id, item_id=long_id),
-                       NOW) == Click(long_id, long_id, NOW - 5.0)
+    assert parse_click(
+        long_id.encode(), message(session_id=long_id, item_id=long_id), NOW
+    ) == Click(long_id, long_id, NOW - 5.0)
 
 
 # ------------------------------------------------------------------------------- rejections
@@ -81,8 +95,9 @@ def test_oversized_value() -> None:
     assert reason(b"s1", value) == "oversized"
 
 
-@pytest.mark.parametrize("value", [b"", b"not json", b"{", b'{"session_id": "s1",}',
-                                   b"\xff\xfe\xfd", b"\x80abc"])
+@pytest.mark.parametrize(
+    "value", [b"", b"not json", b"{", b'{"session_id": "s1",}', b"\xff\xfe\xfd", b"\x80abc"]
+)
 def test_not_json(value: bytes) -> None:
     assert reason(b"s1", value) == "not_json"
 
@@ -102,13 +117,24 @@ def test_null_field_counts_as_missing(field: str) -> None:
     assert reason(b"s1", message(**{field: None})) == "missing_field"
 
 
-@pytest.mark.parametrize("value", [
-    message(session_id=1), message(session_id=1.5), message(session_id=True),
-    message(session_id=["s1"]), message(session_id={"id": "s1"}),
-    message(item_id=7), message(item_id=False), message(item_id=["i1"]),
-    message(timestamp="1700000000"), message(timestamp=True), message(timestamp=False),
-    message(timestamp=[NOW]), message(timestamp={"t": NOW}),
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        message(session_id=1),
+        message(session_id=1.5),
+        message(session_id=True),
+        message(session_id=["s1"]),
+        message(session_id={"id": "s1"}),
+        message(item_id=7),
+        message(item_id=False),
+        message(item_id=["i1"]),
+        message(timestamp="1700000000"),
+        message(timestamp=True),
+        message(timestamp=False),
+        message(timestamp=[NOW]),
+        message(timestamp={"t": NOW}),
+    ],
+)
 def test_bad_type(value: bytes) -> None:
     assert reason(b"s1", value) == "bad_type"
 
@@ -131,16 +157,19 @@ def test_id_limit_counts_utf8_bytes_not_characters() -> None:
     assert reason(b"s1", message(item_id=wide)) == "oversized"
 
 
-@pytest.mark.parametrize("value", [
-    b'{"session_id": "s1", "item_id": "i1", "timestamp": NaN}',  # Python's json accepts it
-    b'{"session_id": "s1", "item_id": "i1", "timestamp": Infinity}',
-    b'{"session_id": "s1", "item_id": "i1", "timestamp": -Infinity}',
-    b'{"session_id": "s1", "item_id": "i1", "timestamp": 1e400}',  # overflows to inf
-    message(timestamp=-1),
-    message(timestamp=-0.001),
-    message(timestamp=NOW + MAX_FUTURE_SKEW_S + 1.0),
-    message(timestamp=NOW * 10),
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        b'{"session_id": "s1", "item_id": "i1", "timestamp": NaN}',  # Python's json accepts it
+        b'{"session_id": "s1", "item_id": "i1", "timestamp": Infinity}',
+        b'{"session_id": "s1", "item_id": "i1", "timestamp": -Infinity}',
+        b'{"session_id": "s1", "item_id": "i1", "timestamp": 1e400}',  # overflows to inf
+        message(timestamp=-1),
+        message(timestamp=-0.001),
+        message(timestamp=NOW + MAX_FUTURE_SKEW_S + 1.0),
+        message(timestamp=NOW * 10),
+    ],
+)
 def test_bad_timestamp(value: bytes) -> None:
     assert reason(b"s1", value) == "bad_timestamp"
 
@@ -156,12 +185,16 @@ def test_key_mismatch(key: bytes) -> None:
 
 # Inputs that once made parse_click raise instead of returning a Rejected.
 
-@pytest.mark.parametrize("value", [
-    b'{"session_id": "\\ud800", "item_id": "i1", "timestamp": 1}',
-    b'{"session_id": "s1", "item_id": "\\udfff", "timestamp": 1}',
-    # raw CESU-style surrogate bytes: json.loads(bytes) decodes with 'surrogatepass'
-    b'{"session_id": "s1", "item_id": "\xed\xa0\x80", "timestamp": 1}',
-])
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b'{"session_id": "\\ud800", "item_id": "i1", "timestamp": 1}',
+        b'{"session_id": "s1", "item_id": "\\udfff", "timestamp": 1}',
+        # raw CESU-style surrogate bytes: json.loads(bytes) decodes with 'surrogatepass'
+        b'{"session_id": "s1", "item_id": "\xed\xa0\x80", "timestamp": 1}',
+    ],
+)
 def test_lone_surrogate_id_is_rejected_not_raised(value: bytes) -> None:
     assert isinstance(parse_click(b"s1", value, NOW), Rejected)
 
@@ -185,17 +218,35 @@ def test_deeply_nested_json_is_rejected() -> None:
 
 # ----------------------------------------------------------------------- property tests
 
-json_leaf = st.one_of(st.text(max_size=20), st.floats(allow_nan=True, allow_infinity=True),
-                      st.integers(), st.booleans(), st.none())
-json_values = st.recursive(json_leaf, lambda children: st.one_of(
-    st.lists(children, max_size=4), st.dictionaries(st.text(max_size=10), children, max_size=4)),
-    max_leaves=12)
-field_values = st.one_of(json_values, st.text(max_size=30),
-                         st.floats(min_value=0, max_value=NOW * 2), st.just("s1"))
-click_like = st.fixed_dictionaries({}, optional={
-    "session_id": field_values, "item_id": field_values, "timestamp": field_values,
-}).flatmap(lambda d: st.dictionaries(st.text(max_size=10), json_values, max_size=3)
-           .map(lambda extra: {**extra, **d}))
+json_leaf = st.one_of(
+    st.text(max_size=20),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(),
+    st.booleans(),
+    st.none(),
+)
+json_values = st.recursive(
+    json_leaf,
+    lambda children: st.one_of(
+        st.lists(children, max_size=4), st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+field_values = st.one_of(
+    json_values, st.text(max_size=30), st.floats(min_value=0, max_value=NOW * 2), st.just("s1")
+)
+click_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "session_id": field_values,
+        "item_id": field_values,
+        "timestamp": field_values,
+    },
+).flatmap(
+    lambda d: st.dictionaries(st.text(max_size=10), json_values, max_size=3).map(
+        lambda extra: {**extra, **d}
+    )
+)
 keys = st.one_of(st.none(), st.binary(max_size=40), st.just(b"s1"))
 
 
@@ -219,8 +270,10 @@ def test_parse_never_raises_on_arbitrary_json(key: bytes | None, data: object) -
 
 
 ids = st.text(min_size=1, max_size=40).filter(lambda s: len(s.encode("utf-8")) <= MAX_ID_BYTES)
-valid_times = st.one_of(st.floats(min_value=0.0, max_value=NOW + MAX_FUTURE_SKEW_S),
-                        st.integers(min_value=0, max_value=int(NOW)))
+valid_times = st.one_of(
+    st.floats(min_value=0.0, max_value=NOW + MAX_FUTURE_SKEW_S),
+    st.integers(min_value=0, max_value=int(NOW)),
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -234,8 +287,10 @@ def test_encode_parse_round_trip(click: Click) -> None:
 
 
 @settings(max_examples=50, deadline=None)
-@given(session_id=st.text(min_size=1, max_size=MAX_ID_BYTES // 4),
-       item_id=st.text(min_size=1, max_size=MAX_ID_BYTES // 4))
+@given(
+    session_id=st.text(min_size=1, max_size=MAX_ID_BYTES // 4),
+    item_id=st.text(min_size=1, max_size=MAX_ID_BYTES // 4),
+)
 def test_round_trip_of_ids_at_any_length_up_to_the_limit(session_id: str, item_id: str) -> None:
     click = Click(session_id, item_id, NOW)
     assert parse_click(*encode_click(click), NOW) == click
@@ -246,18 +301,27 @@ def test_round_trip_of_ids_at_any_length_up_to_the_limit(session_id: str, item_i
 
 def test_encode_recommendation_shape() -> None:
     click = Click("sé", "i1", NOW)
-    raw = encode_recommendation(click, ["a", "b", "c"], [0.5, 0.123456789, -1.0],
-                                model_version="v7", partition=3, offset=42)
+    raw = encode_recommendation(
+        click, ["a", "b", "c"], [0.5, 0.123456789, -1.0], model_version="v7", partition=3, offset=42
+    )
     decoded = json.loads(raw)
-    assert set(decoded) == {"session_id", "item_id", "timestamp", "recommendations",
-                            "model_version", "source"}
+    assert set(decoded) == {
+        "session_id",
+        "item_id",
+        "timestamp",
+        "recommendations",
+        "model_version",
+        "source",
+    }
     assert decoded["session_id"] == "sé" and decoded["item_id"] == "i1"
     assert decoded["timestamp"] == NOW
     assert decoded["model_version"] == "v7"
     assert decoded["source"] == {"partition": 3, "offset": 42}
-    assert decoded["recommendations"] == [{"item_id": "a", "score": 0.5},
-                                          {"item_id": "b", "score": 0.123457},
-                                          {"item_id": "c", "score": -1.0}]
+    assert decoded["recommendations"] == [
+        {"item_id": "a", "score": 0.5},
+        {"item_id": "b", "score": 0.123457},
+        {"item_id": "c", "score": -1.0},
+    ]
     for entry in decoded["recommendations"]:
         assert set(entry) == {"item_id", "score"}
         assert isinstance(entry["score"], float)
@@ -267,24 +331,31 @@ def test_encode_recommendation_accepts_numpy_scores_and_empty_lists() -> None:
     import numpy as np
 
     click = Click("s", "i", 1.0)
-    decoded = json.loads(encode_recommendation(click, ("x", "y"), np.array([2, 1], np.float32),
-                                               "v", 0, 0))
-    assert decoded["recommendations"] == [{"item_id": "x", "score": 2.0},
-                                          {"item_id": "y", "score": 1.0}]
+    decoded = json.loads(
+        encode_recommendation(click, ("x", "y"), np.array([2, 1], np.float32), "v", 0, 0)
+    )
+    assert decoded["recommendations"] == [
+        {"item_id": "x", "score": 2.0},
+        {"item_id": "y", "score": 1.0},
+    ]
     assert json.loads(encode_recommendation(click, [], [], "v", 0, 0))["recommendations"] == []
 
 
-@pytest.mark.parametrize("item_id", ['q"uote', "back\\slash", "tab\tnew\nline", "é☃😀",
-                                     "\x00\x1f"])
+@pytest.mark.parametrize("item_id", ['q"uote', "back\\slash", "tab\tnew\nline", "é☃😀", "\x00\x1f"])
 def test_encode_recommendation_is_the_json_of_the_message(item_id: str) -> None:
     click = Click(f"s-{item_id}", item_id, 1700000000.123456)
     scores = [1e-9, -3.25, 123456.7890123, 0.1 + 0.2, 2.0000005, -4.4e-7]
-    raw = encode_recommendation(click, [f"{item_id}{i}" for i in range(len(scores))], scores,
-                                f"v-{item_id}", 7, 2 ** 40)
+    raw = encode_recommendation(
+        click, [f"{item_id}{i}" for i in range(len(scores))], scores, f"v-{item_id}", 7, 2**40
+    )
     assert json.loads(raw) == {
-        "session_id": click.session_id, "item_id": item_id, "timestamp": click.timestamp,
-        "recommendations": [{"item_id": f"{item_id}{i}", "score": round(s, 6)}
-                            for i, s in enumerate(scores)],
-        "model_version": f"v-{item_id}", "source": {"partition": 7, "offset": 2 ** 40},
+        "session_id": click.session_id,
+        "item_id": item_id,
+        "timestamp": click.timestamp,
+        "recommendations": [
+            {"item_id": f"{item_id}{i}", "score": round(s, 6)} for i, s in enumerate(scores)
+        ],
+        "model_version": f"v-{item_id}",
+        "source": {"partition": 7, "offset": 2**40},
     }
     assert raw.isascii()  # non-ASCII ids escaped, as json.dumps does by default

@@ -18,14 +18,23 @@ class Marker:
     """An expiry-topic event as the agent sees it (weak-referenceable, like Faust's)."""
 
     def __init__(self, partition: int, before: float) -> None:
-        self.message = type("Message", (), {"partition": partition,
-                                            "value": json.dumps({"before": before}).encode()})
+        self.message = type(
+            "Message",
+            (),
+            {"partition": partition, "value": json.dumps({"before": before}).encode()},
+        )
 
 
 def session(partition: int, last_time: float) -> bytes:
-    return SessionState(hidden=np.zeros(4, np.float32), recent_items=("a",), last_offset=1,
-                        last_time=last_time, started=True, model_version="v",
-                        partition=partition).encode()
+    return SessionState(
+        hidden=np.zeros(4, np.float32),
+        recent_items=("a",),
+        last_offset=1,
+        last_time=last_time,
+        started=True,
+        model_version="v",
+        partition=partition,
+    ).encode()
 
 
 def processor_with(tmp_path: Path, table: dict[bytes, bytes]) -> ClickProcessor:
@@ -37,8 +46,11 @@ def processor_with(tmp_path: Path, table: dict[bytes, bytes]) -> ClickProcessor:
 def test_a_late_marker_expires_what_the_clicks_applied_since_make_idle(tmp_path: Path) -> None:
     """Under a backlog the marker arrives long after it was sent: the clicks applied
     meanwhile (event time 2000 on its partition) decide, not its stale cut-off."""
-    table = {b"idle": session(0, 1000.0), b"recent": session(0, 1950.0),
-             b"elsewhere": session(1, 0.0)}
+    table = {
+        b"idle": session(0, 1000.0),
+        b"recent": session(0, 1950.0),
+        b"elsewhere": session(1, 0.0),
+    }
     processor = processor_with(tmp_path, table)
     processor.expiry.watermarks.advance(0, 2000.0)
     processor.expiry.on_marker(Marker(partition=0, before=900.0))
@@ -55,7 +67,8 @@ def test_without_applied_clicks_the_marker_cut_off_applies(tmp_path: Path) -> No
 
 
 def test_a_large_pass_is_spread_over_batches_and_spares_sessions_that_clicked(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     """Thousands of tombstones in one step would hold every click behind them: a marker
     deletes EXPIRY_DELETES_PER_MARKER sessions, each following batch as many more as
     its budget; one that clicked meanwhile (its state written, hence touched) survives."""

@@ -40,15 +40,23 @@ class RoundRobin:
 class StandInConsumer:
     """What ``getmany`` touches on Faust's consumer; records what it is asked to do."""
 
-    def __init__(self, records: dict[TP, list[int]], *, flow_active: bool = True,
-                 active: set[TP] | None = None, new_generation_after: int | None = None):
-        self.records = {tp: [SimpleNamespace(offset=o) for o in offsets]
-                        for tp, offsets in records.items()}
+    def __init__(
+        self,
+        records: dict[TP, list[int]],
+        *,
+        flow_active: bool = True,
+        active: set[TP] | None = None,
+        new_generation_after: int | None = None,
+    ):
+        self.records = {
+            tp: [SimpleNamespace(offset=o) for o in offsets] for tp, offsets in records.items()
+        }
         self.flow_active = flow_active
         self.active = active if active is not None else set(records)
         self.new_generation_after = new_generation_after
-        self.app = SimpleNamespace(consumer_generation_id=7,
-                                   monitor=SimpleNamespace(track_tp_end_offset=lambda *a: None))
+        self.app = SimpleNamespace(
+            consumer_generation_id=7, monitor=SimpleNamespace(track_tp_end_offset=lambda *a: None)
+        )
         self.scheduler = RoundRobin()
         self.should_stop = False
         self._buffered_partitions: set[TP] = set()
@@ -80,11 +88,12 @@ class StandInConsumer:
 def drain(consumer: StandInConsumer) -> list[tuple[TP, int]]:
     async def run() -> list[tuple[TP, int]]:
         delivered = []
-        async for tp, message in faust_fixes._getmany(consumer, 1.0):
+        async for _tp, message in faust_fixes._getmany(consumer, 1.0):
             delivered.append(message)
             if consumer.new_generation_after == len(delivered):
                 consumer.app.consumer_generation_id += 1
         return delivered
+
     return asyncio.run(run())
 
 
@@ -97,8 +106,7 @@ def test_everything_delivered_means_no_seek() -> None:
 def test_records_fetched_while_flow_is_stopped_are_fetched_again() -> None:
     """The observed hang: recovery had sought the changelog to 139, the records arrived
     while the rebalance still held flow, and Faust dropped them for good."""
-    consumer = StandInConsumer({CHANGELOG1: [139, 140, 141], CLICKS1: [154]},
-                               flow_active=False)
+    consumer = StandInConsumer({CHANGELOG1: [139, 140, 141], CLICKS1: [154]}, flow_active=False)
     assert drain(consumer) == []
     assert consumer.sought == [{CHANGELOG1: 139, CLICKS1: 154}]
     assert consumer.sought_to_committed == 1  # Faust's rule for stream partitions still runs
@@ -139,6 +147,7 @@ def test_resuming_flow_clears_queues_only_after_a_suspension() -> None:
         flow.suspend()
         faust_fixes._resume(flow)  # after a suspension: stale events go
         return kept, queue.qsize()
+
     assert asyncio.run(run()) == (1, 0)
 
 
@@ -149,8 +158,14 @@ def test_faust_still_has_what_the_fixes_patch() -> None:
 
     source = inspect.getsource(faust_consumer)  # the module's text, whatever is patched
     assert "Cancelling getmany" in source and "Seek back to committed offsets" in source
-    for name in ("_wait_next_records", "perform_seek", "seek_wait", "_to_message",
-                 "highwater", "assignment"):
+    for name in (
+        "_wait_next_records",
+        "perform_seek",
+        "seek_wait",
+        "_to_message",
+        "highwater",
+        "assignment",
+    ):
         assert callable(getattr(Consumer, name, None)), name
     assert "self._buffered_partitions = set()" in source
     assert {"_suspend", "_resume"} <= set(vars(FlowControlEvent(initially_suspended=False)))

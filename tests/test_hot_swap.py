@@ -21,10 +21,11 @@ from model.config import GRU4RecConfig
 from model.inference import Recommender
 from model.synth import SynthSpec, generate
 from model.train import train
-from stream.serving.metrics import WorkerCounters
 from stream.kafka.wire import Click
-from stream.serving.hot_swap import ModelWatcher
 from stream.registry import ModelRegistry
+from stream.serving.hot_swap import ModelWatcher
+from stream.serving.metrics import WorkerCounters
+
 from support import StreamNames, WorkerProcess, click_by_click, produce_clicks, read_topic
 
 TINY = GRU4RecConfig(layers=(16,), n_sample=64, n_epochs=1)
@@ -34,8 +35,9 @@ TINY = GRU4RecConfig(layers=(16,), n_sample=64, n_epochs=1)
 def models() -> tuple[Recommender, Recommender]:
     """Two versions: ``old``, and ``new`` fine-tuned from it on other data (new items)."""
     old, _ = train(generate(SynthSpec(sessions=600, items=60, seed=5)), TINY, progress=False)
-    new, _ = train(generate(SynthSpec(sessions=600, items=80, seed=6)), TINY, base=old,
-                   progress=False)
+    new, _ = train(
+        generate(SynthSpec(sessions=600, items=80, seed=6)), TINY, base=old, progress=False
+    )
     return old, new
 
 
@@ -54,9 +56,10 @@ def publish_corrupt(registry: ModelRegistry, model: Recommender, version: str) -
 
 # --- the watcher alone ----------------------------------------------------------------------
 
+
 def test_the_watcher_swaps_rejects_and_follows_rollback(
-        tmp_path: Path, models: tuple[Recommender, Recommender],
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, models: tuple[Recommender, Recommender], monkeypatch: pytest.MonkeyPatch
+) -> None:
     old, new = (copy.deepcopy(m) for m in models)
     registry = ModelRegistry(tmp_path / "reg")
     v1 = registry.publish(old)
@@ -97,9 +100,9 @@ def test_the_watcher_swaps_rejects_and_follows_rollback(
     assert processor.recommender.version == v1 and processor.counters.swaps == 2
 
 
-def test_an_io_error_is_retried_not_rejected(tmp_path: Path,
-                                             models: tuple[Recommender, Recommender],
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_io_error_is_retried_not_rejected(
+    tmp_path: Path, models: tuple[Recommender, Recommender], monkeypatch: pytest.MonkeyPatch
+) -> None:
     registry = ModelRegistry(tmp_path / "reg")
     registry.publish(copy.deepcopy(models[0]))
     processor = SimpleNamespace(recommender=registry.current(), counters=WorkerCounters())
@@ -122,28 +125,36 @@ def test_an_io_error_is_retried_not_rejected(tmp_path: Path,
 
 # --- two workers on Kafka -------------------------------------------------------------------
 
+
 def from_scratch(recommender: Recommender, items: list[str], top_n: int = 20) -> list[str]:
     """The top-N after ``items``, computed in-process from an empty state."""
     return [item for item, _ in click_by_click(recommender, items, top_n)[1][-1]]
 
 
-def wait_until_both_consume(bootstrap: str, group: str, topic: str,
-                            workers: list[WorkerProcess], timeout: float = 120.0) -> None:
+def wait_until_both_consume(
+    bootstrap: str, group: str, topic: str, workers: list[WorkerProcess], timeout: float = 120.0
+) -> None:
     """Until the group is stable with two members, each owning a partition of ``topic``."""
     admin = AdminClient({"bootstrap.servers": bootstrap})
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for worker in workers:
-            assert worker.process is not None and worker.process.poll() is None, \
-                worker.log()[-3000:]
+            assert worker.process is not None and worker.process.poll() is None, worker.log()[
+                -3000:
+            ]
         try:
             group_info = admin.describe_consumer_groups([group])[group].result(5)
         except Exception:  # the group does not exist yet
             group_info = None
-        if group_info is not None and group_info.state == ConsumerGroupState.STABLE \
-                and len(group_info.members) == 2 and all(
-                    any(tp.topic == topic for tp in m.assignment.topic_partitions)
-                    for m in group_info.members):
+        if (
+            group_info is not None
+            and group_info.state == ConsumerGroupState.STABLE
+            and len(group_info.members) == 2
+            and all(
+                any(tp.topic == topic for tp in m.assignment.topic_partitions)
+                for m in group_info.members
+            )
+        ):
             return
         time.sleep(0.3)
     raise AssertionError(f"group {group} never had two members consuming {topic}")
@@ -152,40 +163,51 @@ def wait_until_both_consume(bootstrap: str, group: str, topic: str,
 def wait_for_log(workers: list[WorkerProcess], text: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not all(text in worker.log() for worker in workers):
-        assert time.monotonic() < deadline, f"no {text!r} in a worker log:\n" + \
-            "\n---\n".join(w.log()[-2000:] for w in workers)
+        assert time.monotonic() < deadline, f"no {text!r} in a worker log:\n" + "\n---\n".join(
+            w.log()[-2000:] for w in workers
+        )
         time.sleep(0.2)
 
 
 def outputs(bootstrap: str, topic: str, n: int) -> list[dict[str, Any]]:
     """All ``n`` distinct outputs (by source), each once."""
+
     def distinct(ms: list[dict[str, Any]]) -> dict[tuple[int, int], dict[str, Any]]:
         return {(m["source"]["partition"], m["source"]["offset"]): m for m in ms}
 
     messages = read_topic(bootstrap, topic, lambda ms: len(distinct(ms)) >= n, timeout=90)
     found = distinct(messages)
     assert len(found) == n, f"{len(found)} of {n} outputs"
-    return sorted(found.values(), key=lambda m: (m["source"]["partition"],
-                                                 m["source"]["offset"]))
+    return sorted(found.values(), key=lambda m: (m["source"]["partition"], m["source"]["offset"]))
 
 
 @pytest.mark.kafka
 def test_two_workers_swap_refuse_a_corrupt_version_and_follow_rollback(
-        kafka_bootstrap: str, tmp_path: Path, models: tuple[Recommender, Recommender]) -> None:
+    kafka_bootstrap: str, tmp_path: Path, models: tuple[Recommender, Recommender]
+) -> None:
     old, new = (copy.deepcopy(m) for m in models)
     registry = ModelRegistry(tmp_path / "reg")
     v1 = registry.publish(old)
     ids = old.item_map.ids
-    sessions = {f"s{k}": [ids[(5 * k + 3 * j) % len(ids)] for j in range(7)]
-                for k in range(30)}
+    sessions = {f"s{k}": [ids[(5 * k + 3 * j) % len(ids)] for j in range(7)] for k in range(30)}
     phases = [range(0, 3), range(3, 5), range(5, 6), range(6, 7)]
 
     def clicks(phase: range) -> list[Click]:
         return [Click(s, items[j], 100.0 + j) for j in phase for s, items in sessions.items()]
 
     names = StreamNames("swap")
-    workers = [WorkerProcess(kafka_bootstrap, registry.root, names, tmp_path / f"w{k}",
-                             "--model-poll-s", "0.5", partitions=2) for k in range(2)]
+    workers = [
+        WorkerProcess(
+            kafka_bootstrap,
+            registry.root,
+            names,
+            tmp_path / f"w{k}",
+            "--model-poll-s",
+            "0.5",
+            partitions=2,
+        )
+        for k in range(2)
+    ]
     for k, worker in enumerate(workers):
         (tmp_path / f"w{k}").mkdir()
         worker.start()
@@ -209,7 +231,7 @@ def test_two_workers_swap_refuse_a_corrupt_version_and_follow_rollback(
         assert {m["model_version"] for m in after_swap} == {v2}
         assert {m["source"]["partition"] for m in after_swap} == {0, 1}  # both workers
         for m in after_swap:  # states from v1 were recomputed under v2
-            history = sessions[m["session_id"]][:int(m["timestamp"] - 100.0) + 1]
+            history = sessions[m["session_id"]][: int(m["timestamp"] - 100.0) + 1]
             assert [r["item_id"] for r in m["recommendations"]] == from_scratch(new, history)
 
         publish_corrupt(registry, old, "000003-vcorrupt")
@@ -217,7 +239,7 @@ def test_two_workers_swap_refuse_a_corrupt_version_and_follow_rollback(
         kept = [m for m in answer(phases[2]) if m["timestamp"] == 105.0]
         assert len(kept) == 30 and {m["model_version"] for m in kept} == {v2}
 
-        assert registry.rollback() == v2   # from the corrupt one: workers already serve it
+        assert registry.rollback() == v2  # from the corrupt one: workers already serve it
         assert registry.rollback() == v1
         wait_for_log(workers, f"swapped model {v2} -> {v1}")
         rolled = [m for m in answer(phases[3]) if m["timestamp"] == 106.0]

@@ -7,17 +7,23 @@ from pathlib import Path
 
 import numpy as np
 
-from stream.serving.app import create_app
 from stream.bench.serving import untrained_model
+from stream.serving.app import create_app
 from stream.serving.expiry import IdleSessions
 from stream.serving.settings import WorkerSettings
 from stream.serving.state import SessionState
 
 
 def state(partition: int, last_time: float) -> bytes:
-    return SessionState(hidden=np.zeros(2, np.float32), recent_items=("i",), last_offset=0,
-                        last_time=last_time, started=True, model_version="v",
-                        partition=partition).encode()
+    return SessionState(
+        hidden=np.zeros(2, np.float32),
+        recent_items=("i",),
+        last_offset=0,
+        last_time=last_time,
+        started=True,
+        model_version="v",
+        partition=partition,
+    ).encode()
 
 
 def test_first_query_scans_the_table_then_writes_keep_it_current() -> None:
@@ -25,7 +31,7 @@ def test_first_query_scans_the_table_then_writes_keep_it_current() -> None:
     idle = IdleSessions()
     assert idle.idle_before(0, 500.0, table) == [b"old"]
     table[b"old"] = state(0, 950.0)  # the worker writes a newer state ...
-    idle.touch(0, b"old", 950.0)     # ... and tells the index
+    idle.touch(0, b"old", 950.0)  # ... and tells the index
     table[b"late"] = state(0, 10.0)
     idle.touch(0, b"late", 10.0)
     assert sorted(idle.idle_before(0, 920.0, table)) == [b"late", b"new"]
@@ -61,10 +67,14 @@ def test_the_worker_app_drops_the_index_at_every_rebalance(tmp_path: Path) -> No
     settings = WorkerSettings(model=str(tmp_path / "model"), data_dir=str(tmp_path / "data"))
     app, processor = create_app(settings, recommender)
     table = {b"a": state(0, 1.0)}
-    for restored, signal in ((b"r1", app.on_partitions_assigned),
-                             (b"r2", app.on_partitions_revoked)):
+    for restored, signal in (
+        (b"r1", app.on_partitions_assigned),
+        (b"r2", app.on_partitions_revoked),
+    ):
         known = sorted(processor.expiry.idle.idle_before(0, 10.0, table))
         table[restored] = state(0, 2.0)
         assert sorted(processor.expiry.idle.idle_before(0, 10.0, table)) == known
         asyncio.run(signal.send(set()))
-        assert sorted(processor.expiry.idle.idle_before(0, 10.0, table)) == sorted(known + [restored])
+        assert sorted(processor.expiry.idle.idle_before(0, 10.0, table)) == sorted(
+            known + [restored]
+        )

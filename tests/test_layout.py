@@ -35,8 +35,11 @@ def imports_of(path: Path, root: Path) -> set[str]:
     """Every module ``path`` imports (``from a import b`` counts as ``a.b`` when that is a
     module of the tree, else as ``a``)."""
     tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
-    package = module_name(path, root).rsplit(".", 1)[0] if path.name != "__init__.py" \
+    package = (
+        module_name(path, root).rsplit(".", 1)[0]
+        if path.name != "__init__.py"
         else module_name(path, root)
+    )
     found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -44,7 +47,7 @@ def imports_of(path: Path, root: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)
@@ -81,7 +84,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
             if nxt not in graph:
                 continue
             if state.get(nxt) == 1:
-                found.append(path[path.index(nxt):] + [nxt])
+                found.append(path[path.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt, path + [nxt])
         state[node] = 2
@@ -107,14 +110,14 @@ def violations(root: Path) -> list[str]:
                 problems.append(f"{module} imports {target}: only stream.serving uses Faust")
             runtime = not _within(module, "stream.cli", *TOOLING)
             if runtime and _within(target, *TOOLING):
-                problems.append(f"{module} imports {target}: runtime code never imports "
-                                "benchmarks or local tooling")
+                problems.append(
+                    f"{module} imports {target}: runtime code never imports "
+                    "benchmarks or local tooling"
+                )
             if _within(target, "stream.cli") and not _within(module, "stream.cli"):
-                problems.append(f"{module} imports {target}: nothing imports the command "
-                                "layer")
+                problems.append(f"{module} imports {target}: nothing imports the command layer")
             if _within(module, "stream.devtools") and _within(target, "stream.bench"):
-                problems.append(f"{module} imports {target}: tooling never imports the "
-                                "benchmarks")
+                problems.append(f"{module} imports {target}: tooling never imports the benchmarks")
     return problems
 
 
@@ -122,21 +125,42 @@ def test_the_tree_follows_the_dependency_rules() -> None:
     assert violations(REPO) == []
 
 
-@pytest.mark.parametrize("module,source,complaint", [
-    ("model/evil.py", "from stream.quality import rank_in\n", "model never imports stream"),
-    ("stream/kafka/evil.py", "import faust\n", "only stream.serving uses Faust"),
-    ("stream/serving/evil.py", "def f():\n    from stream.devtools import brokers\n",
-     "never imports benchmarks or local tooling"),
-    ("stream/bench/evil.py", "from stream.cli.base import print_json\n",
-     "nothing imports the command layer"),
-    ("stream/serving/evil.py", "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
-                               "    from stream.serving import other\n", "import circle"),
-])
-def test_each_rule_catches_a_violating_import(tmp_path: Path, module: str, source: str,
-                                              complaint: str) -> None:
+@pytest.mark.parametrize(
+    "module,source,complaint",
+    [
+        ("model/evil.py", "from stream.quality import rank_in\n", "model never imports stream"),
+        ("stream/kafka/evil.py", "import faust\n", "only stream.serving uses Faust"),
+        (
+            "stream/serving/evil.py",
+            "def f():\n    from stream.devtools import brokers\n",
+            "never imports benchmarks or local tooling",
+        ),
+        (
+            "stream/bench/evil.py",
+            "from stream.cli.base import print_json\n",
+            "nothing imports the command layer",
+        ),
+        (
+            "stream/serving/evil.py",
+            "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+            "    from stream.serving import other\n",
+            "import circle",
+        ),
+    ],
+)
+def test_each_rule_catches_a_violating_import(
+    tmp_path: Path, module: str, source: str, complaint: str
+) -> None:
     """The checker on a small tree that breaks one rule (so a green run means something)."""
-    for package in ("model", "stream", "stream/serving", "stream/kafka", "stream/bench",
-                    "stream/devtools", "stream/cli"):
+    for package in (
+        "model",
+        "stream",
+        "stream/serving",
+        "stream/kafka",
+        "stream/bench",
+        "stream/devtools",
+        "stream/cli",
+    ):
         (tmp_path / package).mkdir(parents=True, exist_ok=True)
         (tmp_path / package / "__init__.py").write_text("")
     (tmp_path / "stream/quality.py").write_text("")
@@ -145,5 +169,4 @@ def test_each_rule_catches_a_violating_import(tmp_path: Path, module: str, sourc
     (tmp_path / "stream/serving/other.py").write_text("from stream.serving import evil\n")
     assert violations(tmp_path) == []
     (tmp_path / module).write_text(textwrap.dedent(source))
-    assert any(complaint in problem for problem in violations(tmp_path)), \
-        violations(tmp_path)
+    assert any(complaint in problem for problem in violations(tmp_path)), violations(tmp_path)

@@ -15,11 +15,8 @@ from model import losses
 
 ScoreRows = list[list[float]]
 
-SMALL: ScoreRows = [[1.0, -0.5, 0.3],
-                    [0.2, 0.8, -1.0]]
-MEDIUM: ScoreRows = [[0.5, 1.5, -0.3, 0.0],
-                     [-1.2, 0.7, 0.7, 2.0],
-                     [0.1, -0.4, -2.5, 0.9]]
+SMALL: ScoreRows = [[1.0, -0.5, 0.3], [0.2, 0.8, -1.0]]
+MEDIUM: ScoreRows = [[0.5, 1.5, -0.3, 0.0], [-1.2, 0.7, 0.7, 2.0], [0.1, -0.4, -2.5, 0.9]]
 
 
 def sigmoid(x: float) -> float:
@@ -41,18 +38,25 @@ def mean(values: list[float]) -> float:
 
 
 def ref_cross_entropy(rows: ScoreRows) -> float:
-    return mean([-(row[i] - math.log(sum(math.exp(s) for s in row)))
-                 for i, row in enumerate(rows)])
+    return mean([-(row[i] - math.log(sum(math.exp(s) for s in row))) for i, row in enumerate(rows)])
 
 
 def ref_bpr(rows: ScoreRows) -> float:
-    return mean([mean([-math.log(sigmoid(rows[i][i] - n)) for n in negatives(rows, i)])
-                 for i in range(len(rows))])
+    return mean(
+        [
+            mean([-math.log(sigmoid(rows[i][i] - n)) for n in negatives(rows, i)])
+            for i in range(len(rows))
+        ]
+    )
 
 
 def ref_top1(rows: ScoreRows) -> float:
-    return mean([mean([sigmoid(n - rows[i][i]) + sigmoid(n * n) for n in negatives(rows, i)])
-                 for i in range(len(rows))])
+    return mean(
+        [
+            mean([sigmoid(n - rows[i][i]) + sigmoid(n * n) for n in negatives(rows, i)])
+            for i in range(len(rows))
+        ]
+    )
 
 
 def ref_top1_max(rows: ScoreRows) -> float:
@@ -60,8 +64,9 @@ def ref_top1_max(rows: ScoreRows) -> float:
     for i in range(len(rows)):
         neg = negatives(rows, i)
         weights = softmax(neg)
-        out.append(sum(w * (sigmoid(n - rows[i][i]) + sigmoid(n * n))
-                       for w, n in zip(weights, neg)))
+        out.append(
+            sum(w * (sigmoid(n - rows[i][i]) + sigmoid(n * n)) for w, n in zip(weights, neg))
+        )
     return mean(out)
 
 
@@ -97,16 +102,18 @@ def test_cross_entropy_worked_example() -> None:
     row0 = -1.0 + math.log(math.e + math.exp(-0.5) + math.exp(0.3))
     row1 = -0.8 + math.log(math.exp(0.2) + math.exp(0.8) + math.exp(-1.0))
     assert row0 == pytest.approx(0.54215, abs=1e-5)
-    assert losses.cross_entropy(torch.tensor(SMALL, dtype=torch.float64)).item() \
-        == pytest.approx((row0 + row1) / 2, rel=1e-12)
+    assert losses.cross_entropy(torch.tensor(SMALL, dtype=torch.float64)).item() == pytest.approx(
+        (row0 + row1) / 2, rel=1e-12
+    )
 
 
 def test_bpr_worked_example() -> None:
     # row 0 negatives -0.5, 0.3 (target 1.0); row 1 negatives 0.2, -1.0 (target 0.8)
     row0 = (-math.log(sigmoid(1.5)) - math.log(sigmoid(0.7))) / 2
     row1 = (-math.log(sigmoid(0.6)) - math.log(sigmoid(1.8))) / 2
-    assert losses.bpr(torch.tensor(SMALL, dtype=torch.float64)).item() \
-        == pytest.approx((row0 + row1) / 2, rel=1e-12)
+    assert losses.bpr(torch.tensor(SMALL, dtype=torch.float64)).item() == pytest.approx(
+        (row0 + row1) / 2, rel=1e-12
+    )
 
 
 @pytest.mark.parametrize("rows", [SMALL, MEDIUM], ids=["2x3", "3x4"])
@@ -122,15 +129,17 @@ def test_loss_matches_hand_computed_value(name: str, rows: ScoreRows) -> None:
 @pytest.mark.parametrize("name", list(REFERENCES))
 def test_make_loss_returns_the_named_loss(name: str) -> None:
     scores = torch.tensor(MEDIUM, dtype=torch.float64)
-    assert losses.make_loss(name)(scores).item() == pytest.approx(REFERENCES[name](MEDIUM),
-                                                                 rel=1e-12)
+    assert losses.make_loss(name)(scores).item() == pytest.approx(
+        REFERENCES[name](MEDIUM), rel=1e-12
+    )
 
 
 def test_make_loss_passes_bpreg_to_bpr_max() -> None:
     scores = torch.tensor(MEDIUM, dtype=torch.float64)
     for bpreg in (0.0, 0.5, 2.0):
-        assert losses.make_loss("bpr-max", bpreg)(scores).item() \
-            == pytest.approx(ref_bpr_max(MEDIUM, bpreg), rel=1e-12)
+        assert losses.make_loss("bpr-max", bpreg)(scores).item() == pytest.approx(
+            ref_bpr_max(MEDIUM, bpreg), rel=1e-12
+        )
 
 
 def test_cross_entropy_gradient_is_softmax_minus_one_hot() -> None:
@@ -164,8 +173,9 @@ EXTREMES = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", list(EXTREMES))
 @pytest.mark.parametrize("name", list(FUNCTIONS))
-def test_losses_and_gradients_are_finite_for_extreme_scores(name: str, case: str,
-                                                            dtype: torch.dtype) -> None:
+def test_losses_and_gradients_are_finite_for_extreme_scores(
+    name: str, case: str, dtype: torch.dtype
+) -> None:
     scores = torch.tensor(EXTREMES[case], dtype=dtype, requires_grad=True)
     loss = losses.make_loss(name)(scores)
     loss.backward()

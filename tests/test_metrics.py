@@ -20,26 +20,33 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from stream import observability
+from stream.devtools.processes import REPO
+from stream.kafka.wire import Click
 from stream.learning.metrics import TrainerMetrics
-from stream.quality import ONLINE_KS, PrequentialQuality
+from stream.quality import ONLINE_KS, PrequentialQuality, online_quality
 from stream.serving import metrics
 from stream.serving.metrics import WorkerCounters
-from stream.kafka.wire import Click
-from stream.quality import online_quality
-from stream.devtools.processes import REPO
+
 from support import free_port, http_get
 
-
 # ---------------------------------------------------------------- prequential counters
+
 
 def _messages(sessions: dict[str, list[tuple[str, list[str]]]]) -> list[dict]:
     """Output messages: per session, (clicked item, published list) in click order."""
     out, offset = [], 0
     for session, clicks in sessions.items():
         for item, published in clicks:
-            out.append({"session_id": session, "item_id": item, "timestamp": 0.0,
-                        "recommendations": [{"item_id": i, "score": 0.0} for i in published],
-                        "model_version": "v1", "source": {"partition": 0, "offset": offset}})
+            out.append(
+                {
+                    "session_id": session,
+                    "item_id": item,
+                    "timestamp": 0.0,
+                    "recommendations": [{"item_id": i, "score": 0.0} for i in published],
+                    "model_version": "v1",
+                    "source": {"partition": 0, "offset": offset},
+                }
+            )
             offset += 1
     return out
 
@@ -47,8 +54,13 @@ def _messages(sessions: dict[str, list[tuple[str, list[str]]]]) -> list[dict]:
 def _track(messages: list[dict], known) -> PrequentialQuality:
     tracker = PrequentialQuality()
     for m in sorted(messages, key=lambda m: (m["source"]["partition"], m["source"]["offset"])):
-        tracker.observe(m["session_id"], m["item_id"],
-                        [r["item_id"] for r in m["recommendations"]], m["model_version"], known)
+        tracker.observe(
+            m["session_id"],
+            m["item_id"],
+            [r["item_id"] for r in m["recommendations"]],
+            m["model_version"],
+            known,
+        )
     return tracker
 
 
@@ -60,7 +72,8 @@ def _assert_agrees(tracker: PrequentialQuality, messages, known, version="v1"):
         assert tracker.hits.get((version, k), 0) == offline.hits
     offline20 = online_quality(messages, 20, known)
     assert tracker.reciprocal_rank_sum.get(version, 0.0) == pytest.approx(
-        offline20.reciprocal_rank_sum)
+        offline20.reciprocal_rank_sum
+    )
 
 
 def test_hand_built_sequence():
@@ -68,9 +81,9 @@ def test_hand_built_sequence():
     known = set(top) | {"x"}
     sessions = {
         "a": [("i0", top), ("i0", top), ("i3", top), ("i19", top)],  # ranks 1, 4, 20
-        "b": [("i1", top), ("x", top), ("unknown", top)],             # miss, skipped
-        "c": [("i5", top)],                                            # nothing judged
-        "d": [("i7", top[:3]), ("i2", top)],                           # rank 3 in a short list
+        "b": [("i1", top), ("x", top), ("unknown", top)],  # miss, skipped
+        "c": [("i5", top)],  # nothing judged
+        "d": [("i7", top[:3]), ("i2", top)],  # rank 3 in a short list
     }
     messages = _messages(sessions)
     tracker = _track(messages, known)
@@ -102,7 +115,7 @@ def test_counts_go_to_the_version_that_published_the_judged_list():
     tracker = PrequentialQuality()
     tracker.observe("s", "a", ["b", "c"], "old", {"a", "b", "c"})
     tracker.observe("s", "b", ["c", "new"], "new", {"a", "b", "c", "new"})  # judges "old"
-    tracker.observe("s", "new", ["a"], "new", {"a", "b", "c", "new"})       # judges "new"
+    tracker.observe("s", "new", ["a"], "new", {"a", "b", "c", "new"})  # judges "new"
     assert dict(tracker.predictions) == {"old": 1, "new": 1}
     assert tracker.hits[("old", 5)] == 1 and tracker.hits[("new", 5)] == 1
     assert tracker.reciprocal_rank_sum == {"old": 1.0, "new": 0.5}
@@ -124,14 +137,25 @@ def test_previous_lists_are_bounded_and_forgotten_on_expiry():
 
 # ---------------------------------------------------------------- exposition and HTTP
 
+
 def _fake_processor():
-    recommender = SimpleNamespace(version="v7", item_map={"a", "b"},
-                                  metadata={"created": "2020-01-01T00:00:00+00:00"})
+    recommender = SimpleNamespace(
+        version="v7", item_map={"a", "b"}, metadata={"created": "2020-01-01T00:00:00+00:00"}
+    )
     processor = SimpleNamespace(
-        counters=WorkerCounters(events=10, published=8, duplicates=2, unknown_items=1,
-                                expired=3, rejected={"bad_json": 2, "missing_field": 1},
-                                swaps=1, rejected_models=4),
-        metrics=metrics.WorkerMetrics(), health=metrics.Health(), recommender=recommender,
+        counters=WorkerCounters(
+            events=10,
+            published=8,
+            duplicates=2,
+            unknown_items=1,
+            expired=3,
+            rejected={"bad_json": 2, "missing_field": 1},
+            swaps=1,
+            rejected_models=4,
+        ),
+        metrics=metrics.WorkerMetrics(),
+        health=metrics.Health(),
+        recommender=recommender,
     )
     metrics.register(processor)
     return processor
@@ -176,8 +200,6 @@ def test_exposition_names_and_values():
     assert values['streamrec_consume_to_publish_seconds_bucket{le="0.1"}'] == 2
 
 
-
-
 def test_http_endpoints():
     processor = _fake_processor()
     server = observability.serve(metrics.worker_app(processor), 0, "127.0.0.1")
@@ -206,11 +228,13 @@ def test_port_in_use_is_a_clear_error():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         with pytest.raises(UserError, match="cannot serve metrics"):
-            observability.serve(metrics.worker_app(_fake_processor()), taken.getsockname()[1],
-                          "127.0.0.1")
+            observability.serve(
+                metrics.worker_app(_fake_processor()), taken.getsockname()[1], "127.0.0.1"
+            )
 
 
 # ---------------------------------------------------------------- end to end, real Prometheus
+
 
 def _produce_raw(bootstrap: str, topic: str, key: bytes, value: bytes) -> None:
     from confluent_kafka import Producer
@@ -223,24 +247,34 @@ def _produce_raw(bootstrap: str, topic: str, key: bytes, value: bytes) -> None:
 
 
 def dashboard_queries() -> list[str]:
-    dashboard = json.loads((REPO / "deploy" / "grafana" / "dashboards" /
-                            "streamrec.json").read_text())
-    return [target["expr"] for panel in dashboard["panels"]
-            for target in panel.get("targets", []) if target.get("expr")]
-
-
+    dashboard = json.loads(
+        (REPO / "deploy" / "grafana" / "dashboards" / "streamrec.json").read_text()
+    )
+    return [
+        target["expr"]
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", [])
+        if target.get("expr")
+    ]
 
 
 def _prometheus_binary() -> str:
     found = shutil.which("prometheus") or (
-        "/usr/bin/prometheus" if Path("/usr/bin/prometheus").exists() else None)
+        "/usr/bin/prometheus" if Path("/usr/bin/prometheus").exists() else None
+    )
     if found is None:
         try:
-            subprocess.run(["apt-get", "install", "-y", "-qq", "prometheus"], check=True,
-                           capture_output=True, timeout=300)
+            subprocess.run(
+                ["apt-get", "install", "-y", "-qq", "prometheus"],
+                check=True,
+                capture_output=True,
+                timeout=300,
+            )
         except (OSError, subprocess.SubprocessError) as exc:
-            pytest.skip(f"prometheus is not installed and apt-get could not install it "
-                        f"({exc}); `make system-deps` installs it")
+            pytest.skip(
+                f"prometheus is not installed and apt-get could not install it "
+                f"({exc}); `make system-deps` installs it"
+            )
         found = shutil.which("prometheus") or "/usr/bin/prometheus"
     return found
 
@@ -255,17 +289,27 @@ class _Prometheus:
             "  - job_name: streamrec-worker\n"
             "    scrape_interval: 1s\n"
             "    scrape_timeout: 1s\n"
-            f"    static_configs: [{{targets: ['127.0.0.1:{target_port}']}}]\n")
+            f"    static_configs: [{{targets: ['127.0.0.1:{target_port}']}}]\n"
+        )
         self.log = work / "prometheus.log"
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(
-                [binary, f"--config.file={config}", f"--storage.tsdb.path={work / 'tsdb'}",
-                 f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                [
+                    binary,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={work / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                    "--log.level=warn",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
 
     def query(self, expr: str) -> list[dict]:
-        url = f"http://127.0.0.1:{self.port}/api/v1/query?" + \
-            urllib.parse.urlencode({"query": expr})
+        url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode(
+            {"query": expr}
+        )
         with urllib.request.urlopen(url, timeout=5) as response:
             body = json.load(response)
         assert body["status"] == "success", body
@@ -300,23 +344,34 @@ class _Prometheus:
 @pytest.mark.kafka
 def test_prometheus_scrapes_the_worker(kafka_bootstrap, small_model, tmp_path):
     from model.artifact import load_model
+
     from support import StreamNames, WorkerProcess, produce_clicks, read_topic
 
     binary = _prometheus_binary()
     recommender = load_model(small_model)
     ids = recommender.item_map.ids
     rng = random.Random(1)
-    sessions = {f"s{k}": [ids[rng.randrange(60)] if rng.random() > 0.1 else f"new-{k}"
-                          for _ in range(rng.randint(1, 6))] for k in range(60)}
+    sessions = {
+        f"s{k}": [
+            ids[rng.randrange(60)] if rng.random() > 0.1 else f"new-{k}"
+            for _ in range(rng.randint(1, 6))
+        ]
+        for k in range(60)
+    }
     longest = max(len(items) for items in sessions.values())
-    clicks = [Click(s, items[j], 1000.0 + j) for j in range(longest)
-              for s, items in sessions.items() if j < len(items)]
+    clicks = [
+        Click(s, items[j], 1000.0 + j)
+        for j in range(longest)
+        for s, items in sessions.items()
+        if j < len(items)
+    ]
     web_port = free_port()
     names = StreamNames("metrics")
     prometheus = _Prometheus(binary, web_port, tmp_path)
     try:
-        with WorkerProcess(kafka_bootstrap, small_model, names, tmp_path,
-                           "--web-port", str(web_port)) as worker:
+        with WorkerProcess(
+            kafka_bootstrap, small_model, names, tmp_path, "--web-port", str(web_port)
+        ) as worker:
             deadline = time.monotonic() + 60
             while _safe_get(f"http://127.0.0.1:{web_port}/readyz")[0] != 200:
                 assert worker.process.poll() is None, worker.log()[-3000:]
@@ -324,52 +379,69 @@ def test_prometheus_scrapes_the_worker(kafka_bootstrap, small_model, tmp_path):
                 time.sleep(0.2)
             assert _safe_get(f"http://127.0.0.1:{web_port}/healthz")[0] == 200
             # A first scrape before any click, so rates have a zero to start from.
-            assert prometheus.wait_value("streamrec_recommendations_published_total", 0,
-                                         timeout=30) == 0, prometheus.log.read_text()[-2000:]
+            assert (
+                prometheus.wait_value("streamrec_recommendations_published_total", 0, timeout=30)
+                == 0
+            ), prometheus.log.read_text()[-2000:]
             produce_clicks(kafka_bootstrap, names.clicks, clicks)
             _produce_raw(kafka_bootstrap, names.clicks, b"s0", b"not json")  # one reject
-            messages = read_topic(kafka_bootstrap, names.recommendations,
-                                  lambda ms: len(ms) >= len(clicks), timeout=60)
+            messages = read_topic(
+                kafka_bootstrap,
+                names.recommendations,
+                lambda ms: len(ms) >= len(clicks),
+                timeout=60,
+            )
             unique = {(m["source"]["partition"], m["source"]["offset"]): m for m in messages}
             assert len(unique) == len(clicks), worker.log()[-3000:]
-            assert prometheus.wait_value("streamrec_recommendations_published_total",
-                                         len(messages)) == len(messages)
             assert prometheus.wait_value(
-                'streamrec_events_rejected_total{reason="not_json"}', 1) == 1
-            assert prometheus.wait_value("streamrec_events_consumed_total", len(clicks) + 1) \
+                "streamrec_recommendations_published_total", len(messages)
+            ) == len(messages)
+            assert (
+                prometheus.wait_value('streamrec_events_rejected_total{reason="not_json"}', 1) == 1
+            )
+            assert (
+                prometheus.wait_value("streamrec_events_consumed_total", len(clicks) + 1)
                 == len(clicks) + 1
+            )
             q20 = online_quality(messages, 20, recommender.item_map)
             q5 = online_quality(messages, 5, recommender.item_map)
             v = recommender.version
             assert q20.n_predictions > 50 and q20.n_skipped_unknown > 0
-            assert prometheus.wait_value(
-                f'streamrec_online_predictions_total{{model_version="{v}"}}',
-                q20.n_predictions) == q20.n_predictions
-            assert prometheus.value(f'streamrec_online_skipped_unknown_total'
-                                    f'{{model_version="{v}"}}') == q20.n_skipped_unknown
+            assert (
+                prometheus.wait_value(
+                    f'streamrec_online_predictions_total{{model_version="{v}"}}', q20.n_predictions
+                )
+                == q20.n_predictions
+            )
+            assert (
+                prometheus.value(f'streamrec_online_skipped_unknown_total{{model_version="{v}"}}')
+                == q20.n_skipped_unknown
+            )
             assert prometheus.value('streamrec_online_hits_total{k="20"}') == q20.hits
             assert prometheus.value('streamrec_online_hits_total{k="5"}') == q5.hits
-            assert prometheus.value("streamrec_online_reciprocal_rank_sum_total") == \
-                pytest.approx(q20.reciprocal_rank_sum)
+            assert prometheus.value("streamrec_online_reciprocal_rank_sum_total") == pytest.approx(
+                q20.reciprocal_rank_sum
+            )
             unknown = sum(1 for c in clicks if c.item_id not in recommender.item_map)
             assert prometheus.value("streamrec_unknown_items_total") == unknown
-            assert prometheus.wait_value("streamrec_active_sessions", len(sessions)) \
-                == len(sessions)
+            assert prometheus.wait_value("streamrec_active_sessions", len(sessions)) == len(
+                sessions
+            )
             assert prometheus.wait_value("sum(streamrec_consumer_lag_messages)", 0) == 0
             assert len(prometheus.query("streamrec_consumer_lag_messages")) == 4
             assert prometheus.value("streamrec_ready") == 1
             assert prometheus.value(f'streamrec_model_info{{model_version="{v}"}}') == 1
             # Throughput, latency and quality as a dashboard computes them.
-            assert prometheus.value(
-                "increase(streamrec_recommendations_published_total[1m])") > 0
-            assert prometheus.value("streamrec_consume_to_publish_seconds_count") == \
-                len(messages)
-            p99 = prometheus.value("histogram_quantile(0.99, sum by (le) "
-                                   "(streamrec_consume_to_publish_seconds_bucket))")
+            assert prometheus.value("increase(streamrec_recommendations_published_total[1m])") > 0
+            assert prometheus.value("streamrec_consume_to_publish_seconds_count") == len(messages)
+            p99 = prometheus.value(
+                "histogram_quantile(0.99, sum by (le) "
+                "(streamrec_consume_to_publish_seconds_bucket))"
+            )
             assert p99 is not None and 0 < p99 < 60
             recall = prometheus.value(
-                'sum(streamrec_online_hits_total{k="20"}) '
-                '/ sum(streamrec_online_predictions_total)')
+                'sum(streamrec_online_hits_total{k="20"}) / sum(streamrec_online_predictions_total)'
+            )
             assert recall == pytest.approx(q20.recall)
             assert prometheus.value("faust_messages_received_total") >= len(clicks)
             # The dashboard's queries, rendered against this Prometheus, return data (all
@@ -397,9 +469,15 @@ def _safe_get(url: str) -> tuple[int, str]:
 def test_trainer_metrics_follow_its_decisions():
     trainer = TrainerMetrics()
     trainer.record({"decision": "wait", "buffered": 10})
-    trainer.record({"decision": "promoted", "buffered": 3, "train_seconds": 4.5,
-                    "final_loss": 5.25,
-                    "gate": {"candidate_recall": 0.61, "current_recall": 0.55}})
+    trainer.record(
+        {
+            "decision": "promoted",
+            "buffered": 3,
+            "train_seconds": 4.5,
+            "final_loss": 5.25,
+            "gate": {"candidate_recall": 0.61, "current_recall": 0.55},
+        }
+    )
     text = generate_latest(trainer.registry).decode()
     values = _samples(text)
     names = {re.match(r"[a-zA-Z_:][a-zA-Z0-9_:]*", k).group(0) for k in values}
@@ -430,8 +508,9 @@ def test_trainer_metrics_follow_its_decisions():
 def test_faust_numbers_are_read_from_its_monitor_at_scrape(tmp_path) -> None:
     import faust
 
-    app = faust.App("faust-numbers", broker="kafka://127.0.0.1:1", datadir=str(tmp_path),
-                    autodiscover=False)
+    app = faust.App(
+        "faust-numbers", broker="kafka://127.0.0.1:1", datadir=str(tmp_path), autodiscover=False
+    )
     registry = CollectorRegistry()
     registry.register(metrics._FaustCollector(app))
     values = _samples(generate_latest(registry).decode())

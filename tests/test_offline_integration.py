@@ -17,10 +17,11 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "rsc15-100k"
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not (DATA / "train_full.tsv").is_file()
-                       or not (DATA / "test.tsv").is_file(),
-                       reason=f"RSC15 sample not found: expected train_full.tsv and test.tsv "
-                              f"in {DATA} (shared/ next to the repository checkout)"),
+    pytest.mark.skipif(
+        not (DATA / "train_full.tsv").is_file() or not (DATA / "test.tsv").is_file(),
+        reason=f"RSC15 sample not found: expected train_full.tsv and test.tsv "
+        f"in {DATA} (shared/ next to the repository checkout)",
+    ),
 ]
 
 
@@ -36,10 +37,12 @@ def test_gru4rec_beats_pop_and_spop_on_rsc15() -> None:
     gru = evaluate(RecommenderScorer(recommender), test_log, ks=(20,))
     pop = evaluate(Pop(train_log), test_log, ks=(20,))
     spop = evaluate(SessionPop(train_log), test_log, ks=(20,))
-    summary = (f"GRU4Rec recall@20 {gru.recall(20):.4f} mrr@20 {gru.mrr(20):.4f}; "
-               f"POP {pop.recall(20):.4f}/{pop.mrr(20):.4f}; "
-               f"S-POP {spop.recall(20):.4f}/{spop.mrr(20):.4f}; "
-               f"{time.perf_counter() - started:.0f} s")
+    summary = (
+        f"GRU4Rec recall@20 {gru.recall(20):.4f} mrr@20 {gru.mrr(20):.4f}; "
+        f"POP {pop.recall(20):.4f}/{pop.mrr(20):.4f}; "
+        f"S-POP {spop.recall(20):.4f}/{spop.mrr(20):.4f}; "
+        f"{time.perf_counter() - started:.0f} s"
+    )
     print(summary)
 
     assert gru.n_predictions == pop.n_predictions == spop.n_predictions > 10_000

@@ -17,18 +17,23 @@ KNOWN = {"a", "b", "c", "d", "x", "y", "z"}
 def msg(session: str, item: str, recs: list[str], partition: int, offset: int) -> dict[str, Any]:
     """A decoded output message, built through the real encoder."""
     scores = [1.0 - 0.1 * r for r in range(len(recs))]
-    raw = encode_recommendation(Click(session, item, 1000.0 + offset), recs, scores,
-                                "v1", partition, offset)
+    raw = encode_recommendation(
+        Click(session, item, 1000.0 + offset), recs, scores, "v1", partition, offset
+    )
     return json.loads(raw)
 
 
 # Session S1 lives on partition 0, S2 on partition 1.
-S1 = [msg("S1", "a", ["b", "c", "d"], 0, 10),   # next click c: rank 2
-      msg("S1", "c", ["x", "a", "b"], 0, 12),   # next click b: rank 3
-      msg("S1", "b", ["a"], 0, 15)]             # last click: judged by nothing
-S2 = [msg("S2", "x", ["y", "z"], 1, 3),         # next click u (unknown): skipped
-      msg("S2", "u", ["z", "y"], 1, 4),         # next click z: rank 1
-      msg("S2", "z", ["a", "b"], 1, 7)]
+S1 = [
+    msg("S1", "a", ["b", "c", "d"], 0, 10),  # next click c: rank 2
+    msg("S1", "c", ["x", "a", "b"], 0, 12),  # next click b: rank 3
+    msg("S1", "b", ["a"], 0, 15),
+]  # last click: judged by nothing
+S2 = [
+    msg("S2", "x", ["y", "z"], 1, 3),  # next click u (unknown): skipped
+    msg("S2", "u", ["z", "y"], 1, 4),  # next click z: rank 1
+    msg("S2", "z", ["a", "b"], 1, 7),
+]
 
 
 def arrival() -> list[dict[str, Any]]:
@@ -40,12 +45,17 @@ def test_by_hand_k2() -> None:
     # k=2: S1 10->c hit at 2 (1/2); S1 12->b at rank 3, cut: miss; S2 3->u skipped;
     # S2 4->z hit at 1 (1/1). 3 predictions, 2 hits, reciprocal sum 1.5.
     quality = online_quality(arrival(), k=2, known_items=KNOWN)
-    assert quality == OnlineQuality(k=2, n_predictions=3, n_skipped_unknown=1, hits=2,
-                                    reciprocal_rank_sum=1.5)
+    assert quality == OnlineQuality(
+        k=2, n_predictions=3, n_skipped_unknown=1, hits=2, reciprocal_rank_sum=1.5
+    )
     assert quality.recall == pytest.approx(2 / 3)
     assert quality.mrr == pytest.approx(0.5)
-    assert quality.to_dict() == {"recall@2": pytest.approx(2 / 3), "mrr@2": pytest.approx(0.5),
-                                 "n_predictions": 3, "n_skipped_unknown": 1}
+    assert quality.to_dict() == {
+        "recall@2": pytest.approx(2 / 3),
+        "mrr@2": pytest.approx(0.5),
+        "n_predictions": 3,
+        "n_skipped_unknown": 1,
+    }
 
 
 def test_by_hand_k3() -> None:
@@ -93,8 +103,12 @@ def test_offsets_compare_as_numbers() -> None:
 
 
 def test_unknown_targets_are_skipped_and_counted() -> None:
-    messages = [msg("S", "a", ["u1"], 0, 1), msg("S", "u1", ["a"], 0, 2),
-                msg("S", "u2", ["a"], 0, 3), msg("S", "a", [], 0, 4)]
+    messages = [
+        msg("S", "a", ["u1"], 0, 1),
+        msg("S", "u1", ["a"], 0, 2),
+        msg("S", "u2", ["a"], 0, 3),
+        msg("S", "a", [], 0, 4),
+    ]
     quality = online_quality(messages, k=5, known_items={"a"})
     assert (quality.n_predictions, quality.n_skipped_unknown, quality.hits) == (1, 2, 1)
     assert quality.recall == 1.0 and quality.mrr == 1.0

@@ -16,8 +16,9 @@ from model.optim import EPSILON, AdagradMomentum, FlatParameters, grow_rows
 PATHS = pytest.mark.parametrize("use_native", [True, False], ids=["native", "torch"])
 
 
-def reference(param: list[float], grads: list[list[float]], lr: float, mu: float,
-              nesterov: bool) -> list[float]:
+def reference(
+    param: list[float], grads: list[list[float]], lr: float, mu: float, nesterov: bool
+) -> list[float]:
     """The update rule in plain Python, step by step."""
     p = list(param)
     acc = [0.0] * len(p)
@@ -50,8 +51,9 @@ def test_flat_update_matches_the_rule(nesterov: bool, mu: float, use_native: boo
 
 @PATHS
 @pytest.mark.parametrize("nesterov", [False, True])
-def test_row_updates_follow_the_rule_and_leave_other_rows_alone(nesterov: bool,
-                                                                  use_native: bool) -> None:
+def test_row_updates_follow_the_rule_and_leave_other_rows_alone(
+    nesterov: bool, use_native: bool
+) -> None:
     table = torch.nn.Parameter(torch.arange(12, dtype=torch.float32).reshape(4, 3))
     before = table.detach().clone()
     optimizer = AdagradMomentum(lr=0.2, momentum=0.2, nesterov=nesterov, native=use_native)
@@ -59,8 +61,9 @@ def test_row_updates_follow_the_rule_and_leave_other_rows_alone(nesterov: bool,
     for grad in GRADS:
         optimizer.step_rows(table, rows, torch.tensor([grad, [2 * g for g in grad]]))
     for row, scale in ((1, 1.0), (3, 2.0)):
-        expected = reference(before[row].tolist(), [[scale * g for g in grad] for grad in GRADS],
-                             0.2, 0.2, nesterov)
+        expected = reference(
+            before[row].tolist(), [[scale * g for g in grad] for grad in GRADS], 0.2, 0.2, nesterov
+        )
         assert table[row].tolist() == pytest.approx(expected, rel=1e-5)
     assert torch.equal(table[[0, 2]], before[[0, 2]])
 
@@ -69,36 +72,41 @@ def test_row_updates_follow_the_rule_and_leave_other_rows_alone(nesterov: bool,
 def test_the_kernel_is_built_where_a_compiler_is_found(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("STREAMREC_NATIVE", raising=False)
     param, state = torch.zeros(2, 3), torch.zeros(2, 6)
-    assert native.adagrad_momentum_rows_(param, state, None, torch.ones(2, 3), 0.1, 0.0,
-                                         EPSILON, False)
+    assert native.adagrad_momentum_rows_(
+        param, state, None, torch.ones(2, 3), 0.1, 0.0, EPSILON, False
+    )
     assert torch.allclose(param, torch.full((2, 3), -0.1))
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler on this machine")
 @pytest.mark.parametrize("rows", [[0, 2], [-1], [1, 0, 3]], ids=["past-end", "negative", "count"])
-def test_the_kernel_refuses_rows_outside_the_parameter(rows: list[int],
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_kernel_refuses_rows_outside_the_parameter(
+    rows: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("STREAMREC_NATIVE", raising=False)
     param, state = torch.zeros(2, 3), torch.zeros(2, 6)
     with pytest.raises(IndexError):
-        native.adagrad_momentum_rows_(param, state, torch.tensor(rows), torch.ones(2, 3), 0.1,
-                                      0.0, EPSILON, False)
+        native.adagrad_momentum_rows_(
+            param, state, torch.tensor(rows), torch.ones(2, 3), 0.1, 0.0, EPSILON, False
+        )
     assert not param.any() and not state.any()
 
 
 def test_the_kernel_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STREAMREC_NATIVE", "0")
     param, state = torch.zeros(2, 3), torch.zeros(2, 6)
-    assert not native.adagrad_momentum_rows_(param, state, None, torch.ones(2, 3), 0.1, 0.0,
-                                             EPSILON, False)
+    assert not native.adagrad_momentum_rows_(
+        param, state, None, torch.ones(2, 3), 0.1, 0.0, EPSILON, False
+    )
     assert not param.any()
 
 
-@pytest.mark.parametrize("compiler", [shutil.which("false") or "false", "/no/such/cc"],
-                         ids=["fails", "missing"])
+@pytest.mark.parametrize(
+    "compiler", [shutil.which("false") or "false", "/no/such/cc"], ids=["fails", "missing"]
+)
 def test_a_failed_build_warns_once_and_leaves_the_update_to_torch(
-        compiler: str, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
+    compiler: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.delenv("STREAMREC_NATIVE", raising=False)
     monkeypatch.setenv("CC", compiler)
     native._library.cache_clear()
@@ -118,7 +126,8 @@ def test_a_failed_build_warns_once_and_leaves_the_update_to_torch(
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler on this machine")
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_kernel_and_torch_path_agree_on_a_training_like_update(
-        nesterov: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    nesterov: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Hundreds of steps over scattered, varying rows of a wide table and a flat vector."""
     monkeypatch.delenv("STREAMREC_NATIVE", raising=False)
     generator = torch.Generator().manual_seed(0)
@@ -155,17 +164,24 @@ def test_flat_parameters_are_views_of_one_vector() -> None:
 
 # --- carrying the state -----------------------------------------------------------------------
 
+
 def two_kinds() -> tuple[dict[str, torch.nn.Parameter], FlatParameters]:
     """A table updated by rows and two small parameters updated as one flat vector."""
     generator = torch.Generator().manual_seed(0)
-    params = {"table": torch.nn.Parameter(torch.randn(5, 3, generator=generator)),
-              "matrix": torch.nn.Parameter(torch.randn(2, 3, generator=generator)),
-              "bias": torch.nn.Parameter(torch.randn(4, generator=generator))}
+    params = {
+        "table": torch.nn.Parameter(torch.randn(5, 3, generator=generator)),
+        "matrix": torch.nn.Parameter(torch.randn(2, 3, generator=generator)),
+        "bias": torch.nn.Parameter(torch.randn(4, generator=generator)),
+    }
     return params, FlatParameters([params["matrix"], params["bias"]])
 
 
-def run_steps(optimizer: AdagradMomentum, params: dict[str, torch.nn.Parameter],
-              flat: FlatParameters, steps: range) -> None:
+def run_steps(
+    optimizer: AdagradMomentum,
+    params: dict[str, torch.nn.Parameter],
+    flat: FlatParameters,
+    steps: range,
+) -> None:
     for k in steps:
         generator = torch.Generator().manual_seed(100 + k)
         flat.grad.copy_(torch.randn(flat.grad.shape, generator=generator))
@@ -185,7 +201,10 @@ def test_an_exported_state_resumes_the_optimisation_exactly(nesterov: bool) -> N
     run_steps(optimizer, first, first_flat, range(3))
     state = optimizer.export_state(first, first_flat)
     assert {name: tuple(t.shape) for name, t in state.items()} == {
-        "table": (5, 6), "matrix": (2, 6), "bias": (8,)}
+        "table": (5, 6),
+        "matrix": (2, 6),
+        "bias": (8,),
+    }
     # a new optimizer (and new parameter objects, as after loading a saved model)
     second, second_flat = two_kinds()
     with torch.no_grad():
@@ -209,8 +228,9 @@ def test_the_packed_state_is_accumulator_then_velocity() -> None:
     state = optimizer.export_state({"p": param})["p"]
     accumulator, velocity = state[0, :2], state[0, 2:]
     assert accumulator.tolist() == pytest.approx([9.0, 16.0])
-    assert velocity.tolist() == pytest.approx([-0.5 * 3 / math.sqrt(9 + EPSILON),
-                                               0.5 * 4 / math.sqrt(16 + EPSILON)])
+    assert velocity.tolist() == pytest.approx(
+        [-0.5 * 3 / math.sqrt(9 + EPSILON), 0.5 * 4 / math.sqrt(16 + EPSILON)]
+    )
 
 
 def test_a_parameter_never_stepped_has_no_state_to_export() -> None:
@@ -225,10 +245,12 @@ def test_import_refuses_missing_or_misshapen_state() -> None:
     state = optimizer.export_state(params, flat)
     with pytest.raises(ValueError, match="do not match"):
         AdagradMomentum(lr=0.2, momentum=0.2).import_state(
-            params, {k: v for k, v in state.items() if k != "bias"}, flat)
+            params, {k: v for k, v in state.items() if k != "bias"}, flat
+        )
     with pytest.raises(ValueError, match="table"):
         AdagradMomentum(lr=0.2, momentum=0.2).import_state(
-            params, {**state, "table": state["table"][:4]}, flat)
+            params, {**state, "table": state["table"][:4]}, flat
+        )
 
 
 def test_growing_the_state_keeps_old_rows_and_starts_new_ones_at_zero() -> None:

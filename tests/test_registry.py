@@ -23,6 +23,7 @@ from stream import registry as registry_module
 from stream.cli import model as model_cli
 from stream.kafka.announcer import KafkaAnnouncer
 from stream.registry import ModelRegistry
+
 from support import REPO, read_topic
 
 TINY = GRU4RecConfig(layers=(16,), n_sample=64, n_epochs=1)
@@ -30,20 +31,26 @@ TINY = GRU4RecConfig(layers=(16,), n_sample=64, n_epochs=1)
 
 @pytest.fixture(scope="module")
 def trained() -> Recommender:
-    recommender, _ = train(generate(SynthSpec(sessions=300, items=40, seed=1)), TINY,
-                           progress=False)
+    recommender, _ = train(
+        generate(SynthSpec(sessions=300, items=40, seed=1)), TINY, progress=False
+    )
     return recommender
 
 
 def leftovers(root: Path) -> list[str]:
     """Names a killed writer could leave behind."""
-    return sorted(p.name for p in [*root.iterdir(), *(root / "versions").iterdir()]
-                  if ".tmp-" in p.name or ".deleting-" in p.name)
+    return sorted(
+        p.name
+        for p in [*root.iterdir(), *(root / "versions").iterdir()]
+        if ".tmp-" in p.name or ".deleting-" in p.name
+    )
 
 
 def same_weights(a: Recommender, b: Recommender) -> bool:
-    return all(torch.equal(a.network.state_dict()[name], tensor)
-               for name, tensor in b.network.state_dict().items())
+    return all(
+        torch.equal(a.network.state_dict()[name], tensor)
+        for name, tensor in b.network.state_dict().items()
+    )
 
 
 def test_publish_makes_a_verified_version_current(tmp_path: Path, trained: Recommender) -> None:
@@ -63,8 +70,9 @@ def test_publish_makes_a_verified_version_current(tmp_path: Path, trained: Recom
     assert leftovers(registry.root) == []
 
 
-def test_versions_keep_the_optimizer_state_for_the_trainer(tmp_path: Path,
-                                                           trained: Recommender) -> None:
+def test_versions_keep_the_optimizer_state_for_the_trainer(
+    tmp_path: Path, trained: Recommender
+) -> None:
     assert trained.optimizer_state is not None
     registry = ModelRegistry(tmp_path / "reg")
     registry.publish(trained)
@@ -78,8 +86,9 @@ def test_versions_keep_the_optimizer_state_for_the_trainer(tmp_path: Path,
     assert registry.load(imported, optimizer_state=True).optimizer_state is not None
 
 
-def test_versions_are_ordered_by_publish_even_within_one_second(tmp_path: Path,
-                                                                 trained: Recommender) -> None:
+def test_versions_are_ordered_by_publish_even_within_one_second(
+    tmp_path: Path, trained: Recommender
+) -> None:
     registry = ModelRegistry(tmp_path / "reg", keep=10)
     published = [registry.publish(trained) for _ in range(4)]
     assert [v.version for v in registry.list_versions()] == published
@@ -87,7 +96,8 @@ def test_versions_are_ordered_by_publish_even_within_one_second(tmp_path: Path,
 
 
 def test_leftovers_of_a_killed_publish_are_never_loaded_and_are_swept(
-        tmp_path: Path, trained: Recommender) -> None:
+    tmp_path: Path, trained: Recommender
+) -> None:
     registry = ModelRegistry(tmp_path / "reg")
     first = registry.publish(trained)
     # What a publish killed mid-save leaves: a staging dir holding a complete-looking copy
@@ -124,11 +134,16 @@ KILLED_AT_POINTER_MOVE = textwrap.dedent("""
 
 
 def test_publish_killed_before_the_pointer_moves_keeps_the_old_version_current(
-        tmp_path: Path, trained: Recommender) -> None:
+    tmp_path: Path, trained: Recommender
+) -> None:
     registry = ModelRegistry(tmp_path / "reg")
     first = registry.publish(trained)
-    done = subprocess.run([sys.executable, "-c", KILLED_AT_POINTER_MOVE, str(REPO),
-                           str(registry.root)], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", KILLED_AT_POINTER_MOVE, str(REPO), str(registry.root)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == -9, done.stderr
     assert registry.current_version() == first
     assert leftovers(registry.root)[0].startswith("CURRENT.tmp-")
@@ -140,7 +155,8 @@ def test_publish_killed_before_the_pointer_moves_keeps_the_old_version_current(
 
 
 def test_a_version_that_fails_verification_is_not_published(
-        tmp_path: Path, trained: Recommender, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, trained: Recommender, monkeypatch: pytest.MonkeyPatch
+) -> None:
     registry = ModelRegistry(tmp_path / "reg")
     first = registry.publish(trained)
     real_save = registry_module.save_model
@@ -160,8 +176,9 @@ def test_a_version_that_fails_verification_is_not_published(
     assert [v.version for v in registry.list_versions()] == [first]
 
 
-def test_retention_keeps_the_last_k_and_never_the_current(tmp_path: Path,
-                                                           trained: Recommender) -> None:
+def test_retention_keeps_the_last_k_and_never_the_current(
+    tmp_path: Path, trained: Recommender
+) -> None:
     registry = ModelRegistry(tmp_path / "reg", keep=2)
     published = [registry.publish(trained) for _ in range(3)]
     assert [v.version for v in registry.list_versions()] == published[1:]
@@ -177,8 +194,9 @@ def test_retention_keeps_the_last_k_and_never_the_current(tmp_path: Path,
     assert leftovers(registry.root) == []
 
 
-def test_rollback_moves_to_the_previous_retained_version(tmp_path: Path,
-                                                          trained: Recommender) -> None:
+def test_rollback_moves_to_the_previous_retained_version(
+    tmp_path: Path, trained: Recommender
+) -> None:
     registry = ModelRegistry(tmp_path / "reg")
     with pytest.raises(UserError, match="not a model registry"):
         registry.rollback()
@@ -204,8 +222,9 @@ def test_rollback_refuses_a_broken_target(tmp_path: Path, trained: Recommender) 
 
 
 @pytest.mark.parametrize("content", ["../../etc/passwd", "", ".hidden", "a b"])
-def test_a_bad_pointer_is_an_error_not_a_path(tmp_path: Path, trained: Recommender,
-                                              content: str) -> None:
+def test_a_bad_pointer_is_an_error_not_a_path(
+    tmp_path: Path, trained: Recommender, content: str
+) -> None:
     registry = ModelRegistry(tmp_path / "reg")
     registry.publish(trained)
     (registry.root / "CURRENT").write_text(content)
@@ -213,8 +232,7 @@ def test_a_bad_pointer_is_an_error_not_a_path(tmp_path: Path, trained: Recommend
         registry.current()
 
 
-def test_a_directory_renamed_into_versions_is_refused(tmp_path: Path,
-                                                      trained: Recommender) -> None:
+def test_a_directory_renamed_into_versions_is_refused(tmp_path: Path, trained: Recommender) -> None:
     registry = ModelRegistry(tmp_path / "reg")
     version = registry.publish(trained)
     impostor = registry.versions_dir / "000009-vimpostor"
@@ -224,6 +242,7 @@ def test_a_directory_renamed_into_versions_is_refused(tmp_path: Path,
 
 
 # --- streamrec model ... ------------------------------------------------------------------
+
 
 def run_model_command(*argv: str) -> int:
     """Parse and run ``streamrec model ...`` as stream.cli.main.main does (errors raise)."""
@@ -239,35 +258,47 @@ def model_command(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, A
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-def test_model_cli_publish_list_rollback(tmp_path: Path, trained: Recommender,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_model_cli_publish_list_rollback(
+    tmp_path: Path, trained: Recommender, capsys: pytest.CaptureFixture[str]
+) -> None:
     model_dir = tmp_path / "offline"
     save_model(trained, model_dir, training={"epochs": 1})
     reg = str(tmp_path / "reg")
     first = model_command(capsys, "publish", "--registry", reg, "--model", str(model_dir))
     assert first["retained"] == [first["version"]]
-    second = model_command(capsys, "publish", "--registry", reg, "--model", str(model_dir),
-                           "--keep", "2")
+    second = model_command(
+        capsys, "publish", "--registry", reg, "--model", str(model_dir), "--keep", "2"
+    )
     imported = load_model(second["path"])
     assert imported.metadata["training"]["imported_version"] == trained.version
     assert same_weights(imported, trained)
     listing = model_command(capsys, "list", "--registry", reg)
     assert listing["current"] == second["version"]
     assert [(v["version"], v["current"]) for v in listing["versions"]] == [
-        (first["version"], False), (second["version"], True)]
+        (first["version"], False),
+        (second["version"], True),
+    ]
     rolled = model_command(capsys, "rollback", "--registry", reg)
-    assert rolled == {"registry": reg, "version": first["version"],
-                      "previous": second["version"], "path": first["path"]}
+    assert rolled == {
+        "registry": reg,
+        "version": first["version"],
+        "previous": second["version"],
+        "path": first["path"],
+    }
 
 
-@pytest.mark.parametrize("argv, message", [
-    (("rollback", "--registry", "{reg}"), "nothing to roll back to"),
-    (("list", "--registry", "{tmp}"), "not a model registry"),
-    (("rollback", "--registry", "{tmp}/nowhere"), "not a model registry"),
-    (("publish", "--registry", "{reg}", "--model", "{tmp}/missing"), "not a model directory"),
-])
-def test_model_cli_errors_are_user_errors(tmp_path: Path, trained: Recommender,
-                                          argv: tuple[str, ...], message: str) -> None:
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (("rollback", "--registry", "{reg}"), "nothing to roll back to"),
+        (("list", "--registry", "{tmp}"), "not a model registry"),
+        (("rollback", "--registry", "{tmp}/nowhere"), "not a model registry"),
+        (("publish", "--registry", "{reg}", "--model", "{tmp}/missing"), "not a model directory"),
+    ],
+)
+def test_model_cli_errors_are_user_errors(
+    tmp_path: Path, trained: Recommender, argv: tuple[str, ...], message: str
+) -> None:
     registry = ModelRegistry(tmp_path / "reg")
     registry.publish(trained)
     filled = [a.format(reg=registry.root, tmp=tmp_path) for a in argv]
@@ -277,17 +308,18 @@ def test_model_cli_errors_are_user_errors(tmp_path: Path, trained: Recommender,
 
 
 @pytest.mark.kafka
-def test_publish_and_rollback_are_announced(kafka_bootstrap: str, topic_name: str,
-                                            tmp_path: Path, trained: Recommender) -> None:
-    registry = ModelRegistry(tmp_path / "reg",
-                             announcer=KafkaAnnouncer(kafka_bootstrap, topic_name))
+def test_publish_and_rollback_are_announced(
+    kafka_bootstrap: str, topic_name: str, tmp_path: Path, trained: Recommender
+) -> None:
+    registry = ModelRegistry(
+        tmp_path / "reg", announcer=KafkaAnnouncer(kafka_bootstrap, topic_name)
+    )
     first = registry.publish(trained)
     second = registry.publish(trained)
     registry.rollback()
     messages = read_topic(kafka_bootstrap, topic_name, lambda ms: len(ms) >= 3, timeout=30)
     assert messages == [
         {"version": first, "path": str(registry.path_of(first).resolve()), "action": "publish"},
-        {"version": second, "path": str(registry.path_of(second).resolve()),
-         "action": "publish"},
-        {"version": first, "path": str(registry.path_of(first).resolve()),
-         "action": "rollback"}]
+        {"version": second, "path": str(registry.path_of(second).resolve()), "action": "publish"},
+        {"version": first, "path": str(registry.path_of(first).resolve()), "action": "rollback"},
+    ]

@@ -26,7 +26,6 @@ from model.data import read_clicks
 from model.errors import UserError
 from stream.cli import replay as replay_cli
 from stream.kafka import log_sender as replay_mod
-from stream.kafka.wire import Click, encode_click
 from stream.kafka.config import (
     SECURITY_ENV,
     bootstrap_servers,
@@ -41,6 +40,8 @@ from stream.kafka.log_sender import (
     replay,
 )
 from stream.kafka.topics import ensure_topics
+from stream.kafka.wire import Click, encode_click
+
 from support import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -125,11 +126,13 @@ def _last_json(stdout: str) -> dict[str, object]:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def _consume_all(bootstrap: str, topic: str, timeout: float = 30.0
-                 ) -> list[tuple[int, int, bytes, bytes]]:
+def _consume_all(
+    bootstrap: str, topic: str, timeout: float = 30.0
+) -> list[tuple[int, int, bytes, bytes]]:
     """Every message on ``topic`` as (partition, offset, key, value), per partition in order."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{topic}-check",
-                         "enable.auto.commit": False})
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": f"{topic}-check", "enable.auto.commit": False}
+    )
     try:
         ends = _end_offsets(consumer, topic)
         partitions = sorted(ends)
@@ -165,8 +168,10 @@ def _end_offsets(consumer: Consumer, topic: str, timeout: float = 15.0) -> dict[
     while True:
         try:
             partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-            return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                    for p in partitions}
+            return {
+                p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                for p in partitions
+            }
         except KafkaException:
             if time.monotonic() > deadline:
                 raise
@@ -176,8 +181,7 @@ def _end_offsets(consumer: Consumer, topic: str, timeout: float = 15.0) -> dict[
 def _kcat(*args: str, stdin: bytes | None = None) -> str:
     kcat = shutil.which("kcat")
     assert kcat, "kcat is not installed: `make system-deps` (or apt-get install kcat)"
-    done = subprocess.run([kcat, *args], input=stdin, capture_output=True, timeout=30,
-                          check=False)
+    done = subprocess.run([kcat, *args], input=stdin, capture_output=True, timeout=30, check=False)
     assert done.returncode == 0, done.stderr.decode("utf-8", "replace")
     return done.stdout.decode("utf-8")
 
@@ -185,44 +189,84 @@ def _kcat(*args: str, stdin: bytes | None = None) -> str:
 def _kcat_partitions(bootstrap: str, topic: str, keys: list[str]) -> dict[str, int]:
     """The partition kcat's own producer picks for each key with murmur2_random."""
     lines = "".join(f"{key}|x\n" for key in keys).encode("utf-8")
-    _kcat("-b", bootstrap, "-P", "-t", topic, "-K", "|", "-X", "partitioner=murmur2_random",
-          stdin=lines)
-    out = _kcat("-b", bootstrap, "-C", "-t", topic, "-o", "beginning", "-e", "-q",
-                "-c", str(len(keys)), "-f", "%k\t%p\n")
+    _kcat(
+        "-b",
+        bootstrap,
+        "-P",
+        "-t",
+        topic,
+        "-K",
+        "|",
+        "-X",
+        "partitioner=murmur2_random",
+        stdin=lines,
+    )
+    out = _kcat(
+        "-b",
+        bootstrap,
+        "-C",
+        "-t",
+        topic,
+        "-o",
+        "beginning",
+        "-e",
+        "-q",
+        "-c",
+        str(len(keys)),
+        "-f",
+        "%k\t%p\n",
+    )
     return {key: int(p) for key, p in (line.split("\t") for line in out.splitlines())}
-
-
 
 
 # --- kafka_config ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("url", "expected"), [
-    ("localhost:9092", "localhost:9092"),
-    ("kafka://localhost:9092", "localhost:9092"),
-    ("KAFKA://broker-1.example.com:9093/", "broker-1.example.com:9093"),
-    ("127.0.0.1:19092", "127.0.0.1:19092"),
-    ("[::1]:9092", "[::1]:9092"),
-    ("kafka://a:1,kafka://b:2", "a:1,b:2"),
-    (" a:1 , b:2 ", "a:1,b:2"),
-    ("kafka://a:1;b:2", "a:1,b:2"),  # Faust's separator
-])
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("localhost:9092", "localhost:9092"),
+        ("kafka://localhost:9092", "localhost:9092"),
+        ("KAFKA://broker-1.example.com:9093/", "broker-1.example.com:9093"),
+        ("127.0.0.1:19092", "127.0.0.1:19092"),
+        ("[::1]:9092", "[::1]:9092"),
+        ("kafka://a:1,kafka://b:2", "a:1,b:2"),
+        (" a:1 , b:2 ", "a:1,b:2"),
+        ("kafka://a:1;b:2", "a:1,b:2"),  # Faust's separator
+    ],
+)
 def test_bootstrap_servers_accepts(url: str, expected: str) -> None:
     assert bootstrap_servers(url) == expected
 
 
-@pytest.mark.parametrize("url", [
-    "", " ", "localhost", "kafka://localhost", "http://localhost:9092",
-    "confluent://localhost:9092", "localhost:0", "localhost:65536", "localhost:port",
-    ":9092", "kafka://", "a:1,,b:2", "a:1,", "local host:9092", "h:9092/topic",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "",
+        " ",
+        "localhost",
+        "kafka://localhost",
+        "http://localhost:9092",
+        "confluent://localhost:9092",
+        "localhost:0",
+        "localhost:65536",
+        "localhost:port",
+        ":9092",
+        "kafka://",
+        "a:1,,b:2",
+        "a:1,",
+        "local host:9092",
+        "h:9092/topic",
+    ],
+)
 def test_bootstrap_servers_rejects(url: str) -> None:
     with pytest.raises(UserError, match="^bad broker URL"):
         bootstrap_servers(url)
 
 
 def test_producer_config_passes_security_settings_from_the_environment(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     values = {
         "STREAMREC_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
         "STREAMREC_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
@@ -253,12 +297,15 @@ def test_producer_config_passes_security_settings_from_the_environment(
 
 
 def test_producer_config_has_no_security_settings_when_unset(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     for name in SECURITY_ENV:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("STREAMREC_KAFKA_SASL_MECHANISM", "")  # empty counts as unset
-    assert producer_config("h:9092") == {"bootstrap.servers": "h:9092",
-                                         "partitioner": "murmur2_random"}
+    assert producer_config("h:9092") == {
+        "bootstrap.servers": "h:9092",
+        "partitioner": "murmur2_random",
+    }
 
 
 # --- reading and ordering (no broker) ---------------------------------------------------------
@@ -272,14 +319,14 @@ def test_replay_order_is_event_time_order_and_stable(tmp_path: Path) -> None:
     assert log.bad_rows == 0
     # The same order from the trainer's reader, and from in-memory clicks in any order.
     assert list(replay_mod.as_replay_log(read_clicks(path)).clicks()) == EXPECTED_ORDER
-    by_session = sorted(EXPECTED_ORDER, key=lambda c: ["sess-a", "sess-b", "séance-1"]
-                        .index(c.session_id))
+    by_session = sorted(
+        EXPECTED_ORDER, key=lambda c: ["sess-a", "sess-b", "séance-1"].index(c.session_id)
+    )
     assert list(replay_mod.as_replay_log(by_session).clicks()) == EXPECTED_ORDER
 
 
 def test_bad_rows_are_counted_and_located(tmp_path: Path) -> None:
-    log = read_replay_log(_write(tmp_path, BAD_ROWS_TSV + "\ns4\tNA\t-1\n"
-                                 "s5\ti9\tinf\ns6\ti9\n"))
+    log = read_replay_log(_write(tmp_path, BAD_ROWS_TSV + "\ns4\tNA\t-1\ns5\ti9\tinf\ns6\ti9\n"))
     assert log.bad_rows == 6
     assert [str(bad) for bad in log.bad_row_examples] == [
         "line 4: ItemId is empty",
@@ -299,8 +346,9 @@ def test_missing_file_and_column_are_user_errors(tmp_path: Path) -> None:
         read_replay_log(_write(tmp_path, "SessionId\tItemId\tWhen\ns\ti\t1\n"))
 
 
-@pytest.mark.parametrize(("text", "factor"), [("max", None), ("MAX", None), ("2", 2.0),
-                                              ("0.5", 0.5), (100, 100.0)])
+@pytest.mark.parametrize(
+    ("text", "factor"), [("max", None), ("MAX", None), ("2", 2.0), ("0.5", 0.5), (100, 100.0)]
+)
 def test_parse_speed(text: str | int, factor: float | None) -> None:
     assert parse_speed(text) == factor
 
@@ -316,7 +364,8 @@ def test_parse_speed_rejects(text: str) -> None:
 
 @pytest.mark.kafka
 def test_replay_round_trip_co_partitioned_with_kcat(
-        kafka_bootstrap: str, topic_name: str, tmp_path: Path) -> None:
+    kafka_bootstrap: str, topic_name: str, tmp_path: Path
+) -> None:
     kcat_topic = f"{topic_name}-kcat"
     ensure_topics(kafka_bootstrap, {topic_name: 4, kcat_topic: 4})
     stats = replay(_write(tmp_path, LOG_TSV), f"kafka://{kafka_bootstrap}", topic_name)
@@ -345,8 +394,9 @@ def test_replay_round_trip_co_partitioned_with_kcat(
 
 
 @pytest.mark.kafka
-def test_send_order_is_global_event_time_order(kafka_bootstrap: str, topic_name: str,
-                                               tmp_path: Path) -> None:
+def test_send_order_is_global_event_time_order(
+    kafka_bootstrap: str, topic_name: str, tmp_path: Path
+) -> None:
     """On a single partition the log shows the send order itself: it must be time order."""
     ensure_topics(kafka_bootstrap, {topic_name: 1})
     log = read_clicks(_write(tmp_path, LOG_TSV))  # a ClickLog works as a source too
@@ -356,26 +406,28 @@ def test_send_order_is_global_event_time_order(kafka_bootstrap: str, topic_name:
 
 
 @pytest.mark.kafka
-def test_cli_skips_and_reports_bad_rows(kafka_bootstrap: str, topic_name: str, tmp_path: Path,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_skips_and_reports_bad_rows(
+    kafka_bootstrap: str, topic_name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     ensure_topics(kafka_bootstrap, {topic_name: 4})
     path = _write(tmp_path, BAD_ROWS_TSV)
-    assert _run_cli("--data", str(path), "--broker", kafka_bootstrap,
-                    "--topic", topic_name) == 0
+    assert _run_cli("--data", str(path), "--broker", kafka_bootstrap, "--topic", topic_name) == 0
     out, err = capsys.readouterr()
     result = _last_json(out)
     assert result["bad_rows"] == 2 and result["events_sent"] == 5
     assert result["topic"] == topic_name and result["delivery_errors"] == 0
     assert set(result) >= {"events_sent", "seconds", "events_per_s", "bad_rows", "topic"}
     assert "line 4: ItemId is empty" in err and "line 7: Time 'soon'" in err
-    items = sorted(json.loads(v)["item_id"] for _, _, _, v in
-                   _consume_all(kafka_bootstrap, topic_name))
+    items = sorted(
+        json.loads(v)["item_id"] for _, _, _, v in _consume_all(kafka_bootstrap, topic_name)
+    )
     assert items == ["i1", "i2", "i3", "i4", "i6"]
 
 
 @pytest.mark.kafka
-def test_speed_factor_paces_the_replay(kafka_bootstrap: str, topic_name: str,
-                                       tmp_path: Path) -> None:
+def test_speed_factor_paces_the_replay(
+    kafka_bootstrap: str, topic_name: str, tmp_path: Path
+) -> None:
     ensure_topics(kafka_bootstrap, {topic_name: 4})
     # 2.1 s of event time at 100x: the last event is due 21 ms after the first.
     stats = replay(_write(tmp_path, LOG_TSV), kafka_bootstrap, topic_name, speed=100)
@@ -384,23 +436,47 @@ def test_speed_factor_paces_the_replay(kafka_bootstrap: str, topic_name: str,
 
 
 @pytest.mark.kafka
-def test_limit_sends_exactly_n(kafka_bootstrap: str, topic_name: str, tmp_path: Path,
-                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_limit_sends_exactly_n(
+    kafka_bootstrap: str, topic_name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     ensure_topics(kafka_bootstrap, {topic_name: 4})
-    assert _run_cli("--data", str(_write(tmp_path, LOG_TSV)), "--broker", kafka_bootstrap,
-                    "--topic", topic_name, "--limit", "4", "--speed", "1000", "--quiet") == 0
+    assert (
+        _run_cli(
+            "--data",
+            str(_write(tmp_path, LOG_TSV)),
+            "--broker",
+            kafka_bootstrap,
+            "--topic",
+            topic_name,
+            "--limit",
+            "4",
+            "--speed",
+            "1000",
+            "--quiet",
+        )
+        == 0
+    )
     assert _last_json(capsys.readouterr().out)["events_sent"] == 4
     got = sorted(v for _, _, _, v in _consume_all(kafka_bootstrap, topic_name))
     assert got == sorted(encode_click(c)[1] for c in EXPECTED_ORDER[:4])
 
 
 @pytest.mark.kafka
-def test_missing_topic_is_a_quick_user_error(kafka_bootstrap: str, topic_name: str,
-                                             tmp_path: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_topic_is_a_quick_user_error(
+    kafka_bootstrap: str, topic_name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     started = time.monotonic()
-    assert _run_cli("--data", str(_write(tmp_path, LOG_TSV)), "--broker", kafka_bootstrap,
-                    "--topic", topic_name) == 2
+    assert (
+        _run_cli(
+            "--data",
+            str(_write(tmp_path, LOG_TSV)),
+            "--broker",
+            kafka_bootstrap,
+            "--topic",
+            topic_name,
+        )
+        == 2
+    )
     assert time.monotonic() - started < 10
     err = capsys.readouterr().err
     assert f"topic {topic_name!r} does not exist" in err
@@ -415,14 +491,25 @@ def test_unreachable_broker_is_a_user_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.kafka
-def test_delivery_errors_make_the_cli_fail(kafka_bootstrap: str, topic_name: str,
-                                           tmp_path: Path,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_delivery_errors_make_the_cli_fail(
+    kafka_bootstrap: str, topic_name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # The broker rejects every batch: no click fits in 10 bytes.
-    ensure_topics(kafka_bootstrap, {topic_name: 1},
-                  configs={topic_name: {"max.message.bytes": "10"}})
-    assert _run_cli("--data", str(_write(tmp_path, LOG_TSV)), "--broker", kafka_bootstrap,
-                    "--topic", topic_name, "--quiet") == 2
+    ensure_topics(
+        kafka_bootstrap, {topic_name: 1}, configs={topic_name: {"max.message.bytes": "10"}}
+    )
+    assert (
+        _run_cli(
+            "--data",
+            str(_write(tmp_path, LOG_TSV)),
+            "--broker",
+            kafka_bootstrap,
+            "--topic",
+            topic_name,
+            "--quiet",
+        )
+        == 2
+    )
     out, err = capsys.readouterr()
     result = _last_json(out)
     assert result["events_sent"] == 0 and result["delivery_errors"] >= 1
@@ -430,16 +517,33 @@ def test_delivery_errors_make_the_cli_fail(kafka_bootstrap: str, topic_name: str
 
 
 @pytest.mark.kafka
-def test_ctrl_c_flushes_and_reports_what_was_sent(kafka_bootstrap: str, topic_name: str,
-                                                  tmp_path: Path) -> None:
+def test_ctrl_c_flushes_and_reports_what_was_sent(
+    kafka_bootstrap: str, topic_name: str, tmp_path: Path
+) -> None:
     ensure_topics(kafka_bootstrap, {topic_name: 4})
     # Five clicks at once, then one 100 s later: at real time the replay sits waiting.
     rows = "".join(f"s{i}\ti{i}\t1000.0\n" for i in range(5)) + "s9\ti9\t1100.0\n"
     path = _write(tmp_path, "SessionId\tItemId\tTime\n" + rows)
     child = subprocess.Popen(
-        [sys.executable, "-c", CLI_WRAPPER, "replay", "--data", str(path),
-         "--broker", kafka_bootstrap, "--topic", topic_name, "--speed", "1"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            CLI_WRAPPER,
+            "replay",
+            "--data",
+            str(path),
+            "--broker",
+            kafka_bootstrap,
+            "--topic",
+            topic_name,
+            "--speed",
+            "1",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while _topic_size(kafka_bootstrap, topic_name) < 5:
@@ -459,7 +563,6 @@ def test_ctrl_c_flushes_and_reports_what_was_sent(kafka_bootstrap: str, topic_na
 
 
 def test_replay_interrupted_is_a_keyboard_interrupt() -> None:
-    stats = replay_mod.ReplayStats(topic="t", partitions=1, events_sent=3, seconds=1.0,
-                                   bad_rows=0)
+    stats = replay_mod.ReplayStats(topic="t", partitions=1, events_sent=3, seconds=1.0, bad_rows=0)
     assert isinstance(ReplayInterrupted(stats), KeyboardInterrupt)
     assert ReplayInterrupted(stats).stats.as_json()["events_sent"] == 3

@@ -13,8 +13,9 @@ ZERO = np.flatnonzero(SUPPORT == 0)
 N_ITEMS = len(SUPPORT)
 
 
-def make(alpha: float = 0.5, store_size: int = 100_000, seed: int = 7,
-         support: np.ndarray = SUPPORT) -> PopularitySampler:
+def make(
+    alpha: float = 0.5, store_size: int = 100_000, seed: int = 7, support: np.ndarray = SUPPORT
+) -> PopularitySampler:
     return PopularitySampler(support, alpha, store_size, torch.Generator().manual_seed(seed))
 
 
@@ -67,7 +68,7 @@ def test_store_keeps_working_across_many_calls(store_size: int) -> None:
     counts = np.bincount(draws, minlength=N_ITEMS)
     assert (counts[SUPPORT > 0] > 0).all(), "some item with support was never drawn"
     # consecutive stores must be fresh draws, not the same store handed out again
-    blocks = {tuple(draws[k:k + 9]) for k in range(0, len(draws), 9)}
+    blocks = {tuple(draws[k : k + 9]) for k in range(0, len(draws), 9)}
     assert len(blocks) > 100
 
 
@@ -82,8 +83,11 @@ def test_varying_sizes_and_zero() -> None:
 
 def test_same_seed_same_draws_and_different_seed_different_draws() -> None:
     first = make(0.5, store_size=64, seed=3).sample(16)
-    a, b, c = make(0.5, store_size=64, seed=3), make(0.5, store_size=64, seed=3), \
-        make(0.5, store_size=64, seed=4)
+    a, b, c = (
+        make(0.5, store_size=64, seed=3),
+        make(0.5, store_size=64, seed=3),
+        make(0.5, store_size=64, seed=4),
+    )
     seq_a = torch.cat([a.sample(16) for _ in range(20)])
     seq_b = torch.cat([b.sample(16) for _ in range(20)])
     seq_c = torch.cat([c.sample(16) for _ in range(20)])

@@ -25,8 +25,7 @@ UNKNOWN = "not-an-item"
 @pytest.fixture(scope="module")
 def recommender() -> Recommender:
     log = generate(SynthSpec(sessions=500, items=60, seed=1))
-    rec, _ = train(log, GRU4RecConfig(layers=(8,), n_sample=16, n_epochs=1), seed=0,
-                   progress=False)
+    rec, _ = train(log, GRU4RecConfig(layers=(8,), n_sample=16, n_epochs=1), seed=0, progress=False)
     return rec
 
 
@@ -35,13 +34,15 @@ def items(recommender: Recommender) -> list[str]:
     return list(recommender.item_map.ids)
 
 
-def sc(session: str, item: str, offset: int, time: float = 1000.0,
-       partition: int = 0) -> SourcedClick:
+def sc(
+    session: str, item: str, offset: int, time: float = 1000.0, partition: int = 0
+) -> SourcedClick:
     return SourcedClick(Click(session, item, time), partition, offset)
 
 
-def reference(rec: Recommender, history: Sequence[str],
-              top_n: int = TOP_N) -> tuple[np.ndarray, bool, tuple[str, ...], np.ndarray]:
+def reference(
+    rec: Recommender, history: Sequence[str], top_n: int = TOP_N
+) -> tuple[np.ndarray, bool, tuple[str, ...], np.ndarray]:
     """Hidden state, started flag and top-N after ``history``, one Recommender.step per click."""
     hidden = rec.initial_states(1)
     started = False
@@ -51,8 +52,12 @@ def reference(rec: Recommender, history: Sequence[str],
         started = started or index >= 0
     top, scores = rec.top_k(hidden, torch.tensor([started]), top_n)
     ids = rec.item_map.ids
-    return (hidden[0].cpu().numpy(), started, tuple(ids[k] for k in top[0].tolist()),
-            scores[0].cpu().numpy())
+    return (
+        hidden[0].cpu().numpy(),
+        started,
+        tuple(ids[k] for k in top[0].tolist()),
+        scores[0].cpu().numpy(),
+    )
 
 
 def assert_outcomes_equal(a: Outcome, b: Outcome) -> None:
@@ -66,14 +71,22 @@ def assert_outcomes_equal(a: Outcome, b: Outcome) -> None:
 
 def assert_states_equal(a: SessionState, b: SessionState, atol: float = ATOL) -> None:
     np.testing.assert_allclose(a.hidden, b.hidden, atol=atol)
-    assert (a.recent_items, a.last_offset, a.last_time, a.started, a.model_version,
-            a.partition) == (b.recent_items, b.last_offset, b.last_time, b.started,
-                             b.model_version, b.partition)
+    assert (
+        a.recent_items,
+        a.last_offset,
+        a.last_time,
+        a.started,
+        a.model_version,
+        a.partition,
+    ) == (b.recent_items, b.last_offset, b.last_time, b.started, b.model_version, b.partition)
 
 
-def run_batches(rec: Recommender, batches: Sequence[Sequence[SourcedClick]],
-                stored: dict[str, SessionState | None] | None = None,
-                top_n: int = TOP_N) -> tuple[list[Outcome], dict[str, SessionState | None]]:
+def run_batches(
+    rec: Recommender,
+    batches: Sequence[Sequence[SourcedClick]],
+    stored: dict[str, SessionState | None] | None = None,
+    top_n: int = TOP_N,
+) -> tuple[list[Outcome], dict[str, SessionState | None]]:
     """Apply batches in turn, storing each non-duplicate state as the worker's table would."""
     table: dict[str, SessionState | None] = dict(stored or {})
     outcomes: list[Outcome] = []
@@ -90,8 +103,14 @@ def run_batches(rec: Recommender, batches: Sequence[Sequence[SourcedClick]],
 
 def test_same_batch_equals_separate_batches_equals_click_by_click(recommender, items) -> None:
     a1, a2, a3, b1, c1, c2 = items[0], items[5], items[9], items[3], items[7], items[7]
-    clicks = [sc("A", a1, 1, 10.0), sc("B", b1, 2, 11.0), sc("A", a2, 3, 12.0),
-              sc("C", c1, 4, 13.0), sc("A", a3, 5, 14.0), sc("C", c2, 6, 15.0)]
+    clicks = [
+        sc("A", a1, 1, 10.0),
+        sc("B", b1, 2, 11.0),
+        sc("A", a2, 3, 12.0),
+        sc("C", c1, 4, 13.0),
+        sc("A", a3, 5, 14.0),
+        sc("C", c2, 6, 15.0),
+    ]
     one_batch, _ = run_batches(recommender, [clicks])
     split, _ = run_batches(recommender, [clicks[:2], clicks[2:4], clicks[4:]])
     singles, _ = run_batches(recommender, [[c] for c in clicks])
@@ -120,7 +139,10 @@ def test_outcomes_are_in_input_order(recommender, items) -> None:
     outcomes = apply_clicks(recommender, clicks, {}, TOP_N)
     assert [o.state.last_offset for o in outcomes] == [1, 2, 3]  # type: ignore[union-attr]
     assert [o.state.recent_items for o in outcomes] == [  # type: ignore[union-attr]
-        (items[1],), (items[1], items[2]), (items[3],)]
+        (items[1],),
+        (items[1], items[2]),
+        (items[3],),
+    ]
 
 
 def test_stored_dict_is_not_mutated(recommender, items) -> None:
@@ -135,10 +157,16 @@ def test_duplicate_offsets_change_nothing(recommender, items) -> None:
     before = table["A"]
     assert before is not None
     stored = dict(table)
-    outcomes = apply_clicks(recommender, [sc("A", items[4], 10, 60.0, partition=2),
-                                          sc("A", items[5], 3, 70.0, partition=2),
-                                          sc("B", items[6], 11, 80.0, partition=2)],
-                            stored, TOP_N)
+    outcomes = apply_clicks(
+        recommender,
+        [
+            sc("A", items[4], 10, 60.0, partition=2),
+            sc("A", items[5], 3, 70.0, partition=2),
+            sc("B", items[6], 11, 80.0, partition=2),
+        ],
+        stored,
+        TOP_N,
+    )
     for duplicate in outcomes[:2]:
         assert duplicate == Outcome(None, (), (), False, False)
     assert outcomes[2].state is not None  # another session's click is still applied
@@ -148,8 +176,9 @@ def test_duplicate_offsets_change_nothing(recommender, items) -> None:
 
 def test_duplicate_after_newer_click_in_same_batch(recommender, items) -> None:
     # a replay of offset 5 that arrives after offset 6 was applied in the same batch
-    outcomes = apply_clicks(recommender, [sc("A", items[0], 6), sc("A", items[1], 5),
-                                          sc("A", items[0], 6)], {}, TOP_N)
+    outcomes = apply_clicks(
+        recommender, [sc("A", items[0], 6), sc("A", items[1], 5), sc("A", items[0], 6)], {}, TOP_N
+    )
     assert outcomes[0].state is not None
     assert outcomes[1].state is None and outcomes[2].state is None
 
@@ -164,11 +193,18 @@ def test_replayed_batch_is_idempotent(recommender, items) -> None:
 
 def test_stale_model_version_is_rebuilt_from_recent_items(recommender, items) -> None:
     history = (items[2], UNKNOWN, items[8], items[2])
-    stale = SessionState(hidden=np.full(recommender.state_size, 7.0, np.float32),
-                         recent_items=history, last_offset=40, last_time=500.0,
-                         started=False, model_version="old-version", partition=1)
-    [outcome] = apply_clicks(recommender, [sc("A", items[11], 41, 600.0, partition=1)],
-                             {"A": stale}, TOP_N)
+    stale = SessionState(
+        hidden=np.full(recommender.state_size, 7.0, np.float32),
+        recent_items=history,
+        last_offset=40,
+        last_time=500.0,
+        started=False,
+        model_version="old-version",
+        partition=1,
+    )
+    [outcome] = apply_clicks(
+        recommender, [sc("A", items[11], 41, 600.0, partition=1)], {"A": stale}, TOP_N
+    )
     assert outcome.rebuilt and outcome.known_item
     assert outcome.state is not None
     hidden, started, top, scores = reference(recommender, [*history, items[11]])
@@ -189,15 +225,28 @@ def test_stale_model_version_is_rebuilt_from_recent_items(recommender, items) ->
 
 def test_stale_state_mixed_with_current_states_in_one_wave(recommender, items) -> None:
     _, table = run_batches(recommender, [[sc("B", items[1], 1), sc("B", items[2], 2)]])
-    stale = SessionState(hidden=np.zeros(recommender.state_size, np.float32),
-                         recent_items=(items[3], items[4]), last_offset=5, last_time=1.0,
-                         started=True, model_version="other", partition=0)
+    stale = SessionState(
+        hidden=np.zeros(recommender.state_size, np.float32),
+        recent_items=(items[3], items[4]),
+        last_offset=5,
+        last_time=1.0,
+        started=True,
+        model_version="other",
+        partition=0,
+    )
     stored = {"A": stale, "B": table["B"]}
-    outcomes = apply_clicks(recommender, [sc("B", items[6], 3), sc("A", items[5], 6),
-                                          sc("C", items[7], 7), sc("A", items[1], 8)],
-                            stored, TOP_N)
-    expected = {0: [items[1], items[2], items[6]], 1: [items[3], items[4], items[5]],
-                2: [items[7]], 3: [items[3], items[4], items[5], items[1]]}
+    outcomes = apply_clicks(
+        recommender,
+        [sc("B", items[6], 3), sc("A", items[5], 6), sc("C", items[7], 7), sc("A", items[1], 8)],
+        stored,
+        TOP_N,
+    )
+    expected = {
+        0: [items[1], items[2], items[6]],
+        1: [items[3], items[4], items[5]],
+        2: [items[7]],
+        3: [items[3], items[4], items[5], items[1]],
+    }
     for k, history in expected.items():
         hidden, _, top, _ = reference(recommender, history)
         np.testing.assert_allclose(outcomes[k].state.hidden, hidden, atol=ATOL)  # type: ignore[union-attr]
@@ -206,9 +255,15 @@ def test_stale_state_mixed_with_current_states_in_one_wave(recommender, items) -
 
 
 def test_stale_state_with_only_unknown_items_stays_unstarted(recommender, items) -> None:
-    stale = SessionState(hidden=np.ones(recommender.state_size, np.float32),
-                         recent_items=(UNKNOWN, "other-unknown"), last_offset=1, last_time=1.0,
-                         started=True, model_version="old", partition=0)
+    stale = SessionState(
+        hidden=np.ones(recommender.state_size, np.float32),
+        recent_items=(UNKNOWN, "other-unknown"),
+        last_offset=1,
+        last_time=1.0,
+        started=True,
+        model_version="old",
+        partition=0,
+    )
     [outcome] = apply_clicks(recommender, [sc("A", "third-unknown", 2)], {"A": stale}, TOP_N)
     assert outcome.rebuilt and not outcome.known_item
     assert outcome.state is not None and outcome.state.started is False
@@ -233,9 +288,9 @@ def test_unknown_item_leaves_hidden_unchanged(recommender, items) -> None:
 
 
 def test_session_with_only_unknown_clicks_gets_popularity(recommender) -> None:
-    outcomes, table = run_batches(recommender, [[sc("A", UNKNOWN, 1)],
-                                                [sc("A", "other-unknown", 2),
-                                                 sc("A", UNKNOWN, 3)]])
+    outcomes, table = run_batches(
+        recommender, [[sc("A", UNKNOWN, 1)], [sc("A", "other-unknown", 2), sc("A", UNKNOWN, 3)]]
+    )
     top, scores = recommender.top_k(recommender.initial_states(1), torch.tensor([False]), TOP_N)
     expected_items = tuple(recommender.item_map.ids[k] for k in top[0].tolist())
     peak = recommender.popularity.max()
@@ -268,15 +323,19 @@ def test_recent_items_keep_the_last_ones(recommender, items) -> None:
     assert final is not None
     assert final.recent_items == tuple(history[-RECENT_ITEMS:])
     for k, outcome in enumerate(outcomes):
-        assert outcome.state.recent_items == tuple(history[:k + 1][-RECENT_ITEMS:])  # type: ignore[union-attr]
+        assert outcome.state.recent_items == tuple(history[: k + 1][-RECENT_ITEMS:])  # type: ignore[union-attr]
     # the state itself still reflects the whole session, not only the kept items
     hidden, _, _, _ = reference(recommender, history)
     np.testing.assert_allclose(final.hidden, hidden, atol=ATOL)
 
 
 def test_last_time_is_the_max_event_time(recommender, items) -> None:
-    clicks = [sc("A", items[0], 1, 100.0), sc("A", items[1], 2, 50.0),
-              sc("A", items[2], 3, 200.0), sc("A", items[3], 4, 150.0)]
+    clicks = [
+        sc("A", items[0], 1, 100.0),
+        sc("A", items[1], 2, 50.0),
+        sc("A", items[2], 3, 200.0),
+        sc("A", items[3], 4, 150.0),
+    ]
     outcomes, _ = run_batches(recommender, [clicks[:2], clicks[2:]])
     assert [o.state.last_time for o in outcomes] == [100.0, 100.0, 200.0, 200.0]  # type: ignore[union-attr]
 

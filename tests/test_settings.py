@@ -54,11 +54,18 @@ def test_every_setting_has_a_flag(model_dir: str) -> None:
 
 
 def test_environment_overrides_defaults(model_dir: str, tmp_path: Path) -> None:
-    environ = {"STREAMREC_MODEL": model_dir, "STREAMREC_TOP_N": "7",
-               "STREAMREC_BATCH_MS": "2.5", "STREAMREC_CREATE_TOPICS": "false",
-               "STREAMREC_BROKER": "kafka://broker-1:9093", "STREAMREC_LOG_LEVEL": "debug",
-               "STREAMREC_DATA_DIR": str(tmp_path / "faust"), "STREAMREC_WEB_PORT": "0",
-               "UNRELATED_TOP_N": "99", "TOP_N": "99"}
+    environ = {
+        "STREAMREC_MODEL": model_dir,
+        "STREAMREC_TOP_N": "7",
+        "STREAMREC_BATCH_MS": "2.5",
+        "STREAMREC_CREATE_TOPICS": "false",
+        "STREAMREC_BROKER": "kafka://broker-1:9093",
+        "STREAMREC_LOG_LEVEL": "debug",
+        "STREAMREC_DATA_DIR": str(tmp_path / "faust"),
+        "STREAMREC_WEB_PORT": "0",
+        "UNRELATED_TOP_N": "99",
+        "TOP_N": "99",
+    }
     settings = load([], environ)
     assert settings.model == model_dir
     assert settings.top_n == 7 and isinstance(settings.top_n, int)
@@ -75,11 +82,28 @@ def test_environment_overrides_defaults(model_dir: str, tmp_path: Path) -> None:
 def test_flags_override_environment(model_dir: str, tmp_path: Path) -> None:
     other = tmp_path / "other-model"
     other.mkdir()
-    environ = {"STREAMREC_MODEL": str(other), "STREAMREC_TOP_N": "7",
-               "STREAMREC_CREATE_TOPICS": "false", "STREAMREC_PARTITIONS": "not-even-a-number",
-               "STREAMREC_APP_ID": "from-env"}
-    settings = load(["--model", model_dir, "--top-n", "5", "--create-topics", "yes",
-                     "--partitions", "8", "--app-id", "from-flag"], environ)
+    environ = {
+        "STREAMREC_MODEL": str(other),
+        "STREAMREC_TOP_N": "7",
+        "STREAMREC_CREATE_TOPICS": "false",
+        "STREAMREC_PARTITIONS": "not-even-a-number",
+        "STREAMREC_APP_ID": "from-env",
+    }
+    settings = load(
+        [
+            "--model",
+            model_dir,
+            "--top-n",
+            "5",
+            "--create-topics",
+            "yes",
+            "--partitions",
+            "8",
+            "--app-id",
+            "from-flag",
+        ],
+        environ,
+    )
     assert settings.model == model_dir
     assert settings.top_n == 5
     assert settings.create_topics is True
@@ -92,17 +116,27 @@ def test_flag_equal_to_the_default_still_beats_the_environment(model_dir: str) -
     assert settings.top_n == 20
 
 
-@pytest.mark.parametrize("raw,expected", [("1", True), ("true", True), ("YES", True),
-                                          (" on ", True), ("0", False), ("False", False),
-                                          ("no", False), ("off", False)])
+@pytest.mark.parametrize(
+    "raw,expected",
+    [
+        ("1", True),
+        ("true", True),
+        ("YES", True),
+        (" on ", True),
+        ("0", False),
+        ("False", False),
+        ("no", False),
+        ("off", False),
+    ],
+)
 def test_bool_spellings(model_dir: str, raw: str, expected: bool) -> None:
-    assert load(["--model", model_dir], {"STREAMREC_CREATE_TOPICS": raw}).create_topics \
-        is expected
+    assert load(["--model", model_dir], {"STREAMREC_CREATE_TOPICS": raw}).create_topics is expected
     assert load(["--model", model_dir, "--create-topics", raw]).create_topics is expected
 
 
-def test_from_args_reads_os_environ_by_default(model_dir: str,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_from_args_reads_os_environ_by_default(
+    model_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("STREAMREC_MODEL", model_dir)
     monkeypatch.setenv("STREAMREC_TOP_N", "3")
     settings = WorkerSettings.from_args(parser().parse_args([]))
@@ -119,36 +153,49 @@ def test_replace_revalidates(model_dir: str) -> None:
 # ------------------------------------------------------------------------- invalid values
 
 
-@pytest.mark.parametrize("broker", ["http://localhost:9092", "localhost", "kafka://host:0",
-                                    "kafka://host:99999", "host:port", "", "a:1,,b:2",
-                                    "kafka://bad host:9092"])
+@pytest.mark.parametrize(
+    "broker",
+    [
+        "http://localhost:9092",
+        "localhost",
+        "kafka://host:0",
+        "kafka://host:99999",
+        "host:port",
+        "",
+        "a:1,,b:2",
+        "kafka://bad host:9092",
+    ],
+)
 def test_bad_broker_url(model_dir: str, broker: str) -> None:
     assert "broker" in user_error(["--model", model_dir, "--broker", broker])
     assert "broker" in user_error(["--model", model_dir], {"STREAMREC_BROKER": broker})
 
 
-@pytest.mark.parametrize("argv,setting", [
-    (["--partitions", "0"], "partitions"),
-    (["--partitions", "-3"], "partitions"),
-    (["--top-n", "-1"], "top_n"),
-    (["--top-n", "0"], "top_n"),
-    (["--batch-size", "0"], "batch_size"),
-    (["--batch-ms", "0"], "batch_ms"),
-    (["--session-timeout-s", "-1"], "session_timeout_s"),
-    (["--expiry-interval-s", "0"], "expiry_interval_s"),
-    (["--torch-threads", "0"], "torch_threads"),
-    (["--web-port", "70000"], "web_port"),
-    (["--web-port", "-1"], "web_port"),
-    (["--fetch-max-wait-ms", "-1"], "fetch_max_wait_ms"),
-    (["--group-session-timeout-s", "5"], "group_session_timeout_s"),
-    (["--group-session-timeout-s", "301"], "group_session_timeout_s"),
-    (["--log-level", "loud"], "log_level"),
-    (["--log-level", "INFO"], "log_level"),
-    (["--input-topic", ""], "input_topic"),
-    (["--output-topic", ""], "output_topic"),
-    (["--dlq-topic", ""], "dlq_topic"),
-    (["--app-id", ""], "app_id"),
-])
+@pytest.mark.parametrize(
+    "argv,setting",
+    [
+        (["--partitions", "0"], "partitions"),
+        (["--partitions", "-3"], "partitions"),
+        (["--top-n", "-1"], "top_n"),
+        (["--top-n", "0"], "top_n"),
+        (["--batch-size", "0"], "batch_size"),
+        (["--batch-ms", "0"], "batch_ms"),
+        (["--session-timeout-s", "-1"], "session_timeout_s"),
+        (["--expiry-interval-s", "0"], "expiry_interval_s"),
+        (["--torch-threads", "0"], "torch_threads"),
+        (["--web-port", "70000"], "web_port"),
+        (["--web-port", "-1"], "web_port"),
+        (["--fetch-max-wait-ms", "-1"], "fetch_max_wait_ms"),
+        (["--group-session-timeout-s", "5"], "group_session_timeout_s"),
+        (["--group-session-timeout-s", "301"], "group_session_timeout_s"),
+        (["--log-level", "loud"], "log_level"),
+        (["--log-level", "INFO"], "log_level"),
+        (["--input-topic", ""], "input_topic"),
+        (["--output-topic", ""], "output_topic"),
+        (["--dlq-topic", ""], "dlq_topic"),
+        (["--app-id", ""], "app_id"),
+    ],
+)
 def test_invalid_value_names_the_setting(model_dir: str, argv: list[str], setting: str) -> None:
     assert setting in user_error(["--model", model_dir, *argv])
 
@@ -175,10 +222,18 @@ def test_model_path_that_is_a_file(tmp_path: Path) -> None:
     assert "model" in user_error(["--model", str(file)])
 
 
-@pytest.mark.parametrize("name,raw", [("PARTITIONS", "four"), ("TOP_N", "2.5"),
-                                      ("TOP_N", ""), ("WEB_PORT", "80a"),
-                                      ("BATCH_MS", "fast"), ("CREATE_TOPICS", "maybe"),
-                                      ("CREATE_TOPICS", "")])
+@pytest.mark.parametrize(
+    "name,raw",
+    [
+        ("PARTITIONS", "four"),
+        ("TOP_N", "2.5"),
+        ("TOP_N", ""),
+        ("WEB_PORT", "80a"),
+        ("BATCH_MS", "fast"),
+        ("CREATE_TOPICS", "maybe"),
+        ("CREATE_TOPICS", ""),
+    ],
+)
 def test_bad_environment_value_names_the_setting(model_dir: str, name: str, raw: str) -> None:
     message = user_error(["--model", model_dir], {ENV_PREFIX + name: raw})
     assert ENV_PREFIX + name in message
@@ -186,10 +241,12 @@ def test_bad_environment_value_names_the_setting(model_dir: str, name: str, raw:
     assert repr(raw) in message
 
 
-@pytest.mark.parametrize("argv", [["--create-topics", "maybe"], ["--partitions", "four"],
-                                  ["--batch-ms", "fast"]])
+@pytest.mark.parametrize(
+    "argv", [["--create-topics", "maybe"], ["--partitions", "four"], ["--batch-ms", "fast"]]
+)
 def test_bad_flag_value_is_an_argparse_error_naming_the_flag(
-        model_dir: str, argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    model_dir: str, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as info:
         parser().parse_args(["--model", model_dir, *argv])
     assert info.value.code == 2

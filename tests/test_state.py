@@ -10,23 +10,35 @@ from hypothesis import strategies as st
 from stream.serving.state import FORMAT, RECENT_ITEMS, SessionState
 
 
-def make_state(hidden: np.ndarray | None = None, recent_items: tuple[str, ...] = ("a", "b"),
-               last_offset: int = 17, last_time: float = 1_700_000_123.25,
-               started: bool = True, model_version: str = "20240101T000000-abcd",
-               partition: int = 3) -> SessionState:
+def make_state(
+    hidden: np.ndarray | None = None,
+    recent_items: tuple[str, ...] = ("a", "b"),
+    last_offset: int = 17,
+    last_time: float = 1_700_000_123.25,
+    started: bool = True,
+    model_version: str = "20240101T000000-abcd",
+    partition: int = 3,
+) -> SessionState:
     if hidden is None:
         hidden = np.linspace(-1, 1, 8, dtype=np.float32)
-    return SessionState(hidden=hidden, recent_items=recent_items, last_offset=last_offset,
-                        last_time=last_time, started=started, model_version=model_version,
-                        partition=partition)
+    return SessionState(
+        hidden=hidden,
+        recent_items=recent_items,
+        last_offset=last_offset,
+        last_time=last_time,
+        started=started,
+        model_version=model_version,
+        partition=partition,
+    )
 
 
 def assert_same(decoded: SessionState, expected: SessionState) -> None:
     """Field-by-field (dataclass == on an ndarray field is ambiguous)."""
     assert decoded.hidden.dtype == np.float32
     assert decoded.hidden.shape == (np.asarray(expected.hidden).size,)
-    np.testing.assert_array_equal(decoded.hidden,
-                                  np.asarray(expected.hidden, dtype=np.float32).ravel())
+    np.testing.assert_array_equal(
+        decoded.hidden, np.asarray(expected.hidden, dtype=np.float32).ravel()
+    )
     assert decoded.recent_items == tuple(expected.recent_items[-RECENT_ITEMS:])
     assert decoded.last_offset == expected.last_offset
     assert decoded.last_time == expected.last_time
@@ -52,8 +64,7 @@ def test_round_trip_non_ascii_items_and_version() -> None:
 
 
 def test_round_trip_empty_recent_items_and_not_started() -> None:
-    state = make_state(recent_items=(), started=False, last_offset=-1, last_time=0.0,
-                       partition=0)
+    state = make_state(recent_items=(), started=False, last_offset=-1, last_time=0.0, partition=0)
     decoded = round_trip(state)
     assert_same(decoded, state)
     assert decoded.recent_items == ()
@@ -93,11 +104,14 @@ def test_encoding_is_compact() -> None:
     assert len(state.encode()) < 450
 
 
-@pytest.mark.parametrize("partition,last_time", [(0, 0.0), (7, 1_700_000_000.5),
-                                                 (65535, 123.456)])
+@pytest.mark.parametrize("partition,last_time", [(0, 0.0), (7, 1_700_000_000.5), (65535, 123.456)])
 def test_peek_partition_and_time(partition: int, last_time: float) -> None:
-    state = make_state(partition=partition, last_time=last_time,
-                       recent_items=tuple("xyz"), hidden=np.ones(50, np.float32))
+    state = make_state(
+        partition=partition,
+        last_time=last_time,
+        recent_items=tuple("xyz"),
+        hidden=np.ones(50, np.float32),
+    )
     data = state.encode()
     assert SessionState.peek_partition_and_time(data) == (partition, last_time)
     decoded = SessionState.decode(data)
@@ -116,8 +130,9 @@ def test_unknown_format_byte_raises_value_error(fmt: int) -> None:
 
 states = st.builds(
     SessionState,
-    hidden=st.lists(st.floats(width=32, allow_nan=False), max_size=64)
-    .map(lambda v: np.array(v, dtype=np.float32)),
+    hidden=st.lists(st.floats(width=32, allow_nan=False), max_size=64).map(
+        lambda v: np.array(v, dtype=np.float32)
+    ),
     recent_items=st.lists(st.text(max_size=30), max_size=RECENT_ITEMS + 10).map(tuple),
     last_offset=st.integers(min_value=-1, max_value=2**63 - 1),
     last_time=st.floats(allow_nan=False),

@@ -19,11 +19,20 @@ from model.config import GRU4RecConfig
 from model.data import ClickLog, read_clicks
 from model.evaluate import RecommenderScorer, evaluate
 from model.train import train
+from stream.kafka.topics import ensure_topics
 from stream.kafka.wire import Click
 from stream.quality import online_quality
-from support import DATA, REPO, StreamNames, WorkerProcess, click_by_click, \
-    clicks_in_time_order, produce_clicks, read_topic
-from stream.kafka.topics import ensure_topics
+
+from support import (
+    DATA,
+    REPO,
+    StreamNames,
+    WorkerProcess,
+    click_by_click,
+    clicks_in_time_order,
+    produce_clicks,
+    read_topic,
+)
 
 pytestmark = pytest.mark.kafka
 
@@ -32,8 +41,9 @@ pytestmark = pytest.mark.kafka
 def rsc15_model(tmp_path_factory: pytest.TempPathFactory):
     if not (DATA / "train_full.tsv").exists():
         pytest.skip(f"rsc15-100k sample not found at {DATA}")
-    recommender, _ = train(read_clicks(DATA / "train_full.tsv"),
-                           GRU4RecConfig(n_epochs=1), seed=0, progress=False)
+    recommender, _ = train(
+        read_clicks(DATA / "train_full.tsv"), GRU4RecConfig(n_epochs=1), seed=0, progress=False
+    )
     path = tmp_path_factory.mktemp("models") / "rsc15"
     save_model(recommender, path)
     return path
@@ -42,16 +52,18 @@ def rsc15_model(tmp_path_factory: pytest.TempPathFactory):
 def expected_lists(model_dir, sessions: dict[str, list[str]], top_n: int = 20):
     """The top-N after each click of each session, computed in-process, click by click."""
     recommender = load_model(model_dir, device="cpu")
-    return {session: [[item for item, _ in top] for top in
-                      click_by_click(recommender, items, top_n)[1]]
-            for session, items in sessions.items()}
+    return {
+        session: [[item for item, _ in top] for top in click_by_click(recommender, items, top_n)[1]]
+        for session, items in sessions.items()
+    }
 
 
 def published_lists(messages):
     by_session: dict[str, dict[int, list[str]]] = {}
     for m in messages:
         by_session.setdefault(m["session_id"], {})[m["source"]["offset"]] = [
-            r["item_id"] for r in m["recommendations"]]
+            r["item_id"] for r in m["recommendations"]
+        ]
     return {s: [lists[o] for o in sorted(lists)] for s, lists in by_session.items()}
 
 
@@ -59,19 +71,27 @@ def test_stream_equals_offline_evaluation(kafka_bootstrap, rsc15_model, tmp_path
     """Replaying test sessions through Kafka gives the offline Recall@20 / MRR@20."""
     test = read_clicks(DATA / "test.tsv")
     keep = test.sessions < 300
-    prefix = ClickLog(test.sessions[keep], test.items[keep], test.times[keep],
-                      test.session_ids[:300], test.item_ids)
+    prefix = ClickLog(
+        test.sessions[keep],
+        test.items[keep],
+        test.times[keep],
+        test.session_ids[:300],
+        test.item_ids,
+    )
     recommender = load_model(rsc15_model)
     offline = evaluate(RecommenderScorer(recommender), prefix, ks=(20,))
     clicks = clicks_in_time_order(prefix)
     names = StreamNames("equal")
-    with WorkerProcess(kafka_bootstrap, rsc15_model, names, tmp_path,
-                       "--batch-size", "64") as worker:
+    with WorkerProcess(
+        kafka_bootstrap, rsc15_model, names, tmp_path, "--batch-size", "64"
+    ) as worker:
         produce_clicks(kafka_bootstrap, names.clicks, clicks)
-        messages = read_topic(kafka_bootstrap, names.recommendations,
-                              lambda ms: len(ms) >= len(clicks), timeout=120)
-    assert len({(m["source"]["partition"], m["source"]["offset"]) for m in messages}) \
-        == len(clicks), worker.log()[-3000:]
+        messages = read_topic(
+            kafka_bootstrap, names.recommendations, lambda ms: len(ms) >= len(clicks), timeout=120
+        )
+    assert len({(m["source"]["partition"], m["source"]["offset"]) for m in messages}) == len(
+        clicks
+    ), worker.log()[-3000:]
     online = online_quality(messages, 20, recommender.item_map)
     assert online.n_predictions == offline.n_predictions
     assert abs(online.recall - offline.recall(20)) <= 0.001
@@ -89,38 +109,77 @@ def test_kcat_contract_and_copartitioning(kafka_bootstrap, small_model, tmp_path
     names = StreamNames("kcat")
     with WorkerProcess(kafka_bootstrap, small_model, names, tmp_path, "--top-n", "7"):
         produce_clicks(kafka_bootstrap, names.clicks, [Click("sess-α", first, 1000.0)])
-        line = f'sess-α\t{{"session_id": "sess-α", "item_id": "{second}", ' \
-               f'"timestamp": 1001.5, "extra": "ignored"}}\n'
-        subprocess.run(["kcat", "-b", kafka_bootstrap, "-P", "-t", names.clicks, "-K", "\t",
-                        "-X", "partitioner=murmur2_random"], input=line.encode(), check=True)
+        line = (
+            f'sess-α\t{{"session_id": "sess-α", "item_id": "{second}", '
+            f'"timestamp": 1001.5, "extra": "ignored"}}\n'
+        )
+        subprocess.run(
+            [
+                "kcat",
+                "-b",
+                kafka_bootstrap,
+                "-P",
+                "-t",
+                names.clicks,
+                "-K",
+                "\t",
+                "-X",
+                "partitioner=murmur2_random",
+            ],
+            input=line.encode(),
+            check=True,
+        )
         output = subprocess.run(
-            ["kcat", "-b", kafka_bootstrap, "-C", "-t", names.recommendations, "-o",
-             "beginning", "-c", "2", "-f", "%k\t%s\n", "-m", "60"],
-            capture_output=True, check=True, timeout=90).stdout.decode()
+            [
+                "kcat",
+                "-b",
+                kafka_bootstrap,
+                "-C",
+                "-t",
+                names.recommendations,
+                "-o",
+                "beginning",
+                "-c",
+                "2",
+                "-f",
+                "%k\t%s\n",
+                "-m",
+                "60",
+            ],
+            capture_output=True,
+            check=True,
+            timeout=90,
+        ).stdout.decode()
     rows = [line.split("\t", 1) for line in output.strip().splitlines()]
     assert [key for key, _ in rows] == ["sess-α", "sess-α"]
-    messages = sorted((json.loads(value) for _, value in rows),
-                      key=lambda m: m["source"]["offset"])
+    messages = sorted((json.loads(value) for _, value in rows), key=lambda m: m["source"]["offset"])
     assert messages[0]["source"]["partition"] == messages[1]["source"]["partition"]
     assert [m["item_id"] for m in messages] == [first, second]
     assert messages[1]["timestamp"] == 1001.5
     assert all(len(m["recommendations"]) == 7 for m in messages)
     assert messages[0]["model_version"] == recommender.version
-    assert set(messages[0]) == {"session_id", "item_id", "timestamp", "recommendations",
-                                "model_version", "source"}
+    assert set(messages[0]) == {
+        "session_id",
+        "item_id",
+        "timestamp",
+        "recommendations",
+        "model_version",
+        "source",
+    }
     expected = expected_lists(small_model, {"sess-α": [first, second]}, top_n=7)
     assert published_lists(messages)["sess-α"] == expected["sess-α"]
 
 
-def test_state_continues_across_restart_and_unknown_items(kafka_bootstrap, small_model,
-                                                          tmp_path):
+def test_state_continues_across_restart_and_unknown_items(kafka_bootstrap, small_model, tmp_path):
     """A new worker recovers session states from the changelog; unknown items leave the
     state unchanged and a session with no known item gets the popularity list."""
     recommender = load_model(small_model)
     ids = recommender.item_map.ids
-    sessions = {"a": [ids[1], ids[2], "unknown-1", ids[3]],
-                "b": ["unknown-2", ids[4], ids[5], ids[6]],
-                "c": [ids[7], ids[8], ids[9], ids[10]]}
+    sessions = {
+        "a": [ids[1], ids[2], "unknown-1", ids[3]],
+        "b": ["unknown-2", ids[4], ids[5], ids[6]],
+        "c": [ids[7], ids[8], ids[9], ids[10]],
+    }
     half = [Click(s, items[i], 100.0 + i) for i in range(2) for s, items in sessions.items()]
     rest = [Click(s, items[i], 100.0 + i) for i in range(2, 4) for s, items in sessions.items()]
     names = StreamNames("restart")
@@ -130,8 +189,7 @@ def test_state_continues_across_restart_and_unknown_items(kafka_bootstrap, small
     assert worker.process.returncode == 0, worker.log()[-2000:]
     with WorkerProcess(kafka_bootstrap, small_model, names, tmp_path):
         produce_clicks(kafka_bootstrap, names.clicks, rest)
-        messages = read_topic(kafka_bootstrap, names.recommendations,
-                              lambda ms: len(ms) >= 12)
+        messages = read_topic(kafka_bootstrap, names.recommendations, lambda ms: len(ms) >= 12)
     published = published_lists(messages)
     assert published == expected_lists(small_model, sessions)
     popular = [ids[i] for i in torch.topk(torch.tensor(recommender.popularity), 20).indices]
@@ -153,9 +211,14 @@ def test_replayed_click_does_not_advance_state_twice(kafka_bootstrap, small_mode
     worker.kill()
     produce_clicks(kafka_bootstrap, names.clicks, clicks[90:])
     with WorkerProcess(kafka_bootstrap, small_model, names, tmp_path) as restarted:
-        messages = read_topic(kafka_bootstrap, names.recommendations,
-                              lambda ms: len({(m["source"]["partition"], m["source"]["offset"])
-                                              for m in ms}) >= len(clicks), timeout=90)
+        messages = read_topic(
+            kafka_bootstrap,
+            names.recommendations,
+            lambda ms: (
+                len({(m["source"]["partition"], m["source"]["offset"]) for m in ms}) >= len(clicks)
+            ),
+            timeout=90,
+        )
     sources = {(m["source"]["partition"], m["source"]["offset"]) for m in messages}
     assert len(sources) == len(clicks), restarted.log()[-4000:]
     last = {}
@@ -170,14 +233,28 @@ def test_idle_sessions_expire_with_changelog_tombstones(kafka_bootstrap, small_m
     item = recommender.item_map.ids[3]
     names = StreamNames("expiry")
     # One partition, so the later click advances the event-time watermark past "old".
-    with WorkerProcess(kafka_bootstrap, small_model, names, tmp_path, "--session-timeout-s",
-                       "60", "--expiry-interval-s", "1", partitions=1):
-        produce_clicks(kafka_bootstrap, names.clicks,
-                       [Click("old", item, 1000.0), Click("new", item, 2000.0)])
+    with WorkerProcess(
+        kafka_bootstrap,
+        small_model,
+        names,
+        tmp_path,
+        "--session-timeout-s",
+        "60",
+        "--expiry-interval-s",
+        "1",
+        partitions=1,
+    ):
+        produce_clicks(
+            kafka_bootstrap, names.clicks, [Click("old", item, 1000.0), Click("new", item, 2000.0)]
+        )
         changelog = f"{names.app_id}-sessions-changelog"
-        records = read_topic(kafka_bootstrap, changelog,
-                             lambda ms: any(m.value() is None for m in ms),
-                             timeout=60, decode=False)
+        records = read_topic(
+            kafka_bootstrap,
+            changelog,
+            lambda ms: any(m.value() is None for m in ms),
+            timeout=60,
+            decode=False,
+        )
     tombstones = [m.key() for m in records if m.value() is None]
     assert tombstones == [b"old"]
 
@@ -186,9 +263,26 @@ def test_partition_mismatch_is_a_clear_startup_error(kafka_bootstrap, small_mode
     names = StreamNames("mismatch")
     ensure_topics(kafka_bootstrap, {names.clicks: 2})
     result = subprocess.run(
-        [sys.executable, "-m", "stream.cli.main", "worker", "--broker", kafka_bootstrap,
-         "--model", str(small_model), "--partitions", "4", "--web-port", "0",
-         *names.worker_args()], capture_output=True, text=True, timeout=60, cwd=REPO)
+        [
+            sys.executable,
+            "-m",
+            "stream.cli.main",
+            "worker",
+            "--broker",
+            kafka_bootstrap,
+            "--model",
+            str(small_model),
+            "--partitions",
+            "4",
+            "--web-port",
+            "0",
+            *names.worker_args(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
     assert result.returncode != 0
     error_lines = result.stderr.strip().splitlines()
     assert len(error_lines) == 1 and names.clicks in error_lines[0], result.stderr
@@ -198,9 +292,26 @@ def test_partition_mismatch_is_a_clear_startup_error(kafka_bootstrap, small_mode
 def test_missing_topic_without_creation_is_a_clear_startup_error(kafka_bootstrap, small_model):
     names = StreamNames("missing")
     result = subprocess.run(
-        [sys.executable, "-m", "stream.cli.main", "worker", "--broker", kafka_bootstrap,
-         "--model", str(small_model), "--create-topics", "false", "--web-port", "0",
-         *names.worker_args()], capture_output=True, text=True, timeout=60, cwd=REPO)
+        [
+            sys.executable,
+            "-m",
+            "stream.cli.main",
+            "worker",
+            "--broker",
+            kafka_bootstrap,
+            "--model",
+            str(small_model),
+            "--create-topics",
+            "false",
+            "--web-port",
+            "0",
+            *names.worker_args(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
     assert result.returncode != 0
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert names.clicks in result.stderr
@@ -211,20 +322,38 @@ def test_an_unreachable_broker_is_retried_with_backoff_then_one_clear_line(small
     worker gives up with one error line (each retry was logged before it)."""
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "stream.cli.main", "worker", "--broker", "kafka://127.0.0.1:1",
-         "--model", str(small_model), "--broker-wait-s", "7", "--web-port", "0"],
-        capture_output=True, text=True, timeout=120, cwd=REPO)
+        [
+            sys.executable,
+            "-m",
+            "stream.cli.main",
+            "worker",
+            "--broker",
+            "kafka://127.0.0.1:1",
+            "--model",
+            str(small_model),
+            "--broker-wait-s",
+            "7",
+            "--web-port",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
-    assert lines[-1].startswith("streamrec worker: error: cannot reach a Kafka broker at "
-                                "127.0.0.1:1"), result.stderr
+    assert lines[-1].startswith(
+        "streamrec worker: error: cannot reach a Kafka broker at 127.0.0.1:1"
+    ), result.stderr
     assert "retried for 7 s" in lines[-1]
     assert any("retrying in 1 s" in line for line in lines[:-1]), result.stderr
     assert time.monotonic() - started >= 7
 
 
-def test_sigterm_exits_promptly_and_the_next_worker_repeats_nothing(kafka_bootstrap,
-                                                                   small_model, tmp_path):
+def test_sigterm_exits_promptly_and_the_next_worker_repeats_nothing(
+    kafka_bootstrap, small_model, tmp_path
+):
     """SIGTERM: the worker finishes, commits and leaves within 10 s; a new worker does not
     answer any click a second time."""
     import time
@@ -242,10 +371,18 @@ def test_sigterm_exits_promptly_and_the_next_worker_repeats_nothing(kafka_bootst
     assert time.monotonic() - began < 10.0
     with WorkerProcess(kafka_bootstrap, small_model, names, tmp_path):
         produce_clicks(kafka_bootstrap, names.clicks, second)
-        messages = read_topic(kafka_bootstrap, names.recommendations,
-                              lambda ms: len(ms) >= len(first) + len(second), timeout=60)
+        messages = read_topic(
+            kafka_bootstrap,
+            names.recommendations,
+            lambda ms: len(ms) >= len(first) + len(second),
+            timeout=60,
+        )
         time.sleep(3.0)  # anything redelivered would arrive now
-        messages = read_topic(kafka_bootstrap, names.recommendations,
-                              lambda ms: len(ms) >= len(first) + len(second), timeout=10)
+        messages = read_topic(
+            kafka_bootstrap,
+            names.recommendations,
+            lambda ms: len(ms) >= len(first) + len(second),
+            timeout=10,
+        )
     sources = [(m["source"]["partition"], m["source"]["offset"]) for m in messages]
     assert len(sources) == len(set(sources)) == len(first) + len(second)

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from model import native, ranking
 from model.config import GRU4RecConfig
 from model.data import ItemMap
 from model.inference import RANKED_TOGETHER, Recommender
-from model.ranking import LARGE_CATALOGUE, Int8Catalogue, int8_supported, top_k_rows
-from model import native, ranking
 from model.network import GRU4RecNetwork
+from model.ranking import LARGE_CATALOGUE, Int8Catalogue, int8_supported, top_k_rows
 
 
 @pytest.mark.parametrize("n_items", [100, LARGE_CATALOGUE, 40_000, 40_037, 100_001])
@@ -22,8 +22,8 @@ def test_equals_torch_topk_on_distinct_scores(n_items: int, k: int) -> None:
     generator = torch.Generator().manual_seed(n_items + k)
     scores = torch.randn(17, n_items, generator=generator)
     # the hardest rows for blocks: the whole top in one block, or in the partial tail
-    scores[1, 128:128 + k] += 100.0
-    scores[2, n_items - min(k, n_items % 64 or 64):] += 100.0
+    scores[1, 128 : 128 + k] += 100.0
+    scores[2, n_items - min(k, n_items % 64 or 64) :] += 100.0
     indices, values = top_k_rows(scores, k)
     expected = torch.topk(scores, k, dim=1)
     assert torch.equal(values, expected.values)
@@ -48,8 +48,12 @@ def test_fewer_blocks_than_k_falls_back() -> None:
 def test_recommender_ranks_many_states_in_parts_with_the_same_answer() -> None:
     n_items = 10_000
     network = GRU4RecNetwork(GRU4RecConfig(), n_items, generator=torch.Generator().manual_seed(3))
-    recommender = Recommender(network, ItemMap(str(i) for i in range(n_items)),
-                              np.arange(n_items, 0, -1, dtype=np.float64), GRU4RecConfig())
+    recommender = Recommender(
+        network,
+        ItemMap(str(i) for i in range(n_items)),
+        np.arange(n_items, 0, -1, dtype=np.float64),
+        GRU4RecConfig(),
+    )
     generator = torch.Generator().manual_seed(5)
     states = torch.randn(2 * RANKED_TOGETHER + 7, network.state_size, generator=generator)
     started = torch.rand(len(states), generator=generator) < 0.8  # some rank by popularity
@@ -61,8 +65,13 @@ def test_recommender_ranks_many_states_in_parts_with_the_same_answer() -> None:
     assert torch.equal(indices[~started], indices[~started][:1].expand(int((~started).sum()), -1))
 
 
-def _assert_same_ranking(catalogue: Int8Catalogue, vectors: torch.Tensor, bias: torch.Tensor,
-                         outputs: torch.Tensor, k: int) -> None:
+def _assert_same_ranking(
+    catalogue: Int8Catalogue,
+    vectors: torch.Tensor,
+    bias: torch.Tensor,
+    outputs: torch.Tensor,
+    k: int,
+) -> None:
     """The items returned have the k best float32 scores, in order, up to the rounding
     by which two ways of summing a product differ (a pair ~1e-7 apart may swap)."""
     scores = torch.addmm(bias.view(1, -1), outputs, vectors.t())
@@ -77,8 +86,9 @@ def _assert_same_ranking(catalogue: Int8Catalogue, vectors: torch.Tensor, bias: 
 @pytest.mark.parametrize("n_items", [LARGE_CATALOGUE, 40_000, 40_037])
 @pytest.mark.parametrize("k", [1, 20, 200])
 @pytest.mark.parametrize("search", ["native", "torch"])
-def test_int8_first_pass_ranks_exactly(n_items: int, k: int, search: str,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_int8_first_pass_ranks_exactly(
+    n_items: int, k: int, search: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     if search == "torch":
         monkeypatch.setenv("STREAMREC_NATIVE", "0")
     elif native._library() is None:
@@ -121,8 +131,9 @@ def test_int8_first_pass_keeps_few_candidates(monkeypatch: pytest.MonkeyPatch) -
 def test_recommender_remakes_the_int8_copy_when_weights_change() -> None:
     n_items = 20_000
     network = GRU4RecNetwork(GRU4RecConfig(), n_items, generator=torch.Generator().manual_seed(4))
-    recommender = Recommender(network, ItemMap(str(i) for i in range(n_items)),
-                              np.ones(n_items), GRU4RecConfig())
+    recommender = Recommender(
+        network, ItemMap(str(i) for i in range(n_items)), np.ones(n_items), GRU4RecConfig()
+    )
     states = torch.randn(5, network.state_size)
     started = torch.ones(5, dtype=torch.bool)
     recommender.top_k(states, started, 20)
@@ -137,6 +148,14 @@ def test_native_search_refuses_inconsistent_tensors() -> None:
     catalogue = Int8Catalogue(torch.randn(640, 8), torch.zeros(640, 1))
     products = torch.zeros(2, 10, 64, dtype=torch.int32)
     with pytest.raises(ValueError, match="inconsistent shapes"):
-        native.rank_blocks(products, torch.ones(3), torch.ones(2), catalogue.padded_bias,
-                           catalogue.block_max_bias, torch.zeros(2, 8), catalogue.vectors,
-                           catalogue.bias, 5)
+        native.rank_blocks(
+            products,
+            torch.ones(3),
+            torch.ones(2),
+            catalogue.padded_bias,
+            catalogue.block_max_bias,
+            torch.zeros(2, 8),
+            catalogue.vectors,
+            catalogue.bias,
+            5,
+        )

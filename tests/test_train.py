@@ -14,7 +14,6 @@ from model.errors import UserError
 from model.synth import SynthSpec, generate
 from model.train import Batch, session_parallel_batches, train
 
-
 # --- session-parallel mini-batches ----------------------------------------------------------
 
 LENGTHS = [3, 1, 5, 2, 1, 4, 2, 6, 2, 1, 3]
@@ -57,10 +56,14 @@ def replay(batches: list[Batch]) -> tuple[list[list[tuple[int, int]]], list[int]
     return runs, sizes
 
 
-def expected_pairs(items: np.ndarray, starts: np.ndarray,
-                   ends: np.ndarray) -> list[list[tuple[int, int]]]:
-    return [[(int(items[k]), int(items[k + 1])) for k in range(s, e - 1)]
-            for s, e in zip(starts, ends) if e - s >= 2]
+def expected_pairs(
+    items: np.ndarray, starts: np.ndarray, ends: np.ndarray
+) -> list[list[tuple[int, int]]]:
+    return [
+        [(int(items[k]), int(items[k + 1])) for k in range(s, e - 1)]
+        for s, e in zip(starts, ends)
+        if e - s >= 2
+    ]
 
 
 def test_every_session_is_replayed_once_in_order_with_resets_at_session_starts() -> None:
@@ -95,8 +98,9 @@ def test_batch_shrinks_at_the_end_instead_of_dropping_events() -> None:
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 3, 4, 50])
-@pytest.mark.parametrize("lengths", [LENGTHS, [2], [1, 1, 2, 1], [7, 2, 2, 2, 2, 2, 2],
-                                     [2, 2, 2, 9]])
+@pytest.mark.parametrize(
+    "lengths", [LENGTHS, [2], [1, 1, 2, 1], [7, 2, 2, 2, 2, 2, 2], [2, 2, 2, 9]]
+)
 def test_replay_holds_for_any_batch_size(lengths: list[int], batch_size: int) -> None:
     items, starts, ends = layout(lengths)
     runs, sizes = replay(list(session_parallel_batches(items, starts, ends, batch_size)))
@@ -138,13 +142,13 @@ def test_training_is_deterministic_for_a_seed(tiny_log: ClickLog) -> None:
         assert torch.equal(w1[name], w2[name]), f"{name} differs between identical runs"
     assert stats1.epoch_losses == stats2.epoch_losses
     assert first.item_map.ids == second.item_map.ids
-    assert any(not torch.equal(w1[name], w3[name]) for name in w1), \
+    assert any(not torch.equal(w1[name], w3[name]) for name in w1), (
         "a different seed should give different weights"
+    )
 
 
 def test_train_stats_and_model_shape(tiny_log: ClickLog) -> None:
-    recommender, stats = train(tiny_log, TINY.replace(n_epochs=2), progress=False,
-                               device="cpu")
+    recommender, stats = train(tiny_log, TINY.replace(n_epochs=2), progress=False, device="cpu")
     assert stats.epochs == 2 and len(stats.epoch_losses) == 2
     assert stats.final_loss == stats.epoch_losses[-1]
     assert stats.n_events == len(tiny_log)
@@ -159,16 +163,15 @@ def test_train_stats_and_model_shape(tiny_log: ClickLog) -> None:
 
 @pytest.mark.parametrize("loss", LOSSES)
 def test_every_loss_trains_without_nan(tiny_log: ClickLog, loss: str) -> None:
-    recommender, stats = train(tiny_log, TINY.replace(loss=loss), progress=False,
-                               device="cpu")
+    recommender, stats = train(tiny_log, TINY.replace(loss=loss), progress=False, device="cpu")
     assert all(math.isfinite(x) for x in stats.epoch_losses)
     assert_finite(recommender)
 
 
-@pytest.mark.parametrize(("embedding", "input_width"), [(0, 3 * 16), (8, 8)],
-                         ids=["one-hot", "separate-embedding"])
-def test_untied_input_modes_train(tiny_log: ClickLog, embedding: int,
-                                  input_width: int) -> None:
+@pytest.mark.parametrize(
+    ("embedding", "input_width"), [(0, 3 * 16), (8, 8)], ids=["one-hot", "separate-embedding"]
+)
+def test_untied_input_modes_train(tiny_log: ClickLog, embedding: int, input_width: int) -> None:
     config = TINY.replace(constrained_embedding=False, embedding=embedding)
     recommender, stats = train(tiny_log, config, progress=False, device="cpu")
     network = recommender.network
@@ -183,8 +186,7 @@ def test_untied_input_modes_train(tiny_log: ClickLog, embedding: int,
 
 
 def test_two_layers_train(tiny_log: ClickLog) -> None:
-    recommender, stats = train(tiny_log, TINY.replace(layers=(16, 8)), progress=False,
-                               device="cpu")
+    recommender, stats = train(tiny_log, TINY.replace(layers=(16, 8)), progress=False, device="cpu")
     assert recommender.state_size == 24
     assert math.isfinite(stats.final_loss)
     assert_finite(recommender)
@@ -202,18 +204,29 @@ def test_warm_start_keeps_base_indexes_and_appends_new_items(tiny_log: ClickLog)
 
     # a learning rate so small that one epoch cannot move a weight by 1e-6 (and a fresh
     # optimizer state: a resumed one would carry the base's momentum)
-    warm, _ = train(log2, TINY.replace(learning_rate=1e-12), base=base, progress=False,
-                    device="cpu", resume_optimizer=False)
+    warm, _ = train(
+        log2,
+        TINY.replace(learning_rate=1e-12),
+        base=base,
+        progress=False,
+        device="cpu",
+        resume_optimizer=False,
+    )
 
     n_base = len(base_ids)
     assert warm.item_map.ids[:n_base] == base_ids
     assert warm.item_map.ids[n_base:] == new_ids
     assert warm.network.item_output.shape == (n_base + len(new_ids), 16)
     # old rows carried over (and barely trained), new rows freshly initialised
-    torch.testing.assert_close(warm.network.item_output[:n_base].detach().cpu(),
-                               base_weights["item_output"], atol=1e-6, rtol=0)
-    torch.testing.assert_close(warm.network.item_bias[:n_base].detach().cpu(),
-                               base_weights["item_bias"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        warm.network.item_output[:n_base].detach().cpu(),
+        base_weights["item_output"],
+        atol=1e-6,
+        rtol=0,
+    )
+    torch.testing.assert_close(
+        warm.network.item_bias[:n_base].detach().cpu(), base_weights["item_bias"], atol=1e-6, rtol=0
+    )
     new_rows = warm.network.item_output[n_base:].detach()
     assert torch.isfinite(new_rows).all() and (new_rows.abs().sum(dim=1) > 0).all()
     for name, value in weights(warm).items():
@@ -248,12 +261,18 @@ def test_warm_start_actually_trains_from_the_base(tiny_log: ClickLog) -> None:
 NO_RANDOM = TINY.replace(n_sample=0, dropout_p_hidden=0.0)
 
 
-@pytest.mark.parametrize("config", [NO_RANDOM, NO_RANDOM.replace(layers=(8, 4),
-                                                                 constrained_embedding=False),
-                                    NO_RANDOM.replace(nesterov=True)],
-                         ids=["tied", "one-hot-two-layers", "nesterov"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        NO_RANDOM,
+        NO_RANDOM.replace(layers=(8, 4), constrained_embedding=False),
+        NO_RANDOM.replace(nesterov=True),
+    ],
+    ids=["tied", "one-hot-two-layers", "nesterov"],
+)
 def test_resuming_the_optimizer_state_continues_training_exactly(
-        tiny_log: ClickLog, config: GRU4RecConfig) -> None:
+    tiny_log: ClickLog, config: GRU4RecConfig
+) -> None:
     straight, _ = train(tiny_log, config.replace(n_epochs=2), progress=False, device="cpu")
     first, first_stats = train(tiny_log, config, progress=False, device="cpu")
     assert not first_stats.resumed_optimizer
@@ -262,17 +281,17 @@ def test_resuming_the_optimizer_state_continues_training_exactly(
     resumed, stats = train(tiny_log, config, base=first, progress=False, device="cpu")
     assert stats.resumed_optimizer
     for name, value in weights(straight).items():
-        torch.testing.assert_close(weights(resumed)[name], value, rtol=1e-4, atol=1e-5,
-                                   msg=name)
+        torch.testing.assert_close(weights(resumed)[name], value, rtol=1e-4, atol=1e-5, msg=name)
     for name, value in straight.optimizer_state.items():
-        torch.testing.assert_close(resumed.optimizer_state[name], value, rtol=1e-4, atol=1e-5,
-                                   msg=name)
+        torch.testing.assert_close(
+            resumed.optimizer_state[name], value, rtol=1e-4, atol=1e-5, msg=name
+        )
     # a fresh optimizer state takes other steps (the old behaviour)
-    fresh, fresh_stats = train(tiny_log, config, base=first, progress=False, device="cpu",
-                               resume_optimizer=False)
+    fresh, fresh_stats = train(
+        tiny_log, config, base=first, progress=False, device="cpu", resume_optimizer=False
+    )
     assert not fresh_stats.resumed_optimizer
-    assert not torch.allclose(fresh.network.item_output, straight.network.item_output,
-                              atol=1e-3)
+    assert not torch.allclose(fresh.network.item_output, straight.network.item_output, atol=1e-3)
 
 
 def test_a_resumed_state_grows_with_new_items(tiny_log: ClickLog) -> None:
@@ -312,8 +331,9 @@ def test_log_without_a_two_click_session_is_refused() -> None:
 
 def test_fewer_usable_sessions_than_batch_slots_with_single_click_sessions() -> None:
     # 3 sessions of which only 2 can be trained on, batch_size 32: 2 slots, not 3
-    log = ClickLog.from_arrays(["a", "a", "b", "b", "c"], ["1", "2", "2", "3", "1"],
-                               [1, 2, 3, 4, 5])
+    log = ClickLog.from_arrays(
+        ["a", "a", "b", "b", "c"], ["1", "2", "2", "3", "1"], [1, 2, 3, 4, 5]
+    )
     recommender, stats = train(log, TINY, progress=False, device="cpu")
     assert math.isfinite(stats.final_loss)
     assert stats.n_events == 5
@@ -324,7 +344,8 @@ def test_fewer_usable_sessions_than_batch_slots_with_single_click_sessions() -> 
 def test_in_batch_negatives_only_trains(tiny_log: ClickLog, loss: str) -> None:
     # n_sample=0 is a valid setting (only the other targets of the batch are negatives);
     # the shrinking tail of the epoch must not turn the loss into NaN
-    recommender, stats = train(tiny_log, TINY.replace(loss=loss, n_sample=0), progress=False,
-                               device="cpu")
+    recommender, stats = train(
+        tiny_log, TINY.replace(loss=loss, n_sample=0), progress=False, device="cpu"
+    )
     assert all(math.isfinite(x) for x in stats.epoch_losses)
     assert_finite(recommender)

@@ -31,20 +31,29 @@ class GradientRecorder:
 CONFIGS = [
     GRU4RecConfig(layers=(8,), dropout_p_hidden=0.0),
     GRU4RecConfig(layers=(8,), dropout_p_hidden=0.0, batch_size=4),  # every slot live
-    GRU4RecConfig(layers=(6, 5), dropout_p_hidden=0.0, constrained_embedding=False,
-                  embedding=4),
-    GRU4RecConfig(layers=(8, 6), dropout_p_hidden=0.0, constrained_embedding=False,
-                  loss="bpr-max"),
-    GRU4RecConfig(layers=(6, 5), dropout_p_hidden=0.0, constrained_embedding=False,
-                  embedding=4, loss="top1-max"),
+    GRU4RecConfig(layers=(6, 5), dropout_p_hidden=0.0, constrained_embedding=False, embedding=4),
+    GRU4RecConfig(layers=(8, 6), dropout_p_hidden=0.0, constrained_embedding=False, loss="bpr-max"),
+    GRU4RecConfig(
+        layers=(6, 5),
+        dropout_p_hidden=0.0,
+        constrained_embedding=False,
+        embedding=4,
+        loss="top1-max",
+    ),
     GRU4RecConfig(layers=(7,), dropout_p_hidden=0.0, loss="bpr"),
     GRU4RecConfig(layers=(7,), dropout_p_hidden=0.0, loss="top1"),
 ]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.loss}-{len(c.layers)}layers-"
-                         f"{'tied' if c.constrained_embedding else c.embedding or 'onehot'}"
-                         f"-batch{c.batch_size}")
+@pytest.mark.parametrize(
+    "config",
+    CONFIGS,
+    ids=lambda c: (
+        f"{c.loss}-{len(c.layers)}layers-"
+        f"{'tied' if c.constrained_embedding else c.embedding or 'onehot'}"
+        f"-batch{c.batch_size}"
+    ),
+)
 def test_gradients_and_state_match_autograd(config: GRU4RecConfig) -> None:
     torch.manual_seed(0)
     network = GRU4RecNetwork(config, 20)
@@ -61,8 +70,9 @@ def test_gradients_and_state_match_autograd(config: GRU4RecConfig) -> None:
     new_state, loss = step(state, inputs, out_items)
 
     reference_state, output = network(state, network.input_table()[inputs])
-    scores = torch.addmm(network.item_bias[out_items].t(), output,
-                         network.item_output[out_items].t())
+    scores = torch.addmm(
+        network.item_bias[out_items].t(), output, network.item_output[out_items].t()
+    )
     scores = scores - torch.cat([log_q[0][out_items[:4]], log_q[1][out_items[4:]]])
     reference_loss = make_loss(config.loss, config.bpreg)(scores)
     # 4 live sessions in a batch of batch_size slots: the gradient is the mean loss's
@@ -78,8 +88,7 @@ def test_gradients_and_state_match_autograd(config: GRU4RecConfig) -> None:
 
 def test_log_q_uses_popularity_for_targets_and_popularity_alpha_for_samples() -> None:
     support = torch.tensor([1.0, 4.0, 100.0]).numpy()
-    for_targets, for_samples = log_q_correction(
-        support, GRU4RecConfig(logq=0.5, sample_alpha=0.25))
+    for_targets, for_samples = log_q_correction(support, GRU4RecConfig(logq=0.5, sample_alpha=0.25))
     expected = torch.log(torch.tensor([1.0, 4.0, 100.0]))
     assert torch.allclose(for_targets, 0.5 * expected)
     assert torch.allclose(for_samples, 0.5 * 0.25 * expected)

@@ -25,16 +25,19 @@ from model.inference import Recommender
 from model.synth import SynthSpec, generate
 from model.train import train
 from stream.cli import trainer as trainer_cli
-from stream.learning import buffer, loop as loop_module, settings as settings_module
-from stream.kafka.wire import Click
-from stream.registry import ModelRegistry
 from stream.kafka.topics import ensure_topics
+from stream.kafka.wire import Click
+from stream.learning import buffer
+from stream.learning import loop as loop_module
+from stream.learning import settings as settings_module
 from stream.learning.buffer import MAX_SESSION_CLICKS, SessionBuffer
 from stream.learning.consumer import consume
 from stream.learning.gate import gate
 from stream.learning.loop import LearningLoop
 from stream.learning.replay import ReplaySample, SessionPool
 from stream.learning.settings import TrainerSettings
+from stream.registry import ModelRegistry
+
 from support import clicks_in_time_order, produce_clicks
 
 TINY = GRU4RecConfig(layers=(16,), n_sample=64, n_epochs=1)
@@ -45,10 +48,14 @@ NEW_ITEMS = frozenset(str(i) for i in range(181, 201))  # unseen until the strea
 def part(sessions: range, drop_items: frozenset[str] = frozenset()) -> ClickLog:
     """Sessions ``sessions`` of FULL, without the clicks on ``drop_items``."""
     item_ids = FULL.item_ids[FULL.items]
-    keep = (FULL.sessions >= sessions.start) & (FULL.sessions < sessions.stop) \
+    keep = (
+        (FULL.sessions >= sessions.start)
+        & (FULL.sessions < sessions.stop)
         & ~np.isin(item_ids, list(drop_items))
-    return ClickLog.from_arrays(FULL.session_ids[FULL.sessions[keep]], item_ids[keep],
-                                FULL.times[keep])
+    )
+    return ClickLog.from_arrays(
+        FULL.session_ids[FULL.sessions[keep]], item_ids[keep], FULL.times[keep]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +72,17 @@ def registry(tmp_path: Path, base: Recommender) -> ModelRegistry:
 
 
 def settings(**changes: Any) -> TrainerSettings:
-    values: dict[str, Any] = dict(broker="127.0.0.1:9092", registry="unused", interval_s=1.0,
-                                  min_sessions=200, holdout_sessions=100,
-                                  session_timeout_s=1800.0, replay_sample=300,
-                                  gate_margin=0.05, round_budget_s=0.0)  # no budget
+    values: dict[str, Any] = dict(
+        broker="127.0.0.1:9092",
+        registry="unused",
+        interval_s=1.0,
+        min_sessions=200,
+        holdout_sessions=100,
+        session_timeout_s=1800.0,
+        replay_sample=300,
+        gate_margin=0.05,
+        round_budget_s=0.0,
+    )  # no budget
     return TrainerSettings(**{**values, **changes})
 
 
@@ -97,6 +111,7 @@ def click(session: str, time_s: float, item: str = "1") -> Click:
 
 
 # --- buffer and replay sample -------------------------------------------------------------
+
 
 def test_a_session_completes_after_the_timeout_of_event_time() -> None:
     buffer = SessionBuffer(session_timeout_s=60, max_sessions=100, max_age_s=3600)
@@ -193,6 +208,7 @@ def test_the_replay_log_pool_is_bounded_and_draws_afresh_every_time() -> None:
 
 # --- the gate -----------------------------------------------------------------------------
 
+
 def test_the_gate_rejects_a_broken_candidate_and_passes_an_equal_one(base: Recommender) -> None:
     holdout = part(range(2200, 2400), NEW_ITEMS)
     broken = gate(base, scrambled(base), holdout, margin=0.02)
@@ -212,8 +228,11 @@ def test_the_gate_compares_on_targets_the_current_model_knows(base: Recommender)
     current_only = evaluate(RecommenderScorer(base), holdout, ks=(20,))
     assert result.n_predictions == current_only.n_predictions
     assert result.current_recall == current_only.recall(20)
-    targets = [holdout.item_ids[holdout.items[k + 1]] for k in range(len(holdout) - 1)
-               if holdout.sessions[k] == holdout.sessions[k + 1]]
+    targets = [
+        holdout.item_ids[holdout.items[k + 1]]
+        for k in range(len(holdout) - 1)
+        if holdout.sessions[k] == holdout.sessions[k + 1]
+    ]
     only_candidate = [t for t in targets if t not in base.item_map and t in candidate.item_map]
     assert result.n_new_item_predictions == len(only_candidate) > 0
     assert set(only_candidate) & NEW_ITEMS
@@ -223,8 +242,10 @@ def test_the_gate_compares_on_targets_the_current_model_knows(base: Recommender)
 
 # --- rounds ---------------------------------------------------------------------------------
 
+
 def test_a_round_grows_the_vocabulary_keeping_old_indexes_and_publishes(
-        registry: ModelRegistry, base: Recommender) -> None:
+    registry: ModelRegistry, base: Recommender
+) -> None:
     first = registry.current_version()
     out = io.StringIO()
     loop = LearningLoop(settings(gate_margin=0.5), registry, out=out)
@@ -234,8 +255,8 @@ def test_a_round_grows_the_vocabulary_keeping_old_indexes_and_publishes(
     assert json.loads(out.getvalue().splitlines()[-1]) == decision
     published = registry.current()
     assert published.version == decision["version"] != first
-    assert published.item_map.ids[:base.n_items] == base.item_map.ids
-    added = set(published.item_map.ids[base.n_items:])
+    assert published.item_map.ids[: base.n_items] == base.item_map.ids
+    added = set(published.item_map.ids[base.n_items :])
     # New ids come from the trained sessions (the holdout's are not trained on).
     assert added <= set(part(range(1200, 1600)).item_ids) - set(base.item_map.ids)
     assert added & NEW_ITEMS
@@ -243,7 +264,7 @@ def test_a_round_grows_the_vocabulary_keeping_old_indexes_and_publishes(
     assert decision["gate"]["n_new_item_predictions"] > 0
     assert decision["sessions"]["holdout"] == 100 and decision["sessions"]["replay"] == 0
     assert published.metadata["training"]["base_version"] == decision["base_version"] == first
-    assert (published.popularity[:base.n_items] >= base.popularity).all()
+    assert (published.popularity[: base.n_items] >= base.popularity).all()
     # The next round replays a sample of these sessions and trains from the new version.
     feed(loop, part(range(1600, 2000)))
     second = loop.round()
@@ -252,7 +273,8 @@ def test_a_round_grows_the_vocabulary_keeping_old_indexes_and_publishes(
 
 
 def test_a_round_resumes_the_optimizer_state_and_publishes_the_grown_one(
-        registry: ModelRegistry, base: Recommender, monkeypatch: pytest.MonkeyPatch) -> None:
+    registry: ModelRegistry, base: Recommender, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert base.optimizer_state is not None
     calls: list[tuple[Any, Any]] = []
 
@@ -261,8 +283,7 @@ def test_a_round_resumes_the_optimizer_state_and_publishes_the_grown_one(
         return train(log, config, **kwargs)
 
     monkeypatch.setattr(loop_module, "train", spy)
-    loop = LearningLoop(settings(gate_margin=0.5, learning_rate=0.07), registry,
-                        out=io.StringIO())
+    loop = LearningLoop(settings(gate_margin=0.5, learning_rate=0.07), registry, out=io.StringIO())
     feed(loop, part(range(1200, 1600)))
     decision = loop.round()
     assert decision["decision"] == "promoted", decision
@@ -276,12 +297,13 @@ def test_a_round_resumes_the_optimizer_state_and_publishes_the_grown_one(
     assert state is not None and state["item_output"].shape[0] == published.n_items
     # the known items' accumulators carried on; the new items' started from zero
     cols = base.network.item_output.shape[1]
-    assert (state["item_output"][:base.n_items, :cols] >= old["item_output"][:, :cols]).all()
+    assert (state["item_output"][: base.n_items, :cols] >= old["item_output"][:, :cols]).all()
     assert published.n_items > base.n_items
 
 
 def test_a_model_without_optimizer_state_is_fine_tuned_at_the_fresh_learning_rate(
-        tmp_path: Path, base: Recommender, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, base: Recommender, monkeypatch: pytest.MonkeyPatch
+) -> None:
     stateless = copy.deepcopy(base)
     stateless.optimizer_state = None  # as an artifact of format 2
     registry = ModelRegistry(tmp_path / "reg")
@@ -293,8 +315,11 @@ def test_a_model_without_optimizer_state_is_fine_tuned_at_the_fresh_learning_rat
         return train(log, config, **kwargs)
 
     monkeypatch.setattr(loop_module, "train", spy)
-    loop = LearningLoop(settings(gate_margin=0.5, learning_rate=0.07,
-                                 fresh_learning_rate=0.003), registry, out=io.StringIO())
+    loop = LearningLoop(
+        settings(gate_margin=0.5, learning_rate=0.07, fresh_learning_rate=0.003),
+        registry,
+        out=io.StringIO(),
+    )
     feed(loop, part(range(1200, 1600)))
     decision = loop.round()
     assert decision["decision"] == "promoted", decision
@@ -304,13 +329,18 @@ def test_a_model_without_optimizer_state_is_fine_tuned_at_the_fresh_learning_rat
 
 
 def test_a_round_replays_a_fresh_draw_of_the_replay_log(
-        tmp_path: Path, registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
     old_log = tmp_path / "old.tsv"
     old = part(range(0, 1200), NEW_ITEMS)
     order = np.argsort(old.sessions, kind="stable")
-    old_log.write_text("SessionId\tItemId\tTime\n" + "".join(
-        f"{old.session_ids[old.sessions[k]]}\t{old.item_ids[old.items[k]]}\t{old.times[k]}\n"
-        for k in order))
+    old_log.write_text(
+        "SessionId\tItemId\tTime\n"
+        + "".join(
+            f"{old.session_ids[old.sessions[k]]}\t{old.item_ids[old.items[k]]}\t{old.times[k]}\n"
+            for k in order
+        )
+    )
     trained_on: list[ClickLog] = []
 
     def spy(log: ClickLog, config: GRU4RecConfig, **kwargs: Any) -> tuple[Recommender, Any]:
@@ -318,8 +348,11 @@ def test_a_round_replays_a_fresh_draw_of_the_replay_log(
         return train(log, config, **kwargs)
 
     monkeypatch.setattr(loop_module, "train", spy)
-    loop = LearningLoop(settings(gate_margin=0.5, replay_log=str(old_log),
-                                 replay_log_sample=150), registry, out=io.StringIO())
+    loop = LearningLoop(
+        settings(gate_margin=0.5, replay_log=str(old_log), replay_log_sample=150),
+        registry,
+        out=io.StringIO(),
+    )
     feed(loop, part(range(1200, 1600)))
     first = loop.round()
     feed(loop, part(range(1600, 2000)))
@@ -336,7 +369,8 @@ def test_a_round_replays_a_fresh_draw_of_the_replay_log(
 
 
 def test_a_round_within_its_budget_trains_the_newest_sessions_then_replay(
-        registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+    registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
     trained_on: list[ClickLog] = []
 
     def spy(log: ClickLog, config: GRU4RecConfig, **kwargs: Any) -> tuple[Recommender, Any]:
@@ -344,8 +378,9 @@ def test_a_round_within_its_budget_trains_the_newest_sessions_then_replay(
         return train(log, config, **kwargs)
 
     monkeypatch.setattr(loop_module, "train", spy)
-    loop = LearningLoop(settings(gate_margin=0.5, round_budget_s=2.0, epochs=2), registry,
-                        out=io.StringIO())
+    loop = LearningLoop(
+        settings(gate_margin=0.5, round_budget_s=2.0, epochs=2), registry, out=io.StringIO()
+    )
     assert loop.budget_events() == int(2.0 * loop_module.PRIOR_THROUGHPUT / 2)
     feed(loop, part(range(1200, 1600)))
     first = loop.round()
@@ -364,14 +399,19 @@ def test_a_round_within_its_budget_trains_the_newest_sessions_then_replay(
     # 100 held out. Fresh ones first, newest first, up to 3/4 of the 500 clicks; then
     # replayed ones; then fresh ones again if room is left.
     offsets = stream.session_offsets()
-    sessions = sorted((tuple(stream.times[a:b]), tuple(stream.item_ids[stream.items[a:b]]))
-                      for a, b in zip(offsets[:-1], offsets[1:]) if b - a >= 2)
+    sessions = sorted(
+        (tuple(stream.times[a:b]), tuple(stream.item_ids[stream.items[a:b]]))
+        for a, b in zip(offsets[:-1], offsets[1:])
+        if b - a >= 2
+    )
     sessions.sort(key=lambda s: s[0][-1])
     fresh = sessions[:-100]
     log = trained_on[-1]
     offsets = log.session_offsets()
-    trained = {(tuple(log.times[a:b]), tuple(log.item_ids[log.items[a:b]]))
-               for a, b in zip(offsets[:-1], offsets[1:])}
+    trained = {
+        (tuple(log.times[a:b]), tuple(log.item_ids[log.items[a:b]]))
+        for a, b in zip(offsets[:-1], offsets[1:])
+    }
     kept = second["sessions"]["fresh"]
     assert set(fresh[-kept:]) <= trained and not set(fresh[:-kept]) & trained  # the newest
     fresh_clicks = sum(len(s[0]) for s in fresh[-kept:])
@@ -388,7 +428,8 @@ def test_no_budget_trains_everything(registry: ModelRegistry) -> None:
     unbounded = settings(round_budget_s=0.0)
     assert unbounded.budget_s is None
     assert settings(round_budget_s=None, interval_s=10.0).budget_s == pytest.approx(
-        settings_module.DEFAULT_BUDGET_SHARE * 10.0)
+        settings_module.DEFAULT_BUDGET_SHARE * 10.0
+    )
     loop = LearningLoop(unbounded, registry, out=io.StringIO())
     assert loop.budget_events() is None
     feed(loop, part(range(1200, 1600)))
@@ -402,8 +443,9 @@ def test_no_budget_trains_everything(registry: ModelRegistry) -> None:
 
 def test_a_missing_replay_log_is_a_user_error(registry: ModelRegistry, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="nothing.tsv"):
-        LearningLoop(settings(replay_log=str(tmp_path / "nothing.tsv")), registry,
-                     out=io.StringIO())
+        LearningLoop(
+            settings(replay_log=str(tmp_path / "nothing.tsv")), registry, out=io.StringIO()
+        )
 
 
 def test_a_round_waits_for_enough_complete_sessions(registry: ModelRegistry) -> None:
@@ -415,16 +457,15 @@ def test_a_round_waits_for_enough_complete_sessions(registry: ModelRegistry) -> 
 
 
 def test_a_quiet_stream_trains_what_is_complete_without_waiting_for_min_sessions(
-        registry: ModelRegistry) -> None:
-    loop = LearningLoop(settings(min_sessions=500, gate_margin=0.5), registry,
-                        out=io.StringIO())
+    registry: ModelRegistry,
+) -> None:
+    loop = LearningLoop(settings(min_sessions=500, gate_margin=0.5), registry, out=io.StringIO())
     feed(loop, part(range(1200, 1500)))  # ~300 complete sessions: fewer than 500
     waiting = loop.round()
     assert waiting["decision"] == "wait" and 100 < waiting["complete_sessions"] < 500
     again = loop.round()  # no click since: the stream is quiet
     assert again["decision"] == "promoted" and again["idle"], again
-    assert again["sessions"]["fresh"] + again["sessions"]["holdout"] == \
-        waiting["complete_sessions"]
+    assert again["sessions"]["fresh"] + again["sessions"]["holdout"] == waiting["complete_sessions"]
     assert loop.round()["decision"] == "wait"  # nothing left, and nothing new
     # a trickle of clicks is not quiet, and a holdout's worth is not enough to train on
     feed(loop, part(range(1500, 1560)))
@@ -433,7 +474,8 @@ def test_a_quiet_stream_trains_what_is_complete_without_waiting_for_min_sessions
 
 
 def test_complete_sessions_with_new_items_call_for_a_round_only_if_it_would_learn_them(
-        registry: ModelRegistry, base: Recommender) -> None:
+    registry: ModelRegistry, base: Recommender
+) -> None:
     unknown = frozenset(str(i) for i in FULL.item_ids) - set(base.item_map.ids)
     assert NEW_ITEMS <= unknown
     loop = LearningLoop(settings(gate_margin=0.5), registry, out=io.StringIO())
@@ -443,8 +485,11 @@ def test_complete_sessions_with_new_items_call_for_a_round_only_if_it_would_lear
     # Sessions with new items, but only a holdout's worth complete: a round would wait.
     stream = part(range(1600, 1700))
     offsets = stream.session_offsets()
-    new_in_stream = sum(1 for a, b in zip(offsets[:-1], offsets[1:])
-                        if b - a >= 2 and set(stream.item_ids[stream.items[a:b]]) & unknown)
+    new_in_stream = sum(
+        1
+        for a, b in zip(offsets[:-1], offsets[1:])
+        if b - a >= 2 and set(stream.item_ids[stream.items[a:b]]) & unknown
+    )
     assert new_in_stream > 0
     feed(loop, stream)
     assert loop.new_item_sessions() == 0
@@ -458,15 +503,17 @@ def test_complete_sessions_with_new_items_call_for_a_round_only_if_it_would_lear
     assert decision["trigger"] == "new_items" and decision["new_item_sessions"] == waiting
     assert set(registry.current().item_map.ids) & unknown
     assert loop.new_item_sessions() == 0  # taken (and learnt)
-    off = LearningLoop(settings(gate_margin=0.5, new_item_rounds=False), registry,
-                       out=io.StringIO())
+    off = LearningLoop(
+        settings(gate_margin=0.5, new_item_rounds=False), registry, out=io.StringIO()
+    )
     feed(off, part(range(1900, 2300)))
     assert off.new_item_sessions() == 0
     assert off.round()["trigger"] == "clock"
 
 
 def test_a_broken_candidate_is_rejected_and_never_published(
-        registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+    registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
     before = registry.current_version()
 
     def broken_train(*args: Any, **kwargs: Any) -> tuple[Recommender, Any]:
@@ -485,7 +532,8 @@ def test_a_broken_candidate_is_rejected_and_never_published(
 
 
 def test_a_candidate_is_not_published_over_a_pointer_moved_during_training(
-        registry: ModelRegistry, base: Recommender, monkeypatch: pytest.MonkeyPatch) -> None:
+    registry: ModelRegistry, base: Recommender, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def train_while_someone_publishes(*args: Any, **kwargs: Any) -> tuple[Recommender, Any]:
         registry.publish(copy.deepcopy(base))  # e.g. an operator's publish or rollback
         return train(*args, **kwargs)
@@ -502,9 +550,23 @@ def test_a_candidate_is_not_published_over_a_pointer_moved_during_training(
 def test_cli_options_become_validated_settings() -> None:
     parser = argparse.ArgumentParser()
     trainer_cli.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["trainer", "--broker", "kafka://h:9092", "--registry", "r",
-                              "--interval", "5", "--min-sessions", "50", "--holdout-sessions", "10",
-                              "--group", "g"])
+    args = parser.parse_args(
+        [
+            "trainer",
+            "--broker",
+            "kafka://h:9092",
+            "--registry",
+            "r",
+            "--interval",
+            "5",
+            "--min-sessions",
+            "50",
+            "--holdout-sessions",
+            "10",
+            "--group",
+            "g",
+        ]
+    )
     parsed = TrainerSettings.from_args(args, environ={})
     assert (parsed.interval_s, parsed.min_sessions, parsed.group) == (5.0, 50, "g")
     assert parsed.replay_sample == TrainerSettings.replay_sample
@@ -518,17 +580,36 @@ def test_cli_options_become_validated_settings() -> None:
         settings(fresh_learning_rate=0.0)
     with pytest.raises(UserError, match="--replay-log-sample"):
         settings(replay_log_sample=-1)
-    assert (parsed.learning_rate, parsed.fresh_learning_rate, parsed.replay_log) == \
-        (0.1, 0.02, None)
-    args = parser.parse_args(["trainer", "--broker", "kafka://h:9092", "--registry", "r",
-                              "--replay-log", "train.tsv", "--replay-log-sample", "10",
-                              "--fresh-learning-rate", "0.01"])
+    assert (parsed.learning_rate, parsed.fresh_learning_rate, parsed.replay_log) == (
+        0.1,
+        0.02,
+        None,
+    )
+    args = parser.parse_args(
+        [
+            "trainer",
+            "--broker",
+            "kafka://h:9092",
+            "--registry",
+            "r",
+            "--replay-log",
+            "train.tsv",
+            "--replay-log-sample",
+            "10",
+            "--fresh-learning-rate",
+            "0.01",
+        ]
+    )
     parsed = TrainerSettings.from_args(args, environ={})
-    assert (parsed.replay_log, parsed.replay_log_sample, parsed.fresh_learning_rate) == \
-        ("train.tsv", 10, 0.01)
+    assert (parsed.replay_log, parsed.replay_log_sample, parsed.fresh_learning_rate) == (
+        "train.tsv",
+        10,
+        0.01,
+    )
     assert parsed.new_item_rounds is True
-    args = parser.parse_args(["trainer", "--broker", "kafka://h:9092", "--registry", "r",
-                              "--no-new-item-rounds"])
+    args = parser.parse_args(
+        ["trainer", "--broker", "kafka://h:9092", "--registry", "r", "--no-new-item-rounds"]
+    )
     assert TrainerSettings.from_args(args, environ={}).new_item_rounds is False
     with pytest.raises(UserError, match="bad broker URL"):
         settings(broker="http://x:1")
@@ -536,18 +617,25 @@ def test_cli_options_become_validated_settings() -> None:
 
 @pytest.mark.kafka
 def test_the_trainer_learns_from_the_click_topic_and_publishes(
-        kafka_bootstrap: str, topic_name: str, registry: ModelRegistry) -> None:
+    kafka_bootstrap: str, topic_name: str, registry: ModelRegistry
+) -> None:
     ensure_topics(kafka_bootstrap, {topic_name: 1})
     stream = part(range(1200, 1600))
     clicks = clicks_in_time_order(stream)
-    produce_clicks(kafka_bootstrap, topic_name,
-                   [*clicks, Click("flush", "1", clicks[-1].timestamp + 3600)])
+    produce_clicks(
+        kafka_bootstrap, topic_name, [*clicks, Click("flush", "1", clicks[-1].timestamp + 3600)]
+    )
     producer = Producer({"bootstrap.servers": kafka_bootstrap})
     producer.produce(topic_name, key=b"x", value=b"not json")
     assert producer.flush(10) == 0
-    config = settings(broker=kafka_bootstrap, registry=str(registry.root),
-                      input_topic=topic_name, group=f"{topic_name}-trainer",
-                      gate_margin=0.5, interval_s=0.5)
+    config = settings(
+        broker=kafka_bootstrap,
+        registry=str(registry.root),
+        input_topic=topic_name,
+        group=f"{topic_name}-trainer",
+        gate_margin=0.5,
+        interval_s=0.5,
+    )
     out = io.StringIO()
     loop = LearningLoop(config, registry, out=out)
     stop = threading.Event()
@@ -563,9 +651,11 @@ def test_the_trainer_learns_from_the_click_topic_and_publishes(
     promoted = [d for d in decisions if d["decision"] == "promoted"]
     assert promoted and promoted[0]["version"] == registry.current_version()
     assert loop.rejected_clicks == 1  # the "not json" message, after every click
-    assert promoted[0]["sessions"]["fresh"] + promoted[0]["sessions"]["holdout"] == \
-        sum(1 for k in range(stream.n_sessions)
-            if stream.session_offsets()[k + 1] - stream.session_offsets()[k] >= 2)
+    assert promoted[0]["sessions"]["fresh"] + promoted[0]["sessions"]["holdout"] == sum(
+        1
+        for k in range(stream.n_sessions)
+        if stream.session_offsets()[k + 1] - stream.session_offsets()[k] >= 2
+    )
 
 
 class TimedLoop(LearningLoop):
@@ -578,24 +668,31 @@ class TimedLoop(LearningLoop):
         self.ends: list[float] = []
         self.lateness: list[float | None] = []
 
-    def round(self, late_s: float | None = None, trigger: str = "clock",
-              **started_for: Any) -> dict[str, Any]:
+    def round(
+        self, late_s: float | None = None, trigger: str = "clock", **started_for: Any
+    ) -> dict[str, Any]:
         self.starts.append(time.monotonic())
         self.lateness.append(late_s)
-        time.sleep(self.durations[len(self.starts) - 1] if len(self.starts) <= len(
-            self.durations) else 0.0)
+        time.sleep(
+            self.durations[len(self.starts) - 1] if len(self.starts) <= len(self.durations) else 0.0
+        )
         self.ends.append(time.monotonic())
         return {"decision": "wait"}
 
 
 @pytest.mark.kafka
 def test_rounds_keep_a_fixed_clock_and_follow_an_overrun_at_once(
-        kafka_bootstrap: str, topic_name: str, registry: ModelRegistry) -> None:
+    kafka_bootstrap: str, topic_name: str, registry: ModelRegistry
+) -> None:
     ensure_topics(kafka_bootstrap, {topic_name: 1})
     interval = 0.8
-    config = settings(broker=kafka_bootstrap, registry=str(registry.root),
-                      input_topic=topic_name, group=f"{topic_name}-trainer",
-                      interval_s=interval)
+    config = settings(
+        broker=kafka_bootstrap,
+        registry=str(registry.root),
+        input_topic=topic_name,
+        group=f"{topic_name}-trainer",
+        interval_s=interval,
+    )
     loop = TimedLoop(config, registry, out=io.StringIO(), durations=[0.4, 0.4, 1.3, 0.1, 0.1])
     stop = threading.Event()
     thread = threading.Thread(target=consume, args=(config, loop, stop), daemon=True)
@@ -622,19 +719,41 @@ def test_rounds_keep_a_fixed_clock_and_follow_an_overrun_at_once(
 
 @pytest.mark.kafka
 def test_the_trainer_process_lowers_its_priority(
-        kafka_bootstrap: str, topic_name: str, registry: ModelRegistry) -> None:
+    kafka_bootstrap: str, topic_name: str, registry: ModelRegistry
+) -> None:
     import os
     import subprocess
     import sys
 
     ensure_topics(kafka_bootstrap, {topic_name: 1})
     process = subprocess.Popen(
-        [sys.executable, "-m", "stream.cli.main", "trainer", "--broker", f"kafka://{kafka_bootstrap}",
-         "--registry", str(registry.root), "--input-topic", topic_name,
-         "--group", f"{topic_name}-trainer", "--updates-topic", f"{topic_name}-updates",
-         "--web-port", "0", "--interval", "60", "--nice", "3"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        cwd=Path(__file__).resolve().parents[1])
+        [
+            sys.executable,
+            "-m",
+            "stream.cli.main",
+            "trainer",
+            "--broker",
+            f"kafka://{kafka_bootstrap}",
+            "--registry",
+            str(registry.root),
+            "--input-topic",
+            topic_name,
+            "--group",
+            f"{topic_name}-trainer",
+            "--updates-topic",
+            f"{topic_name}-updates",
+            "--web-port",
+            "0",
+            "--interval",
+            "60",
+            "--nice",
+            "3",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     try:
         assert process.stderr is not None
         line = process.stderr.readline()
@@ -649,8 +768,9 @@ def test_the_trainer_process_lowers_its_priority(
         process.wait(30)
 
 
-def run_trainer_until(config: TrainerSettings, loop: LearningLoop, clicks: int,
-                      seconds_after: float) -> float:
+def run_trainer_until(
+    config: TrainerSettings, loop: LearningLoop, clicks: int, seconds_after: float
+) -> float:
     """Consume until ``loop`` has read ``clicks`` clicks, then ``seconds_after`` more
     seconds (or until a round promotes); return when the last click had been read."""
     stop = threading.Event()
@@ -676,23 +796,31 @@ def run_trainer_until(config: TrainerSettings, loop: LearningLoop, clicks: int,
 @pytest.mark.kafka
 @pytest.mark.parametrize("new_item_rounds", [True, False], ids=["on", "off"])
 def test_new_items_start_a_round_without_waiting_for_the_clock(
-        kafka_bootstrap: str, topic_name: str, registry: ModelRegistry,
-        new_item_rounds: bool) -> None:
+    kafka_bootstrap: str, topic_name: str, registry: ModelRegistry, new_item_rounds: bool
+) -> None:
     """With a 60 s interval, complete sessions holding new items get a round (and a
     published version that knows the items) within seconds; with the option off, not."""
     ensure_topics(kafka_bootstrap, {topic_name: 1})
     stream = part(range(1200, 1600))
     clicks = clicks_in_time_order(stream)
-    produce_clicks(kafka_bootstrap, topic_name,
-                   [*clicks, Click("flush", "1", clicks[-1].timestamp + 3600)])
-    config = settings(broker=kafka_bootstrap, registry=str(registry.root),
-                      input_topic=topic_name, group=f"{topic_name}-trainer",
-                      gate_margin=0.5, interval_s=60.0, new_item_rounds=new_item_rounds)
+    produce_clicks(
+        kafka_bootstrap, topic_name, [*clicks, Click("flush", "1", clicks[-1].timestamp + 3600)]
+    )
+    config = settings(
+        broker=kafka_bootstrap,
+        registry=str(registry.root),
+        input_topic=topic_name,
+        group=f"{topic_name}-trainer",
+        gate_margin=0.5,
+        interval_s=60.0,
+        new_item_rounds=new_item_rounds,
+    )
     out = io.StringIO()
     loop = LearningLoop(config, registry, out=out)
     started = time.monotonic()
-    read_all = run_trainer_until(config, loop, len(clicks) + 1,
-                                 seconds_after=20.0 if new_item_rounds else 8.0)
+    read_all = run_trainer_until(
+        config, loop, len(clicks) + 1, seconds_after=20.0 if new_item_rounds else 8.0
+    )
     decisions = [json.loads(line) for line in out.getvalue().splitlines()]
     if not new_item_rounds:
         assert decisions == [] and registry.current_version().startswith("000001-")

@@ -10,8 +10,9 @@ optimizer state); replay STREAM into the click topic (event-time order, compress
 sessions of TRAIN too (``--replay-log``, what a trainer deployed next to an offline-trained
 model is given; ``--no-replay-log`` leaves it out); evaluate the registry's final model
 offline on TEST (Recall@20), against a model trained from scratch on TRAIN+STREAM with
-the same defaults. The trainer's fine-tuning settings default to ``streamrec trainer``'s. The end of a finite stream is not the end of its sessions: the trainer
-only learns from a session once its partition's event time has moved
+the same defaults. The trainer's fine-tuning settings default to ``streamrec
+trainer``'s. The end of a finite stream is not the end of its sessions: the trainer only
+learns from a session once its partition's event time has moved
 ``--session-timeout-s`` past the session's last click. After STREAM, one single-click
 "flush" session per partition is produced (explicitly to that partition) with an event
 time ``3 x session-timeout`` past the stream's last click: it completes every real
@@ -85,40 +86,62 @@ from model.evaluate import RecommenderScorer, evaluate
 from model.synth import SynthSpec, generate
 from model.train import train
 from stream.devtools.brokers import kafka_or_local
-from stream.kafka.wire import Click, encode_click
-from stream.kafka.config import producer_config
-from stream.quality import online_quality
 from stream.devtools.processes import StreamNames, TrainerProcess, WorkerProcess, start_readers
-from stream.registry import ModelRegistry
+from stream.kafka.config import producer_config
 from stream.kafka.log_sender import replay
 from stream.kafka.topics import ensure_topics
+from stream.kafka.wire import Click, encode_click
 from stream.learning.settings import TrainerSettings
+from stream.quality import online_quality
+from stream.registry import ModelRegistry
 
 PARTITIONS = 4
 #: ``streamrec trainer`` options each benchmark takes (declared once, by TrainerSettings)
 #: and where its defaults differ from the trainer's.
-INCREMENTAL_TRAINER_OPTIONS = ("interval_s", "epochs", "learning_rate", "session_timeout_s",
-                               "min_sessions", "holdout_sessions", "replay_sample",
-                               "replay_log_sample", "gate_margin", "round_budget_s")
+INCREMENTAL_TRAINER_OPTIONS = (
+    "interval_s",
+    "epochs",
+    "learning_rate",
+    "session_timeout_s",
+    "min_sessions",
+    "holdout_sessions",
+    "replay_sample",
+    "replay_log_sample",
+    "gate_margin",
+    "round_budget_s",
+)
 INCREMENTAL_TRAINER_DEFAULTS = {
     "interval_s": 5.0,
     "session_timeout_s": 3600.0,  # 99.9 % of RSC15's gaps between clicks are shorter
     "min_sessions": 300,
     # no budget: the stream is compressed into a few intervals and every round trains
     # on all it has
-    "round_budget_s": 0.0}
-DRIFT_TRAINER_OPTIONS = ("interval_s", "epochs", "session_timeout_s", "min_sessions",
-                         "holdout_sessions", "replay_sample", "gate_margin", "round_budget_s",
-                         "nice")
+    "round_budget_s": 0.0,
+}
+DRIFT_TRAINER_OPTIONS = (
+    "interval_s",
+    "epochs",
+    "session_timeout_s",
+    "min_sessions",
+    "holdout_sessions",
+    "replay_sample",
+    "gate_margin",
+    "round_budget_s",
+    "nice",
+)
 DRIFT_TRAINER_DEFAULTS = {
-    "interval_s": 5.0, "epochs": 3,
+    "interval_s": 5.0,
+    "epochs": 3,
     "session_timeout_s": 120.0,  # event time; the worker's too: passes in ~1 s of phase B
-    "min_sessions": 200, "replay_sample": 2000,
-    "gate_margin": 0.05}  # the gate sees only the A sessions of a 100-session holdout
+    "min_sessions": 200,
+    "replay_sample": 2000,
+    "gate_margin": 0.05,
+}  # the gate sees only the A sessions of a 100-session holdout
 
 
-def _add_trainer_options(parser: argparse.ArgumentParser, options: tuple[str, ...],
-                         defaults: dict[str, Any]) -> None:
+def _add_trainer_options(
+    parser: argparse.ArgumentParser, options: tuple[str, ...], defaults: dict[str, Any]
+) -> None:
     """The trainer's own flags for ``options``, with this benchmark's ``defaults``."""
     group = parser.add_argument_group("streamrec trainer options")
     TrainerSettings.add_arguments(group, only=options, defaults=defaults, env=False)
@@ -135,8 +158,20 @@ def _log(message: str) -> None:
 
 
 def _log_decision(record: dict[str, Any]) -> None:
-    keys = ("decision", "round", "late_s", "complete_sessions", "buffered", "sessions",
-            "budget", "new_items", "train_seconds", "round_seconds", "reason", "version")
+    keys = (
+        "decision",
+        "round",
+        "late_s",
+        "complete_sessions",
+        "buffered",
+        "sessions",
+        "budget",
+        "new_items",
+        "train_seconds",
+        "round_seconds",
+        "reason",
+        "version",
+    )
     _log(f"trainer: {json.dumps({k: record[k] for k in keys if k in record})}")
 
 
@@ -153,11 +188,14 @@ def _concat(logs: Sequence[ClickLog], source: str) -> ClickLog:
     return ClickLog.from_arrays(
         np.concatenate([log.session_ids[log.sessions] for log in logs]),
         np.concatenate([log.item_ids[log.items] for log in logs]),
-        np.concatenate([log.times for log in logs]), source=source)
+        np.concatenate([log.times for log in logs]),
+        source=source,
+    )
 
 
-def _produce_to_partitions(bootstrap: str, topic: str, clicks: Sequence[Click],
-                           partitions: Sequence[int]) -> None:
+def _produce_to_partitions(
+    bootstrap: str, topic: str, clicks: Sequence[Click], partitions: Sequence[int]
+) -> None:
     """Produce ``clicks[k]`` explicitly to ``partitions[k]`` (the flush clicks)."""
     producer = Producer(producer_config(bootstrap))
     for click, partition in zip(clicks, partitions):
@@ -167,8 +205,12 @@ def _produce_to_partitions(bootstrap: str, topic: str, clicks: Sequence[Click],
         raise UserError("flush clicks were not delivered within 30 s")
 
 
-def _wait(predicate: Callable[[], bool], timeout: float, what: str,
-          alive: Callable[[], None] | None = None) -> bool:
+def _wait(
+    predicate: Callable[[], bool],
+    timeout: float,
+    what: str,
+    alive: Callable[[], None] | None = None,
+) -> bool:
     deadline = time.monotonic() + timeout
     while not predicate():
         if alive is not None:
@@ -183,6 +225,7 @@ def _wait(predicate: Callable[[], bool], timeout: float, what: str,
 def _trainer_settled(trainer: TrainerProcess, since: int) -> Callable[[], bool]:
     """True once two consecutive decisions after record ``since`` are 'wait' with the
     same counts: nothing new consumed, nothing left that a round would train on."""
+
     def settled() -> bool:
         records = trainer.decisions()[since:]
         if len(records) < 2:
@@ -190,21 +233,25 @@ def _trainer_settled(trainer: TrainerProcess, since: int) -> Callable[[], bool]:
         a, b = records[-2], records[-1]
         same = all(a.get(k) == b.get(k) for k in ("buffered", "complete_sessions"))
         return a.get("decision") == b.get("decision") == "wait" and same
+
     return settled
 
 
 def _trainer_stats(decisions: Iterable[dict[str, Any]]) -> dict[str, Any]:
     decisions = list(decisions)
     trained = [d for d in decisions if d.get("decision") in ("promoted", "rejected")]
-    return {"rounds": len(trained),
-            "promotions": sum(d["decision"] == "promoted" for d in trained),
-            "rejections": sum(d["decision"] == "rejected" for d in trained),
-            "not_published": sum(d.get("decision") == "not_published" for d in decisions),
-            "failed": sum(d.get("decision") == "failed" for d in decisions),
-            "round_train_seconds": [d["train_seconds"] for d in trained]}
+    return {
+        "rounds": len(trained),
+        "promotions": sum(d["decision"] == "promoted" for d in trained),
+        "rejections": sum(d["decision"] == "rejected" for d in trained),
+        "not_published": sum(d.get("decision") == "not_published" for d in decisions),
+        "failed": sum(d.get("decision") == "failed" for d in decisions),
+        "round_train_seconds": [d["train_seconds"] for d in trained],
+    }
 
 
 # --------------------------------------------------------------------------- incremental
+
 
 def run_incremental(args: argparse.Namespace) -> dict[str, Any]:
     initial_log = read_clicks(args.initial)
@@ -212,48 +259,69 @@ def run_incremental(args: argparse.Namespace) -> dict[str, Any]:
     test_log = read_clicks(args.test)
     config = GRU4RecConfig(n_epochs=args.initial_epochs)
 
-    _log(f"training the initial model on {args.initial} ({len(initial_log):,} events, "
-         f"{args.initial_epochs} epochs)")
-    initial, initial_stats = train(initial_log, config, seed=args.seed, device=args.device,
-                                   progress=False)
+    _log(
+        f"training the initial model on {args.initial} ({len(initial_log):,} events, "
+        f"{args.initial_epochs} epochs)"
+    )
+    initial, initial_stats = train(
+        initial_log, config, seed=args.seed, device=args.device, progress=False
+    )
     initial_recall = evaluate(RecommenderScorer(initial), test_log, ks=(20,)).recall(20)
-    _log(f"initial model: Recall@20 {initial_recall:.4f} on {args.test}, "
-         f"{initial_stats.train_seconds:.1f} s")
+    _log(
+        f"initial model: Recall@20 {initial_recall:.4f} on {args.test}, "
+        f"{initial_stats.train_seconds:.1f} s"
+    )
 
     span = float(stream_log.times.max() - stream_log.times.min())
-    speed: float | str = (args.speed if args.speed is not None
-                          else max(span / (args.stream_rounds * args.interval_s), 1.0))
-    trainer_args = _trainer_argv(args, INCREMENTAL_TRAINER_OPTIONS) + \
-        TrainerSettings.command_line(
-            max_session_age_s=max(86400.0, 10 * args.session_timeout_s), seed=args.seed,
-            device=args.device,
-            replay_log=None if args.no_replay_log else str(Path(args.initial).resolve()))
+    speed: float | str = (
+        args.speed
+        if args.speed is not None
+        else max(span / (args.stream_rounds * args.interval_s), 1.0)
+    )
+    trainer_args = _trainer_argv(args, INCREMENTAL_TRAINER_OPTIONS) + TrainerSettings.command_line(
+        max_session_age_s=max(86400.0, 10 * args.session_timeout_s),
+        seed=args.seed,
+        device=args.device,
+        replay_log=None if args.no_replay_log else str(Path(args.initial).resolve()),
+    )
 
-    with kafka_or_local(args.broker) as bootstrap, \
-            tempfile.TemporaryDirectory(prefix="streamrec-bench-incr-") as tmp:
+    with (
+        kafka_or_local(args.broker) as bootstrap,
+        tempfile.TemporaryDirectory(prefix="streamrec-bench-incr-") as tmp,
+    ):
         work = Path(tmp)
         registry = ModelRegistry(work / "registry")
-        registry.publish(initial, training={"epochs": initial_stats.epochs,
-                                            "data": str(args.initial)})
+        registry.publish(
+            initial, training={"epochs": initial_stats.epochs, "data": str(args.initial)}
+        )
         names = StreamNames("incr")
         ensure_topics(bootstrap, {names.clicks: PARTITIONS})
-        trainer = TrainerProcess(bootstrap, registry.root, names.clicks, work,
-                                 *trainer_args, on_record=_log_decision).start()
+        trainer = TrainerProcess(
+            bootstrap, registry.root, names.clicks, work, *trainer_args, on_record=_log_decision
+        ).start()
         try:
             started = time.perf_counter()
-            _log(f"replaying {args.stream} ({len(stream_log):,} events, {span / 3600:.1f} h "
-                 f"of event time) at speed {speed}")
+            _log(
+                f"replaying {args.stream} ({len(stream_log):,} events, {span / 3600:.1f} h "
+                f"of event time) at speed {speed}"
+            )
             replay(_clicks(stream_log, ""), bootstrap, names.clicks, speed=speed)
             trainer.check_alive()
             flush_time = float(stream_log.times.max()) + 3 * args.session_timeout_s
-            flush = [Click(f"__flush-{uuid.uuid4().hex[:6]}-{p}", "__flush", flush_time)
-                     for p in range(PARTITIONS)]
+            flush = [
+                Click(f"__flush-{uuid.uuid4().hex[:6]}-{p}", "__flush", flush_time)
+                for p in range(PARTITIONS)
+            ]
             since = len(trainer.records)
             _produce_to_partitions(bootstrap, names.clicks, flush, range(PARTITIONS))
             stream_seconds = time.perf_counter() - started
             _log("stream and flush clicks produced; waiting for the trainer to settle")
-            settled = _wait(_trainer_settled(trainer, since), args.settle_timeout,
-                            "the trainer to settle", trainer.check_alive)
+            settled = _wait(
+                _trainer_settled(trainer, since),
+                args.settle_timeout,
+                "the trainer to settle",
+                trainer.check_alive,
+            )
             wall_seconds = time.perf_counter() - started
         finally:
             trainer.stop()
@@ -270,8 +338,9 @@ def run_incremental(args: argparse.Namespace) -> dict[str, Any]:
         scratch_log = _concat([initial_log, stream_log], "initial+stream")
         scratch_source = "initial+stream"
     _log(f"training from scratch on {scratch_source} ({len(scratch_log):,} events)")
-    scratch, scratch_stats = train(scratch_log, config, seed=args.seed, device=args.device,
-                                   progress=False)
+    scratch, scratch_stats = train(
+        scratch_log, config, seed=args.seed, device=args.device, progress=False
+    )
     scratch_recall = evaluate(RecommenderScorer(scratch), test_log, ks=(20,)).recall(20)
 
     return {
@@ -282,29 +351,45 @@ def run_incremental(args: argparse.Namespace) -> dict[str, Any]:
         "initial_recall@20": initial_recall,
         "initial_train_seconds": initial_stats.train_seconds,
         "difference": incremental_recall - scratch_recall,
-        **{k: stats[k] for k in ("rounds", "promotions", "rejections", "not_published",
-                                 "failed", "round_train_seconds")},
+        **{
+            k: stats[k]
+            for k in (
+                "rounds",
+                "promotions",
+                "rejections",
+                "not_published",
+                "failed",
+                "round_train_seconds",
+            )
+        },
         "untrained_complete_sessions": last.get("complete_sessions", 0),
         "trainer_settled": settled,
         "stream_replay_seconds": stream_seconds,
         "stream_wall_seconds": wall_seconds,
-        "speed": speed, "interval_s": args.interval_s, "epochs_per_round": args.epochs,
+        "speed": speed,
+        "interval_s": args.interval_s,
+        "epochs_per_round": args.epochs,
         "round_budget_s": args.round_budget_s,
-        "replay_sample": args.replay_sample, "learning_rate": args.learning_rate,
+        "replay_sample": args.replay_sample,
+        "learning_rate": args.learning_rate,
         "replay_log_sample": 0 if args.no_replay_log else args.replay_log_sample,
         "rounds_resumed_optimizer": sum(bool(d.get("resumed_optimizer")) for d in decisions),
         "min_sessions": args.min_sessions,
-        "holdout_sessions": args.holdout_sessions, "gate_margin": args.gate_margin,
-        "session_timeout_s": args.session_timeout_s, "initial_epochs": args.initial_epochs,
-        "final_version": final.version, "final_items": final.n_items,
-        "scratch_items": scratch.n_items, "scratch_source": scratch_source,
+        "holdout_sessions": args.holdout_sessions,
+        "gate_margin": args.gate_margin,
+        "session_timeout_s": args.session_timeout_s,
+        "initial_epochs": args.initial_epochs,
+        "final_version": final.version,
+        "final_items": final.n_items,
+        "scratch_items": scratch.n_items,
+        "scratch_source": scratch_source,
     }
 
 
 # --------------------------------------------------------------------------------- drift
 
-def _retimed(log: ClickLog, start: float, window: float,
-             rng: np.random.Generator) -> ClickLog:
+
+def _retimed(log: ClickLog, start: float, window: float, rng: np.random.Generator) -> ClickLog:
     """``log``'s sessions moved to start uniformly at random in ``[start, start + window)``
     (gaps within a session kept), with the clicks past the window's end dropped: a
     stationary stream of sessions, as live traffic is."""
@@ -314,8 +399,12 @@ def _retimed(log: ClickLog, start: float, window: float,
     lengths = np.diff(offsets)
     times = log.times + np.repeat(starts - first, lengths)
     keep = times < start + window
-    return ClickLog.from_arrays(log.session_ids[log.sessions[keep]],
-                                log.item_ids[log.items[keep]], times[keep], source=log.source)
+    return ClickLog.from_arrays(
+        log.session_ids[log.sessions[keep]],
+        log.item_ids[log.items[keep]],
+        times[keep],
+        source=log.source,
+    )
 
 
 def _drift_data(args: argparse.Namespace) -> dict[str, Any]:
@@ -330,44 +419,72 @@ def _drift_data(args: argparse.Namespace) -> dict[str, Any]:
     n_items = args.items
     rate_a = 5.0  # sessions per event-time second of A traffic (training and A')
     a_total = args.train_sessions + args.a_sessions + args.b_sessions // 3
-    a_log = generate(SynthSpec(sessions=a_total, items=n_items, seed=args.seed + 1,
-                               sessions_per_s=rate_a))
+    a_log = generate(
+        SynthSpec(sessions=a_total, items=n_items, seed=args.seed + 1, sessions_per_s=rate_a)
+    )
     session_index = a_log.sessions  # sessions are numbered in start-time order
     first_a2, first_mix = args.train_sessions, args.train_sessions + args.a_sessions
 
     def part(lo: int, hi: int) -> ClickLog:
         keep = (session_index >= lo) & (session_index < hi)
-        return ClickLog.from_arrays(a_log.session_ids[a_log.sessions[keep]],
-                                    a_log.item_ids[a_log.items[keep]], a_log.times[keep],
-                                    source="phase A")
+        return ClickLog.from_arrays(
+            a_log.session_ids[a_log.sessions[keep]],
+            a_log.item_ids[a_log.items[keep]],
+            a_log.times[keep],
+            source="phase A",
+        )
 
-    a_train, a_prime, a_mix = (part(0, first_a2), part(first_a2, first_mix),
-                               part(first_mix, a_total))
+    a_train, a_prime, a_mix = (
+        part(0, first_a2),
+        part(first_a2, first_mix),
+        part(first_mix, a_total),
+    )
     b_start = float(a_mix.times.min())
     # A' ends where B starts: its sessions' later clicks would be sent before B with
     # event times far into B, moving the watermarks (session completion, expiry) ahead.
     before_b = a_prime.times < b_start
-    a_prime = ClickLog.from_arrays(a_prime.session_ids[a_prime.sessions[before_b]],
-                                   a_prime.item_ids[a_prime.items[before_b]],
-                                   a_prime.times[before_b], source="phase A'")
-    b_log = generate(SynthSpec(sessions=args.b_sessions, items=n_items, seed=args.seed + 2,
-                               item_offset=n_items, follow=0.9, start_time=b_start))
+    a_prime = ClickLog.from_arrays(
+        a_prime.session_ids[a_prime.sessions[before_b]],
+        a_prime.item_ids[a_prime.items[before_b]],
+        a_prime.times[before_b],
+        source="phase A'",
+    )
+    b_log = generate(
+        SynthSpec(
+            sessions=args.b_sessions,
+            items=n_items,
+            seed=args.seed + 2,
+            item_offset=n_items,
+            follow=0.9,
+            start_time=b_start,
+        )
+    )
     window = (len(b_log) + len(a_mix)) / args.rate * args.speed
     rng = np.random.default_rng(args.seed + 3)
     b_log = _retimed(b_log, b_start, window, rng)
     a_mix = _retimed(a_mix, b_start, window, rng)
     phase_b = sorted(_clicks(b_log, "b") + _clicks(a_mix, "a"), key=lambda c: c.timestamp)
     b_span = phase_b[-1].timestamp - phase_b[0].timestamp
-    return {"a_train": a_train, "a_prime": _clicks(a_prime, "a"), "phase_b": phase_b,
-            "b_speed": max(args.rate * b_span / len(phase_b), 1e-3),
-            "b_sessions": {f"b{s}" for s in b_log.session_ids},
-            "phase_b_sessions": {c.session_id for c in phase_b},
-            "new_items": set(str(i) for i in b_log.item_ids),
-            "all_items": set(str(i) for i in a_log.item_ids) | set(str(i) for i in b_log.item_ids)}
+    return {
+        "a_train": a_train,
+        "a_prime": _clicks(a_prime, "a"),
+        "phase_b": phase_b,
+        "b_speed": max(args.rate * b_span / len(phase_b), 1e-3),
+        "b_sessions": {f"b{s}" for s in b_log.session_ids},
+        "phase_b_sessions": {c.session_id for c in phase_b},
+        "new_items": set(str(i) for i in b_log.item_ids),
+        "all_items": set(str(i) for i in a_log.item_ids) | set(str(i) for i in b_log.item_ids),
+    }
 
 
-def _drift_run(bootstrap: str, data: dict[str, Any], model_dir: Path, work: Path,
-               args: argparse.Namespace, retraining: bool) -> dict[str, Any]:
+def _drift_run(
+    bootstrap: str,
+    data: dict[str, Any],
+    model_dir: Path,
+    work: Path,
+    args: argparse.Namespace,
+    retraining: bool,
+) -> dict[str, Any]:
     """One pass of A' then B through a worker following a registry; returns raw
     observations (output messages, input timestamps, trainer decisions)."""
     registry = ModelRegistry(work / f"registry-{'on' if retraining else 'off'}")
@@ -375,31 +492,49 @@ def _drift_run(bootstrap: str, data: dict[str, Any], model_dir: Path, work: Path
     initial_version = registry.current_version()
     names = StreamNames("drift")
     inputs, outputs = start_readers(bootstrap, names, PARTITIONS)
-    worker = WorkerProcess(bootstrap, registry.root, names, work, "--model-poll-s",
-                           str(args.model_poll_s), "--session-timeout-s",
-                           str(args.session_timeout_s), partitions=PARTITIONS).start()
+    worker = WorkerProcess(
+        bootstrap,
+        registry.root,
+        names,
+        work,
+        "--model-poll-s",
+        str(args.model_poll_s),
+        "--session-timeout-s",
+        str(args.session_timeout_s),
+        partitions=PARTITIONS,
+    ).start()
     trainer = None
     if retraining:
         trainer = TrainerProcess(
-            bootstrap, registry.root, names.clicks, work,
+            bootstrap,
+            registry.root,
+            names.clicks,
+            work,
             *_trainer_argv(args, DRIFT_TRAINER_OPTIONS),
             *TrainerSettings.command_line(seed=args.seed, device=args.device or "cpu"),
-            env={"OMP_NUM_THREADS": str(args.trainer_threads)}, on_record=_log_decision)
+            env={"OMP_NUM_THREADS": str(args.trainer_threads)},
+            on_record=_log_decision,
+        )
     total = len(data["a_prime"]) + len(data["phase_b"])
     try:
         worker.wait_until_consuming(bootstrap, names.app_id)
         if trainer is not None:
             # Its first decision (a 'wait') shows it is consuming: A' must reach it.
             trainer.start()
-            _wait(lambda: bool(trainer.records), 120, "the trainer's first round",
-                  trainer.check_alive)
-        _log(f"retraining {'on' if retraining else 'off'}: replaying A' "
-             f"({len(data['a_prime']):,} clicks) at max speed")
+            _wait(
+                lambda: bool(trainer.records), 120, "the trainer's first round", trainer.check_alive
+            )
+        _log(
+            f"retraining {'on' if retraining else 'off'}: replaying A' "
+            f"({len(data['a_prime']):,} clicks) at max speed"
+        )
         replay(data["a_prime"], bootstrap, names.clicks, speed="max")
         # Let the worker catch up, so that phase B's pacing measures serving, not backlog.
         _wait(lambda: len(outputs.messages) >= len(data["a_prime"]), 120, "A' answers")
-        _log(f"replaying phase B ({len(data['phase_b']):,} clicks) at ~{args.rate:g}/s "
-             f"(speed {data['b_speed']:.1f})")
+        _log(
+            f"replaying phase B ({len(data['phase_b']):,} clicks) at ~{args.rate:g}/s "
+            f"(speed {data['b_speed']:.1f})"
+        )
         b_started = time.time()
         with _without_gc_pauses():
             replay(data["phase_b"], bootstrap, names.clicks, speed=data["b_speed"])
@@ -413,10 +548,14 @@ def _drift_run(bootstrap: str, data: dict[str, Any], model_dir: Path, work: Path
         worker.stop()
         inputs.close()
         outputs.close()
-    return {"outputs": list(outputs.messages), "inputs": list(inputs.messages),
-            "decisions": trainer.decisions() if trainer else [],
-            "records": list(trainer.records) if trainer else [],
-            "initial_version": initial_version, "b_seconds": b_seconds}
+    return {
+        "outputs": list(outputs.messages),
+        "inputs": list(inputs.messages),
+        "decisions": trainer.decisions() if trainer else [],
+        "records": list(trainer.records) if trainer else [],
+        "initial_version": initial_version,
+        "b_seconds": b_seconds,
+    }
 
 
 @contextlib.contextmanager
@@ -452,30 +591,59 @@ def _dump(path: Path, run: dict[str, Any], new_items: set[str]) -> None:
     with open(path, "w") as out:
         for m in run["inputs"]:
             value = json.loads(m.value())
-            out.write(json.dumps({"kind": "input", "produced_at": m.timestamp()[1] / 1000.0,
-                                  "partition": m.partition(), "offset": m.offset(),
-                                  "session_id": value["session_id"],
-                                  "item_id": value["item_id"],
-                                  "event_time": value["timestamp"]}) + "\n")
+            out.write(
+                json.dumps(
+                    {
+                        "kind": "input",
+                        "produced_at": m.timestamp()[1] / 1000.0,
+                        "partition": m.partition(),
+                        "offset": m.offset(),
+                        "session_id": value["session_id"],
+                        "item_id": value["item_id"],
+                        "event_time": value["timestamp"],
+                    }
+                )
+                + "\n"
+            )
         for r in run["outputs"]:
             v = r.value
-            out.write(json.dumps({
-                "kind": "output", "consumed_at": r.consumed_at, "created_at": r.kafka_time,
-                "session_id": v["session_id"], "event_time": v["timestamp"],
-                "version": v["model_version"], "source": v["source"],
-                "new_item_recommended": any(e["item_id"] in new_items
-                                            for e in v["recommendations"])}) + "\n")
+            out.write(
+                json.dumps(
+                    {
+                        "kind": "output",
+                        "consumed_at": r.consumed_at,
+                        "created_at": r.kafka_time,
+                        "session_id": v["session_id"],
+                        "event_time": v["timestamp"],
+                        "version": v["model_version"],
+                        "source": v["source"],
+                        "new_item_recommended": any(
+                            e["item_id"] in new_items for e in v["recommendations"]
+                        ),
+                    }
+                )
+                + "\n"
+            )
         for read_at, record in run.get("records", []):
             out.write(json.dumps({"kind": "trainer", "read_at": read_at, **record}) + "\n")
 
 
-def _b_window_quality(outputs: Sequence[Any], sessions: set[str], threshold: float,
-                      known: set[str], only: set[str] | None = None) -> dict[str, Any]:
+def _b_window_quality(
+    outputs: Sequence[Any],
+    sessions: set[str],
+    threshold: float,
+    known: set[str],
+    only: set[str] | None = None,
+) -> dict[str, Any]:
     """Online quality of the answers to phase-B clicks (of ``only``'s sessions, if given)
     from event time ``threshold`` on."""
-    messages = [r.value for r in outputs
-                if r.value["session_id"] in sessions and r.value["timestamp"] >= threshold
-                and (only is None or r.value["session_id"] in only)]
+    messages = [
+        r.value
+        for r in outputs
+        if r.value["session_id"] in sessions
+        and r.value["timestamp"] >= threshold
+        and (only is None or r.value["session_id"] in only)
+    ]
     return online_quality(messages, 20, known).to_dict()
 
 
@@ -483,8 +651,13 @@ def _max_gap_ms(times: Sequence[float] | np.ndarray) -> float:
     return float(np.max(np.diff(times)) * 1000) if len(times) > 1 else 0.0
 
 
-def _swap_windows(outputs: Sequence[Any], input_times: np.ndarray, initial_version: str,
-                  phase: tuple[float, float], window_s: float) -> list[dict[str, Any]]:
+def _swap_windows(
+    outputs: Sequence[Any],
+    input_times: np.ndarray,
+    initial_version: str,
+    phase: tuple[float, float],
+    window_s: float,
+) -> list[dict[str, Any]]:
     """For each version's first output (a swap) inside ``phase`` (output creation times),
     the output gaps around it, timed by the worker: the messages' Kafka timestamps, set
     by its producer when it sends them (the reader's consume times add the bench's own
@@ -505,15 +678,21 @@ def _swap_windows(outputs: Sequence[Any], input_times: np.ndarray, initial_versi
             continue  # a swap between two phases, or at an end: no traffic to measure
         around = (created >= at - window_s) & (created <= at + window_s)
         sent = (input_times >= at - window_s) & (input_times <= at + window_s)
-        windows.append({"version": version, "at": float(at),
-                        "boundary_gap_ms": float((created[i] - created[i - 1]) * 1000),
-                        "max_gap_ms": _max_gap_ms(created[around]),
-                        "max_input_gap_ms": _max_gap_ms(np.sort(input_times[sent]))})
+        windows.append(
+            {
+                "version": version,
+                "at": float(at),
+                "boundary_gap_ms": float((created[i] - created[i - 1]) * 1000),
+                "max_gap_ms": _max_gap_ms(created[around]),
+                "max_input_gap_ms": _max_gap_ms(np.sort(input_times[sent])),
+            }
+        )
     return windows
 
 
-def _first_new_item_timeline(on: dict[str, Any], new_items: set[str],
-                             first_click: float, first_rec: Any | None) -> dict[str, Any]:
+def _first_new_item_timeline(
+    on: dict[str, Any], new_items: set[str], first_click: float, first_rec: Any | None
+) -> dict[str, Any]:
     """Where the time went between the first click on a new item and the first
     recommendation of one: each round around it, relative to that click."""
     rounds = []
@@ -521,14 +700,21 @@ def _first_new_item_timeline(on: dict[str, Any], new_items: set[str],
         if d.get("decision") not in ("promoted", "rejected", "not_published", "failed"):
             continue
         started = d.get("started_at", math.nan)
-        rounds.append({"round": d.get("round"), "decision": d["decision"],
-                       "started_after_s": started - first_click,
-                       "ended_after_s": d.get("published_at", read_at) - first_click,
-                       "train_seconds": d.get("train_seconds"),
-                       "round_seconds": d.get("round_seconds"),
-                       "late_s": d.get("late_s"),
-                       "sessions": d.get("sessions"), "train_events": d.get("train_events"),
-                       "new_items": d.get("new_items"), "version": d.get("version")})
+        rounds.append(
+            {
+                "round": d.get("round"),
+                "decision": d["decision"],
+                "started_after_s": started - first_click,
+                "ended_after_s": d.get("published_at", read_at) - first_click,
+                "train_seconds": d.get("train_seconds"),
+                "round_seconds": d.get("round_seconds"),
+                "late_s": d.get("late_s"),
+                "sessions": d.get("sessions"),
+                "train_events": d.get("train_events"),
+                "new_items": d.get("new_items"),
+                "version": d.get("version"),
+            }
+        )
     timeline: dict[str, Any] = {"rounds": rounds}
     if first_rec is not None:
         version = first_rec.value["model_version"]
@@ -540,12 +726,14 @@ def _first_new_item_timeline(on: dict[str, Any], new_items: set[str],
             round_seconds=learnt["round_seconds"] if learnt else math.nan,
             published_after_s=learnt["ended_after_s"] if learnt else math.nan,
             first_served_after_s=min(served) - first_click,
-            first_recommended_after_s=first_rec.consumed_at - first_click)
+            first_recommended_after_s=first_rec.consumed_at - first_click,
+        )
     return timeline
 
 
-def drift_figures(on: dict[str, Any], off: dict[str, Any], data: dict[str, Any],
-                  args: argparse.Namespace) -> dict[str, Any]:
+def drift_figures(
+    on: dict[str, Any], off: dict[str, Any], data: dict[str, Any], args: argparse.Namespace
+) -> dict[str, Any]:
     """The drift benchmark's figures from the raw observations of the two runs."""
     new_items = data["new_items"]
     phase_b_sessions = data["phase_b_sessions"]
@@ -556,8 +744,11 @@ def drift_figures(on: dict[str, Any], off: dict[str, Any], data: dict[str, Any],
         first_new = min(new_versions)
         new_versions |= {d["version"] for d in promoted if d["version"] >= first_new}
     on_outputs = sorted(on["outputs"], key=lambda r: (r.kafka_time, r.consumed_at))
-    served_new = [r for r in on_outputs if r.value["model_version"] in new_versions
-                  and r.value["session_id"] in phase_b_sessions]
+    served_new = [
+        r
+        for r in on_outputs
+        if r.value["model_version"] in new_versions and r.value["session_id"] in phase_b_sessions
+    ]
     threshold = served_new[0].value["timestamp"] if served_new else math.inf
 
     # The first click on a new item, as sent (its Kafka timestamp, set by the replay's
@@ -567,39 +758,59 @@ def drift_figures(on: dict[str, Any], off: dict[str, Any], data: dict[str, Any],
         for m in run["inputs"]:
             value = json.loads(m.value())
             if value["session_id"] in phase_b_sessions and (
-                    not only_new or value["item_id"] in new_items):
+                not only_new or value["item_id"] in new_items
+            ):
                 times.append(m.timestamp()[1] / 1000.0)
         return np.sort(np.array(times))
 
     on_sent, off_sent = sent_times(on), sent_times(off)
     new_sent = sent_times(on, only_new=True)
     first_new_click = float(new_sent[0]) if len(new_sent) else math.nan
-    first_rec = min((r for r in on_outputs
-                     if any(e["item_id"] in new_items for e in r.value["recommendations"])),
-                    key=lambda r: r.consumed_at, default=None)
+    first_rec = min(
+        (
+            r
+            for r in on_outputs
+            if any(e["item_id"] in new_items for e in r.value["recommendations"])
+        ),
+        key=lambda r: r.consumed_at,
+        default=None,
+    )
     after_s = first_rec.consumed_at - first_new_click if first_rec else math.nan
     timeline = _first_new_item_timeline(on, new_items, first_new_click, first_rec)
 
     def phase_b_created(outputs: Sequence[Any]) -> np.ndarray:
-        return np.sort(np.array([r.kafka_time for r in outputs
-                                 if r.value["session_id"] in phase_b_sessions]))
+        return np.sort(
+            np.array([r.kafka_time for r in outputs if r.value["session_id"] in phase_b_sessions])
+        )
 
     on_b, off_b = phase_b_created(on["outputs"]), phase_b_created(off["outputs"])
-    windows = _swap_windows(on_outputs, on_sent, on["initial_version"],
-                            (float(on_b[0]), float(on_b[-1])) if len(on_b) else (0.0, 0.0),
-                            args.swap_window_s)
+    windows = _swap_windows(
+        on_outputs,
+        on_sent,
+        on["initial_version"],
+        (float(on_b[0]), float(on_b[-1])) if len(on_b) else (0.0, 0.0),
+        args.swap_window_s,
+    )
     on_consumed = np.sort(np.array([r.consumed_at for r in on_outputs]))
-    consumed_gaps = [_max_gap_ms(on_consumed[(on_consumed >= w["at"] - args.swap_window_s)
-                                             & (on_consumed <= w["at"] + args.swap_window_s)])
-                     for w in windows]
+    consumed_gaps = [
+        _max_gap_ms(
+            on_consumed[
+                (on_consumed >= w["at"] - args.swap_window_s)
+                & (on_consumed <= w["at"] + args.swap_window_s)
+            ]
+        )
+        for w in windows
+    ]
 
     known = data["all_items"]
     with_q = _b_window_quality(on["outputs"], phase_b_sessions, threshold, known)
     without_q = _b_window_quality(off["outputs"], phase_b_sessions, threshold, known)
-    with_new = _b_window_quality(on["outputs"], phase_b_sessions, threshold, known,
-                                 data["b_sessions"])
-    without_new = _b_window_quality(off["outputs"], phase_b_sessions, threshold, known,
-                                    data["b_sessions"])
+    with_new = _b_window_quality(
+        on["outputs"], phase_b_sessions, threshold, known, data["b_sessions"]
+    )
+    without_new = _b_window_quality(
+        off["outputs"], phase_b_sessions, threshold, known, data["b_sessions"]
+    )
     first_new_round = next((d for d in promoted if d["version"] in new_versions), None)
     stats = _trainer_stats(on["decisions"])
 
@@ -616,17 +827,20 @@ def drift_figures(on: dict[str, Any], off: dict[str, Any], data: dict[str, Any],
         "new_items_within_one_interval": bool(after_s <= args.interval_s),
         # Had the first new-item click come just after a round started, it would have
         # waited a whole interval for the next one, then the same round and poll.
-        "new_items_worst_phase_after_s":
-            args.interval_s + after_s - timeline.get("round_started_after_s", math.nan),
+        "new_items_worst_phase_after_s": args.interval_s
+        + after_s
+        - timeline.get("round_started_after_s", math.nan),
         "new_items_timeline": timeline,
         "swap_windows": windows,
         "max_swap_gap_consumed_ms": max(consumed_gaps, default=math.nan),
         "max_gap_ms_phase_b_with_retraining": _max_gap_ms(on_b),
         "max_gap_ms_phase_b_without_retraining": _max_gap_ms(off_b),
-        "p99_gap_ms_phase_b_with_retraining":
-            float(np.percentile(np.diff(on_b), 99) * 1000) if len(on_b) > 1 else math.nan,
-        "p99_gap_ms_phase_b_without_retraining":
-            float(np.percentile(np.diff(off_b), 99) * 1000) if len(off_b) > 1 else math.nan,
+        "p99_gap_ms_phase_b_with_retraining": float(np.percentile(np.diff(on_b), 99) * 1000)
+        if len(on_b) > 1
+        else math.nan,
+        "p99_gap_ms_phase_b_without_retraining": float(np.percentile(np.diff(off_b), 99) * 1000)
+        if len(off_b) > 1
+        else math.nan,
         "max_input_gap_ms_phase_b_with_retraining": _max_gap_ms(on_sent),
         "max_input_gap_ms_phase_b_without_retraining": _max_gap_ms(off_sent),
         "phase_b_sent_events_per_s": rate(on_sent),
@@ -637,26 +851,32 @@ def drift_figures(on: dict[str, Any], off: dict[str, Any], data: dict[str, Any],
         "n_predictions_without": without_q["n_predictions"],
         "swaps": len({r.value["model_version"] for r in on_outputs} - {on["initial_version"]}),
         **{k: stats[k] for k in ("rounds", "promotions", "rejections", "round_train_seconds")},
-        "round_seconds": [d.get("round_seconds") for d in on["decisions"]
-                          if d.get("decision") == "promoted"],
-        "phase_b_events": len(data["phase_b"]), "phase_b_seconds": on["b_seconds"],
+        "round_seconds": [
+            d.get("round_seconds") for d in on["decisions"] if d.get("decision") == "promoted"
+        ],
+        "phase_b_events": len(data["phase_b"]),
+        "phase_b_seconds": on["b_seconds"],
         "phase_b_seconds_without": off["b_seconds"],
-        "a_prime_events": len(data["a_prime"]), "a_train_events": len(data["a_train"]),
+        "a_prime_events": len(data["a_prime"]),
+        "a_train_events": len(data["a_train"]),
         "items_per_phase": args.items,
-        "answered": len(on["outputs"]), "answered_without": len(off["outputs"]),
+        "answered": len(on["outputs"]),
+        "answered_without": len(off["outputs"]),
     }
 
 
 def run_drift(args: argparse.Namespace) -> dict[str, Any]:
     data = _drift_data(args)
     config = GRU4RecConfig(n_epochs=args.initial_epochs)
-    _log(f"training the phase-A model ({len(data['a_train']):,} events, {args.items} items, "
-         f"{args.initial_epochs} epochs)")
-    initial, _ = train(data["a_train"], config, seed=args.seed, device=args.device,
-                       progress=False)
+    _log(
+        f"training the phase-A model ({len(data['a_train']):,} events, {args.items} items, "
+        f"{args.initial_epochs} epochs)"
+    )
+    initial, _ = train(data["a_train"], config, seed=args.seed, device=args.device, progress=False)
     with kafka_or_local(args.broker) as bootstrap, _work_dir(args.work_dir) as work:
         model_dir = work / "phase-a-model"
         from model.artifact import save_model
+
         save_model(initial, model_dir)
         on = _drift_run(bootstrap, data, model_dir, work, args, retraining=True)
         off = _drift_run(bootstrap, data, model_dir, work, args, retraining=False)
@@ -668,28 +888,52 @@ def run_drift(args: argparse.Namespace) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------ parsers
 
+
 def add_parsers(benches: argparse._SubParsersAction) -> None:
     p = benches.add_parser(
-        "incremental", help="trainer fine-tuning on a stream vs training from scratch",
+        "incremental",
+        help="trainer fine-tuning on a stream vs training from scratch",
         description="Train on TRAIN, publish; replay STREAM while `streamrec trainer` "
-                    "fine-tunes; compare the final model's Recall@20 on TEST with a model "
-                    "trained from scratch on TRAIN+STREAM.")
+        "fine-tunes; compare the final model's Recall@20 on TEST with a model "
+        "trained from scratch on TRAIN+STREAM.",
+    )
     p.add_argument("--initial", required=True, help="click log the initial model is trained on")
     p.add_argument("--stream", required=True, help="click log replayed to the trainer")
     p.add_argument("--test", required=True, help="click log for the offline evaluation")
-    p.add_argument("--scratch", default=None,
-                   help="training log of the scratch model (default: INITIAL+STREAM)")
-    p.add_argument("--initial-epochs", type=int, default=10,
-                   help="epochs of the initial and the scratch model (default 10)")
-    p.add_argument("--no-replay-log", action="store_true",
-                   help="do not give the trainer INITIAL as --replay-log")
-    p.add_argument("--speed", default=None,
-                   help="replay speed: 'max' or a time-compression factor (default: the "
-                        "stream's event-time span over STREAM_ROUNDS x INTERVAL)")
-    p.add_argument("--stream-rounds", type=int, default=6,
-                   help="with the default speed: trainer intervals the stream lasts (6)")
-    p.add_argument("--settle-timeout", type=float, default=300.0,
-                   help="longest wait for the trainer's last round (s)")
+    p.add_argument(
+        "--scratch",
+        default=None,
+        help="training log of the scratch model (default: INITIAL+STREAM)",
+    )
+    p.add_argument(
+        "--initial-epochs",
+        type=int,
+        default=10,
+        help="epochs of the initial and the scratch model (default 10)",
+    )
+    p.add_argument(
+        "--no-replay-log",
+        action="store_true",
+        help="do not give the trainer INITIAL as --replay-log",
+    )
+    p.add_argument(
+        "--speed",
+        default=None,
+        help="replay speed: 'max' or a time-compression factor (default: the "
+        "stream's event-time span over STREAM_ROUNDS x INTERVAL)",
+    )
+    p.add_argument(
+        "--stream-rounds",
+        type=int,
+        default=6,
+        help="with the default speed: trainer intervals the stream lasts (6)",
+    )
+    p.add_argument(
+        "--settle-timeout",
+        type=float,
+        default=300.0,
+        help="longest wait for the trainer's last round (s)",
+    )
     p.add_argument("--broker", default=None, help="use this Kafka instead of a local one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -697,29 +941,54 @@ def add_parsers(benches: argparse._SubParsersAction) -> None:
     p.set_defaults(measure=run_incremental)
 
     p = benches.add_parser(
-        "drift", help="new items appear: online Recall@20 with and without the trainer",
+        "drift",
+        help="new items appear: online Recall@20 with and without the trainer",
         description="Synthetic drift (phase B brings new items) served by a worker following "
-                    "a registry, with and without `streamrec trainer`.")
+        "a registry, with and without `streamrec trainer`.",
+    )
     p.add_argument("--items", type=int, default=300, help="items per phase (300)")
-    p.add_argument("--train-sessions", type=int, default=4000,
-                   help="phase-A sessions of the initial model (4000)")
+    p.add_argument(
+        "--train-sessions",
+        type=int,
+        default=4000,
+        help="phase-A sessions of the initial model (4000)",
+    )
     p.add_argument("--a-sessions", type=int, default=1500, help="A' sessions (1500)")
-    p.add_argument("--b-sessions", type=int, default=6000,
-                   help="new-item sessions of phase B (6000; plus a third as many A ones)")
+    p.add_argument(
+        "--b-sessions",
+        type=int,
+        default=6000,
+        help="new-item sessions of phase B (6000; plus a third as many A ones)",
+    )
     p.add_argument("--rate", type=float, default=1000.0, help="phase-B events/s (1000)")
-    p.add_argument("--speed", type=float, default=120.0,
-                   help="event-time seconds per wall second in phase B (120: the 120 s "
-                        "session timeout passes in about 1 s)")
+    p.add_argument(
+        "--speed",
+        type=float,
+        default=120.0,
+        help="event-time seconds per wall second in phase B (120: the 120 s "
+        "session timeout passes in about 1 s)",
+    )
     p.add_argument("--initial-epochs", type=int, default=5)
     p.add_argument("--model-poll-s", type=float, default=1.0, help="worker --model-poll-s")
-    p.add_argument("--trainer-threads", type=int, default=1,
-                   help="OMP_NUM_THREADS of the trainer (1: leave a core to the worker)")
-    p.add_argument("--swap-window-s", type=float, default=1.0,
-                   help="max_swap_gap_ms looks at outputs this close to a swap")
+    p.add_argument(
+        "--trainer-threads",
+        type=int,
+        default=1,
+        help="OMP_NUM_THREADS of the trainer (1: leave a core to the worker)",
+    )
+    p.add_argument(
+        "--swap-window-s",
+        type=float,
+        default=1.0,
+        help="max_swap_gap_ms looks at outputs this close to a swap",
+    )
     p.add_argument("--broker", default=None, help="use this Kafka instead of a local one")
-    p.add_argument("--work-dir", default=None,
-                   help="keep the worker and trainer logs and the raw observations "
-                        "(observations-on/off.jsonl) in this directory")
+    p.add_argument(
+        "--work-dir",
+        default=None,
+        help="keep the worker and trainer logs and the raw observations "
+        "(observations-on/off.jsonl) in this directory",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cpu for the trainer)")
     _add_trainer_options(p, DRIFT_TRAINER_OPTIONS, DRIFT_TRAINER_DEFAULTS)

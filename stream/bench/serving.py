@@ -32,9 +32,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Producer
 import numpy as np
 import torch
+from confluent_kafka import Producer
 
 from model.artifact import save_model
 from model.config import GRU4RecConfig
@@ -43,14 +43,14 @@ from model.errors import UserError
 from model.inference import Recommender
 from model.network import GRU4RecNetwork
 from model.synth import SynthSpec, generate
+from stream.devtools.brokers import kafka_or_local
+from stream.devtools.processes import StreamNames, WorkerProcess, start_readers
+from stream.devtools.procfs import cpu_seconds, machine_busy_seconds
+from stream.kafka.config import producer_config
+from stream.kafka.log_sender import replay
+from stream.kafka.wire import Click, encode_click
 from stream.serving import faust_patches
 from stream.serving.app import faust_app, raw_topic, run_app
-from stream.devtools.brokers import kafka_or_local
-from stream.kafka.wire import Click, encode_click
-from stream.kafka.config import producer_config
-from stream.devtools.procfs import cpu_seconds, machine_busy_seconds
-from stream.devtools.processes import StreamNames, WorkerProcess, start_readers
-from stream.kafka.log_sender import replay
 from stream.serving.settings import WorkerSettings
 
 PARTITIONS = 4
@@ -61,8 +61,9 @@ def untrained_model(n_items: int, directory: Path) -> Recommender:
     config = GRU4RecConfig()
     network = GRU4RecNetwork(config, n_items, generator=torch.Generator().manual_seed(0))
     popularity = 1.0 / np.arange(1, n_items + 1)
-    recommender = Recommender(network, ItemMap(str(i + 1) for i in range(n_items)),
-                              popularity, config)
+    recommender = Recommender(
+        network, ItemMap(str(i + 1) for i in range(n_items)), popularity, config
+    )
     save_model(recommender, directory)
     return recommender
 
@@ -95,8 +96,7 @@ class CpuMeter:
         process, machine, begun = self._start
         per_event = (cpu_seconds(self._pid) - process) / events * 1e6
         busy = (machine_busy_seconds() - machine) / (time.monotonic() - begun)
-        return (None if math.isnan(per_event) else per_event,
-                None if math.isnan(busy) else busy)
+        return (None if math.isnan(per_event) else per_event, None if math.isnan(busy) else busy)
 
 
 def _clicks(prefix: str, count: int, n_items: int, seed: int, rate: float | None) -> list[Click]:
@@ -104,8 +104,10 @@ def _clicks(prefix: str, count: int, n_items: int, seed: int, rate: float | None
     log = generate(SynthSpec(sessions=max(count // 3, 1), items=n_items, seed=seed))
     order = np.argsort(log.times, kind="stable")[:count]
     times = (np.arange(len(order)) / rate) if rate else log.times[order]
-    return [Click(f"{prefix}{log.session_ids[log.sessions[k]]}", log.item_ids[log.items[k]],
-                  float(t)) for k, t in zip(order, times)]
+    return [
+        Click(f"{prefix}{log.session_ids[log.sessions[k]]}", log.item_ids[log.items[k]], float(t))
+        for k, t in zip(order, times)
+    ]
 
 
 def _produce_paced(bootstrap: str, topic: str, clicks: list[Click], rate: float) -> None:
@@ -131,21 +133,36 @@ def _produce_paced(bootstrap: str, topic: str, clicks: list[Click], rate: float)
         raise UserError("paced clicks were not all delivered within 30 s")
 
 
-def measure(bootstrap: str, model_dir: Path, n_items: int, events: int, work: Path,
-            subcommand: tuple[str, ...] = ("worker",), *worker_args: str) -> dict[str, float]:
+def measure(
+    bootstrap: str,
+    model_dir: Path,
+    n_items: int,
+    events: int,
+    work: Path,
+    subcommand: tuple[str, ...] = ("worker",),
+    *worker_args: str,
+) -> dict[str, float]:
     """Throughput (max speed) then latency (1,000 events/s) of one worker process."""
     names = StreamNames("bench")
     inputs, outputs = start_readers(bootstrap, names, PARTITIONS)
-    worker = WorkerProcess(bootstrap, model_dir, names, work, *worker_args,
-                           partitions=PARTITIONS, subcommand=subcommand).start()
+    worker = WorkerProcess(
+        bootstrap,
+        model_dir,
+        names,
+        work,
+        *worker_args,
+        partitions=PARTITIONS,
+        subcommand=subcommand,
+    ).start()
     try:
         worker.wait_until_consuming(bootstrap, names.app_id)
         burst = _clicks("a", events, n_items, seed=1, rate=None)
         cpu = CpuMeter(worker.process.pid)  # type: ignore[union-attr]
         replay(burst, bootstrap, names.clicks, speed="max")
         if not outputs.wait_for(len(burst), timeout=300):
-            raise UserError(f"only {len(outputs.messages)} of {len(burst)} answered:\n"
-                            + worker.log()[-2000:])
+            raise UserError(
+                f"only {len(outputs.messages)} of {len(burst)} answered:\n" + worker.log()[-2000:]
+            )
         cpu_us_per_event, busy_cores = cpu.per_event_and_busy_cores(len(burst))
         inputs.wait_for(len(burst), timeout=30)
         first_sent = min(m.timestamp()[1] for m in inputs.messages) / 1000.0
@@ -160,48 +177,77 @@ def measure(bootstrap: str, model_dir: Path, n_items: int, events: int, work: Pa
         inputs.close()
         outputs.close()
     sent = {(m.partition(), m.offset()): m.timestamp()[1] / 1000.0 for m in inputs.messages}
-    latencies = [r.consumed_at - sent[(r.value["source"]["partition"],
-                                       r.value["source"]["offset"])]
-                 for r in outputs.messages[len(burst) + 1:]
-                 if (r.value["source"]["partition"], r.value["source"]["offset"]) in sent]
+    latencies = [
+        r.consumed_at - sent[(r.value["source"]["partition"], r.value["source"]["offset"])]
+        for r in outputs.messages[len(burst) + 1 :]
+        if (r.value["source"]["partition"], r.value["source"]["offset"]) in sent
+    ]
     p50, p99 = np.percentile(latencies, [50, 99]) * 1000
-    return {"events_per_s": throughput, "p50_ms": float(p50), "p99_ms": float(p99),
-            "cpu_us_per_event": cpu_us_per_event, "busy_cores": busy_cores}
+    return {
+        "events_per_s": throughput,
+        "p50_ms": float(p50),
+        "p99_ms": float(p99),
+        "cpu_us_per_event": cpu_us_per_event,
+        "busy_cores": busy_cores,
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.torch_threads)
-    with kafka_or_local(args.broker) as bootstrap, \
-            tempfile.TemporaryDirectory(prefix="streamrec-bench-") as tmp:
+    with (
+        kafka_or_local(args.broker) as bootstrap,
+        tempfile.TemporaryDirectory(prefix="streamrec-bench-") as tmp,
+    ):
         work = Path(tmp)
         noop_model = work / "noop-model"
         untrained_model(10, noop_model)
         print("measuring the no-op Faust agent", file=sys.stderr)
-        noop = measure(bootstrap, noop_model, 10, args.events, work,
-                       subcommand=("bench", "noop-worker"))
+        noop = measure(
+            bootstrap, noop_model, 10, args.events, work, subcommand=("bench", "noop-worker")
+        )
         runs = []
         for n_items in args.items:
             model_dir = work / f"model-{n_items}"
             recommender = untrained_model(n_items, model_dir)
             ceiling = scoring_ceiling(recommender)
-            print(f"{n_items} items: scoring ceiling {ceiling:,.0f} events/s; measuring "
-                  f"the worker", file=sys.stderr)
-            result = measure(bootstrap, model_dir, n_items, args.events, work, ("worker",),
-                             "--torch-threads", str(args.torch_threads))
-            runs.append({"items": n_items, "events_per_s": result["events_per_s"],
-                         "ceiling_events_per_s": ceiling,
-                         "ratio": result["events_per_s"]
-                         / min(ceiling, noop["events_per_s"]),
-                         "p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"],
-                         "p99_ms_at_1000_per_s": result["p99_ms"],
-                         "worker_cpu_us_per_event": result["cpu_us_per_event"],
-                         "machine_busy_cores": result["busy_cores"]})
+            print(
+                f"{n_items} items: scoring ceiling {ceiling:,.0f} events/s; measuring the worker",
+                file=sys.stderr,
+            )
+            result = measure(
+                bootstrap,
+                model_dir,
+                n_items,
+                args.events,
+                work,
+                ("worker",),
+                "--torch-threads",
+                str(args.torch_threads),
+            )
+            runs.append(
+                {
+                    "items": n_items,
+                    "events_per_s": result["events_per_s"],
+                    "ceiling_events_per_s": ceiling,
+                    "ratio": result["events_per_s"] / min(ceiling, noop["events_per_s"]),
+                    "p50_ms": result["p50_ms"],
+                    "p99_ms": result["p99_ms"],
+                    "p99_ms_at_1000_per_s": result["p99_ms"],
+                    "worker_cpu_us_per_event": result["cpu_us_per_event"],
+                    "machine_busy_cores": result["busy_cores"],
+                }
+            )
             print(json.dumps(runs[-1]), file=sys.stderr)
-    return {"noop_events_per_s": noop["events_per_s"], "noop_p99_ms": noop["p99_ms"],
-                "noop_cpu_us_per_event": noop["cpu_us_per_event"],
-                "noop_machine_busy_cores": noop["busy_cores"], "cores": os.cpu_count(),
-                "events_per_run": args.events, "torch_threads": args.torch_threads,
-                "runs": runs}
+    return {
+        "noop_events_per_s": noop["events_per_s"],
+        "noop_p99_ms": noop["p99_ms"],
+        "noop_cpu_us_per_event": noop["cpu_us_per_event"],
+        "noop_machine_busy_cores": noop["busy_cores"],
+        "cores": os.cpu_count(),
+        "events_per_run": args.events,
+        "torch_threads": args.torch_threads,
+        "runs": runs,
+    }
 
 
 def run_noop_worker(args: argparse.Namespace) -> int:
@@ -213,36 +259,58 @@ def run_noop_worker(args: argparse.Namespace) -> int:
     output = raw_topic(app, settings, settings.output_topic)
 
     @app.agent(clicks, concurrency=1)
-    async def echo(stream) -> None:  # noqa: ANN001
-        async for events in stream.take_events(settings.batch_size,
-                                               within=settings.batch_ms / 1000.0):
+    async def echo(stream: Any) -> None:  # a faust.StreamT (faust stays in serving)
+        async for events in stream.take_events(
+            settings.batch_size, within=settings.batch_ms / 1000.0
+        ):
             deliveries = []
             for event in events:
                 message = event.message
-                value = json.dumps({"session_id": message.key.decode(), "item_id": "",
-                                    "recommendations": [], "source": {
-                                        "partition": message.partition,
-                                        "offset": message.offset}}).encode()
-                deliveries.append(await output.send(key=message.key, value=value,
-                                                    partition=message.partition, force=True))
+                value = json.dumps(
+                    {
+                        "session_id": message.key.decode(),
+                        "item_id": "",
+                        "recommendations": [],
+                        "source": {"partition": message.partition, "offset": message.offset},
+                    }
+                ).encode()
+                deliveries.append(
+                    await output.send(
+                        key=message.key, value=value, partition=message.partition, force=True
+                    )
+                )
             await asyncio.gather(*deliveries)
 
     return run_app(app, settings)
 
 
 def add_parsers(benches: argparse._SubParsersAction) -> None:
-    p = benches.add_parser("stream", help="end-to-end throughput and latency of one worker",
-                           description=__doc__.split("\n\n")[0])
-    p.add_argument("--items", type=int, nargs="+", default=[3000, 40000, 100000],
-                   help="catalogue sizes to measure (default: 3000 40000 100000)")
+    p = benches.add_parser(
+        "stream",
+        help="end-to-end throughput and latency of one worker",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument(
+        "--items",
+        type=int,
+        nargs="+",
+        default=[3000, 40000, 100000],
+        help="catalogue sizes to measure (default: 3000 40000 100000)",
+    )
     p.add_argument("--events", type=int, default=20000, help="clicks per throughput run")
-    p.add_argument("--broker", default=None,
-                   help="use this Kafka instead of starting a local one")
-    p.add_argument("--torch-threads", type=int, default=1,
-                   help="torch threads of the worker and of the scoring ceiling (default 1)")
+    p.add_argument("--broker", default=None, help="use this Kafka instead of starting a local one")
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="torch threads of the worker and of the scoring ceiling (default 1)",
+    )
     p.set_defaults(measure=run)
-    p = benches.add_parser("noop-worker", help="(used by bench stream) a no-op Faust agent",
-                           description="Consume clicks and produce an empty answer for each: "
-                                       "the Faust engine's own ceiling.")
+    p = benches.add_parser(
+        "noop-worker",
+        help="(used by bench stream) a no-op Faust agent",
+        description="Consume clicks and produce an empty answer for each: "
+        "the Faust engine's own ceiling.",
+    )
     WorkerSettings.add_arguments(p)
     p.set_defaults(run=run_noop_worker)

@@ -48,22 +48,27 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from confluent_kafka import (Consumer, ConsumerGroupTopicPartitions, KafkaException, Producer,
-                             TopicPartition)
+from confluent_kafka import (
+    Consumer,
+    ConsumerGroupTopicPartitions,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient
 
 from model.errors import UserError
 from model.synth import SynthSpec, generate
-from stream.serving.topics import CHANGELOG_CONFIG, changelog_topic, expiry_topic
 from stream.bench.serving import untrained_model
 from stream.devtools.brokers import kafka_or_local
-from stream.kafka.wire import Click, encode_click
-from stream.kafka.config import client_config, producer_config
-from stream.devtools.procfs import cpu_seconds, rss_mib
 from stream.devtools.processes import StreamNames, WorkerProcess
+from stream.devtools.procfs import cpu_seconds, rss_mib
+from stream.kafka.config import client_config, producer_config
 from stream.kafka.log_sender import REPLAY_PRODUCER_SETTINGS
-from stream.serving.settings import WorkerSettings
 from stream.kafka.topics import ensure_topics
+from stream.kafka.wire import Click, encode_click
+from stream.serving.settings import WorkerSettings
+from stream.serving.topics import CHANGELOG_CONFIG, changelog_topic, expiry_topic
 
 PARTITIONS = 4
 # The output topic of a million-session run holds ~4 GB of recommendation lists that
@@ -81,8 +86,9 @@ _QUIET.propagate = False
 # --- input: synthetic sessions in event-time order, generated chunk by chunk ---------------
 
 
-def session_batches(sessions: int, items: int, seed: int, sessions_per_s: float,
-                    chunk: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def session_batches(
+    sessions: int, items: int, seed: int, sessions_per_s: float, chunk: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(session index, item index, event time) arrays, globally in event-time order.
 
     Each chunk of sessions is one :func:`model.synth.generate` call (its own seed, so its
@@ -95,12 +101,21 @@ def session_batches(sessions: int, items: int, seed: int, sessions_per_s: float,
     start_time = SynthSpec(sessions=1, items=2).start_time
     for number, first in enumerate(range(0, sessions, chunk)):
         n = min(chunk, sessions - first)
-        log = generate(SynthSpec(sessions=n, items=items, seed=seed * 100_003 + number,
-                                 sessions_per_s=sessions_per_s, start_time=start_time))
+        log = generate(
+            SynthSpec(
+                sessions=n,
+                items=items,
+                seed=seed * 100_003 + number,
+                sessions_per_s=sessions_per_s,
+                start_time=start_time,
+            )
+        )
         session_starts = log.times[np.r_[0, np.flatnonzero(np.diff(log.sessions)) + 1]]
         start_time = float(session_starts.max())  # every later chunk's events come after
-        merged = [np.concatenate((old, new)) for old, new in
-                  zip(pending, (log.sessions + first, log.items, log.times))]
+        merged = [
+            np.concatenate((old, new))
+            for old, new in zip(pending, (log.sessions + first, log.items, log.times))
+        ]
         order = np.argsort(merged[2], kind="stable")
         merged = [array[order] for array in merged]
         last = first + n >= sessions
@@ -109,9 +124,13 @@ def session_batches(sessions: int, items: int, seed: int, sessions_per_s: float,
         pending = (merged[0][cut:], merged[1][cut:], merged[2][cut:])
 
 
-def produce_all(bootstrap: str, topic: str,
-                batches: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]],
-                progress: Any = None, rate: float | None = None) -> tuple[int, float, float]:
+def produce_all(
+    bootstrap: str,
+    topic: str,
+    batches: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    progress: Any = None,
+    rate: float | None = None,
+) -> tuple[int, float, float]:
     """Send every click (keyed by session, murmur2, idempotent) as fast as possible, or
     at ``rate`` events per second.
 
@@ -123,9 +142,18 @@ def produce_all(bootstrap: str, topic: str,
         if err is not None and len(errors) < 5:
             errors.append(err.str())
 
-    producer = Producer(producer_config(bootstrap, **{
-        **REPLAY_PRODUCER_SETTINGS, "linger.ms": 20, "delivery.report.only.error": True,
-        "on_delivery": on_delivery, "logger": _QUIET}))
+    producer = Producer(
+        producer_config(
+            bootstrap,
+            **{
+                **REPLAY_PRODUCER_SETTINGS,
+                "linger.ms": 20,
+                "delivery.report.only.error": True,
+                "on_delivery": on_delivery,
+                "logger": _QUIET,
+            },
+        )
+    )
     sent = 0
     started = time.monotonic()
     first_time = last_time = math.nan
@@ -189,9 +217,17 @@ class ChangelogKeys(threading.Thread):
         self.keys: set[bytes] = set()
         self.records = 0
         self._stop_event = threading.Event()
-        self._consumer = Consumer(client_config(bootstrap, **{
-            "group.id": f"soak-changelog-{time.time_ns()}", "enable.auto.commit": False,
-            "auto.offset.reset": "earliest", "logger": _QUIET}))
+        self._consumer = Consumer(
+            client_config(
+                bootstrap,
+                **{
+                    "group.id": f"soak-changelog-{time.time_ns()}",
+                    "enable.auto.commit": False,
+                    "auto.offset.reset": "earliest",
+                    "logger": _QUIET,
+                },
+            )
+        )
         self._consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
 
     def run(self) -> None:
@@ -201,10 +237,11 @@ class ChangelogKeys(threading.Thread):
                     if message.error():
                         continue
                     self.records += 1
+                    key = message.key() or b""
                     if message.value() is None:
-                        self.keys.discard(message.key())
+                        self.keys.discard(key)
                     else:
-                        self.keys.add(message.key())
+                        self.keys.add(key)
         finally:
             self._consumer.close()
 
@@ -216,8 +253,17 @@ class ChangelogKeys(threading.Thread):
 class Sampler(threading.Thread):
     """Every ``interval`` seconds, one sample of the worker and its topics."""
 
-    def __init__(self, bootstrap: str, names: StreamNames, changelog: str, pid: int,
-                 port: int, keys: ChangelogKeys, interval: float, clock_zero: float) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        names: StreamNames,
+        changelog: str,
+        pid: int,
+        port: int,
+        keys: ChangelogKeys,
+        interval: float,
+        clock_zero: float,
+    ) -> None:
         super().__init__(daemon=True, name="soak-sampler")
         self.pid, self.port, self.keys, self.interval = pid, port, keys, interval
         self.group, self.clicks, self.changelog = names.app_id, names.clicks, changelog
@@ -228,18 +274,27 @@ class Sampler(threading.Thread):
         self._lock = threading.Lock()
         self._stop_event = threading.Event()
         self._admin = AdminClient(client_config(bootstrap, logger=_QUIET))
-        self._consumer = Consumer(client_config(bootstrap, **{
-            "group.id": f"soak-probe-{time.time_ns()}", "enable.auto.commit": False,
-            "logger": _QUIET}))
+        self._consumer = Consumer(
+            client_config(
+                bootstrap,
+                **{
+                    "group.id": f"soak-probe-{time.time_ns()}",
+                    "enable.auto.commit": False,
+                    "logger": _QUIET,
+                },
+            )
+        )
 
     def _end_offsets(self, topic: str) -> list[tuple[int, int]]:
-        return [self._consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10,
-                                                     cached=False)
-                for p in range(PARTITIONS)]
+        return [
+            self._consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)
+            for p in range(PARTITIONS)
+        ]
 
     def lag(self) -> int:
         request = ConsumerGroupTopicPartitions(
-            self.group, [TopicPartition(self.clicks, p) for p in range(PARTITIONS)])
+            self.group, [TopicPartition(self.clicks, p) for p in range(PARTITIONS)]
+        )
         result = self._admin.list_consumer_group_offsets([request])[self.group].result(10)
         committed = {tp.partition: tp.offset for tp in result.topic_partitions}
         total = 0
@@ -253,20 +308,25 @@ class Sampler(threading.Thread):
             t = time.monotonic() - self.zero
             metrics = scrape(self.port)
             record = {
-                "t": t, "rss_mib": rss_mib(self.pid), "cpu_s": cpu_seconds(self.pid),
+                "t": t,
+                "rss_mib": rss_mib(self.pid),
+                "cpu_s": cpu_seconds(self.pid),
                 "lag": self.lag(),
                 "produced": self.produced,
                 "answered": metrics.get("streamrec_recommendations_published_total", 0.0),
                 "active_sessions": metrics.get("streamrec_active_sessions", 0.0),
                 "expired": metrics.get("streamrec_expired_sessions_total", 0.0),
-                "changelog_records": sum(high - low for low, high
-                                         in self._end_offsets(self.changelog)),
+                "changelog_records": sum(
+                    high - low for low, high in self._end_offsets(self.changelog)
+                ),
                 "changelog_live_keys": len(self.keys.keys),
             }
             previous = self.samples[-1] if self.samples else None
             record["window_events_per_s"] = (
                 (record["answered"] - previous["answered"]) / max(t - previous["t"], 1e-9)
-                if previous else 0.0)
+                if previous
+                else 0.0
+            )
             self.samples.append(record)
             return record
 
@@ -283,12 +343,14 @@ class Sampler(threading.Thread):
                 return
             if record["t"] - last_print >= 10:
                 last_print = record["t"]
-                print(f"{record['t']:6.0f} s  produced {record['produced']:,}  answered "
-                      f"{record['answered']:,.0f} ({record['window_events_per_s']:,.0f}/s)  "
-                      f"lag {record['lag']:,}  rss {record['rss_mib']:.0f} MiB  "
-                      f"active {record['active_sessions']:,.0f}  changelog live "
-                      f"{record['changelog_live_keys']:,} of {record['changelog_records']:,}",
-                      file=sys.stderr)
+                print(
+                    f"{record['t']:6.0f} s  produced {record['produced']:,}  answered "
+                    f"{record['answered']:,.0f} ({record['window_events_per_s']:,.0f}/s)  "
+                    f"lag {record['lag']:,}  rss {record['rss_mib']:.0f} MiB  "
+                    f"active {record['active_sessions']:,.0f}  changelog live "
+                    f"{record['changelog_live_keys']:,} of {record['changelog_records']:,}",
+                    file=sys.stderr,
+                )
 
     def close(self) -> None:
         self._stop_event.set()
@@ -309,10 +371,15 @@ def time_at(points: list[tuple[float, float]], count: float) -> float:
     return math.nan
 
 
-def summarize(samples: list[dict[str, float]], points: list[tuple[float, float]],
-              events: int, production_start: float, production_end: float,
-              end_of_production: dict[str, float],
-              max_samples: int) -> dict[str, Any]:
+def summarize(
+    samples: list[dict[str, float]],
+    points: list[tuple[float, float]],
+    events: int,
+    production_start: float,
+    production_end: float,
+    end_of_production: dict[str, float],
+    max_samples: int,
+) -> dict[str, Any]:
     """The JSON figures from the samples (see the module docstring)."""
     rss = [s["rss_mib"] for s in samples]
     finished = time_at(points, events)
@@ -325,62 +392,93 @@ def summarize(samples: list[dict[str, float]], points: list[tuple[float, float]]
     cpu = [s["cpu_s"] for s in samples]
 
     # Quarter q of the events: answered between bounds[q] and bounds[q + 1].
-    bounds = [production_start, t_first_quarter, time_at(points, events / 2),
-              t_last_quarter, finished]
+    bounds = [
+        production_start,
+        t_first_quarter,
+        time_at(points, events / 2),
+        t_last_quarter,
+        finished,
+    ]
     quarters = list(zip(bounds, bounds[1:]))
-    cpu_ms_per_event = [float(np.interp(end, ts, cpu) - np.interp(start, ts, cpu))
-                        / quarter * 1000 for start, end in quarters]
+    cpu_ms_per_event = [
+        float(np.interp(end, ts, cpu) - np.interp(start, ts, cpu)) / quarter * 1000
+        for start, end in quarters
+    ]
     throughput = [quarter / (end - start) for start, end in quarters]
-    windows = [s["window_events_per_s"] for previous, s in zip(samples, samples[1:])
-               if previous["answered"] > 0 and s["answered"] < events]
+    windows = [
+        s["window_events_per_s"]
+        for previous, s in zip(samples, samples[1:])
+        if previous["answered"] > 0 and s["answered"] < events
+    ]
     answered = np.array([s["answered"] for s in warm])
-    slope = (float(np.polyfit(answered, [s["rss_mib"] for s in warm], 1)[0]) * 1e6
-             if len(warm) >= 3 and np.ptp(answered) > 0 else math.nan)
-    keep = sorted(set(np.linspace(0, len(samples) - 1, min(max_samples, len(samples)))
-                      .round().astype(int).tolist()))
-    short = [{"t": round(samples[i]["t"], 1), "rss_mib": round(samples[i]["rss_mib"], 1),
-              "lag": int(samples[i]["lag"]),
-              "active_sessions": int(samples[i]["active_sessions"]),
-              "window_events_per_s": round(samples[i]["window_events_per_s"], 1),
-              "answered": int(samples[i]["answered"]),
-              "worker_cpu_s": round(samples[i]["cpu_s"], 1),
-              "changelog_live_keys": int(samples[i]["changelog_live_keys"]),
-              "changelog_records": int(samples[i]["changelog_records"])} for i in keep]
+    slope = (
+        float(np.polyfit(answered, [s["rss_mib"] for s in warm], 1)[0]) * 1e6
+        if len(warm) >= 3 and np.ptp(answered) > 0
+        else math.nan
+    )
+    keep = sorted(
+        set(
+            np.linspace(0, len(samples) - 1, min(max_samples, len(samples)))
+            .round()
+            .astype(int)
+            .tolist()
+        )
+    )
+    short = [
+        {
+            "t": round(samples[i]["t"], 1),
+            "rss_mib": round(samples[i]["rss_mib"], 1),
+            "lag": int(samples[i]["lag"]),
+            "active_sessions": int(samples[i]["active_sessions"]),
+            "window_events_per_s": round(samples[i]["window_events_per_s"], 1),
+            "answered": int(samples[i]["answered"]),
+            "worker_cpu_s": round(samples[i]["cpu_s"], 1),
+            "changelog_live_keys": int(samples[i]["changelog_live_keys"]),
+            "changelog_records": int(samples[i]["changelog_records"]),
+        }
+        for i in keep
+    ]
     seconds = finished - production_start
-    return _rounded({
-        "events": events, "seconds": seconds, "events_per_s": events / seconds,
-        "production_seconds": production_end - production_start,
-        "production_events_per_s": events / max(production_end - production_start, 1e-9),
-        "rss_mib": {"first": rss[0], "max": max(rss), "last": rss[-1]},
-        "rss_mib_at_warmup": warm[0]["rss_mib"],
-        "rss_growth_after_warmup_mib": rss[-1] - warm[0]["rss_mib"],
-        "rss_slope_after_warmup_mib_per_million_events": slope,
-        "rss_growth_second_half_mib": rss[-1] - second_half[0]["rss_mib"],
-        "max_lag": max(s["lag"] for s in samples),
-        "lag_at_end_of_production": end_of_production["lag"],
-        "rss_mib_at_end_of_production": end_of_production["rss_mib"],
-        "throughput_first_quarter_per_s": throughput[0],
-        "throughput_last_quarter_per_s": throughput[-1],
-        "throughput_by_quarter_per_s": [round(x, 1) for x in throughput],
-        "worker_cpu_ms_per_event_first_quarter": cpu_ms_per_event[0],
-        "worker_cpu_ms_per_event_last_quarter": cpu_ms_per_event[-1],
-        "worker_cpu_ms_per_event_by_quarter": [round(x, 3) for x in cpu_ms_per_event],
-        "min_window_events_per_s": min(windows, default=math.nan),
-        "max_active_sessions": max(s["active_sessions"] for s in samples),
-        "active_sessions_at_end": samples[-1]["active_sessions"],
-        "expired_sessions": samples[-1]["expired"],
-        "max_changelog_live_keys": max(s["changelog_live_keys"] for s in samples),
-        "changelog_live_keys_at_end": samples[-1]["changelog_live_keys"],
-        "changelog_records_at_end": samples[-1]["changelog_records"],
-        "n_samples": len(samples),
-        "samples": short,
-    })
+    return _rounded(
+        {
+            "events": events,
+            "seconds": seconds,
+            "events_per_s": events / seconds,
+            "production_seconds": production_end - production_start,
+            "production_events_per_s": events / max(production_end - production_start, 1e-9),
+            "rss_mib": {"first": rss[0], "max": max(rss), "last": rss[-1]},
+            "rss_mib_at_warmup": warm[0]["rss_mib"],
+            "rss_growth_after_warmup_mib": rss[-1] - warm[0]["rss_mib"],
+            "rss_slope_after_warmup_mib_per_million_events": slope,
+            "rss_growth_second_half_mib": rss[-1] - second_half[0]["rss_mib"],
+            "max_lag": max(s["lag"] for s in samples),
+            "lag_at_end_of_production": end_of_production["lag"],
+            "rss_mib_at_end_of_production": end_of_production["rss_mib"],
+            "throughput_first_quarter_per_s": throughput[0],
+            "throughput_last_quarter_per_s": throughput[-1],
+            "throughput_by_quarter_per_s": [round(x, 1) for x in throughput],
+            "worker_cpu_ms_per_event_first_quarter": cpu_ms_per_event[0],
+            "worker_cpu_ms_per_event_last_quarter": cpu_ms_per_event[-1],
+            "worker_cpu_ms_per_event_by_quarter": [round(x, 3) for x in cpu_ms_per_event],
+            "min_window_events_per_s": min(windows, default=math.nan),
+            "max_active_sessions": max(s["active_sessions"] for s in samples),
+            "active_sessions_at_end": samples[-1]["active_sessions"],
+            "expired_sessions": samples[-1]["expired"],
+            "max_changelog_live_keys": max(s["changelog_live_keys"] for s in samples),
+            "changelog_live_keys_at_end": samples[-1]["changelog_live_keys"],
+            "changelog_records_at_end": samples[-1]["changelog_records"],
+            "n_samples": len(samples),
+            "samples": short,
+        }
+    )
 
 
 def _rounded(figures: dict[str, Any]) -> dict[str, Any]:
     """Floats to 2 decimals (nested dicts too): the figures are noisier than that."""
-    return {k: round(v, 2) if isinstance(v, float) else
-            _rounded(v) if isinstance(v, dict) else v for k, v in figures.items()}
+    return {
+        k: round(v, 2) if isinstance(v, float) else _rounded(v) if isinstance(v, dict) else v
+        for k, v in figures.items()
+    }
 
 
 def soak(bootstrap: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -389,18 +487,32 @@ def soak(bootstrap: str, args: argparse.Namespace, work: Path) -> dict[str, Any]
     names = StreamNames("soak")
     settings = WorkerSettings(model=str(model_dir), app_id=names.app_id)
     changelog = changelog_topic(settings)
-    topics = [names.clicks, names.recommendations, names.dlq, changelog,
-              expiry_topic(settings)]
-    ensure_topics(bootstrap, {t: PARTITIONS for t in topics},
-                  configs={changelog: CHANGELOG_CONFIG,
-                           names.recommendations: OUTPUT_TOPIC_CONFIG})
+    topics = [names.clicks, names.recommendations, names.dlq, changelog, expiry_topic(settings)]
+    ensure_topics(
+        bootstrap,
+        {t: PARTITIONS for t in topics},
+        configs={changelog: CHANGELOG_CONFIG, names.recommendations: OUTPUT_TOPIC_CONFIG},
+    )
     port = free_port()
-    worker = WorkerProcess(bootstrap, model_dir, names, work,
-                           "--web-port", str(port), "--log-level", "warning",
-                           "--torch-threads", "1", "--group-session-timeout-s", "30",
-                           "--session-timeout-s", str(args.session_timeout_s),
-                           "--expiry-interval-s", str(args.expiry_interval_s),
-                           partitions=PARTITIONS)
+    worker = WorkerProcess(
+        bootstrap,
+        model_dir,
+        names,
+        work,
+        "--web-port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--torch-threads",
+        "1",
+        "--group-session-timeout-s",
+        "30",
+        "--session-timeout-s",
+        str(args.session_timeout_s),
+        "--expiry-interval-s",
+        str(args.expiry_interval_s),
+        partitions=PARTITIONS,
+    )
     keys = ChangelogKeys(bootstrap, changelog, PARTITIONS)
     sampler: Sampler | None = None
     try:
@@ -409,31 +521,40 @@ def soak(bootstrap: str, args: argparse.Namespace, work: Path) -> dict[str, Any]
         _wait_until_consuming(worker, bootstrap, names.app_id, timeout=120)
         assert worker.process is not None
         zero = time.monotonic()
-        sampler = Sampler(bootstrap, names, changelog, worker.process.pid, port, keys,
-                          args.sample_s, zero)
+        sampler = Sampler(
+            bootstrap, names, changelog, worker.process.pid, port, keys, args.sample_s, zero
+        )
         sampler.sample()  # the baseline: the worker started, nothing sent yet
         sampler.start()
-        print(f"worker pid {worker.process.pid} consuming; producing {args.sessions:,} "
-              f"sessions", file=sys.stderr)
+        print(
+            f"worker pid {worker.process.pid} consuming; producing {args.sessions:,} sessions",
+            file=sys.stderr,
+        )
 
         def progress(sent: int) -> None:
             sampler.produced = sent
 
         production_start = time.monotonic() - zero
-        batches = session_batches(args.sessions, args.items, args.seed, args.sessions_per_s,
-                                  args.chunk)
-        events, first_time, last_time = produce_all(bootstrap, names.clicks, batches,
-                                                    progress, args.rate)
+        batches = session_batches(
+            args.sessions, args.items, args.seed, args.sessions_per_s, args.chunk
+        )
+        events, first_time, last_time = produce_all(
+            bootstrap, names.clicks, batches, progress, args.rate
+        )
         production_end = time.monotonic() - zero
         end_of_production = sampler.sample()
-        print(f"produced {events:,} events in {production_end - production_start:.1f} s; "
-              f"lag {end_of_production['lag']:,}", file=sys.stderr)
+        print(
+            f"produced {events:,} events in {production_end - production_start:.1f} s; "
+            f"lag {end_of_production['lag']:,}",
+            file=sys.stderr,
+        )
         points: list[tuple[float, float]] = []
         last_progress = time.monotonic()
         while True:
             if worker.process.poll() is not None:
-                raise UserError(f"worker exited with {worker.process.returncode}:\n"
-                                + worker.log()[-2000:])
+                raise UserError(
+                    f"worker exited with {worker.process.returncode}:\n" + worker.log()[-2000:]
+                )
             if sampler.error:
                 raise UserError(f"sampling failed: {sampler.error}")
             answered = scrape(port).get("streamrec_recommendations_published_total", 0.0)
@@ -444,8 +565,10 @@ def soak(bootstrap: str, args: argparse.Namespace, work: Path) -> dict[str, Any]
             if answered >= events:
                 break
             if now - last_progress > args.stall_s:
-                raise UserError(f"the worker answered nothing for {args.stall_s:g} s "
-                                f"({answered:,.0f} of {events:,}):\n" + worker.log()[-2000:])
+                raise UserError(
+                    f"the worker answered nothing for {args.stall_s:g} s "
+                    f"({answered:,.0f} of {events:,}):\n" + worker.log()[-2000:]
+                )
             time.sleep(0.25)
         sampler.close()
         sampler.sample()  # the final state
@@ -458,19 +581,31 @@ def soak(bootstrap: str, args: argparse.Namespace, work: Path) -> dict[str, Any]
         if args.broker and not args.keep_topics:
             _delete_topics(bootstrap, names)
     all_points = sorted([(s["t"], s["answered"]) for s in samples] + points)
-    result = summarize(samples, all_points, events, production_start, production_end,
-                       end_of_production, args.max_samples)
-    return {"sessions": args.sessions, "items": args.items,
-            "session_timeout_s": args.session_timeout_s,
-            "expiry_interval_s": args.expiry_interval_s,
-            "sessions_per_s_event_time": args.sessions_per_s,
-            "rate_limit_events_per_s": args.rate,
-            "event_time_span_s": last_time - first_time, "partitions": PARTITIONS,
-            **result}
+    result = summarize(
+        samples,
+        all_points,
+        events,
+        production_start,
+        production_end,
+        end_of_production,
+        args.max_samples,
+    )
+    return {
+        "sessions": args.sessions,
+        "items": args.items,
+        "session_timeout_s": args.session_timeout_s,
+        "expiry_interval_s": args.expiry_interval_s,
+        "sessions_per_s_event_time": args.sessions_per_s,
+        "rate_limit_events_per_s": args.rate,
+        "event_time_span_s": last_time - first_time,
+        "partitions": PARTITIONS,
+        **result,
+    }
 
 
-def _wait_until_consuming(worker: WorkerProcess, bootstrap: str, group: str,
-                          timeout: float) -> None:
+def _wait_until_consuming(
+    worker: WorkerProcess, bootstrap: str, group: str, timeout: float
+) -> None:
     """:meth:`WorkerProcess.wait_until_consuming`, retried while its group description
     times out: on a fresh broker the group coordinator is still loading its offsets topic
     and librdkafka's describe request outlasts the 5 s the method waits for it."""
@@ -481,8 +616,9 @@ def _wait_until_consuming(worker: WorkerProcess, bootstrap: str, group: str,
             return
         except TimeoutError:
             if time.monotonic() > deadline:
-                raise UserError(f"worker group {group} did not start consuming within "
-                                f"{timeout:g} s") from None
+                raise UserError(
+                    f"worker group {group} did not start consuming within {timeout:g} s"
+                ) from None
 
 
 def _delete_topics(bootstrap: str, names: StreamNames) -> None:
@@ -490,8 +626,11 @@ def _delete_topics(bootstrap: str, names: StreamNames) -> None:
     admin = AdminClient(client_config(bootstrap, logger=_QUIET))
     try:
         existing = admin.list_topics(timeout=10).topics
-        doomed = [t for t in existing if t in (names.clicks, names.recommendations, names.dlq)
-                  or t.startswith(names.app_id)]
+        doomed = [
+            t
+            for t in existing
+            if t in (names.clicks, names.recommendations, names.dlq) or t.startswith(names.app_id)
+        ]
         for future in admin.delete_topics(doomed, operation_timeout=30).values():
             future.result(30)
     except Exception as exc:  # noqa: BLE001 - cleanup must not hide the result
@@ -502,44 +641,87 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("sessions", "items", "chunk", "max_samples"):
         if getattr(args, name) < (2 if name == "items" else 1):
             raise UserError(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}")
-    for name in ("session_timeout_s", "expiry_interval_s", "sample_s", "sessions_per_s",
-                 "stall_s", "rate"):
+    for name in (
+        "session_timeout_s",
+        "expiry_interval_s",
+        "sample_s",
+        "sessions_per_s",
+        "stall_s",
+        "rate",
+    ):
         if getattr(args, name) is not None and not 0 < getattr(args, name) < math.inf:
             raise UserError(f"--{name.replace('_', '-')} must be a positive number")
-    with kafka_or_local(args.broker) as bootstrap, \
-            tempfile.TemporaryDirectory(prefix="streamrec-soak-") as tmp:
+    with (
+        kafka_or_local(args.broker) as bootstrap,
+        tempfile.TemporaryDirectory(prefix="streamrec-soak-") as tmp,
+    ):
         result = soak(bootstrap, args, Path(tmp))
     return result
 
 
 def add_parsers(benches: argparse._SubParsersAction) -> None:
-    p = benches.add_parser("soak", help="bounded memory, table and changelog over many "
-                                        "sessions; backpressure",
-                           description=__doc__.split("\n\n")[0] + " Input is produced as "
-                           "fast as possible; the last stdout line is JSON.")
-    p.add_argument("--sessions", type=int, default=1_000_000,
-                   help="synthetic sessions to send (default 1,000,000: ≈ 4 M clicks)")
+    p = benches.add_parser(
+        "soak",
+        help="bounded memory, table and changelog over many sessions; backpressure",
+        description=__doc__.split("\n\n")[0] + " Input is produced as "
+        "fast as possible; the last stdout line is JSON.",
+    )
+    p.add_argument(
+        "--sessions",
+        type=int,
+        default=1_000_000,
+        help="synthetic sessions to send (default 1,000,000: ≈ 4 M clicks)",
+    )
     p.add_argument("--items", type=int, default=3000, help="catalogue size (default 3000)")
-    p.add_argument("--session-timeout-s", type=float, default=1800.0,
-                   help="the worker's inactivity timeout, event-time seconds (default 1800)")
-    p.add_argument("--expiry-interval-s", type=float, default=5.0,
-                   help="the worker's expiry pass interval, wall seconds (default 5)")
-    p.add_argument("--sessions-per-s", type=float, default=5.0,
-                   help="session starts per second of event time (default 5)")
-    p.add_argument("--rate", type=float, default=None,
-                   help="send at most this many events/s (default: as fast as possible, "
-                        "which outpaces the worker: backpressure)")
+    p.add_argument(
+        "--session-timeout-s",
+        type=float,
+        default=1800.0,
+        help="the worker's inactivity timeout, event-time seconds (default 1800)",
+    )
+    p.add_argument(
+        "--expiry-interval-s",
+        type=float,
+        default=5.0,
+        help="the worker's expiry pass interval, wall seconds (default 5)",
+    )
+    p.add_argument(
+        "--sessions-per-s",
+        type=float,
+        default=5.0,
+        help="session starts per second of event time (default 5)",
+    )
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="send at most this many events/s (default: as fast as possible, "
+        "which outpaces the worker: backpressure)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--broker", default=None,
-                   help="use this Kafka (kafka://HOST:PORT; the run's topics are deleted at "
-                        "the end) instead of starting a local one")
-    p.add_argument("--keep-topics", action="store_true",
-                   help="with --broker: keep the run's topics")
+    p.add_argument(
+        "--broker",
+        default=None,
+        help="use this Kafka (kafka://HOST:PORT; the run's topics are deleted at "
+        "the end) instead of starting a local one",
+    )
+    p.add_argument(
+        "--keep-topics", action="store_true", help="with --broker: keep the run's topics"
+    )
     p.add_argument("--sample-s", type=float, default=2.0, help="sampling interval (default 2)")
-    p.add_argument("--max-samples", type=int, default=30,
-                   help="samples listed in the JSON, evenly spaced (default 30)")
-    p.add_argument("--chunk", type=int, default=20_000,
-                   help="sessions generated at a time (default 20,000)")
-    p.add_argument("--stall-s", type=float, default=180.0,
-                   help="give up when nothing is answered for this long (default 180)")
+    p.add_argument(
+        "--max-samples",
+        type=int,
+        default=30,
+        help="samples listed in the JSON, evenly spaced (default 30)",
+    )
+    p.add_argument(
+        "--chunk", type=int, default=20_000, help="sessions generated at a time (default 20,000)"
+    )
+    p.add_argument(
+        "--stall-s",
+        type=float,
+        default=180.0,
+        help="give up when nothing is answered for this long (default 180)",
+    )
     p.set_defaults(measure=run)

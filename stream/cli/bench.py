@@ -13,8 +13,11 @@ from stream.cli.base import SubParsers, print_json
 
 
 def add_parser(subparsers: SubParsers) -> None:
-    parser = subparsers.add_parser("bench", help="benchmarks (print JSON)",
-                                   description="Benchmarks; the last stdout line is JSON.")
+    parser = subparsers.add_parser(
+        "bench",
+        help="benchmarks (print JSON)",
+        description="Benchmarks; the last stdout line is JSON.",
+    )
     parser.set_defaults(run=_print_measurement)
     benches = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
     for module in (offline, serving, learning, soak):

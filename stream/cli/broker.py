@@ -10,7 +10,7 @@ from pathlib import Path
 
 from model.errors import UserError
 from stream.cli.base import SubParsers, signals_as_interrupt
-from stream.devtools.brokers import LocalKafka, Tansu, Broker, cache_root
+from stream.devtools.brokers import Broker, LocalKafka, Tansu, cache_root
 
 
 def add_parser(subparsers: SubParsers) -> None:
@@ -35,15 +35,22 @@ def add_parser(subparsers: SubParsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--engine", choices=("kafka", "tansu"), default="kafka",
+        "--engine",
+        choices=("kafka", "tansu"),
+        default="kafka",
         help="which broker to run (default: %(default)s)",
     )
     parser.add_argument(
-        "--port", type=int, default=9092,
+        "--port",
+        type=int,
+        default=9092,
         help="client port on 127.0.0.1; 0 picks a free one (default: %(default)s)",
     )
     parser.add_argument(
-        "--data-dir", type=Path, default=None, metavar="DIR",
+        "--data-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
         help="kafka only: keep the log in DIR so topics and messages survive a restart "
         "(default: a temporary directory, deleted on exit)",
     )

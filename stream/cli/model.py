@@ -23,16 +23,26 @@ def _registry_from(args: argparse.Namespace, *, must_exist: bool = True) -> Mode
 def run_publish(args: argparse.Namespace) -> int:
     registry = _registry_from(args, must_exist=False)
     version = registry.publish_directory(args.model)
-    print_json({"registry": str(registry.root), "version": version,
-                 "path": str(registry.path_of(version)),
-                 "retained": [v.version for v in registry.list_versions()]})
+    print_json(
+        {
+            "registry": str(registry.root),
+            "version": version,
+            "path": str(registry.path_of(version)),
+            "retained": [v.version for v in registry.list_versions()],
+        }
+    )
     return 0
 
 
 def run_list(args: argparse.Namespace) -> int:
     registry = _registry_from(args)
-    print_json({"registry": str(registry.root), "current": registry.current_version(),
-                 "versions": [v.to_dict() for v in registry.list_versions()]})
+    print_json(
+        {
+            "registry": str(registry.root),
+            "current": registry.current_version(),
+            "versions": [v.to_dict() for v in registry.list_versions()],
+        }
+    )
     return 0
 
 
@@ -40,38 +50,63 @@ def run_rollback(args: argparse.Namespace) -> int:
     registry = _registry_from(args)
     previous = registry.current_version()
     version = registry.rollback()
-    print_json({"registry": str(registry.root), "version": version, "previous": previous,
-                 "path": str(registry.path_of(version))})
+    print_json(
+        {
+            "registry": str(registry.root),
+            "version": version,
+            "previous": previous,
+            "path": str(registry.path_of(version)),
+        }
+    )
     return 0
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``streamrec model publish|list|rollback``."""
     parser = subparsers.add_parser(
-        "model", help="manage a model registry: publish, list, rollback",
+        "model",
+        help="manage a model registry: publish, list, rollback",
         description="A registry directory holds immutable model versions and a CURRENT "
-                    "pointer; workers started with --model REGISTRY follow the pointer.")
+        "pointer; workers started with --model REGISTRY follow the pointer.",
+    )
     commands = parser.add_subparsers(dest="model_command", required=True, metavar="ACTION")
 
-    def action(name: str, help: str, run: Callable[[argparse.Namespace], int],
-               announces: bool) -> argparse.ArgumentParser:
+    def action(
+        name: str, help: str, run: Callable[[argparse.Namespace], int], announces: bool
+    ) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
         sub.add_argument("--registry", required=True, help="registry directory")
         if announces:
-            sub.add_argument("--broker", default=None,
-                             help="also announce the move on Kafka (kafka://HOST:PORT)")
-            sub.add_argument("--updates-topic", default=DEFAULT_UPDATES_TOPIC,
-                             help=f"announcement topic (default {DEFAULT_UPDATES_TOPIC})")
-        sub.set_defaults(run=run, broker=None, updates_topic=DEFAULT_UPDATES_TOPIC,
-                         keep=DEFAULT_KEEP)
+            sub.add_argument(
+                "--broker", default=None, help="also announce the move on Kafka (kafka://HOST:PORT)"
+            )
+            sub.add_argument(
+                "--updates-topic",
+                default=DEFAULT_UPDATES_TOPIC,
+                help=f"announcement topic (default {DEFAULT_UPDATES_TOPIC})",
+            )
+        sub.set_defaults(
+            run=run, broker=None, updates_topic=DEFAULT_UPDATES_TOPIC, keep=DEFAULT_KEEP
+        )
         return sub
 
-    publish = action("publish", "import a model directory as the new current version",
-                     run_publish, announces=True)
+    publish = action(
+        "publish",
+        "import a model directory as the new current version",
+        run_publish,
+        announces=True,
+    )
     publish.add_argument("--model", required=True, help="model directory to import")
-    publish.add_argument("--keep", type=int, default=DEFAULT_KEEP,
-                         help=f"versions to retain (default {DEFAULT_KEEP}; the current one "
-                              f"is never deleted)")
+    publish.add_argument(
+        "--keep",
+        type=int,
+        default=DEFAULT_KEEP,
+        help=f"versions to retain (default {DEFAULT_KEEP}; the current one is never deleted)",
+    )
     action("list", "list retained versions, oldest first", run_list, announces=False)
-    action("rollback", "make the version published before the current one current",
-           run_rollback, announces=True)
+    action(
+        "rollback",
+        "make the version published before the current one current",
+        run_rollback,
+        announces=True,
+    )

@@ -16,8 +16,8 @@ import numpy as np
 from model.artifact import load_model, save_model
 from model.baselines import METHODS, make_baseline
 from model.config import GRU4RecConfig
-from model.errors import UserError
 from model.data import ClickLog, read_clicks, standard_filter
+from model.errors import UserError
 from model.evaluate import DEFAULT_KS, TIE_MODES, RecommenderScorer, evaluate
 from model.synth import SynthSpec, generate, write_clicks
 from model.train import train
@@ -25,11 +25,16 @@ from stream.cli.base import print_json
 
 
 def add_data_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--columns", nargs=3, metavar=("SESSION", "ITEM", "TIME"),
-                        default=["SessionId", "ItemId", "Time"],
-                        help="column names (default: SessionId ItemId Time)")
-    parser.add_argument("--sep", default=None,
-                        help="field separator (default: ',' for .csv, tab otherwise)")
+    parser.add_argument(
+        "--columns",
+        nargs=3,
+        metavar=("SESSION", "ITEM", "TIME"),
+        default=["SessionId", "ItemId", "Time"],
+        help="column names (default: SessionId ItemId Time)",
+    )
+    parser.add_argument(
+        "--sep", default=None, help="field separator (default: ',' for .csv, tab otherwise)"
+    )
 
 
 def read_log(path: str, args: argparse.Namespace, filtered: bool = False) -> ClickLog:
@@ -42,11 +47,20 @@ def read_log(path: str, args: argparse.Namespace, filtered: bool = False) -> Cli
 
 
 def _add_eval_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--k", type=int, nargs="+", default=list(DEFAULT_KS),
-                        help="cutoffs for Recall@K and MRR@K (default: 1 5 10 20)")
-    parser.add_argument("--ties", choices=TIE_MODES, default="conservative",
-                        help="how a target tied with other items is ranked (default: "
-                             "conservative, the target loses ties)")
+    parser.add_argument(
+        "--k",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_KS),
+        help="cutoffs for Recall@K and MRR@K (default: 1 5 10 20)",
+    )
+    parser.add_argument(
+        "--ties",
+        choices=TIE_MODES,
+        default="conservative",
+        help="how a target tied with other items is ranked (default: "
+        "conservative, the target loses ties)",
+    )
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -57,14 +71,22 @@ def run_train(args: argparse.Namespace) -> int:
     if out.exists():
         raise UserError(f"{out}: already exists; choose a new model directory")
     log = read_log(args.data, args, filtered=args.filter)
-    recommender, stats = train(log, config, seed=args.seed, device=args.device,
-                               progress=not args.quiet)
-    training = {"events_per_s": stats.events_per_s, "epochs": stats.epochs,
-                "final_loss": stats.final_loss, "epoch_losses": list(stats.epoch_losses),
-                "n_items": recommender.n_items, "n_events": stats.n_events,
-                "n_sessions": log.n_sessions, "train_seconds": stats.train_seconds,
-                "seed": args.seed, "data": str(args.data),
-                "device": str(recommender.device)}
+    recommender, stats = train(
+        log, config, seed=args.seed, device=args.device, progress=not args.quiet
+    )
+    training = {
+        "events_per_s": stats.events_per_s,
+        "epochs": stats.epochs,
+        "final_loss": stats.final_loss,
+        "epoch_losses": list(stats.epoch_losses),
+        "n_items": recommender.n_items,
+        "n_events": stats.n_events,
+        "n_sessions": log.n_sessions,
+        "train_seconds": stats.train_seconds,
+        "seed": args.seed,
+        "data": str(args.data),
+        "device": str(recommender.device),
+    }
     save_model(recommender, out, training=training)
     print_json({**training, "model": str(out), "version": recommender.version})
     return 0
@@ -75,8 +97,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     log = read_log(args.data, args)
     started = time.perf_counter()
     result = evaluate(RecommenderScorer(recommender), log, ks=args.k, ties=args.ties)
-    print_json({**result.to_dict(), "model_version": recommender.version,
-                "seconds": time.perf_counter() - started})
+    print_json(
+        {
+            **result.to_dict(),
+            "model_version": recommender.version,
+            "seconds": time.perf_counter() - started,
+        }
+    )
     return 0
 
 
@@ -86,8 +113,9 @@ def run_baseline(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     scorer = make_baseline(args.method, train_log)
     result = evaluate(scorer, test_log, ks=args.k, ties=args.ties)
-    print_json({**result.to_dict(), "method": args.method,
-                "seconds": time.perf_counter() - started})
+    print_json(
+        {**result.to_dict(), "method": args.method, "seconds": time.perf_counter() - started}
+    )
     return 0
 
 
@@ -96,34 +124,53 @@ def run_synth(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     log = generate(spec)
     write_clicks(log, args.out)
-    print_json({"out": str(args.out), "events": len(log), "sessions": log.n_sessions,
-                "items": int(len(np.unique(log.items))), "seconds": time.perf_counter() - started})
+    print_json(
+        {
+            "out": str(args.out),
+            "events": len(log),
+            "sessions": log.n_sessions,
+            "items": int(len(np.unique(log.items))),
+            "seconds": time.perf_counter() - started,
+        }
+    )
     return 0
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     """Register the offline subcommands on the ``streamrec`` parser."""
     p = subparsers.add_parser(
-        "train", help="train GRU4Rec on a click log and save a model directory",
+        "train",
+        help="train GRU4Rec on a click log and save a model directory",
         description="Train GRU4Rec (defaults: the best published setting for RSC15-like "
-                    "data). Progress on stderr; last stdout line is JSON.")
+        "data). Progress on stderr; last stdout line is JSON.",
+    )
     p.add_argument("--data", required=True, help="training click log (TSV/CSV)")
     p.add_argument("--out", required=True, help="model directory to create (must not exist)")
-    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="hyperparameter override, repeatable (e.g. loss=bpr-max, layers=100)")
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="hyperparameter override, repeatable (e.g. loss=bpr-max, layers=100)",
+    )
     p.add_argument("--epochs", type=int, default=None, help="number of epochs (default 10)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--filter", action="store_true",
-                   help="apply the standard GRU4Rec filtering (items >= 5 clicks, sessions "
-                        ">= 2 clicks) and report what it removed")
+    p.add_argument(
+        "--filter",
+        action="store_true",
+        help="apply the standard GRU4Rec filtering (items >= 5 clicks, sessions "
+        ">= 2 clicks) and report what it removed",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_data_options(p)
     p.set_defaults(run=run_train)
 
     p = subparsers.add_parser(
-        "evaluate", help="Recall@K / MRR@K of a model on a test log",
-        description="Next-item evaluation over the full catalogue (the papers' protocol).")
+        "evaluate",
+        help="Recall@K / MRR@K of a model on a test log",
+        description="Next-item evaluation over the full catalogue (the papers' protocol).",
+    )
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--data", required=True, help="test click log")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -132,8 +179,10 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_evaluate)
 
     p = subparsers.add_parser(
-        "baseline", help="evaluate POP, S-POP or Item-KNN with the same protocol",
-        description="Fit a baseline on TRAIN and evaluate it on TEST like `evaluate`.")
+        "baseline",
+        help="evaluate POP, S-POP or Item-KNN with the same protocol",
+        description="Fit a baseline on TRAIN and evaluate it on TEST like `evaluate`.",
+    )
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--train", required=True, help="training click log")
     p.add_argument("--test", required=True, help="test click log")
@@ -142,9 +191,11 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_baseline)
 
     p = subparsers.add_parser(
-        "synth", help="generate a synthetic click log",
+        "synth",
+        help="generate a synthetic click log",
         description="Synthetic clicks: Zipf item popularity, heavy-tailed short sessions "
-                    "and learnable item-to-item transitions (see model/synth.py).")
+        "and learnable item-to-item transitions (see model/synth.py).",
+    )
     p.add_argument("--out", required=True, help="TSV file to write")
     p.add_argument("--sessions", type=int, required=True)
     p.add_argument("--items", type=int, required=True)

@@ -11,8 +11,16 @@ from model.data import DEFAULT_COLUMNS
 from model.errors import UserError
 from stream.cli.base import SubParsers, print_json, signals_as_interrupt
 from stream.kafka.config import bootstrap_servers
-from stream.kafka.log_sender import (DEFAULT_TOPIC, ReplayInterrupted, ReplayLog, ReplayStats,
-                                     check_topic, parse_speed, read_replay_log, replay)
+from stream.kafka.log_sender import (
+    DEFAULT_TOPIC,
+    ReplayInterrupted,
+    ReplayLog,
+    ReplayStats,
+    check_topic,
+    parse_speed,
+    read_replay_log,
+    replay,
+)
 
 
 def report_bad_rows(log: ReplayLog, out: TextIO) -> None:
@@ -66,20 +74,39 @@ def add_parser(subparsers: SubParsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--data", required=True, metavar="LOG", help="the click log (CSV/TSV)")
-    parser.add_argument("--broker", required=True, metavar="URL",
-                        help="kafka://HOST:PORT or HOST:PORT, several separated by commas")
-    parser.add_argument("--topic", default=DEFAULT_TOPIC,
-                        help="target topic; must exist (default: %(default)s)")
-    parser.add_argument("--speed", type=_speed_arg, default=None, metavar="max|FACTOR",
-                        help="'max' (default) or FACTOR x real time: event-time gaps are "
-                             "divided by FACTOR")
-    parser.add_argument("--limit", type=_limit_arg, default=None, metavar="N",
-                        help="send only the first N events (in replay order)")
-    parser.add_argument("--columns", nargs=3, metavar=("SESSION", "ITEM", "TIME"),
-                        default=list(DEFAULT_COLUMNS),
-                        help="column names (default: SessionId ItemId Time)")
-    parser.add_argument("--sep", default=None,
-                        help="field separator (default: ',' for .csv, tab otherwise)")
+    parser.add_argument(
+        "--broker",
+        required=True,
+        metavar="URL",
+        help="kafka://HOST:PORT or HOST:PORT, several separated by commas",
+    )
+    parser.add_argument(
+        "--topic", default=DEFAULT_TOPIC, help="target topic; must exist (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--speed",
+        type=_speed_arg,
+        default=None,
+        metavar="max|FACTOR",
+        help="'max' (default) or FACTOR x real time: event-time gaps are divided by FACTOR",
+    )
+    parser.add_argument(
+        "--limit",
+        type=_limit_arg,
+        default=None,
+        metavar="N",
+        help="send only the first N events (in replay order)",
+    )
+    parser.add_argument(
+        "--columns",
+        nargs=3,
+        metavar=("SESSION", "ITEM", "TIME"),
+        default=list(DEFAULT_COLUMNS),
+        help="column names (default: SessionId ItemId Time)",
+    )
+    parser.add_argument(
+        "--sep", default=None, help="field separator (default: ',' for .csv, tab otherwise)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
 
@@ -92,23 +119,36 @@ def run(args: argparse.Namespace) -> int:
         try:
             log = read_replay_log(args.data, tuple(args.columns), args.sep)
             report_bad_rows(log, sys.stderr)
-            stats = replay(log, servers, args.topic, args.speed, args.limit,
-                           progress=not args.quiet)
+            stats = replay(
+                log, servers, args.topic, args.speed, args.limit, progress=not args.quiet
+            )
         except ReplayInterrupted as exc:
             stats = exc.stats
-            print(f"interrupted: {stats.events_sent} event(s) sent and acknowledged",
-                  file=sys.stderr, flush=True)
+            print(
+                f"interrupted: {stats.events_sent} event(s) sent and acknowledged",
+                file=sys.stderr,
+                flush=True,
+            )
             print_json(stats.as_json())
             return 130
         except KeyboardInterrupt:  # before sending started: nothing sent
             print("interrupted before sending", file=sys.stderr, flush=True)
-            print_json(ReplayStats(topic=args.topic, partitions=partitions, events_sent=0,
-                                   seconds=0.0, bad_rows=0).as_json())
+            print_json(
+                ReplayStats(
+                    topic=args.topic, partitions=partitions, events_sent=0, seconds=0.0, bad_rows=0
+                ).as_json()
+            )
             return 130
-    print(f"sent {stats.events_sent} event(s) to {args.topic!r} in {stats.seconds:.2f} s "
-          f"({stats.events_per_s:,.0f} events/s)", file=sys.stderr, flush=True)
+    print(
+        f"sent {stats.events_sent} event(s) to {args.topic!r} in {stats.seconds:.2f} s "
+        f"({stats.events_per_s:,.0f} events/s)",
+        file=sys.stderr,
+        flush=True,
+    )
     print_json(stats.as_json())
     if stats.failed:
-        raise UserError(f"{stats.delivery_errors} event(s) were not delivered to "
-                        f"{args.topic!r}: {stats.first_error}")
+        raise UserError(
+            f"{stats.delivery_errors} event(s) were not delivered to "
+            f"{args.topic!r}: {stats.first_error}"
+        )
     return 0

@@ -34,12 +34,12 @@ DEFAULT_KS = (5, 20)
 COLORS = {"gru4rec": "#d62728", "itemknn": "#1f77b4", "spop": "#2ca02c", "pop": "#7f7f7f"}
 PLOTS = {  # file name -> caption
     "by_position.png": "Recall@{k} and MRR@{k} by position in the session (the prediction "
-                       "after the 1st, 2nd, ... click); grey bars: number of predictions",
+    "after the 1st, 2nd, ... click); grey bars: number of predictions",
     "by_session_length.png": "Recall@{k} and MRR@{k} by session length (events in the test "
-                             "session); grey bars: number of predictions",
+    "session); grey bars: number of predictions",
     "session_lengths.png": "Session-length distribution of TRAIN and TEST",
     "coverage_popularity.png": "Catalogue coverage of the top-{k} lists against the share of "
-                               "their slots taken by TRAIN's 1% most popular items",
+    "their slots taken by TRAIN's 1% most popular items",
 }
 MAX_PLOTTED_LENGTH = 20  # the length histogram pools longer sessions into "20+"
 
@@ -58,17 +58,19 @@ def run(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"{out}: cannot create the report directory ({exc.strerror})") from None
-    report = build_report(recommender, train_log, test_log, ks=args.k, ties=args.ties,
-                          progress=_progress)
+    report = build_report(
+        recommender, train_log, test_log, ks=args.k, ties=args.ties, progress=_progress
+    )
     content = report.to_dict()
-    content["inputs"] = {"model": str(args.model), "train": str(args.train),
-                         "test": str(args.test)}
+    content["inputs"] = {"model": str(args.model), "train": str(args.train), "test": str(args.test)}
     _progress("drawing plots")
     plots = {
-        "by_position.png": _plot_buckets(figure_class, report, "by_position",
-                                         "position in the session (clicks seen)"),
-        "by_session_length.png": _plot_buckets(figure_class, report, "by_session_length",
-                                               "session length (events)"),
+        "by_position.png": _plot_buckets(
+            figure_class, report, "by_position", "position in the session (clicks seen)"
+        ),
+        "by_session_length.png": _plot_buckets(
+            figure_class, report, "by_session_length", "session length (events)"
+        ),
         "session_lengths.png": _plot_session_lengths(figure_class, report),
         "coverage_popularity.png": _plot_lists(figure_class, report),
     }
@@ -80,34 +82,58 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UserError(f"{out}: cannot write the report ({exc.strerror})") from None
     k = report.list_k
-    print_json({"out": str(out), "report": str(out / "report.json"),
-                "index": str(out / "index.html"), "plots": [str(out / n) for n in plots],
-                "overall": {name: {f"recall@{k}": m.result.recall(k), f"mrr@{k}": m.result.mrr(k),
-                                   "n_predictions": m.result.n_predictions}
-                            for name, m in report.methods.items()},
-                "seconds": time.perf_counter() - started})
+    print_json(
+        {
+            "out": str(out),
+            "report": str(out / "report.json"),
+            "index": str(out / "index.html"),
+            "plots": [str(out / n) for n in plots],
+            "overall": {
+                name: {
+                    f"recall@{k}": m.result.recall(k),
+                    f"mrr@{k}": m.result.mrr(k),
+                    "n_predictions": m.result.n_predictions,
+                }
+                for name, m in report.methods.items()
+            },
+            "seconds": time.perf_counter() - started,
+        }
+    )
     return 0
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``report`` on the ``streamrec`` parser."""
     p = subparsers.add_parser(
-        "report", help="GRU4Rec vs Item-KNN, S-POP and POP by position and session length, "
-                       "with plots",
+        "report",
+        help="GRU4Rec vs Item-KNN, S-POP and POP by position and session length, with plots",
         description="Evaluate a model and the paper's baselines (fitted on TRAIN) on TEST with "
-                    "the standard protocol; write report.json, PNG plots and index.html to "
-                    "OUT. Progress on stderr; last stdout line is JSON.")
+        "the standard protocol; write report.json, PNG plots and index.html to "
+        "OUT. Progress on stderr; last stdout line is JSON.",
+    )
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--train", required=True, help="training click log (fits the baselines)")
     p.add_argument("--test", required=True, help="test click log")
-    p.add_argument("--out", required=True,
-                   help="report directory (created if needed; report files are replaced)")
-    p.add_argument("--k", type=int, nargs="+", default=list(DEFAULT_KS),
-                   help="cutoffs for Recall@K and MRR@K; plots and top-K lists use the "
-                        "largest (default: 5 20)")
-    p.add_argument("--ties", choices=TIE_MODES, default="conservative",
-                   help="how a target tied with other items is ranked (default: "
-                        "conservative, as in `evaluate`)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="report directory (created if needed; report files are replaced)",
+    )
+    p.add_argument(
+        "--k",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_KS),
+        help="cutoffs for Recall@K and MRR@K; plots and top-K lists use the "
+        "largest (default: 5 20)",
+    )
+    p.add_argument(
+        "--ties",
+        choices=TIE_MODES,
+        default="conservative",
+        help="how a target tied with other items is ranked (default: "
+        "conservative, as in `evaluate`)",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     add_data_options(p)
     p.set_defaults(run=run)
@@ -125,8 +151,9 @@ def _figure_class() -> type[Figure]:
     return Figure
 
 
-def _plot_buckets(figure_class: type[Figure], report: Report, attribute: str,
-                  xlabel: str) -> Figure:
+def _plot_buckets(
+    figure_class: type[Figure], report: Report, attribute: str, xlabel: str
+) -> Figure:
     """Recall@K and MRR@K per bucket, one line per method, prediction counts behind."""
     k = report.list_k
     figure = figure_class(figsize=(11, 4.2), layout="constrained")
@@ -141,17 +168,29 @@ def _plot_buckets(figure_class: type[Figure], report: Report, attribute: str,
         ax.set_zorder(counts.get_zorder() + 1)
         ax.patch.set_visible(False)
         for name, method in report.methods.items():
-            values = [np.nan if b.metrics[metric] is None else b.metrics[metric]
-                      for b in getattr(method, attribute)]
-            ax.plot(x, values, marker="o", color=COLORS.get(name), label=LABELS.get(name, name),
-                    linewidth=2.4 if name == MODEL_NAME else 1.4)
+            values = [
+                np.nan if b.metrics[metric] is None else b.metrics[metric]
+                for b in getattr(method, attribute)
+            ]
+            ax.plot(
+                x,
+                values,
+                marker="o",
+                color=COLORS.get(name),
+                label=LABELS.get(name, name),
+                linewidth=2.4 if name == MODEL_NAME else 1.4,
+            )
         ax.set_xticks(x, [b.bucket for b in buckets])
         ax.set_xlabel(xlabel)
         ax.set_ylabel(metric.replace("recall", "Recall").replace("mrr", "MRR"))
         ax.set_ylim(bottom=0)
         ax.grid(axis="y", alpha=0.3)
-    figure.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center",
-                  ncols=len(report.methods), frameon=False)
+    figure.legend(
+        *axes[0].get_legend_handles_labels(),
+        loc="outside lower center",
+        ncols=len(report.methods),
+        frameon=False,
+    )
     figure.suptitle(f"Recall@{k} and MRR@{k} by {xlabel.split(' (')[0]}")
     return figure
 
@@ -162,15 +201,15 @@ def _plot_session_lengths(figure_class: type[Figure], report: Report) -> Figure:
     ax = figure.subplots()
     labels = [str(n) for n in range(1, MAX_PLOTTED_LENGTH)] + [f"{MAX_PLOTTED_LENGTH}+"]
     x = np.arange(len(labels))
-    for offset, (name, summary) in zip((-0.2, 0.2), (("TRAIN", report.train),
-                                                     ("TEST", report.test))):
+    for offset, (name, summary) in zip(
+        (-0.2, 0.2), (("TRAIN", report.train), ("TEST", report.test))
+    ):
         counts = np.zeros(MAX_PLOTTED_LENGTH)
         head = summary.length_counts[1:MAX_PLOTTED_LENGTH]
-        counts[:len(head)] = head
+        counts[: len(head)] = head
         counts[-1] = summary.length_counts[MAX_PLOTTED_LENGTH:].sum()
         share = 100 * counts / max(summary.n_sessions, 1)
-        ax.bar(x + offset, share, width=0.4,
-               label=f"{name} ({summary.n_sessions:,} sessions)")
+        ax.bar(x + offset, share, width=0.4, label=f"{name} ({summary.n_sessions:,} sessions)")
     ax.set_xticks(x, labels)
     ax.set_xlabel("session length (events)")
     ax.set_ylabel("% of sessions")
@@ -188,8 +227,9 @@ def _plot_lists(figure_class: type[Figure], report: Report) -> Figure:
     for name, method in report.methods.items():
         coverage, popular = 100 * method.lists.coverage, 100 * method.lists.popular_share
         ax.scatter([coverage], [popular], s=70, color=COLORS.get(name))
-        ax.annotate(LABELS.get(name, name), (coverage, popular), xytext=(6, 4),
-                    textcoords="offset points")
+        ax.annotate(
+            LABELS.get(name, name), (coverage, popular), xytext=(6, 4), textcoords="offset points"
+        )
     ax.set_xlim(0, 105)
     ax.set_ylim(0, 105)
     ax.set_xlabel(f"catalogue coverage of the top-{k} lists (%)")
@@ -212,34 +252,51 @@ def _html(content: dict[str, Any]) -> str:
     k = content["list_k"]
     methods = content["methods"]
     esc = html.escape
-    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-             f"<title>streamrec evaluation report</title><style>{_CSS}</style></head><body>",
-             "<h1>Evaluation report</h1>",
-             f"<p>Model <code>{esc(content['inputs']['model'])}</code> (version "
-             f"<code>{esc(content['model_version'])}</code>), baselines fitted on "
-             f"<code>{esc(content['inputs']['train'])}</code>, evaluated on "
-             f"<code>{esc(content['inputs']['test'])}</code>: every next click of every test "
-             f"session ranked against the whole catalogue (tie rule: "
-             f"{esc(content['ties'])}).</p>"]
+    parts = [
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        f"<title>streamrec evaluation report</title><style>{_CSS}</style></head><body>",
+        "<h1>Evaluation report</h1>",
+        f"<p>Model <code>{esc(content['inputs']['model'])}</code> (version "
+        f"<code>{esc(content['model_version'])}</code>), baselines fitted on "
+        f"<code>{esc(content['inputs']['train'])}</code>, evaluated on "
+        f"<code>{esc(content['inputs']['test'])}</code>: every next click of every test "
+        f"session ranked against the whole catalogue (tie rule: "
+        f"{esc(content['ties'])}).</p>",
+    ]
     if "comparison" in content:
         parts.append(f"<p class='note'>{esc(content['comparison']['note'])}</p>")
-    header = ["method"] + [f"{m}@{kk}" for kk in content["ks"] for m in ("Recall", "MRR")] + [
-        "predictions", "skipped (unknown target)", f"coverage@{k}", f"popular share@{k}",
-        "mean list length", "seconds"]
+    header = (
+        ["method"]
+        + [f"{m}@{kk}" for kk in content["ks"] for m in ("Recall", "MRR")]
+        + [
+            "predictions",
+            "skipped (unknown target)",
+            f"coverage@{k}",
+            f"popular share@{k}",
+            "mean list length",
+            "seconds",
+        ]
+    )
     rows = []
     for method in methods.values():
         overall, lists = method["overall"], method["lists"]
-        rows.append([esc(method["label"])]
-                    + [_number(overall[f"{m}@{kk}"]) for kk in content["ks"]
-                       for m in ("recall", "mrr")]
-                    + [f"{overall['n_predictions']:,}", f"{overall['n_skipped_unknown']:,}",
-                       _percent(lists["coverage"]), _percent(lists["popular_share"]),
-                       f"{lists['mean_list_length']:.1f}", f"{method['seconds']:.1f}"])
+        rows.append(
+            [esc(method["label"])]
+            + [_number(overall[f"{m}@{kk}"]) for kk in content["ks"] for m in ("recall", "mrr")]
+            + [
+                f"{overall['n_predictions']:,}",
+                f"{overall['n_skipped_unknown']:,}",
+                _percent(lists["coverage"]),
+                _percent(lists["popular_share"]),
+                f"{lists['mean_list_length']:.1f}",
+                f"{method['seconds']:.1f}",
+            ]
+        )
     parts += ["<h2>Overall</h2>", _table(header, rows)]
-    for attribute, title, plot in (("by_position", "By position in the session",
-                                    "by_position.png"),
-                                   ("by_session_length", "By session length",
-                                    "by_session_length.png")):
+    for attribute, title, plot in (
+        ("by_position", "By position in the session", "by_position.png"),
+        ("by_session_length", "By session length", "by_session_length.png"),
+    ):
         parts += [f"<h2>{title}</h2>", _figure(plot, PLOTS[plot].format(k=k))]
         first = next(iter(methods.values()))[attribute]
         header = ["method", "metric"] + [b["bucket"] for b in first]
@@ -247,35 +304,52 @@ def _html(content: dict[str, Any]) -> str:
         for method in methods.values():
             for kk in content["ks"]:
                 for metric in (f"recall@{kk}", f"mrr@{kk}"):
-                    rows.append([esc(method["label"]), metric]
-                                + [_number(b[metric]) for b in method[attribute]])
+                    rows.append(
+                        [esc(method["label"]), metric]
+                        + [_number(b[metric]) for b in method[attribute]]
+                    )
         parts.append(_table(header, rows))
-    parts += ["<h2>Catalogue coverage and popularity</h2>",
-              _figure("coverage_popularity.png", PLOTS["coverage_popularity.png"].format(k=k)),
-              "<h2>Data</h2>",
-              _figure("session_lengths.png", PLOTS["session_lengths.png"])]
+    parts += [
+        "<h2>Catalogue coverage and popularity</h2>",
+        _figure("coverage_popularity.png", PLOTS["coverage_popularity.png"].format(k=k)),
+        "<h2>Data</h2>",
+        _figure("session_lengths.png", PLOTS["session_lengths.png"]),
+    ]
     data = content["data"]
-    rows = [[name, esc(d["source"]), f"{d['events']:,}", f"{d['sessions']:,}",
-             f"{d['items']:,}", f"{d['mean_session_length']:.2f}",
-             _percent(d["share_sessions_length_1_3"])]
-            for name, d in (("TRAIN", data["train"]), ("TEST", data["test"]))]
-    parts += [_table(["log", "file", "events", "sessions", "items", "mean length",
-                      "sessions of length 1-3"], rows),
-              f"<p>Popular items: the {data['popular_items']:,} most clicked items of TRAIN "
-              f"(its top 1%).</p></body></html>"]
+    rows = [
+        [
+            name,
+            esc(d["source"]),
+            f"{d['events']:,}",
+            f"{d['sessions']:,}",
+            f"{d['items']:,}",
+            f"{d['mean_session_length']:.2f}",
+            _percent(d["share_sessions_length_1_3"]),
+        ]
+        for name, d in (("TRAIN", data["train"]), ("TEST", data["test"]))
+    ]
+    parts += [
+        _table(
+            ["log", "file", "events", "sessions", "items", "mean length", "sessions of length 1-3"],
+            rows,
+        ),
+        f"<p>Popular items: the {data['popular_items']:,} most clicked items of TRAIN "
+        f"(its top 1%).</p></body></html>",
+    ]
     return "\n".join(parts) + "\n"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>"
-                   for row in rows)
+    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def _figure(src: str, caption: str) -> str:
-    return (f"<figure><img src='{src}' alt='{html.escape(caption)}'>"
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    return (
+        f"<figure><img src='{src}' alt='{html.escape(caption)}'>"
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
 
 
 def _number(value: float | None) -> str:

@@ -11,11 +11,13 @@ from stream.learning.settings import TrainerSettings
 
 def add_parser(subparsers: SubParsers) -> None:
     parser = subparsers.add_parser(
-        "trainer", help="learn while serving: fine-tune on the click stream, gate, publish",
+        "trainer",
+        help="learn while serving: fine-tune on the click stream, gate, publish",
         description="Consume the click topic in its own group, fine-tune the registry's "
-                    "current model on recent sessions plus a replay sample, and publish "
-                    "candidates that pass the holdout gate. One JSON line per decision. "
-                    "Each flag has an environment variable equivalent; flags win.")
+        "current model on recent sessions plus a replay sample, and publish "
+        "candidates that pass the holdout gate. One JSON line per decision. "
+        "Each flag has an environment variable equivalent; flags win.",
+    )
     TrainerSettings.add_arguments(parser)
     parser.set_defaults(run=run)
 

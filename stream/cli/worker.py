@@ -11,9 +11,11 @@ from stream.serving.settings import WorkerSettings
 
 def add_parser(subparsers: SubParsers) -> None:
     parser = subparsers.add_parser(
-        "worker", help="serve recommendations: consume clicks, publish top-N",
+        "worker",
+        help="serve recommendations: consume clicks, publish top-N",
         description="Run a streaming worker (a Faust app). Each flag has an environment "
-                    "variable equivalent; flags win.")
+        "variable equivalent; flags win.",
+    )
     WorkerSettings.add_arguments(parser)
     parser.set_defaults(run=run)
 

@@ -43,7 +43,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
@@ -361,13 +361,14 @@ class Broker(abc.ABC):
         """Poll metadata until the broker answers, it exits, or time is up."""
         assert self._proc is not None
         deadline = time.monotonic() + self.startup_timeout
-        admin = AdminClient({
+        config: dict[str, Any] = {
             "bootstrap.servers": self.bootstrap,
             "reconnect.backoff.ms": 50,
             "reconnect.backoff.max.ms": 200,
             "logger": _QUIET_LIBRDKAFKA,
             **self.client_security(),
-        })
+        }
+        admin = AdminClient(config)
         while True:
             code = self._proc.poll()
             if code is not None:

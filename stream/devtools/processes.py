@@ -15,8 +15,8 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Self
 
@@ -24,7 +24,6 @@ from confluent_kafka import Consumer, ConsumerGroupState, KafkaException, TopicP
 from confluent_kafka.admin import AdminClient
 
 from model.errors import UserError
-
 from stream.kafka.config import client_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,15 +40,22 @@ class StreamNames:
         self.dlq = f"dlq-{tag}"
 
     def worker_args(self) -> list[str]:
-        return ["--app-id", self.app_id, "--input-topic", self.clicks,
-                "--output-topic", self.recommendations, "--dlq-topic", self.dlq]
+        return [
+            "--app-id",
+            self.app_id,
+            "--input-topic",
+            self.clicks,
+            "--output-topic",
+            self.recommendations,
+            "--dlq-topic",
+            self.dlq,
+        ]
 
 
 class CommandProcess:
     """``streamrec ARGS`` as a subprocess in its own process group, logging to a file."""
 
-    def __init__(self, args: list[str], log_path: Path,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
         self.command = [sys.executable, "-m", "stream.cli", *args]
         self.log_path = log_path
         self.env = {**os.environ, **(env or {})}
@@ -61,9 +67,15 @@ class CommandProcess:
         return self
 
     def _popen(self, log: IO[bytes]) -> subprocess.Popen[Any]:
-        return subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, cwd=REPO, env=self.env,
-                                start_new_session=True)
+        return subprocess.Popen(
+            self.command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=REPO,
+            env=self.env,
+            start_new_session=True,
+        )
 
     def stop(self, timeout: float = 20.0) -> int:
         """SIGTERM and wait; SIGKILL if it has not exited in time. Returns the exit code."""
@@ -90,8 +102,9 @@ class CommandProcess:
         """Raise with the end of the log if the process has exited."""
         assert self.process is not None
         if self.process.poll() is not None:
-            raise UserError(f"{self.command[3]} exited with {self.process.returncode}:\n"
-                            + self.log()[-2000:])
+            raise UserError(
+                f"{self.command[3]} exited with {self.process.returncode}:\n" + self.log()[-2000:]
+            )
 
     def __enter__(self) -> Self:
         return self.start()
@@ -103,15 +116,38 @@ class CommandProcess:
 class WorkerProcess(CommandProcess):
     """``streamrec worker`` (or another worker-like subcommand) for ``names``."""
 
-    def __init__(self, bootstrap: str, model: str | os.PathLike[str], names: StreamNames,
-                 work_dir: Path, *extra: str, partitions: int = 4,
-                 subcommand: tuple[str, ...] = ("worker",)) -> None:
-        super().__init__([*subcommand, "--broker", f"kafka://{bootstrap}", "--model", str(model),
-                          "--partitions", str(partitions), "--web-port", "0",
-                          "--data-dir", str(work_dir / "faust"),
-                          "--group-session-timeout-s", "6", "--log-level", "info",
-                          *names.worker_args(), *extra],
-                         work_dir / f"worker-{uuid.uuid4().hex[:6]}.log")
+    def __init__(
+        self,
+        bootstrap: str,
+        model: str | os.PathLike[str],
+        names: StreamNames,
+        work_dir: Path,
+        *extra: str,
+        partitions: int = 4,
+        subcommand: tuple[str, ...] = ("worker",),
+    ) -> None:
+        super().__init__(
+            [
+                *subcommand,
+                "--broker",
+                f"kafka://{bootstrap}",
+                "--model",
+                str(model),
+                "--partitions",
+                str(partitions),
+                "--web-port",
+                "0",
+                "--data-dir",
+                str(work_dir / "faust"),
+                "--group-session-timeout-s",
+                "6",
+                "--log-level",
+                "info",
+                *names.worker_args(),
+                *extra,
+            ],
+            work_dir / f"worker-{uuid.uuid4().hex[:6]}.log",
+        )
 
     def wait_until_consuming(self, bootstrap: str, group: str, timeout: float = 60.0) -> None:
         """Block until the worker's consumer group is stable with partitions assigned,
@@ -124,8 +160,9 @@ class WorkerProcess(CommandProcess):
                 description = admin.describe_consumer_groups([group])[group].result(5)
                 # Tansu reports a stable group without its members' assignments.
                 if description.state == ConsumerGroupState.STABLE and (
-                        not description.members
-                        or any(m.assignment.topic_partitions for m in description.members)):
+                    not description.members
+                    or any(m.assignment.topic_partitions for m in description.members)
+                ):
                     return
             except (KafkaException, TimeoutError):  # no coordinator yet, or a slow answer
                 pass
@@ -137,22 +174,50 @@ class TrainerProcess(CommandProcess):
     """``streamrec trainer``; its JSON decision lines are collected with the wall time they
     were read (and each passed to ``on_record``)."""
 
-    def __init__(self, bootstrap: str, registry: Path, topic: str, work: Path, *extra: str,
-                 env: dict[str, str] | None = None,
-                 on_record: Callable[[dict[str, Any]], None] | None = None) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        registry: Path,
+        topic: str,
+        work: Path,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        on_record: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         tag = uuid.uuid4().hex[:8]
-        super().__init__(["trainer", "--broker", f"kafka://{bootstrap}", "--registry",
-                          str(registry), "--input-topic", topic, "--group", f"trainer-{tag}",
-                          "--updates-topic", f"model-updates-{tag}", *extra],
-                         work / f"trainer-{tag}.log", env)
+        super().__init__(
+            [
+                "trainer",
+                "--broker",
+                f"kafka://{bootstrap}",
+                "--registry",
+                str(registry),
+                "--input-topic",
+                topic,
+                "--group",
+                f"trainer-{tag}",
+                "--updates-topic",
+                f"model-updates-{tag}",
+                *extra,
+            ],
+            work / f"trainer-{tag}.log",
+            env,
+        )
         self.records: list[tuple[float, dict[str, Any]]] = []
         self._on_record = on_record
         self._reader: threading.Thread | None = None
 
     def _popen(self, log: IO[bytes]) -> subprocess.Popen[Any]:
-        process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=log,
-                                   stdin=subprocess.DEVNULL, cwd=REPO, text=True,
-                                   env=self.env, start_new_session=True)
+        process = subprocess.Popen(
+            self.command,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            cwd=REPO,
+            text=True,
+            env=self.env,
+            start_new_session=True,
+        )
         self._reader = threading.Thread(target=self._read, args=(process,), daemon=True)
         self._reader.start()
         return process
@@ -196,9 +261,17 @@ class TopicReader(threading.Thread):
         self.decode = decode
         self.messages: list[Any] = []
         self._stop_event = threading.Event()
-        self._consumer = Consumer(client_config(
-            bootstrap, **{"group.id": f"reader-{uuid.uuid4()}", "auto.offset.reset": "earliest",
-                          "enable.auto.commit": False, "fetch.wait.max.ms": 10}))
+        self._consumer = Consumer(
+            client_config(
+                bootstrap,
+                **{
+                    "group.id": f"reader-{uuid.uuid4()}",
+                    "auto.offset.reset": "earliest",
+                    "enable.auto.commit": False,
+                    "fetch.wait.max.ms": 10,
+                },
+            )
+        )
         partitions = self._consumer.list_topics(topic, timeout=15).topics[topic].partitions
         self._consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
 
@@ -215,8 +288,13 @@ class TopicReader(threading.Thread):
                         continue
                     now = time.time()
                     if self.decode:
-                        self.messages.append(Received(json.loads(message.value()), now,
-                                                      message.timestamp()[1] / 1000.0))
+                        self.messages.append(
+                            Received(
+                                json.loads(message.value() or b"null"),
+                                now,
+                                message.timestamp()[1] / 1000.0,
+                            )
+                        )
                     else:
                         self.messages.append(message)
         finally:
@@ -236,13 +314,15 @@ class TopicReader(threading.Thread):
         self.join(10)
 
 
-def start_readers(bootstrap: str, names: StreamNames,
-                  partitions: int) -> tuple[TopicReader, TopicReader]:
+def start_readers(
+    bootstrap: str, names: StreamNames, partitions: int
+) -> tuple[TopicReader, TopicReader]:
     """Create the run's topics and start reading clicks (raw) and recommendations."""
     from stream.kafka.topics import ensure_topics
 
-    ensure_topics(bootstrap, {t: partitions for t in
-                              (names.clicks, names.recommendations, names.dlq)})
+    ensure_topics(
+        bootstrap, {t: partitions for t in (names.clicks, names.recommendations, names.dlq)}
+    )
     inputs = TopicReader(bootstrap, names.clicks, decode=False)
     outputs = TopicReader(bootstrap, names.recommendations)
     inputs.start()

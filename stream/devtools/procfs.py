@@ -29,7 +29,8 @@ def machine_busy_seconds() -> float:
     try:
         with open("/proc/stat", encoding="ascii") as stat:
             user, nice, system, _idle, _iowait, irq, softirq, steal = (
-                int(v) for v in stat.readline().split()[1:9])
+                int(v) for v in stat.readline().split()[1:9]
+            )
         return (user + nice + system + irq + softirq + steal) / _TICK
     except (OSError, ValueError):
         return math.nan

@@ -25,8 +25,9 @@ class KafkaAnnouncer:
     reported on stderr but does not undo the move: ``CURRENT`` is the truth and workers
     read it, so a lost announcement cannot leave a worker on an old model."""
 
-    def __init__(self, bootstrap: str, topic: str = DEFAULT_UPDATES_TOPIC,
-                 timeout: float = 10.0) -> None:
+    def __init__(
+        self, bootstrap: str, topic: str = DEFAULT_UPDATES_TOPIC, timeout: float = 10.0
+    ) -> None:
         ensure_topics(bootstrap, {topic: 1}, timeout=timeout)
         self.topic = topic
         self.timeout = timeout
@@ -36,5 +37,8 @@ class KafkaAnnouncer:
         value = json.dumps({"version": version, "path": str(path), "action": action})
         self._producer.produce(self.topic, key=b"model", value=value.encode("utf-8"))
         if self._producer.flush(self.timeout) != 0:
-            print(f"streamrec: warning: announcing {action} of {version} to {self.topic} "
-                  f"timed out; workers still pick it up from {POINTER}", file=sys.stderr)
+            print(
+                f"streamrec: warning: announcing {action} of {version} to {self.topic} "
+                f"timed out; workers still pick it up from {POINTER}",
+                file=sys.stderr,
+            )

@@ -24,7 +24,6 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-
 from model.errors import UserError
 
 #: Environment variable -> librdkafka property, applied when the variable is set and non-empty.
@@ -57,8 +56,10 @@ def bootstrap_servers(url: str) -> str:
     """
     entries = [part.strip() for part in re.split(r"[,;]", url.strip())]
     if not url.strip() or not all(entries):
-        raise UserError(f"bad broker URL {url!r}: expected HOST:PORT or kafka://HOST:PORT, "
-                        "several separated by commas")
+        raise UserError(
+            f"bad broker URL {url!r}: expected HOST:PORT or kafka://HOST:PORT, "
+            "several separated by commas"
+        )
     return ",".join(_host_port(entry, url) for entry in entries)
 
 
@@ -67,9 +68,11 @@ def _host_port(entry: str, url: str) -> str:
     if "://" in text:
         if not text.lower().startswith(_SCHEME):
             scheme = text.split("://", 1)[0]
-            raise UserError(f"bad broker URL {url!r}: scheme {scheme + '://'!r} is not "
-                            "supported (use kafka://HOST:PORT or HOST:PORT)")
-        text = text[len(_SCHEME):]
+            raise UserError(
+                f"bad broker URL {url!r}: scheme {scheme + '://'!r} is not "
+                "supported (use kafka://HOST:PORT or HOST:PORT)"
+            )
+        text = text[len(_SCHEME) :]
     text = text.removesuffix("/")
     host, sep, port = text.rpartition(":")
     if not sep or not host:

@@ -49,8 +49,8 @@ from tqdm import tqdm
 
 from model.data import DEFAULT_COLUMNS, ClickLog, check_header
 from model.errors import UserError
-from stream.kafka.wire import MAX_FUTURE_SKEW_S, MAX_ID_BYTES, Click, encode_click
 from stream.kafka.config import bootstrap_servers, client_config, producer_config
+from stream.kafka.wire import MAX_FUTURE_SKEW_S, MAX_ID_BYTES, Click, encode_click
 
 if TYPE_CHECKING:
     SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -114,9 +114,11 @@ class ReplayLog:
         session_ids, item_ids = self.session_ids, self.item_ids
         for start in range(0, n, _CHUNK):
             stop = min(start + _CHUNK, n)
-            for s, i, t in zip(self.sessions[start:stop].tolist(),
-                               self.items[start:stop].tolist(),
-                               self.times[start:stop].tolist()):
+            for s, i, t in zip(
+                self.sessions[start:stop].tolist(),
+                self.items[start:stop].tolist(),
+                self.times[start:stop].tolist(),
+            ):
                 yield Click(session_ids[s], item_ids[i], t)
 
 
@@ -144,10 +146,15 @@ class ReplayStats:
         return self.events_sent / self.seconds if self.seconds > 0 else 0.0
 
     def as_json(self) -> dict[str, Any]:
-        return {"events_sent": self.events_sent, "seconds": round(self.seconds, 3),
-                "events_per_s": round(self.events_per_s, 1), "bad_rows": self.bad_rows,
-                "topic": self.topic, "partitions": self.partitions,
-                "delivery_errors": self.delivery_errors}
+        return {
+            "events_sent": self.events_sent,
+            "seconds": round(self.seconds, 3),
+            "events_per_s": round(self.events_per_s, 1),
+            "bad_rows": self.bad_rows,
+            "topic": self.topic,
+            "partitions": self.partitions,
+            "delivery_errors": self.delivery_errors,
+        }
 
 
 class ReplayInterrupted(KeyboardInterrupt):
@@ -164,9 +171,9 @@ class ReplayInterrupted(KeyboardInterrupt):
 # --- reading -------------------------------------------------------------------------------
 
 
-def read_replay_log(path: str | os.PathLike[str],
-                    columns: Sequence[str] = DEFAULT_COLUMNS,
-                    sep: str | None = None) -> ReplayLog:
+def read_replay_log(
+    path: str | os.PathLike[str], columns: Sequence[str] = DEFAULT_COLUMNS, sep: str | None = None
+) -> ReplayLog:
     """Read a click log for replay, skipping (and counting) rows the consumers would reject.
 
     ``columns`` names the session, item and time columns; ``sep`` defaults to ``,`` for
@@ -181,20 +188,35 @@ def read_replay_log(path: str | os.PathLike[str],
     try:
         # na_filter=False: every field is the text as written ("" when empty or absent), so
         # ids such as "NA" survive and short rows become bad rows instead of parse errors.
-        frame = pd.read_csv(path, sep=sep, usecols=list(columns), skip_blank_lines=False,
-                            dtype={session_col: "category", item_col: "category",
-                                   time_col: str}, na_filter=False, engine="c")
+        frame = pd.read_csv(
+            path,
+            sep=sep,
+            usecols=list(columns),
+            skip_blank_lines=False,
+            dtype={session_col: "category", item_col: "category", time_col: str},
+            na_filter=False,
+            engine="c",
+        )
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: {exc}") from None
     time_text = frame[time_col]
     times = pd.to_numeric(time_text, errors="coerce").to_numpy(dtype=np.float64)
-    return _build(frame[session_col].cat, frame[item_col].cat, times, time_text.to_numpy(),
-                  (session_col, item_col, time_col), source=str(path), lines=True)
+    return _build(
+        frame[session_col].cat,
+        frame[item_col].cat,
+        times,
+        time_text.to_numpy(),
+        (session_col, item_col, time_col),
+        source=str(path),
+        lines=True,
+    )
 
 
-def as_replay_log(source: str | os.PathLike[str] | ReplayLog | ClickLog | Iterable[Click],
-                  columns: Sequence[str] = DEFAULT_COLUMNS,
-                  sep: str | None = None) -> ReplayLog:
+def as_replay_log(
+    source: str | os.PathLike[str] | ReplayLog | ClickLog | Iterable[Click],
+    columns: Sequence[str] = DEFAULT_COLUMNS,
+    sep: str | None = None,
+) -> ReplayLog:
     """Any supported replay source as a :class:`ReplayLog` (a file is read tolerantly)."""
     if isinstance(source, ReplayLog):
         return source
@@ -204,9 +226,15 @@ def as_replay_log(source: str | os.PathLike[str] | ReplayLog | ClickLog | Iterab
     if isinstance(source, ClickLog):
         sessions = pd.Categorical.from_codes(source.sessions, categories=source.session_ids)
         items = pd.Categorical.from_codes(source.items, categories=source.item_ids)
-        return _build(pd.Series(sessions).cat, pd.Series(items).cat,
-                      np.asarray(source.times, dtype=np.float64), None, names,
-                      source=source.source, lines=False)
+        return _build(
+            pd.Series(sessions).cat,
+            pd.Series(items).cat,
+            np.asarray(source.times, dtype=np.float64),
+            None,
+            names,
+            source=source.source,
+            lines=False,
+        )
     clicks = list(source)
     sessions = pd.Series([c.session_id for c in clicks], dtype="category")
     items = pd.Series([c.item_id for c in clicks], dtype="category")
@@ -223,8 +251,15 @@ def _as_float(value: object) -> float:
         return math.nan
 
 
-def _build(sessions: Any, items: Any, times: np.ndarray, time_text: np.ndarray | None,
-           names: Sequence[str], source: str, lines: bool) -> ReplayLog:
+def _build(
+    sessions: Any,
+    items: Any,
+    times: np.ndarray,
+    time_text: np.ndarray | None,
+    names: Sequence[str],
+    source: str,
+    lines: bool,
+) -> ReplayLog:
     """Validate rows in input order, drop the bad ones and sort the rest for replay.
 
     ``sessions``/``items`` are pandas ``.cat`` accessors; checks run once per distinct id
@@ -260,8 +295,9 @@ def _build(sessions: Any, items: Any, times: np.ndarray, time_text: np.ndarray |
             reason = f"{time_col} {text} is negative (times are Unix seconds)"
         else:
             reason = f"{time_col} {text} is more than a day in the future"
-        examples.append(BadRow(row + 2, reason) if lines
-                        else BadRow(None, f"event #{row}: {reason}"))
+        examples.append(
+            BadRow(row + 2, reason) if lines else BadRow(None, f"event #{row}: {reason}")
+        )
 
     good = np.flatnonzero(~bad)
     # Sessions numbered by first appearance, as read_clicks does: the tie-break for equal
@@ -302,8 +338,9 @@ def parse_speed(speed: float | str | None) -> float | None:
     except (TypeError, ValueError):
         factor = math.nan
     if not math.isfinite(factor) or factor <= 0:
-        raise UserError(f"bad speed {speed!r}: use 'max' or a positive factor "
-                        "(2 = twice real time)")
+        raise UserError(
+            f"bad speed {speed!r}: use 'max' or a positive factor (2 = twice real time)"
+        )
     return factor
 
 
@@ -326,8 +363,10 @@ def check_topic(bootstrap: str, topic: str, timeout: float = 10.0) -> int:
         ) from None
     found = metadata.topics.get(topic)
     if found is None:
-        raise UserError(f"topic {topic!r} does not exist on {servers}; create it first "
-                        "(streamrec never auto-creates topics: the partition count matters)")
+        raise UserError(
+            f"topic {topic!r} does not exist on {servers}; create it first "
+            "(streamrec never auto-creates topics: the partition count matters)"
+        )
     if found.error is not None:
         raise UserError(f"topic {topic!r} on {servers}: {found.error.str()}")
     return len(found.partitions)
@@ -361,18 +400,20 @@ class _Deliveries:
             _LOG.debug("librdkafka: %s", err.str())
 
 
-def replay(source: str | os.PathLike[str] | ReplayLog | ClickLog | Iterable[Click],
-           bootstrap: str,
-           topic: str = DEFAULT_TOPIC,
-           speed: float | str | None = "max",
-           limit: int | None = None,
-           *,
-           columns: Sequence[str] = DEFAULT_COLUMNS,
-           sep: str | None = None,
-           progress: bool = False,
-           connect_timeout: float = 10.0,
-           delivery_timeout: float = 60.0,
-           producer_overrides: Mapping[str, Any] | None = None) -> ReplayStats:
+def replay(
+    source: str | os.PathLike[str] | ReplayLog | ClickLog | Iterable[Click],
+    bootstrap: str,
+    topic: str = DEFAULT_TOPIC,
+    speed: float | str | None = "max",
+    limit: int | None = None,
+    *,
+    columns: Sequence[str] = DEFAULT_COLUMNS,
+    sep: str | None = None,
+    progress: bool = False,
+    connect_timeout: float = 10.0,
+    delivery_timeout: float = 60.0,
+    producer_overrides: Mapping[str, Any] | None = None,
+) -> ReplayStats:
     """Send a click log to ``topic`` in event-time order; return once all is acknowledged.
 
     ``source`` is a log file (read tolerantly, see :func:`read_replay_log`), a
@@ -395,27 +436,42 @@ def replay(source: str | os.PathLike[str] | ReplayLog | ClickLog | Iterable[Clic
         raise UserError(f"bad limit {limit}: must be 0 or more")
     log = as_replay_log(source, columns, sep)
     if log.bad_rows and not isinstance(source, ReplayLog):  # else the caller has seen them
-        _LOG.warning("%s: skipped %d bad row(s): %s", log.source, log.bad_rows,
-                     "; ".join(map(str, log.bad_row_examples)))
+        _LOG.warning(
+            "%s: skipped %d bad row(s): %s",
+            log.source,
+            log.bad_rows,
+            "; ".join(map(str, log.bad_row_examples)),
+        )
     partitions = check_topic(servers, topic, connect_timeout)
     n = len(log) if limit is None else min(limit, len(log))
 
     deliveries = _Deliveries()
-    config = producer_config(servers, **{
-        **REPLAY_PRODUCER_SETTINGS,
-        "message.timeout.ms": max(1, int(delivery_timeout * 1000)),
-        "logger": _LIBRDKAFKA_LOG,
-        "error_cb": deliveries.on_error,
-        "on_delivery": deliveries.on_delivery,
-        **(producer_overrides or {}),
-    })
+    config = producer_config(
+        servers,
+        **{
+            **REPLAY_PRODUCER_SETTINGS,
+            "message.timeout.ms": max(1, int(delivery_timeout * 1000)),
+            "logger": _LIBRDKAFKA_LOG,
+            "error_cb": deliveries.on_error,
+            "on_delivery": deliveries.on_delivery,
+            **(producer_overrides or {}),
+        },
+    )
     try:
         producer = Producer(config)
     except KafkaException as exc:
         raise UserError(f"bad Kafka producer settings: {exc.args[0].str()}") from None
 
-    bar = tqdm(total=n, unit="ev", unit_scale=True, file=sys.stderr, disable=not progress,
-               desc=f"replay -> {topic}", mininterval=0.5, smoothing=0.1)
+    bar = tqdm(
+        total=n,
+        unit="ev",
+        unit_scale=True,
+        file=sys.stderr,
+        disable=not progress,
+        desc=f"replay -> {topic}",
+        mininterval=0.5,
+        smoothing=0.1,
+    )
     interrupted = False
     start = time.monotonic()
     try:
@@ -432,17 +488,32 @@ def replay(source: str | os.PathLike[str] | ReplayLog | ClickLog | Iterable[Clic
     first_error = deliveries.first_error
     if unacknowledged and first_error is None:
         first_error = f"{unacknowledged} event(s) still unacknowledged after the final flush"
-    stats = ReplayStats(topic=topic, partitions=partitions, events_sent=deliveries.delivered,
-                        seconds=seconds, bad_rows=log.bad_rows, delivery_errors=failed,
-                        first_error=first_error, bad_row_examples=log.bad_row_examples,
-                        interrupted=interrupted)
+    stats = ReplayStats(
+        topic=topic,
+        partitions=partitions,
+        events_sent=deliveries.delivered,
+        seconds=seconds,
+        bad_rows=log.bad_rows,
+        delivery_errors=failed,
+        first_error=first_error,
+        bad_row_examples=log.bad_row_examples,
+        interrupted=interrupted,
+    )
     if interrupted:
         raise ReplayInterrupted(stats)
     return stats
 
 
-def _send(producer: Producer, topic: str, log: ReplayLog, n: int, factor: float | None,
-          deliveries: _Deliveries, bar: tqdm, start: float) -> None:
+def _send(
+    producer: Producer,
+    topic: str,
+    log: ReplayLog,
+    n: int,
+    factor: float | None,
+    deliveries: _Deliveries,
+    bar: tqdm,
+    start: float,
+) -> None:
     """The send loop: pace (if asked), produce, serve delivery reports, update progress."""
     first_time = float(log.times[0]) if n else 0.0
     produce = producer.produce

@@ -22,8 +22,9 @@ from stream.kafka.config import client_config
 class BrokerProbe:
     """Polls ``topic``'s metadata every ``interval_s``; :attr:`problem` says what is wrong."""
 
-    def __init__(self, bootstrap: str, topic: str, interval_s: float = 2.0,
-                 timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, bootstrap: str, topic: str, interval_s: float = 2.0, timeout_s: float = 5.0
+    ) -> None:
         self.bootstrap = bootstrap
         self.topic = topic
         self.interval_s = interval_s
@@ -39,8 +40,10 @@ class BrokerProbe:
         since = self._failing_since
         if since is None:
             return None
-        return (f"Kafka broker at {self.bootstrap} unreachable for "
-                f"{time.monotonic() - since:.0f} s ({self._reason})")
+        return (
+            f"Kafka broker at {self.bootstrap} unreachable for "
+            f"{time.monotonic() - since:.0f} s ({self._reason})"
+        )
 
     def check(self) -> bool:
         """Probe once; True if the broker answered."""

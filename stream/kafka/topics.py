@@ -105,8 +105,7 @@ class _Admin(AdminClient):
 
     def __init__(self, bootstrap: str) -> None:
         self.refusals: list[str] = []
-        super().__init__(client_config(bootstrap, logger=_LIBRDKAFKA_LOG,
-                                       error_cb=self._on_error))
+        super().__init__(client_config(bootstrap, logger=_LIBRDKAFKA_LOG, error_cb=self._on_error))
 
     def _on_error(self, error: KafkaError) -> None:
         if error.code() == KafkaError._AUTHENTICATION:
@@ -130,7 +129,8 @@ def _metadata(admin: _Admin, bootstrap: str, timeout: float) -> ClusterMetadata:
             raise UserError(
                 f"the Kafka broker at {bootstrap} refused the credentials "
                 f"({admin.refusals[-1]}); check STREAMREC_KAFKA_SASL_USERNAME, "
-                "STREAMREC_KAFKA_SASL_PASSWORD and STREAMREC_KAFKA_SASL_MECHANISM") from None
+                "STREAMREC_KAFKA_SASL_PASSWORD and STREAMREC_KAFKA_SASL_MECHANISM"
+            ) from None
         raise BrokerUnreachable(
             f"cannot reach a Kafka broker at {bootstrap} within {timeout:g} s "
             f"({exc.args[0].str()}); is it running? `streamrec broker` starts a local one"

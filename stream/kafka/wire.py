@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import json
 import math
-from json.encoder import encode_basestring_ascii as _json_string
 from collections.abc import Sequence
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii as _json_string
+from typing import cast
 
 MAX_ID_BYTES = 512
 MAX_MESSAGE_BYTES = 64 * 1024
@@ -43,8 +44,10 @@ class Rejected:
 
 def encode_click(click: Click) -> tuple[bytes, bytes]:
     """(key, value) bytes of a click as producers must send it."""
-    value = json.dumps({"session_id": click.session_id, "item_id": click.item_id,
-                        "timestamp": click.timestamp}, separators=(",", ":"))
+    value = json.dumps(
+        {"session_id": click.session_id, "item_id": click.item_id, "timestamp": click.timestamp},
+        separators=(",", ":"),
+    )
     return click.session_id.encode("utf-8"), value.encode("utf-8")
 
 
@@ -86,22 +89,35 @@ def parse_click(key: bytes | None, value: bytes | None, now: float) -> Click | R
         return Rejected("bad_timestamp", f"timestamp {timestamp} is more than a day ahead")
     if key is None:
         return Rejected("null_key", "message key must be the session id")
+    session_id, item_id = cast(str, session_id), cast(str, item_id)  # checked above
     if key != session_id.encode("utf-8"):
         return Rejected("key_mismatch", "message key differs from session_id")
     return Click(session_id, item_id, timestamp)
 
 
-def encode_recommendation(click: Click, items: Sequence[str], scores: Sequence[float],
-                          model_version: str, partition: int, offset: int) -> bytes:
+def encode_recommendation(
+    click: Click,
+    items: Sequence[str],
+    scores: Sequence[float],
+    model_version: str,
+    partition: int,
+    offset: int,
+) -> bytes:
     """The output message value for one answered click (scores to 6 decimals).
 
     Written out directly rather than by ``json.dumps``: on a served click the generic
     encoder with ``round()`` took 14 us, this 7 (``%.6f`` rounds as ``round(s, 6)`` does,
     to the same decimal). Strings go through the json module's own escaping."""
-    recommendations = ",".join([f'{{"item_id":{_json_string(item)},"score":{score:.6f}}}'
-                                for item, score in zip(items, scores)])
-    return (f'{{"session_id":{_json_string(click.session_id)},'
-            f'"item_id":{_json_string(click.item_id)},"timestamp":{float(click.timestamp)!r},'
-            f'"recommendations":[{recommendations}],'
-            f'"model_version":{_json_string(model_version)},'
-            f'"source":{{"partition":{int(partition)},"offset":{int(offset)}}}}}').encode("ascii")
+    recommendations = ",".join(
+        [
+            f'{{"item_id":{_json_string(item)},"score":{score:.6f}}}'
+            for item, score in zip(items, scores)
+        ]
+    )
+    return (
+        f'{{"session_id":{_json_string(click.session_id)},'
+        f'"item_id":{_json_string(click.item_id)},"timestamp":{float(click.timestamp)!r},'
+        f'"recommendations":[{recommendations}],'
+        f'"model_version":{_json_string(model_version)},'
+        f'"source":{{"partition":{int(partition)},"offset":{int(offset)}}}}}'
+    ).encode("ascii")

@@ -37,14 +37,13 @@ class BufferedSession:
 class SessionBuffer:
     """Sessions being collected, bounded in count, clicks per session and age."""
 
-    def __init__(self, session_timeout_s: float, max_sessions: int,
-                 max_age_s: float) -> None:
+    def __init__(self, session_timeout_s: float, max_sessions: int, max_age_s: float) -> None:
         self.session_timeout_s = session_timeout_s
         self.max_sessions = max_sessions
         self.max_age_s = max_age_s
         self.watermarks = PartitionWatermarks()
-        self.evicted = 0   # dropped because the buffer was full
-        self.stale = 0     # complete but dropped after waiting longer than max_age_s
+        self.evicted = 0  # dropped because the buffer was full
+        self.stale = 0  # complete but dropped after waiting longer than max_age_s
         self._sessions: OrderedDict[str, BufferedSession] = OrderedDict()
 
     def __len__(self) -> int:
@@ -71,8 +70,10 @@ class SessionBuffer:
         """The complete sessions of two or more clicks, left in the buffer, in the order
         :meth:`take_complete` would return them."""
         self._drop_stale()
-        return sorted((s for s in self._sessions.values()
-                       if self._complete(s) and len(s.items) >= 2), key=lambda s: s.last_time)
+        return sorted(
+            (s for s in self._sessions.values() if self._complete(s) and len(s.items) >= 2),
+            key=lambda s: s.last_time,
+        )
 
     def get(self, session_id: str) -> BufferedSession | None:
         return self._sessions.get(session_id)
@@ -89,12 +90,14 @@ class SessionBuffer:
         return sorted((s for s in taken if len(s.items) >= 2), key=lambda s: s.last_time)
 
     def _complete(self, session: BufferedSession) -> bool:
-        return self.watermarks.is_over(session.partition, session.last_time,
-                                       self.session_timeout_s)
+        return self.watermarks.is_over(session.partition, session.last_time, self.session_timeout_s)
 
     def _drop_stale(self) -> None:
-        stale = [key for key, s in self._sessions.items()
-                 if s.last_time < self.watermarks[s.partition] - self.max_age_s]
+        stale = [
+            key
+            for key, s in self._sessions.items()
+            if s.last_time < self.watermarks[s.partition] - self.max_age_s
+        ]
         for key in stale:
             del self._sessions[key]
         self.stale += len(stale)
@@ -107,5 +110,3 @@ def sessions_log(sessions: Sequence[BufferedSession], source: str) -> ClickLog:
     items = [item for s in sessions for item in s.items]
     times = [t for s in sessions for t in s.times]
     return ClickLog.from_arrays(ids, items, times, source=source)
-
-

@@ -41,15 +41,24 @@ def consume(settings: TrainerSettings, loop: LearningLoop, stop: threading.Event
     """Feed the loop from the click topic and run a round every ``interval_s`` (and, with
     ``new_item_rounds``, as soon as complete sessions with new items can be trained on)
     until ``stop`` is set."""
-    consumer = Consumer(client_config(settings.bootstrap, **{
-        "group.id": settings.group, "auto.offset.reset": "earliest",
-        "enable.auto.commit": True, "max.poll.interval.ms": MAX_POLL_INTERVAL_MS}))
+    consumer = Consumer(
+        client_config(
+            settings.bootstrap,
+            **{
+                "group.id": settings.group,
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": True,
+                "max.poll.interval.ms": MAX_POLL_INTERVAL_MS,
+            },
+        )
+    )
     try:
         try:
             topics = consumer.list_topics(timeout=30).topics
         except KafkaException as exc:
-            raise UserError(f"cannot reach a Kafka broker at {settings.bootstrap}: "
-                            f"{exc.args[0].str()}") from None
+            raise UserError(
+                f"cannot reach a Kafka broker at {settings.bootstrap}: {exc.args[0].str()}"
+            ) from None
         if settings.input_topic not in topics:
             raise UserError(f"missing topic {settings.input_topic!r} on {settings.bootstrap}")
         consumer.subscribe([settings.input_topic])
@@ -86,8 +95,11 @@ def consume(settings: TrainerSettings, loop: LearningLoop, stop: threading.Event
             started_for: dict[str, Any] = {}
             if now >= due:
                 trigger = "clock"
-            elif (settings.new_item_rounds and now >= next_check
-                  and now - last_started >= settings.new_item_gap_s):
+            elif (
+                settings.new_item_rounds
+                and now >= next_check
+                and now - last_started >= settings.new_item_gap_s
+            ):
                 next_check = now + NEW_ITEM_CHECK_S
                 waiting = loop.new_item_sessions()
                 if not waiting:
@@ -103,8 +115,11 @@ def consume(settings: TrainerSettings, loop: LearningLoop, stop: threading.Event
             loop.metrics.training = True
             last_started = time.monotonic()
             try:
-                loop.round(late_s=last_started - due if trigger == "clock" else None,
-                           trigger=trigger, **started_for)
+                loop.round(
+                    late_s=last_started - due if trigger == "clock" else None,
+                    trigger=trigger,
+                    **started_for,
+                )
             finally:
                 loop.metrics.training = False
             if trigger == "clock":
@@ -125,23 +140,26 @@ def lower_priority(nice: int) -> int:
 def run(settings: TrainerSettings) -> int:
     """Follow the click topic and keep the registry's model current until SIGTERM/SIGINT."""
     niceness = lower_priority(settings.nice)  # first: every thread started below inherits it
-    registry = ModelRegistry(settings.registry, keep=settings.keep,
-                             announcer=KafkaAnnouncer(settings.bootstrap,
-                                                      settings.updates_topic))
+    registry = ModelRegistry(
+        settings.registry,
+        keep=settings.keep,
+        announcer=KafkaAnnouncer(settings.bootstrap, settings.updates_topic),
+    )
     loop = LearningLoop(settings, registry)
     if settings.web_port:
         serve(loop.metrics.app(), settings.web_port)
     base = loop.current()
     budget = settings.budget_s
-    print(f"streamrec trainer: following {settings.input_topic} as group {settings.group}; "
-          f"current model {base.version} ({base.n_items} items); a round every "
-          f"{settings.interval_s:g} s"
-          f"{' (sooner for new items)' if settings.new_item_rounds else ''}, training budget "
-          f"{'none' if budget is None else f'{budget:g} s'}, niceness {niceness}",
-          file=sys.stderr)
+    print(
+        f"streamrec trainer: following {settings.input_topic} as group {settings.group}; "
+        f"current model {base.version} ({base.n_items} items); a round every "
+        f"{settings.interval_s:g} s"
+        f"{' (sooner for new items)' if settings.new_item_rounds else ''}, training budget "
+        f"{'none' if budget is None else f'{budget:g} s'}, niceness {niceness}",
+        file=sys.stderr,
+    )
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     consume(settings, loop, stop)
     return 0
-

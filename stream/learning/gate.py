@@ -20,7 +20,7 @@ class GateResult:
     margin: float
     current_recall: float
     candidate_recall: float
-    n_predictions: int          # targets the current model knows: the compared ones
+    n_predictions: int  # targets the current model knows: the compared ones
     candidate_new_item_recall: float | None
     n_new_item_predictions: int  # targets only the candidate knows
     passed: bool
@@ -32,12 +32,15 @@ class GateResult:
         if self.n_predictions == 0:
             return "no holdout prediction has a target the current model knows"
         relation = ">=" if self.passed else "<"
-        return (f"candidate Recall@{self.k} {self.candidate_recall:.4f} {relation} current "
-                f"{self.current_recall:.4f} - margin {self.margin:g}")
+        return (
+            f"candidate Recall@{self.k} {self.candidate_recall:.4f} {relation} current "
+            f"{self.current_recall:.4f} - margin {self.margin:g}"
+        )
 
 
-def gate(current: Recommender, candidate: Recommender, holdout: ClickLog, margin: float,
-         k: int = GATE_K) -> GateResult:
+def gate(
+    current: Recommender, candidate: Recommender, holdout: ClickLog, margin: float, k: int = GATE_K
+) -> GateResult:
     """Compare ``candidate`` with ``current`` on the holdout, fairly for new items.
 
     Both are compared on the predictions whose target ``current`` knows (it cannot rank
@@ -61,10 +64,13 @@ def gate(current: Recommender, candidate: Recommender, holdout: ClickLog, margin
     evaluate(RecommenderScorer(candidate), holdout, ks=(k,), on_batch=split)
     candidate_recall = hits[True] / counts[True] if counts[True] else 0.0
     passed = counts[True] > 0 and candidate_recall >= baseline.recall(k) - margin
-    return GateResult(k=k, margin=margin, current_recall=baseline.recall(k),
-                      candidate_recall=candidate_recall, n_predictions=counts[True],
-                      candidate_new_item_recall=hits[False] / counts[False]
-                      if counts[False] else None,
-                      n_new_item_predictions=counts[False], passed=passed)
-
-
+    return GateResult(
+        k=k,
+        margin=margin,
+        current_recall=baseline.recall(k),
+        candidate_recall=candidate_recall,
+        n_predictions=counts[True],
+        candidate_new_item_recall=hits[False] / counts[False] if counts[False] else None,
+        n_new_item_predictions=counts[False],
+        passed=passed,
+    )

@@ -37,26 +37,34 @@ class LearningLoop:
     """Buffer, replay sample and rounds of train-gate-publish (no Kafka: the consumer
     feeds :meth:`add`, and tests drive :meth:`round` directly)."""
 
-    def __init__(self, settings: TrainerSettings, registry: ModelRegistry,
-                 out: TextIO = sys.stdout, metrics: TrainerMetrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: TrainerSettings,
+        registry: ModelRegistry,
+        out: TextIO = sys.stdout,
+        metrics: TrainerMetrics | None = None,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics or TrainerMetrics()
         self.registry = registry
         self.out = out
-        self.buffer = SessionBuffer(settings.session_timeout_s, settings.max_buffer_sessions,
-                                    settings.max_session_age_s)
+        self.buffer = SessionBuffer(
+            settings.session_timeout_s, settings.max_buffer_sessions, settings.max_session_age_s
+        )
         self.replay = ReplaySample(settings.replay_sample, random.Random(settings.seed))
         self.replay_log: SessionPool | None = None
         if settings.replay_log and settings.replay_log_sample:
-            self.replay_log = SessionPool(read_clicks(settings.replay_log),
-                                          MAX_REPLAY_LOG_SESSIONS,
-                                          random.Random(settings.seed + 1))
+            self.replay_log = SessionPool(
+                read_clicks(settings.replay_log),
+                MAX_REPLAY_LOG_SESSIONS,
+                random.Random(settings.seed + 1),
+            )
         self.rejected_clicks = 0
         self.rounds = 0
         #: measured training speed, clicks x epochs per second (None until a round ran)
         self.throughput: float | None = None
         self._budget_rng = random.Random(settings.seed + 2)
-        self.clicks = 0                 # valid clicks added so far
+        self.clicks = 0  # valid clicks added so far
         self._clicks_at_last_round = 0
         self._current: Recommender | None = None
         #: ids of buffered sessions that got a click on an item the model did not know
@@ -77,8 +85,9 @@ class LearningLoop:
         settings = self.settings
         quiet = self.clicks == self._clicks_at_last_round  # nothing new since last round
         idle = quiet and complete < settings.min_sessions
-        return (complete >= settings.min_sessions
-                or (idle and complete > settings.holdout_sessions)), idle
+        return (
+            complete >= settings.min_sessions or (idle and complete > settings.holdout_sessions)
+        ), idle
 
     def new_item_sessions(self) -> int:
         """Complete sessions that a round started now would train on (not hold out) and
@@ -99,15 +108,14 @@ class LearningLoop:
         complete = self.buffer.complete_sessions()
         if not self._enough(len(complete))[0]:
             return 0
-        trained = set(map(id, complete[:-self.settings.holdout_sessions]))
+        trained = set(map(id, complete[: -self.settings.holdout_sessions]))
         return sum(id(session) in trained for session in waiting)
 
     def current(self) -> Recommender:
         """The registry's current model, reloaded only when the pointer moved."""
         version = self.registry.current_version()
         if self._current is None or self._current.version != version:
-            self._current = self.registry.current(device=self.settings.device,
-                                                  optimizer_state=True)
+            self._current = self.registry.current(device=self.settings.device, optimizer_state=True)
         return self._current
 
     def budget_events(self) -> int | None:
@@ -119,8 +127,9 @@ class LearningLoop:
         speed = self.throughput if self.throughput is not None else PRIOR_THROUGHPUT
         return int(budget * speed / self.settings.epochs)
 
-    def _within_budget(self, fresh: list[BufferedSession], older: list[BufferedSession]
-                       ) -> tuple[list[BufferedSession], list[BufferedSession], dict[str, Any]]:
+    def _within_budget(
+        self, fresh: list[BufferedSession], older: list[BufferedSession]
+    ) -> tuple[list[BufferedSession], list[BufferedSession], dict[str, Any]]:
         """The fresh and older sessions a round trains on within the budget. The most
         recent fresh sessions come first (they carry what the model does not know yet),
         up to ``1 - REPLAY_SHARE`` of the budget when there are older sessions; then a
@@ -151,41 +160,60 @@ class LearningLoop:
         take_fresh(limit)
         kept_fresh = newest_first[:taken][::-1]
         kept_older = [s for s in older if id(s) in chosen]  # in their original order
-        return kept_fresh, kept_older, {
-            "seconds": self.settings.budget_s, "events": limit,
-            "throughput": None if self.throughput is None else round(self.throughput, 1),
-            "fresh_left_out": len(fresh) - len(kept_fresh),
-            "replay_left_out": len(older) - len(kept_older)}
+        return (
+            kept_fresh,
+            kept_older,
+            {
+                "seconds": self.settings.budget_s,
+                "events": limit,
+                "throughput": None if self.throughput is None else round(self.throughput, 1),
+                "fresh_left_out": len(fresh) - len(kept_fresh),
+                "replay_left_out": len(older) - len(kept_older),
+            },
+        )
 
-    def round(self, late_s: float | None = None, trigger: str = "clock",
-              **started_for: Any) -> dict[str, Any]:
+    def round(
+        self, late_s: float | None = None, trigger: str = "clock", **started_for: Any
+    ) -> dict[str, Any]:
         """Train, gate and maybe publish if enough sessions are complete; log and return
         the decision. ``late_s``: how long after it was due the round started;
         ``trigger``: what started it (``clock`` or ``new_items``), logged with
         ``started_for`` (e.g. how many sessions with new items were waiting)."""
         settings = self.settings
         started, clock = time.time(), time.perf_counter()
-        record: dict[str, Any] = {"event": "trainer_round", "buffered": len(self.buffer),
-                                  "evicted": self.buffer.evicted, "stale": self.buffer.stale,
-                                  "rejected_clicks": self.rejected_clicks,
-                                  "trigger": trigger, **started_for}
+        record: dict[str, Any] = {
+            "event": "trainer_round",
+            "buffered": len(self.buffer),
+            "evicted": self.buffer.evicted,
+            "stale": self.buffer.stale,
+            "rejected_clicks": self.rejected_clicks,
+            "trigger": trigger,
+            **started_for,
+        }
         if late_s is not None:
             record["late_s"] = round(late_s, 3)
         complete = self.buffer.complete_count()
         enough, idle = self._enough(complete)
         self._clicks_at_last_round = self.clicks
         if not enough:
-            return self._log({**record, "decision": "wait", "complete_sessions": complete,
-                              "min_sessions": settings.min_sessions})
+            return self._log(
+                {
+                    **record,
+                    "decision": "wait",
+                    "complete_sessions": complete,
+                    "min_sessions": settings.min_sessions,
+                }
+            )
         record.update(idle=idle, started_at=round(started, 3))
         self.rounds += 1
         sessions = self.buffer.take_complete()
-        holdout = sessions[-settings.holdout_sessions:]
-        fresh = sessions[:-settings.holdout_sessions]
+        holdout = sessions[-settings.holdout_sessions :]
+        fresh = sessions[: -settings.holdout_sessions]
         replayed = list(self.replay.sessions)
         self.replay.offer(fresh + holdout)  # for later rounds; this one has its copy
-        from_log = (self.replay_log.draw(settings.replay_log_sample)
-                    if self.replay_log is not None else [])
+        from_log = (
+            self.replay_log.draw(settings.replay_log_sample) if self.replay_log is not None else []
+        )
         fresh, older, budget = self._within_budget(fresh, from_log + replayed)
         if budget:
             record["budget"] = budget
@@ -195,54 +223,83 @@ class LearningLoop:
         current = self.current()
         resume = current.optimizer_state is not None
         learning_rate = settings.learning_rate if resume else settings.fresh_learning_rate
-        record.update(base_version=current.version, round=self.rounds,
-                      sessions={"fresh": len(fresh), "replay": len(replayed),
-                                "replay_log": len(from_log), "holdout": len(holdout)},
-                      resumed_optimizer=resume, learning_rate=learning_rate)
+        record.update(
+            base_version=current.version,
+            round=self.rounds,
+            sessions={
+                "fresh": len(fresh),
+                "replay": len(replayed),
+                "replay_log": len(from_log),
+                "holdout": len(holdout),
+            },
+            resumed_optimizer=resume,
+            learning_rate=learning_rate,
+        )
         prepared = time.perf_counter()
         record["prepare_seconds"] = round(prepared - clock, 3)
         try:
-            candidate, stats = train(sessions_log(from_log + replayed + fresh,
-                                                  "trainer buffer"),
-                                     current.config.replace(n_epochs=settings.epochs,
-                                                            learning_rate=learning_rate),
-                                     seed=settings.seed + self.rounds, device=settings.device,
-                                     base=current, progress=False)
+            candidate, stats = train(
+                sessions_log(from_log + replayed + fresh, "trainer buffer"),
+                current.config.replace(n_epochs=settings.epochs, learning_rate=learning_rate),
+                seed=settings.seed + self.rounds,
+                device=settings.device,
+                base=current,
+                progress=False,
+            )
         except UserError as exc:
             return self._log({**record, "decision": "failed", "reason": str(exc)})
         trained = time.perf_counter()
         speed = stats.n_events * stats.epochs / max(trained - prepared, 1e-6)
-        self.throughput = speed if self.throughput is None else \
-            0.5 * self.throughput + 0.5 * speed
-        result = gate(current, candidate, sessions_log(holdout, "trainer holdout"),
-                      settings.gate_margin)
+        self.throughput = speed if self.throughput is None else 0.5 * self.throughput + 0.5 * speed
+        result = gate(
+            current, candidate, sessions_log(holdout, "trainer holdout"), settings.gate_margin
+        )
         gated = time.perf_counter()
-        record.update(gate=result.to_dict(), new_items=candidate.n_items - current.n_items,
-                      train_seconds=round(stats.train_seconds, 3),
-                      fit_seconds=round(trained - prepared, 3),
-                      gate_seconds=round(gated - trained, 3),
-                      train_events=stats.n_events, epochs=stats.epochs,
-                      final_loss=stats.final_loss)
+        record.update(
+            gate=result.to_dict(),
+            new_items=candidate.n_items - current.n_items,
+            train_seconds=round(stats.train_seconds, 3),
+            fit_seconds=round(trained - prepared, 3),
+            gate_seconds=round(gated - trained, 3),
+            train_events=stats.n_events,
+            epochs=stats.epochs,
+            final_loss=stats.final_loss,
+        )
         if not result.passed:
             return self._log({**record, "decision": "rejected", "reason": result.reason()})
-        training = {"base_version": current.version, "epochs": stats.epochs,
-                    "n_events": stats.n_events, "final_loss": stats.final_loss,
-                    "train_seconds": stats.train_seconds, "round": self.rounds,
-                    "learning_rate": learning_rate,
-                    "resumed_optimizer": stats.resumed_optimizer, **record["sessions"]}
+        training = {
+            "base_version": current.version,
+            "epochs": stats.epochs,
+            "n_events": stats.n_events,
+            "final_loss": stats.final_loss,
+            "train_seconds": stats.train_seconds,
+            "round": self.rounds,
+            "learning_rate": learning_rate,
+            "resumed_optimizer": stats.resumed_optimizer,
+            **record["sessions"],
+        }
         try:
-            version = self.registry.publish(candidate, training=training,
-                                            metrics={"gate": result.to_dict()},
-                                            if_current=current.version)
+            version = self.registry.publish(
+                candidate,
+                training=training,
+                metrics={"gate": result.to_dict()},
+                if_current=current.version,
+            )
         except UserError as exc:
             return self._log({**record, "decision": "not_published", "reason": str(exc)})
         self._current = candidate
         published = time.perf_counter()
-        return self._log({**record, "decision": "promoted", "version": version,
-                          "publish_seconds": round(published - gated, 3),
-                          "round_seconds": round(published - clock, 3),
-                          "published_at": round(time.time(), 3),
-                          "reason": result.reason()})
+        return self._log(
+            {
+                **record,
+                "decision": "promoted",
+                "version": version,
+                "publish_seconds": round(published - gated, 3),
+                "round_seconds": round(published - clock, 3),
+                "published_at": round(time.time(), 3),
+                "reason": result.reason(),
+            }
+        )
 
     def _log(self, record: dict[str, Any]) -> dict[str, Any]:
         print(json.dumps(record, sort_keys=True), file=self.out, flush=True)

@@ -23,19 +23,34 @@ class TrainerMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.buffered = Gauge("streamrec_trainer_buffered_sessions",
-                              help_text("streamrec_trainer_buffered_sessions"),
-                              registry=self.registry)
-        self.rounds = Counter("streamrec_trainer_rounds", help_text("streamrec_trainer_rounds"),
-                              ["decision"], registry=self.registry)
-        self.retrain_seconds = Histogram("streamrec_trainer_retrain_seconds",
-                                         help_text("streamrec_trainer_retrain_seconds"),
-                                         buckets=RETRAIN_BUCKETS, registry=self.registry)
-        self.loss = Gauge("streamrec_trainer_training_loss",
-                          help_text("streamrec_trainer_training_loss"), registry=self.registry)
-        self.gate_recall = Gauge("streamrec_trainer_gate_recall",
-                                 help_text("streamrec_trainer_gate_recall"), ["model"],
-                                 registry=self.registry)
+        self.buffered = Gauge(
+            "streamrec_trainer_buffered_sessions",
+            help_text("streamrec_trainer_buffered_sessions"),
+            registry=self.registry,
+        )
+        self.rounds = Counter(
+            "streamrec_trainer_rounds",
+            help_text("streamrec_trainer_rounds"),
+            ["decision"],
+            registry=self.registry,
+        )
+        self.retrain_seconds = Histogram(
+            "streamrec_trainer_retrain_seconds",
+            help_text("streamrec_trainer_retrain_seconds"),
+            buckets=RETRAIN_BUCKETS,
+            registry=self.registry,
+        )
+        self.loss = Gauge(
+            "streamrec_trainer_training_loss",
+            help_text("streamrec_trainer_training_loss"),
+            registry=self.registry,
+        )
+        self.gate_recall = Gauge(
+            "streamrec_trainer_gate_recall",
+            help_text("streamrec_trainer_gate_recall"),
+            ["model"],
+            registry=self.registry,
+        )
         self.heartbeat = time.monotonic()
         self.training = False
         self.not_ready_reason: str | None = "not consuming yet"
@@ -60,8 +75,10 @@ class TrainerMetrics:
         if self.training:
             return True, "training"
         stalled = time.monotonic() - self.heartbeat
-        return (stalled < STALL_S, "ok" if stalled < STALL_S else
-                f"consume loop stalled for {stalled:.0f} s")
+        return (
+            stalled < STALL_S,
+            "ok" if stalled < STALL_S else f"consume loop stalled for {stalled:.0f} s",
+        )
 
     def readiness(self) -> tuple[bool, str]:
         return (self.not_ready_reason is None, self.not_ready_reason or "ok")

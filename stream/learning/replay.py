@@ -55,8 +55,11 @@ class SessionPool:
         ends = offsets[usable + 1]
         starts = np.maximum(offsets[usable], ends - MAX_SESSION_CLICKS)
         lengths = ends - starts
-        keep = (np.concatenate([np.arange(lo, hi) for lo, hi in zip(starts, ends)])
-                if len(usable) else np.zeros(0, dtype=np.int64))
+        keep = (
+            np.concatenate([np.arange(lo, hi) for lo, hi in zip(starts, ends)])
+            if len(usable)
+            else np.zeros(0, dtype=np.int64)
+        )
         self.item_ids = log.item_ids
         self.items = log.items[keep]
         self.times = log.times[keep]
@@ -79,5 +82,3 @@ class SessionPool:
             session.last_time = float(self.times[hi - 1])
             sessions.append(session)
         return sessions
-
-

@@ -22,11 +22,11 @@ import torch
 
 from model.artifact import load_model
 from model.inference import Recommender
-from stream.serving.credentials import faust_credentials
 from stream.kafka.probe import BrokerProbe
 from stream.observability import serve
 from stream.registry import ModelRegistry
 from stream.serving import faust_patches
+from stream.serving.credentials import faust_credentials
 from stream.serving.hot_swap import watch_registry
 from stream.serving.metrics import REFRESH_S, refresh, register, worker_app
 from stream.serving.processor import ClickProcessor
@@ -75,20 +75,33 @@ def faust_app(settings: WorkerSettings) -> faust.App:
 def raw_topic(app: faust.App, settings: WorkerSettings, *names: str) -> faust.TopicT:
     """A topic of raw bytes. Faust's default JSON codec would drop undecodable clicks
     before the agent could route them to the dead-letter topic."""
-    return app.topic(*names, key_type=bytes, value_type=bytes, key_serializer="raw",
-                     value_serializer="raw", partitions=settings.partitions)
+    return app.topic(
+        *names,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=settings.partitions,
+    )
 
 
-def create_app(settings: WorkerSettings,
-               recommender: Recommender) -> tuple[faust.App, ClickProcessor]:
+def create_app(
+    settings: WorkerSettings, recommender: Recommender
+) -> tuple[faust.App, ClickProcessor]:
     """The Faust app (topics, table, agent, timers) and its processor; contacts no broker."""
     app = faust_app(settings)
     clicks = raw_topic(app, settings, settings.input_topic, expiry_topic(settings))
     output = raw_topic(app, settings, settings.output_topic)
     dead_letters = raw_topic(app, settings, settings.dlq_topic)
     expiry = raw_topic(app, settings, expiry_topic(settings))
-    table = app.Table("sessions", key_type=bytes, value_type=bytes, default=None,
-                      partitions=settings.partitions, extra_topic_configs=CHANGELOG_CONFIG)
+    table = app.Table(
+        "sessions",
+        key_type=bytes,
+        value_type=bytes,
+        default=None,
+        partitions=settings.partitions,
+        extra_topic_configs=CHANGELOG_CONFIG,
+    )
     processor = ClickProcessor(settings, recommender, table, output, dead_letters)
     app.on_partitions_revoked.connect(processor.on_rebalance)
     app.on_partitions_assigned.connect(processor.on_rebalance)
@@ -96,36 +109,47 @@ def create_app(settings: WorkerSettings,
 
     @app.agent(clicks, concurrency=1)
     async def answer_clicks(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(settings.batch_size,
-                                               within=settings.batch_ms / 1000.0):
+        async for events in stream.take_events(  # type: ignore[attr-defined]  # not in StreamT
+            settings.batch_size, within=settings.batch_ms / 1000.0
+        ):
             try:
                 await processor.process(events)
             except Exception:  # a bug: do not let take_events() ack the batch
-                logger.critical("unexpected error; exiting so the batch is redelivered",
-                                exc_info=True)
+                logger.critical(
+                    "unexpected error; exiting so the batch is redelivered", exc_info=True
+                )
                 logging.shutdown()
                 os._exit(70)
 
     @app.timer(settings.expiry_interval_s)
     async def send_expiry_markers() -> None:
         for partition, before in processor.expiry.markers().items():
-            await expiry.send(key=b"expiry", value=json.dumps({"before": before}).encode(),
-                              partition=partition, force=True)
+            await expiry.send(
+                key=b"expiry",
+                value=json.dumps({"before": before}).encode(),
+                partition=partition,
+                force=True,
+            )
 
     @app.timer(REFRESH_S, on_leader=False, name="streamrec.metrics")
     async def refresh_health() -> None:
-        refresh(app, processor.health, settings.input_topic, processor.metrics.positions,
-                processor.table)
+        refresh(
+            app,
+            processor.health,
+            settings.input_topic,
+            processor.metrics.positions,
+            processor.table,
+        )
 
     return app, processor
 
 
 def run(settings: WorkerSettings) -> int:
     """Serve until stopped (``streamrec worker``)."""
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    registry = ModelRegistry(settings.model) if ModelRegistry.is_registry(settings.model) \
-        else None
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    registry = ModelRegistry(settings.model) if ModelRegistry.is_registry(settings.model) else None
     recommender = registry.current() if registry else load_model(settings.model, device="cpu")
     torch.set_num_threads(settings.torch_threads)
     faust_patches.apply(settings.fetch_max_wait_ms)
@@ -140,8 +164,12 @@ def run(settings: WorkerSettings) -> int:
         watch_registry(app, processor, registry, settings.model_poll_s)
     logger.warning(
         "worker %s starting: model %s (%d items), broker %s, %d partitions",
-        settings.app_id, recommender.version, recommender.n_items, settings.bootstrap,
-        settings.partitions)
+        settings.app_id,
+        recommender.version,
+        recommender.n_items,
+        settings.bootstrap,
+        settings.partitions,
+    )
     return run_app(app, settings)
 
 

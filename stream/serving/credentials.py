@@ -26,21 +26,27 @@ def faust_credentials(environ: Mapping[str, str] | None = None) -> CredentialsT 
     config = security_config(environ)
     protocol = config.get("security.protocol", "PLAINTEXT").upper()
     if protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
-        raise UserError(f"STREAMREC_KAFKA_SECURITY_PROTOCOL={protocol!r} must be PLAINTEXT, "
-                        f"SSL, SASL_PLAINTEXT or SASL_SSL")
+        raise UserError(
+            f"STREAMREC_KAFKA_SECURITY_PROTOCOL={protocol!r} must be PLAINTEXT, "
+            f"SSL, SASL_PLAINTEXT or SASL_SSL"
+        )
     context = None
     if protocol.endswith("SSL"):
         try:
             context = ssl.create_default_context(cafile=config.get("ssl.ca.location"))
             if "ssl.certificate.location" in config:
-                context.load_cert_chain(config["ssl.certificate.location"],
-                                        config.get("ssl.key.location"))
+                context.load_cert_chain(
+                    config["ssl.certificate.location"], config.get("ssl.key.location")
+                )
         except (OSError, ssl.SSLError) as exc:
-            raise UserError(f"cannot load the TLS files from STREAMREC_KAFKA_SSL_*: {exc}") \
-                from None
+            raise UserError(
+                f"cannot load the TLS files from STREAMREC_KAFKA_SSL_*: {exc}"
+            ) from None
     if protocol.startswith("SASL"):
-        return SASLCredentials(username=config.get("sasl.username"),
-                               password=config.get("sasl.password"),
-                               mechanism=config.get("sasl.mechanism", "PLAIN"),
-                               ssl_context=context)
+        return SASLCredentials(
+            username=config.get("sasl.username"),
+            password=config.get("sasl.password"),
+            mechanism=config.get("sasl.mechanism", "PLAIN"),
+            ssl_context=context,
+        )
     return SSLCredentials(context) if context is not None else None

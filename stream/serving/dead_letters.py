@@ -42,10 +42,11 @@ class DeadLetters:
     async def send(self, message: Message, rejected: Rejected) -> None:
         """Send the dead letter of ``message`` and await its delivery."""
         self.counts[rejected.reason] = self.counts.get(rejected.reason, 0) + 1
-        headers = [("streamrec-reason", rejected.reason.encode()),
-                   ("streamrec-detail", rejected.detail.encode("utf-8", "replace")[:1000]),
-                   ("streamrec-source", f"{message.topic}/{message.partition}/"
-                                        f"{message.offset}".encode())]
+        headers = [
+            ("streamrec-reason", rejected.reason.encode()),
+            ("streamrec-detail", rejected.detail.encode("utf-8", "replace")[:1000]),
+            ("streamrec-source", f"{message.topic}/{message.partition}/{message.offset}".encode()),
+        ]
         key, value = message.key, message.value or b""
         try:
             await self._send(key, value, headers)
@@ -53,18 +54,31 @@ class DeadLetters:
             limit = TRUNCATED_DEAD_LETTER_BYTES
             if not _too_large(exc) or (len(key or b"") <= limit and len(value) <= limit):
                 raise
-            logger.warning("dead letter of %s/%s/%s too large (%s): truncated", message.topic,
-                           message.partition, message.offset, exc)
-            headers.append(("streamrec-truncated",
-                            f"key={len(key or b'')} value={len(value)}".encode()))
+            logger.warning(
+                "dead letter of %s/%s/%s too large (%s): truncated",
+                message.topic,
+                message.partition,
+                message.offset,
+                exc,
+            )
+            headers.append(
+                ("streamrec-truncated", f"key={len(key or b'')} value={len(value)}".encode())
+            )
             await self._send(key if key is None else key[:limit], value[:limit], headers)
-        logger.info("rejected %s/%s/%s: %s", message.topic, message.partition,
-                    message.offset, rejected.detail)
+        logger.info(
+            "rejected %s/%s/%s: %s",
+            message.topic,
+            message.partition,
+            message.offset,
+            rejected.detail,
+        )
 
-    async def _send(self, key: bytes | None, value: bytes,
-                    headers: list[tuple[str, bytes]]) -> None:
+    async def _send(
+        self, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]
+    ) -> None:
         """The app's producer directly, as for the answers: a failed ``Topic.send`` also
         leaves an unretrieved future that logs a spurious error."""
         delivery = await self.topic.app.producer.send(
-            self.topic.get_topic_name(), key, value, None, None, headers)
+            self.topic.get_topic_name(), key, value, None, None, headers
+        )
         await delivery

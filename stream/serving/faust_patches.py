@@ -69,16 +69,18 @@ async def _getmany(self: Consumer, timeout: float) -> AsyncIterator[tuple[TP, Me
         for tp, record in self.scheduler.iterate(records):
             if not self.flow_active or self.app.consumer_generation_id != generation_id:
                 break
-            deliverable = (active_partitions is None or tp in active_partitions
-                           or tp in self._buffered_partitions)
+            deliverable = (
+                active_partitions is None
+                or tp in active_partitions
+                or tp in self._buffered_partitions
+            )
             if tp in held_back or not deliverable:
                 held_back.add(tp)
                 continue
             self.app.monitor.track_tp_end_offset(tp, self.highwater(tp))
             undelivered[tp] = record.offset + 1
             yield tp, self._to_message(tp, record)
-    rewind = {tp: offset for tp, offset in undelivered.items()
-              if offset <= records[tp][-1].offset}
+    rewind = {tp: offset for tp, offset in undelivered.items() if offset <= records[tp][-1].offset}
     if rewind:
         await _seek_back(self, rewind)
     if not self.flow_active:  # Faust's own rule for stream partitions, as Faust does it

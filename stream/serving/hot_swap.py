@@ -30,8 +30,8 @@ import time
 import faust
 
 from model.errors import UserError
-from stream.serving.processor import ClickProcessor
 from stream.registry import POINTER, ModelRegistry
+from stream.serving.processor import ClickProcessor
 
 logger = logging.getLogger("streamrec.hot_swap")
 
@@ -50,8 +50,11 @@ class ModelWatcher:
         try:
             version = await loop.run_in_executor(None, self.registry.current_version)
         except (UserError, OSError) as exc:
-            logger.error("cannot read the registry pointer (still serving %s): %s",
-                         self.processor.recommender.version, exc)
+            logger.error(
+                "cannot read the registry pointer (still serving %s): %s",
+                self.processor.recommender.version,
+                exc,
+            )
             return
         serving = self.processor.recommender.version
         if version is None or version == serving or version in self.rejected:
@@ -65,16 +68,23 @@ class ModelWatcher:
             logger.error("rejected model %s, still serving %s: %s", version, serving, exc)
             return
         except OSError as exc:
-            logger.error("could not read model %s (will retry), still serving %s: %s",
-                         version, serving, exc)
+            logger.error(
+                "could not read model %s (will retry), still serving %s: %s", version, serving, exc
+            )
             return
         loaded = time.time()
         self.processor.recommender = recommender
         self.processor.counters.swaps += 1
-        logger.warning("swapped model %s -> %s (%d items): pointer moved %.3f s before it "
-                       "was noticed, loaded in %.3f s, swapped at %.3f", serving, version,
-                       recommender.n_items, noticed - self._pointer_moved_at(), loaded - noticed,
-                       time.time())
+        logger.warning(
+            "swapped model %s -> %s (%d items): pointer moved %.3f s before it "
+            "was noticed, loaded in %.3f s, swapped at %.3f",
+            serving,
+            version,
+            recommender.n_items,
+            noticed - self._pointer_moved_at(),
+            loaded - noticed,
+            time.time(),
+        )
 
     def _pointer_moved_at(self) -> float:
         """When ``CURRENT`` was last replaced (its mtime), for the swap's log line."""
@@ -84,8 +94,9 @@ class ModelWatcher:
             return float("nan")
 
 
-def watch_registry(app: faust.App, processor: ClickProcessor, registry: ModelRegistry,
-                   interval_s: float) -> ModelWatcher:
+def watch_registry(
+    app: faust.App, processor: ClickProcessor, registry: ModelRegistry, interval_s: float
+) -> ModelWatcher:
     """Poll ``registry`` every ``interval_s`` seconds on every worker of ``app``."""
     watcher = ModelWatcher(registry, processor)
     app.timer(interval_s, on_leader=False, name="streamrec.watch_registry")(watcher.check)

@@ -38,10 +38,25 @@ from stream.quality import ONLINE_KS, PrequentialQuality
 
 REFRESH_S = 1.0  # heartbeat / lag / table-size refresh on the event loop
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5,
-                   5.0, 10.0, 30.0, 60.0)
-SCORING_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                   2.5)
+LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+SCORING_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
@@ -55,7 +70,7 @@ class WorkerCounters:
     unknown_items: int = 0
     expired: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
-    swaps: int = 0            # models swapped in by the registry watcher
+    swaps: int = 0  # models swapped in by the registry watcher
     rejected_models: int = 0  # registry versions that failed verification, never served
 
 
@@ -70,16 +85,20 @@ class WorkerMetrics:
 
         self.event_latency = histogram("streamrec_event_to_publish_seconds", LATENCY_BUCKETS)
         self.ingest_latency = histogram("streamrec_ingest_to_publish_seconds", LATENCY_BUCKETS)
-        self.consume_latency = histogram("streamrec_consume_to_publish_seconds",
-                                         LATENCY_BUCKETS)
+        self.consume_latency = histogram("streamrec_consume_to_publish_seconds", LATENCY_BUCKETS)
         self.scoring_time = histogram("streamrec_batch_scoring_seconds", SCORING_BUCKETS)
         self.batch_size = histogram("streamrec_batch_size", BATCH_BUCKETS)
         self.online = PrequentialQuality()
         # Next offset to process per (topic, partition), from processed batches.
         self.positions: dict[tuple[str, int], int] = {}
 
-    def observe_published(self, published_at: float, consumed_at: float,
-                          event_times: Sequence[float], kafka_times: Sequence[float]) -> None:
+    def observe_published(
+        self,
+        published_at: float,
+        consumed_at: float,
+        event_times: Sequence[float],
+        kafka_times: Sequence[float],
+    ) -> None:
         for event_time in event_times:
             self.event_latency.observe(max(published_at - event_time, 0.0))
         for kafka_time in kafka_times:
@@ -126,8 +145,7 @@ class _CountersCollector:
         if self._created[0] != recommender.version:
             stamp = None
             try:
-                stamp = dt.datetime.fromisoformat(
-                    str(recommender.metadata["created"])).timestamp()
+                stamp = dt.datetime.fromisoformat(str(recommender.metadata["created"])).timestamp()
             except (KeyError, TypeError, ValueError):
                 pass
             self._created = (recommender.version, stamp)
@@ -146,8 +164,9 @@ class _CountersCollector:
 
         yield counter("streamrec_events_consumed", counters.events + sum(rejected.values()))
         yield counter("streamrec_recommendations_published", counters.published)
-        family = CounterMetricFamily("streamrec_events_rejected",
-                                     help_text("streamrec_events_rejected"), labels=["reason"])
+        family = CounterMetricFamily(
+            "streamrec_events_rejected", help_text("streamrec_events_rejected"), labels=["reason"]
+        )
         for reason, count in sorted(rejected.items()):
             family.add_metric([reason], count)
         yield family
@@ -160,34 +179,45 @@ class _CountersCollector:
         online = metrics.online
         predictions, skipped = dict(online.predictions), dict(online.skipped_unknown)
         hits, reciprocal = dict(online.hits), dict(online.reciprocal_rank_sum)
-        families = {name: CounterMetricFamily(name, help_text(name), labels=labels) for name, labels
-                    in (("streamrec_online_predictions", ["model_version"]),
-                        ("streamrec_online_hits", ["model_version", "k"]),
-                        ("streamrec_online_reciprocal_rank_sum", ["model_version"]),
-                        ("streamrec_online_skipped_unknown", ["model_version"]))}
+        families = {
+            name: CounterMetricFamily(name, help_text(name), labels=labels)
+            for name, labels in (
+                ("streamrec_online_predictions", ["model_version"]),
+                ("streamrec_online_hits", ["model_version", "k"]),
+                ("streamrec_online_reciprocal_rank_sum", ["model_version"]),
+                ("streamrec_online_skipped_unknown", ["model_version"]),
+            )
+        }
         for version in sorted(set(predictions) | set(skipped)):
             families["streamrec_online_predictions"].add_metric(
-                [version], predictions.get(version, 0))
+                [version], predictions.get(version, 0)
+            )
             families["streamrec_online_skipped_unknown"].add_metric(
-                [version], skipped.get(version, 0))
+                [version], skipped.get(version, 0)
+            )
             families["streamrec_online_reciprocal_rank_sum"].add_metric(
-                [version], reciprocal.get(version, 0.0))
+                [version], reciprocal.get(version, 0.0)
+            )
             for k in ONLINE_KS:
-                families["streamrec_online_hits"].add_metric([version, str(k)],
-                                                             hits.get((version, k), 0))
+                families["streamrec_online_hits"].add_metric(
+                    [version, str(k)], hits.get((version, k), 0)
+                )
         yield from families.values()
 
         recommender = worker.recommender
-        info = GaugeMetricFamily("streamrec_model_info", help_text("streamrec_model_info"),
-                                 labels=["model_version"])
+        info = GaugeMetricFamily(
+            "streamrec_model_info", help_text("streamrec_model_info"), labels=["model_version"]
+        )
         info.add_metric([recommender.version], 1)
         yield info
         created = self._model_created(recommender)
         if created is not None:
             yield gauge("streamrec_model_age_seconds", max(time.time() - created, 0.0))
-        lag = GaugeMetricFamily("streamrec_consumer_lag_messages",
-                                help_text("streamrec_consumer_lag_messages"),
-                                labels=["topic", "partition"])
+        lag = GaugeMetricFamily(
+            "streamrec_consumer_lag_messages",
+            help_text("streamrec_consumer_lag_messages"),
+            labels=["topic", "partition"],
+        )
         for (topic, partition), value in sorted(dict(health.lag).items()):
             lag.add_metric([topic, str(partition)], value)
         yield lag
@@ -216,8 +246,13 @@ def readiness(worker: ServedWorker) -> tuple[bool, str]:
     return (False, reason) if reason else (True, "ok")
 
 
-def refresh(app: faust.App, health: Health, input_topic: str,
-            positions: dict[tuple[str, int], int], table: Sized) -> None:
+def refresh(
+    app: faust.App,
+    health: Health,
+    input_topic: str,
+    positions: dict[tuple[str, int], int],
+    table: Sized,
+) -> None:
     """On the event loop: heartbeat, assignment, readiness, lag, table size."""
     health.heartbeat = time.monotonic()
     try:
@@ -253,8 +288,7 @@ def refresh(app: faust.App, health: Health, input_topic: str,
 
 def worker_app(worker: ServedWorker) -> Callable[..., Iterable[bytes]]:
     """The worker's HTTP endpoints."""
-    return wsgi_app(worker.metrics.registry, lambda: liveness(worker),
-                    lambda: readiness(worker))
+    return wsgi_app(worker.metrics.registry, lambda: liveness(worker), lambda: readiness(worker))
 
 
 class _FaustCollector:
@@ -265,17 +299,22 @@ class _FaustCollector:
 
     def collect(self) -> Iterator[Metric]:
         monitor = self.app.monitor
-        for name, value in (("faust_messages_received", monitor.messages_received_total),
-                            ("faust_events", monitor.events_total),
-                            ("faust_rebalances", monitor.rebalances)):
+        for name, value in (
+            ("faust_messages_received", monitor.messages_received_total),
+            ("faust_events", monitor.events_total),
+            ("faust_rebalances", monitor.rebalances),
+        ):
             yield CounterMetricFamily(name, help_text(name), value=value)
-        yield GaugeMetricFamily("faust_active_events", help_text("faust_active_events"),
-                                value=monitor.events_active)
+        yield GaugeMetricFamily(
+            "faust_active_events", help_text("faust_active_events"), value=monitor.events_active
+        )
         commits = list(monitor.commit_latency)
         if commits:
-            yield GaugeMetricFamily("faust_commit_latency_seconds",
-                                    help_text("faust_commit_latency_seconds"),
-                                    value=statistics.median(commits))
+            yield GaugeMetricFamily(
+                "faust_commit_latency_seconds",
+                help_text("faust_commit_latency_seconds"),
+                value=statistics.median(commits),
+            )
 
 
 def register(worker: ServedWorker, app: faust.App | None = None) -> None:

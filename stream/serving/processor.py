@@ -21,10 +21,11 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Awaitable, Sequence
+from typing import Any, cast
 
 import faust
-from faust.types import EventT
+from faust.types import EventT, TableT
 
 from model.inference import Recommender
 from stream.kafka.wire import Rejected, encode_recommendation, parse_click
@@ -46,9 +47,14 @@ class ClickProcessor:
     falls between two batches and no batch mixes model versions.
     """
 
-    def __init__(self, settings: WorkerSettings, recommender: Recommender,
-                 table: faust.Table | MutableMapping[bytes, bytes], output: faust.TopicT,
-                 dead_letters: faust.TopicT) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        recommender: Recommender,
+        table: TableT,
+        output: faust.TopicT,
+        dead_letters: faust.TopicT,
+    ) -> None:
         self.settings = settings
         self.recommender = recommender
         self.table = table
@@ -60,7 +66,7 @@ class ClickProcessor:
         self.expiry = SessionExpiry(table, settings.session_timeout_s, self._expired)
         self._expiry_topic = expiry_topic(settings)
         self._serving = False
-        self._state_writes: list[asyncio.Future] = []  # changelog records in flight
+        self._state_writes: list[Awaitable[Any]] = []  # changelog records in flight
 
     async def process(self, events: Sequence[EventT]) -> None:
         logger.debug("batch of %d events", len(events))
@@ -92,11 +98,11 @@ class ClickProcessor:
         await asyncio.gather(*dead_letters, *([self._answer(clicks, now)] if clicks else []))
         self.expiry.delete_idle(max(EXPIRY_DELETES_FLOOR, len(events)))
         for event in events:
-            self.metrics.processed(event.message.topic, event.message.partition,
-                                   event.message.offset)
+            self.metrics.processed(
+                event.message.topic, event.message.partition, event.message.offset
+            )
 
-    async def _answer(self, clicks: list[tuple[EventT, SourcedClick]],
-                      consumed_at: float) -> None:
+    async def _answer(self, clicks: list[tuple[EventT, SourcedClick]], consumed_at: float) -> None:
         stored: dict[str, SessionState | None] = {}
         store = self.table.data  # read as written below: the store, without per-key sensors
         for event, sourced in clicks:
@@ -106,8 +112,7 @@ class ClickProcessor:
                 stored[session_id] = SessionState.decode(raw) if raw is not None else None
         recommender = self.recommender  # one version for the whole batch
         started = time.perf_counter()
-        outcomes = apply_clicks(recommender, [c for _, c in clicks], stored,
-                                self.settings.top_n)
+        outcomes = apply_clicks(recommender, [c for _, c in clicks], stored, self.settings.top_n)
         self.metrics.scoring_time.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(len(clicks))
         deliveries = []
@@ -117,24 +122,43 @@ class ClickProcessor:
                 self.counters.duplicates += 1
                 continue
             self.counters.unknown_items += not outcome.known_item
-            value = encode_recommendation(sourced.click, outcome.items, outcome.scores,
-                                          recommender.version, sourced.partition,
-                                          sourced.offset)
+            value = encode_recommendation(
+                sourced.click,
+                outcome.items,
+                outcome.scores,
+                recommender.version,
+                sourced.partition,
+                sourced.offset,
+            )
             # The app's producer directly: Topic.send's bookkeeping cost more than the
             # model per click (profiled), and attachments must be bypassed here anyway.
-            deliveries.append(await self.output.app.producer.send(
-                self.output.get_topic_name(), event.message.key, value, sourced.partition,
-                None, None))
+            deliveries.append(
+                await self.output.app.producer.send(
+                    self.output.get_topic_name(),
+                    event.message.key,
+                    value,
+                    sourced.partition,
+                    None,
+                    None,
+                )
+            )
         await asyncio.gather(*deliveries)
         self.counters.published += len(deliveries)
-        answered = [(e, s, o) for (e, s), o in zip(clicks, outcomes) if o.state is not None]
-        self.metrics.observe_published(time.time(), consumed_at,
-                                       [s.click.timestamp for _, s, _ in answered],
-                                       [e.message.timestamp for e, _, _ in answered])
-        for _, sourced, outcome in answered:
-            self.metrics.online.observe(sourced.click.session_id, sourced.click.item_id,
-                                        outcome.items, recommender.version,
-                                        recommender.item_map)
+        answered = [(e, s, o, o.state) for (e, s), o in zip(clicks, outcomes) if o.state]
+        self.metrics.observe_published(
+            time.time(),
+            consumed_at,
+            [s.click.timestamp for _, s, _, _ in answered],
+            [e.message.timestamp for e, _, _, _ in answered],
+        )
+        for _, sourced, outcome, _ in answered:
+            self.metrics.online.observe(
+                sourced.click.session_id,
+                sourced.click.item_id,
+                outcome.items,
+                recommender.version,
+                recommender.item_map,
+            )
         # What ``table[key] = state`` does in the event's context, without Faust's
         # per-write bookkeeping (a pending-message object, a buffer task, sensors: ~7 % of
         # a worker's CPU, profiled): the state goes into the table's store and its
@@ -142,12 +166,15 @@ class ClickProcessor:
         # the producer before it commits offsets; a failed write stops the worker at the
         # next batch (see :meth:`_await_state_writes`).
         changelog = self.table.changelog_topic.get_topic_name()
-        for event, sourced, outcome in answered:
-            key, value = event.message.key, outcome.state.encode()
+        for event, sourced, _, state in answered:
+            key, value = cast(bytes, event.message.key), state.encode()  # clicks have keys
             store[key] = value
-            self._state_writes.append(await self.output.app.producer.send(
-                changelog, key, value, sourced.partition, None, None))
-            self.expiry.idle.touch(sourced.partition, key, outcome.state.last_time)
+            self._state_writes.append(
+                await self.output.app.producer.send(
+                    changelog, key, value, sourced.partition, None, None
+                )
+            )
+            self.expiry.idle.touch(sourced.partition, key, state.last_time)
 
     async def _await_state_writes(self) -> None:
         """Wait for the previous batch's changelog records (by now mostly delivered).

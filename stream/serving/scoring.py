@@ -47,8 +47,12 @@ class Outcome:
     rebuilt: bool
 
 
-def apply_clicks(recommender: Recommender, clicks: Sequence[SourcedClick],
-                 stored: dict[str, SessionState | None], top_n: int) -> list[Outcome]:
+def apply_clicks(
+    recommender: Recommender,
+    clicks: Sequence[SourcedClick],
+    stored: dict[str, SessionState | None],
+    top_n: int,
+) -> list[Outcome]:
     """New state and recommendations for each click, in input order."""
     outcomes: list[Outcome | None] = [None] * len(clicks)
     current = dict(stored)
@@ -61,9 +65,9 @@ def apply_clicks(recommender: Recommender, clicks: Sequence[SourcedClick],
             waves.append([])
         waves[wave].append(i)
     advanced: list[_Advanced] = []
-    for wave in waves:
+    for wave_clicks in waves:
         fresh = []
-        for i in wave:
+        for i in wave_clicks:
             state = current.get(clicks[i].click.session_id)
             if state is not None and clicks[i].offset <= state.last_offset:
                 outcomes[i] = Outcome(None, (), (), False, False)
@@ -79,12 +83,12 @@ def apply_clicks(recommender: Recommender, clicks: Sequence[SourcedClick],
         top_items, top_scores = recommender.top_k(hidden, started, top_n)
         item_id = recommender.item_map.ids.__getitem__
         rows = zip(top_items.tolist(), top_scores.tolist())
-        for wave in advanced:
-            for i, state, known, rebuilt in zip(wave.clicks, wave.states, wave.known,
-                                                wave.rebuilt):
+        for done in advanced:
+            for i, state, known, rebuilt in zip(done.clicks, done.states, done.known, done.rebuilt):
                 items, scores = next(rows)
-                outcomes[i] = Outcome(state, tuple(map(item_id, items)), tuple(scores),
-                                      known, rebuilt)
+                outcomes[i] = Outcome(
+                    state, tuple(map(item_id, items)), tuple(scores), known, rebuilt
+                )
     return outcomes  # type: ignore[return-value]
 
 
@@ -100,28 +104,40 @@ class _Advanced:
     rebuilt: list[bool]
 
 
-def _advance_wave(recommender: Recommender, clicks: Sequence[SourcedClick], wave: list[int],
-                  current: dict[str, SessionState | None]) -> _Advanced:
+def _advance_wave(
+    recommender: Recommender,
+    clicks: Sequence[SourcedClick],
+    wave: list[int],
+    current: dict[str, SessionState | None],
+) -> _Advanced:
     """Apply one click per session (``wave``) and update ``current``."""
     states = [current.get(clicks[i].click.session_id) for i in wave]
-    fresh = [j for j, s in enumerate(states) if s is not None
-             and s.model_version == recommender.version]
-    stale = [j for j, s in enumerate(states) if s is not None
-             and s.model_version != recommender.version]
+    fresh = [
+        (j, s)
+        for j, s in enumerate(states)
+        if s is not None and s.model_version == recommender.version
+    ]
+    stale = [
+        (j, s)
+        for j, s in enumerate(states)
+        if s is not None and s.model_version != recommender.version
+    ]
     hidden = torch.zeros(len(wave), recommender.state_size)
     started = torch.zeros(len(wave), dtype=torch.bool)
     if fresh:
-        index = torch.tensor(fresh)
-        hidden[index] = torch.from_numpy(np.stack([states[j].hidden for j in fresh]))
-        started[index] = torch.tensor([states[j].started for j in fresh])
+        index = torch.tensor([j for j, _ in fresh])
+        hidden[index] = torch.from_numpy(np.stack([s.hidden for _, s in fresh]))
+        started[index] = torch.tensor([s.started for _, s in fresh])
     if stale:
         rebuilt_hidden, rebuilt_started = rebuild_states(
-            recommender, [states[j].recent_items for j in stale])  # type: ignore[union-attr]
-        index = torch.tensor(stale)
+            recommender, [s.recent_items for _, s in stale]
+        )
+        index = torch.tensor([j for j, _ in stale])
         hidden[index] = rebuilt_hidden.to(hidden.device)
         started[index] = rebuilt_started
-    items = torch.tensor([recommender.item_map.index_of(clicks[i].click.item_id) for i in wave],
-                         dtype=torch.int64)
+    items = torch.tensor(
+        [recommender.item_map.index_of(clicks[i].click.item_id) for i in wave], dtype=torch.int64
+    )
     new_hidden = recommender.step(hidden, items)
     new_started = started | (items >= 0)
     new_hidden_np = new_hidden.cpu().numpy()
@@ -131,28 +147,36 @@ def _advance_wave(recommender: Recommender, clicks: Sequence[SourcedClick], wave
         sourced = clicks[i]
         previous = states[j]
         recent = (previous.recent_items if previous else ()) + (sourced.click.item_id,)
-        state = SessionState(hidden=new_hidden_np[j].copy(),
-                             recent_items=recent[-RECENT_ITEMS:],
-                             last_offset=sourced.offset,
-                             last_time=max(sourced.click.timestamp,
-                                           previous.last_time if previous else 0.0),
-                             started=started_flags[j],
-                             model_version=recommender.version,
-                             partition=sourced.partition)
+        state = SessionState(
+            hidden=new_hidden_np[j].copy(),
+            recent_items=recent[-RECENT_ITEMS:],
+            last_offset=sourced.offset,
+            last_time=max(sourced.click.timestamp, previous.last_time if previous else 0.0),
+            started=started_flags[j],
+            model_version=recommender.version,
+            partition=sourced.partition,
+        )
         current[sourced.click.session_id] = state
         new_states.append(state)
     stale_set = set(stale)
-    return _Advanced(wave, new_hidden, new_started.to(recommender.device), new_states,
-                     (items >= 0).tolist(), [j in stale_set for j in range(len(wave))])
+    return _Advanced(
+        wave,
+        new_hidden,
+        new_started.to(recommender.device),
+        new_states,
+        (items >= 0).tolist(),
+        [j in stale_set for j in range(len(wave))],
+    )
 
 
-def rebuild_states(recommender: Recommender,
-                   histories: Sequence[Sequence[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+def rebuild_states(
+    recommender: Recommender, histories: Sequence[Sequence[str]]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden states (and started flags) of sessions replayed from their item histories."""
     longest = max((len(h) for h in histories), default=0)
     index = np.full((len(histories), longest), -1, dtype=np.int64)
     for row, history in enumerate(histories):
-        index[row, :len(history)] = [recommender.item_map.index_of(i) for i in history]
+        index[row, : len(history)] = [recommender.item_map.index_of(i) for i in history]
     hidden = recommender.initial_states(len(histories))
     for position in range(longest):
         hidden = recommender.step(hidden, torch.from_numpy(index[:, position]))

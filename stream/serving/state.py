@@ -47,8 +47,19 @@ class SessionState:
         version = self.model_version.encode("utf-8")
         items = [item.encode("utf-8") for item in self.recent_items[-RECENT_ITEMS:]]
         hidden = np.ascontiguousarray(self.hidden, dtype=np.float32)
-        parts = [_HEADER.pack(FORMAT, self.partition, self.last_offset, self.last_time, self.started,
-                              len(version), len(items), hidden.size), version]
+        parts = [
+            _HEADER.pack(
+                FORMAT,
+                self.partition,
+                self.last_offset,
+                self.last_time,
+                self.started,
+                len(version),
+                len(items),
+                hidden.size,
+            ),
+            version,
+        ]
         for item in items:
             parts.append(struct.pack("<H", len(item)))
             parts.append(item)
@@ -63,19 +74,27 @@ class SessionState:
 
     @classmethod
     def decode(cls, data: bytes) -> SessionState:
-        fmt, partition, offset, time, started, version_len, n_items, dims = _HEADER.unpack_from(data)
+        fmt, partition, offset, time, started, version_len, n_items, dims = _HEADER.unpack_from(
+            data
+        )
         if fmt != FORMAT:
             raise ValueError(f"unknown session state format {fmt}")
         pos = _HEADER.size
-        version = data[pos:pos + version_len].decode("utf-8")
+        version = data[pos : pos + version_len].decode("utf-8")
         pos += version_len
         items = []
         for _ in range(n_items):
             (length,) = struct.unpack_from("<H", data, pos)
             pos += 2
-            items.append(data[pos:pos + length].decode("utf-8"))
+            items.append(data[pos : pos + length].decode("utf-8"))
             pos += length
         hidden = np.frombuffer(data, dtype=np.float32, count=dims, offset=pos)
-        return cls(hidden=hidden, recent_items=tuple(items), last_offset=offset,
-                   last_time=time, started=bool(started), model_version=version,
-                   partition=partition)
+        return cls(
+            hidden=hidden,
+            recent_items=tuple(items),
+            last_offset=offset,
+            last_time=time,
+            started=bool(started),
+            model_version=version,
+            partition=partition,
+        )

@@ -20,8 +20,11 @@ logger = logging.getLogger("streamrec.worker")
 
 # Compacted, with small segments: the active segment is never compacted, and a state is
 # rewritten on every click, so large segments would make recovery replay stale copies.
-CHANGELOG_CONFIG = {"cleanup.policy": "compact", "segment.ms": "600000",
-                    "min.cleanable.dirty.ratio": "0.2"}
+CHANGELOG_CONFIG = {
+    "cleanup.policy": "compact",
+    "segment.ms": "600000",
+    "min.cleanable.dirty.ratio": "0.2",
+}
 
 
 def changelog_topic(settings: WorkerSettings) -> str:
@@ -34,12 +37,23 @@ def expiry_topic(settings: WorkerSettings) -> str:
 
 def prepare_topics(settings: WorkerSettings, timeout: float = 30.0) -> None:
     """Create (or, with ``create_topics`` off, require) co-partitioned topics."""
-    topics = {name: settings.partitions for name in (
-        settings.input_topic, settings.output_topic, settings.dlq_topic,
-        expiry_topic(settings), changelog_topic(settings))}
+    topics = {
+        name: settings.partitions
+        for name in (
+            settings.input_topic,
+            settings.output_topic,
+            settings.dlq_topic,
+            expiry_topic(settings),
+            changelog_topic(settings),
+        )
+    }
     if settings.create_topics:
-        ensure_topics(settings.bootstrap, topics,
-                      configs={changelog_topic(settings): CHANGELOG_CONFIG}, timeout=timeout)
+        ensure_topics(
+            settings.bootstrap,
+            topics,
+            configs={changelog_topic(settings): CHANGELOG_CONFIG},
+            timeout=timeout,
+        )
     else:
         check_topics(settings.bootstrap, topics, timeout=timeout)
 
@@ -61,8 +75,10 @@ def prepare_topics_patiently(settings: WorkerSettings, health: Health) -> None:
         except BrokerUnreachable as exc:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise BrokerUnreachable(f"{exc} (retried for {settings.broker_wait_s:g} s; "
-                                        "--broker-wait-s sets how long)") from None
+                raise BrokerUnreachable(
+                    f"{exc} (retried for {settings.broker_wait_s:g} s; "
+                    "--broker-wait-s sets how long)"
+                ) from None
             health.not_ready_reason = f"waiting for the Kafka broker: {exc}"
             logger.warning("%s; retrying in %.0f s", exc, min(delay, remaining))
             time.sleep(min(delay, remaining))
