@@ -9,6 +9,7 @@ status 2.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Sequence
@@ -16,24 +17,29 @@ from collections.abc import Sequence
 from model.errors import UserError
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from stream.cli import (bench, broker, demo, model, offline, replay, report, trainer,
-                            worker)
+#: The command files, in ``--help`` order.
+COMMANDS = ("offline", "report", "broker", "worker", "trainer", "model", "replay", "demo",
+            "bench")
+#: Tooling an install may leave out (the runtime image does): the commands built on it
+#: are then absent instead of breaking every command.
+OPTIONAL_MODULES = ("stream.bench", "stream.devtools", "stream.cli.demo")
 
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="streamrec",
         description="Real-time session-based recommendations (GRU4Rec) on Kafka.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    offline.add_parsers(subparsers)
-    report.add_parser(subparsers)
-    broker.add_parser(subparsers)
-    worker.add_parser(subparsers)
-    trainer.add_parser(subparsers)
-    model.add_parser(subparsers)
-    replay.add_parser(subparsers)
-    demo.add_parser(subparsers)
-    bench.add_parser(subparsers)
+    for name in COMMANDS:
+        try:
+            command = importlib.import_module(f"stream.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name in OPTIONAL_MODULES:
+                continue
+            raise
+        register = getattr(command, "add_parsers", None) or command.add_parser
+        register(subparsers)
     return parser
 
 
@@ -67,8 +73,10 @@ def _limit_torch_threads() -> None:
     except ValueError:
         threads = 0
     if threads < 1:
-        print(f"streamrec: error: STREAMREC_TORCH_THREADS={raw!r} must be a positive integer",
-              file=sys.stderr)
+        print(
+            f"streamrec: error: STREAMREC_TORCH_THREADS={raw!r} must be a positive integer",
+            file=sys.stderr,
+        )
         sys.exit(2)
     torch.set_num_threads(threads)
 
