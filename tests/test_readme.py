@@ -33,15 +33,18 @@ from pathlib import Path
 import pytest
 from aiokafka.partitioner import murmur2
 from confluent_kafka.admin import AdminClient
-from support import free_port
 
 from stream.kafka.config import client_config
+
+from support import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 MAX_README_LINES = 300
-BLOCK = re.compile(r"^<!-- quickstart(?::\s*(?P<role>\w+))?\s*-->\n```sh\n(?P<body>.*?)^```",
-                   re.MULTILINE | re.DOTALL)
+BLOCK = re.compile(
+    r"^<!-- quickstart(?::\s*(?P<role>\w+))?\s*-->\n```sh\n(?P<body>.*?)^```",
+    re.MULTILINE | re.DOTALL,
+)
 README_BROKER, README_WEB = "127.0.0.1:9092", "localhost:6066"
 
 
@@ -53,8 +56,9 @@ def quickstart_blocks() -> list[tuple[str, str]]:
 def streamrec_commands(body: str) -> list[list[str]]:
     """The argument lists of the block's ``streamrec ...`` lines (continuations joined)."""
     text = body.replace("\\\n", " ")
-    return [shlex.split(line)[1:] for line in text.splitlines()
-            if line.strip().startswith("streamrec ")]
+    return [
+        shlex.split(line)[1:] for line in text.splitlines() if line.strip().startswith("streamrec ")
+    ]
 
 
 def test_readme_is_short_and_its_quickstart_is_marked() -> None:
@@ -117,8 +121,10 @@ def test_paths_and_links_in_readme_and_docs_exist() -> None:
 def _metrics(port: int) -> dict[str, float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
-    return {name: float(value) for name, value in
-            re.findall(r"^(streamrec_[a-z_]+) (\S+)$", text, re.MULTILINE)}
+    return {
+        name: float(value)
+        for name, value in re.findall(r"^(streamrec_[a-z_]+) (\S+)$", text, re.MULTILINE)
+    }
 
 
 def _json_lines(text: str) -> list[dict]:
@@ -142,21 +148,34 @@ def test_walk_through_runs_as_written(kafka_bootstrap: str, tmp_path: Path) -> N
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     # The worker's own names and files, through the environment variables every flag reads
     # (flags win, and the README's worker line passes none of these).
-    worker_env = {**env, "STREAMREC_APP_ID": f"readme-{tag}",
-                  "STREAMREC_INPUT_TOPIC": clicks, "STREAMREC_OUTPUT_TOPIC": recommendations,
-                  "STREAMREC_DLQ_TOPIC": f"readme-dlq-{tag}", "STREAMREC_WEB_PORT": str(web_port),
-                  "STREAMREC_DATA_DIR": str(tmp_path / "faust")}
+    worker_env = {
+        **env,
+        "STREAMREC_APP_ID": f"readme-{tag}",
+        "STREAMREC_INPUT_TOPIC": clicks,
+        "STREAMREC_OUTPUT_TOPIC": recommendations,
+        "STREAMREC_DLQ_TOPIC": f"readme-dlq-{tag}",
+        "STREAMREC_WEB_PORT": str(web_port),
+        "STREAMREC_DATA_DIR": str(tmp_path / "faust"),
+    }
 
     def localise(body: str) -> str:
         body = body.replace(README_BROKER, "@@broker@@").replace(README_WEB, "@@web@@")
         body = re.sub(r"(-t|--topic) clicks(?![\w-])", "\\1 @@clicks@@", body)
         body = re.sub(r"(-t|--topic) recommendations(?![\w-])", "\\1 @@recs@@", body)
-        body = re.sub(r"^(streamrec replay (?!.*--topic).*)$", "\\1 --topic @@clicks@@", body,
-                      flags=re.MULTILINE)
+        body = re.sub(
+            r"^(streamrec replay (?!.*--topic).*)$",
+            "\\1 --topic @@clicks@@",
+            body,
+            flags=re.MULTILINE,
+        )
         leftover = re.findall(r":9092|:6066|-t clicks|-t recommendations", body)
         assert not leftover, f"the README block uses {leftover} in a form this test cannot swap"
-        for placeholder, value in (("broker", kafka_bootstrap), ("web", f"localhost:{web_port}"),
-                                   ("clicks", clicks), ("recs", recommendations)):
+        for placeholder, value in (
+            ("broker", kafka_bootstrap),
+            ("web", f"localhost:{web_port}"),
+            ("clicks", clicks),
+            ("recs", recommendations),
+        ):
             body = body.replace(f"@@{placeholder}@@", value)
         return body
 
@@ -176,23 +195,38 @@ def test_walk_through_runs_as_written(kafka_bootstrap: str, tmp_path: Path) -> N
             script = localise(body)
             if role == "worker":
                 with worker_log.open("wb") as log:
-                    worker = subprocess.Popen(["bash", "-c", f"exec {script.strip()}"],
-                                              cwd=tmp_path, env=worker_env, stdout=log,
-                                              stderr=subprocess.STDOUT, start_new_session=True)
+                    worker = subprocess.Popen(
+                        ["bash", "-c", f"exec {script.strip()}"],
+                        cwd=tmp_path,
+                        env=worker_env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
                 continue
             sent = re.search(r'"session_id":"([^"]+)","item_id":"([^"]+)"', body)
             if sent:
                 click = sent.groups()
             try:
-                done = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", script],
-                                      cwd=tmp_path, env=env, capture_output=True, text=True,
-                                      timeout=90, check=False)
+                done = subprocess.run(
+                    ["bash", "-e", "-o", "pipefail", "-c", script],
+                    cwd=tmp_path,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=90,
+                    check=False,
+                )
             except subprocess.TimeoutExpired as exc:
-                pytest.fail(f"README block timed out:\n{script}\nstdout: {exc.stdout!r}\n"
-                            f"worker log:\n{log_tail()}")
-            assert done.returncode == 0, (f"README block failed ({done.returncode}):\n{script}\n"
-                                          f"stdout: {done.stdout}\nstderr: {done.stderr[-3000:]}\n"
-                                          f"worker log:\n{log_tail()}")
+                pytest.fail(
+                    f"README block timed out:\n{script}\nstdout: {exc.stdout!r}\n"
+                    f"worker log:\n{log_tail()}"
+                )
+            assert done.returncode == 0, (
+                f"README block failed ({done.returncode}):\n{script}\n"
+                f"stdout: {done.stdout}\nstderr: {done.stderr[-3000:]}\n"
+                f"worker log:\n{log_tail()}"
+            )
             outputs.append(done.stdout)
         assert worker is not None and click is not None, "no worker block, or no click sent"
         stdout = "\n".join(outputs)
@@ -202,27 +236,34 @@ def test_walk_through_runs_as_written(kafka_bootstrap: str, tmp_path: Path) -> N
         trained = [o for o in objects if "version" in o and "n_items" in o]
         assert trained, f"no training summary in the walk-through's output:\n{stdout[-2000:]}"
         session_id, item_id = click
-        answers = [line.split(" ", 1) for line in stdout.splitlines()
-                   if line.startswith(f"{session_id} {{")]
+        answers = [
+            line.split(" ", 1)
+            for line in stdout.splitlines()
+            if line.startswith(f"{session_id} {{")
+        ]
         assert answers, f"no recommendation for {session_id} was read back:\n{stdout[-2000:]}"
         answer = json.loads(answers[0][1])
         assert (answer["session_id"], answer["item_id"]) == (session_id, item_id)
         assert answer["model_version"] == trained[-1]["version"]
         assert len(answer["recommendations"]) == 20
-        assert all(isinstance(r["item_id"], str) and isinstance(r["score"], float)
-                   for r in answer["recommendations"])
+        assert all(
+            isinstance(r["item_id"], str) and isinstance(r["score"], float)
+            for r in answer["recommendations"]
+        )
         assert answer["source"]["offset"] == 0
         # kcat put the click where every other producer (and the session's state) would: by
         # murmur2, as the README tells it to; its default (CRC32) would put sess-1 elsewhere.
         topic = AdminClient(client_config(kafka_bootstrap)).list_topics(clicks, timeout=10)
         murmur2_partition = (murmur2(session_id.encode()) & 0x7FFFFFFF) % len(
-            topic.topics[clicks].partitions)
+            topic.topics[clicks].partitions
+        )
         assert answer["source"]["partition"] == murmur2_partition
 
         # The metrics the walk-through shows: exactly the one click, answered.
         assert re.search(r"^streamrec_events_consumed_total 1\.0$", stdout, re.MULTILINE), stdout
-        assert re.search(r"^streamrec_recommendations_published_total 1\.0$", stdout,
-                         re.MULTILINE), stdout
+        assert re.search(
+            r"^streamrec_recommendations_published_total 1\.0$", stdout, re.MULTILINE
+        ), stdout
 
         # The replayed log reaches the worker too.
         replayed = [o for o in objects if "events_sent" in o]
