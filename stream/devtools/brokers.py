@@ -25,8 +25,8 @@ import argparse
 import base64
 import contextlib
 import fcntl
-import json
 import hashlib
+import json
 import logging
 import os
 import re
@@ -102,11 +102,9 @@ def cache_root() -> Path:
 
 
 def kafka_version() -> str:
-    """The Apache Kafka version pinned in ``stream/devtools/kafka/pom.xml`` (one place to bump it)."""
+    """The Apache Kafka version pinned in the local broker's pom (one place to bump it)."""
     if not _POM.is_file():
-        raise UserError(
-            f"{_POM} is missing; the local Kafka broker needs a streamrec source checkout"
-        )
+        raise UserError(f"{_POM} is missing: this streamrec install is incomplete (reinstall it)")
     ns = {"m": "http://maven.apache.org/POM/4.0.0"}
     version = ET.parse(_POM).getroot().findtext("m:properties/m:kafka.version", namespaces=ns)
     if not version:
@@ -178,9 +176,18 @@ def fetch_kafka_jars(cache_dir: Path | None = None) -> Path:
         staging.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
         try:
             done = subprocess.run(
-                [mvn, "-q", "-B", "-f", str(_POM), "dependency:copy-dependencies",
-                 f"-DoutputDirectory={staging}"],
-                capture_output=True, text=True, check=False,
+                [
+                    mvn,
+                    "-q",
+                    "-B",
+                    "-f",
+                    str(_POM),
+                    "dependency:copy-dependencies",
+                    f"-DoutputDirectory={staging}",
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
             )
             if done.returncode != 0 or not any(staging.glob("kafka_*.jar")):
                 output = _tail((done.stdout + done.stderr).splitlines())
@@ -286,13 +293,20 @@ class Broker(abc.ABC):
         command, env = self._command()
         with open(self.log_path, "wb") as log:
             self._proc = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=self._dir, env=env, start_new_session=True,
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self._dir,
+                env=env,
+                start_new_session=True,
             )
         temporary_dir = [str(self._dir)] if self._remove_dir is not None else []
         self._watchdog = subprocess.Popen(
             [sys.executable, "-I", "-S", "-c", _WATCHDOG, str(self._proc.pid), *temporary_dir],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
         try:
@@ -440,8 +454,12 @@ class LocalKafka(Broker):
         if not self._sasl_users:
             return {}
         user, password = next(iter(self._sasl_users.items()))
-        return {"security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": "PLAIN",
-                "sasl.username": user, "sasl.password": password}
+        return {
+            "security.protocol": "SASL_PLAINTEXT",
+            "sasl.mechanism": "PLAIN",
+            "sasl.username": user,
+            "sasl.password": password,
+        }
 
     def _command(self) -> tuple[list[str], dict[str, str]]:
         java = find_java()
@@ -468,10 +486,20 @@ class LocalKafka(Broker):
         """Write what a new KRaft log directory needs (as `kafka-storage.sh format` does)."""
         done = subprocess.run(
             # C1 only: this JVM lives a second, and C2 compiling would only slow it down.
-            [*jvm, "-XX:TieredStopAtLevel=1", "kafka.tools.StorageTool", "format",
-             "--ignore-formatted",
-             "-t", new_cluster_id(), "-c", str(config)],
-            capture_output=True, text=True, check=False,
+            [
+                *jvm,
+                "-XX:TieredStopAtLevel=1",
+                "kafka.tools.StorageTool",
+                "format",
+                "--ignore-formatted",
+                "-t",
+                new_cluster_id(),
+                "-c",
+                str(config),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if done.returncode != 0:
             raise UserError(
@@ -516,20 +544,21 @@ class LocalKafka(Broker):
 
     def _sasl_settings(self, port: int, controller_port: int) -> dict[str, str]:
         (user, password), quote = next(iter(self._sasl_users.items())), json.dumps
-        accounts = " ".join(f"user_{name}={quote(secret)}"
-                            for name, secret in self._sasl_users.items())
+        accounts = " ".join(
+            f"user_{name}={quote(secret)}" for name, secret in self._sasl_users.items()
+        )
         return {
             "listeners": f"SASL_PLAINTEXT://127.0.0.1:{port},"
-                         f"CONTROLLER://127.0.0.1:{controller_port}",
+            f"CONTROLLER://127.0.0.1:{controller_port}",
             "advertised.listeners": f"SASL_PLAINTEXT://127.0.0.1:{port}",
-            "listener.security.protocol.map": "SASL_PLAINTEXT:SASL_PLAINTEXT,"
-                                              "CONTROLLER:PLAINTEXT",
+            "listener.security.protocol.map": "SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:PLAINTEXT",
             "inter.broker.listener.name": "SASL_PLAINTEXT",
             "sasl.enabled.mechanisms": "PLAIN",
             "sasl.mechanism.inter.broker.protocol": "PLAIN",
-            "listener.name.sasl_plaintext.plain.sasl.jaas.config":
+            "listener.name.sasl_plaintext.plain.sasl.jaas.config": (
                 "org.apache.kafka.common.security.plain.PlainLoginModule required "
-                f"username={quote(user)} password={quote(password)} {accounts};",
+                f"username={quote(user)} password={quote(password)} {accounts};"
+            ),
         }
 
 
@@ -556,11 +585,16 @@ class Tansu(Broker):
         env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV_VARS}
         env["NO_COLOR"] = "1"  # no ANSI escapes in broker.log
         command = [
-            str(tansu_binary()), "broker",
-            "--listener-url", url,
-            "--advertised-listener-url", url,
-            "--storage-engine", "memory://tansu/",
-            "--cluster-id", "streamrec",
+            str(tansu_binary()),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+            "--cluster-id",
+            "streamrec",
         ]
         return command, env
 
@@ -633,4 +667,3 @@ def _stamp_matches(jars: Path, stamp: str) -> bool:
 
 def _tail(lines: Sequence[str]) -> str:
     return "\n".join(lines[-_LOG_TAIL_LINES:])
-

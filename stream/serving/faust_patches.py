@@ -108,7 +108,7 @@ def apply(fetch_max_wait_ms: int) -> None:
     if _applied:
         return
     FlowControlEvent.resume = _resume  # type: ignore[method-assign]
-    Consumer.getmany = _getmany  # type: ignore[method-assign,assignment]
+    Consumer.getmany = _getmany  # type: ignore[method-assign]
     create = AIOKafkaConsumerThread._create_worker_consumer
 
     def _create_worker_consumer(self: Any, transport: Any) -> Any:  # Faust's signature

@@ -321,9 +321,9 @@ def register(worker: ServedWorker, app: faust.App | None = None) -> None:
     """Add the counters collector, ``process_*`` metrics and, given the Faust ``app``, its
     engine numbers (``faust_*``) to the worker's registry."""
     registry = worker.metrics.registry
-    registry.register(_CountersCollector(worker))  # type: ignore[arg-type]
+    registry.register(_CountersCollector(worker))
     if app is not None:
-        registry.register(_FaustCollector(app))  # type: ignore[arg-type]
+        registry.register(_FaustCollector(app))
     try:
         ProcessCollector(registry=registry)
     except Exception:  # platforms without /proc

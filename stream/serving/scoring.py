@@ -158,7 +158,7 @@ def _advance_wave(
         )
         current[sourced.click.session_id] = state
         new_states.append(state)
-    stale_set = set(stale)
+    stale_set = {j for j, _ in stale}
     return _Advanced(
         wave,
         new_hidden,
