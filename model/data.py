@@ -165,17 +165,7 @@ def read_clicks(
     fast = _read_with_arrow(path, columns, sep)
     if fast is not None:
         return fast
-    try:
-        frame = pd.read_csv(
-            path,
-            sep=sep,
-            usecols=list(columns),
-            skip_blank_lines=False,
-            dtype={session_col: "category", item_col: "category", time_col: str},
-            engine="c",
-        )
-    except pd.errors.ParserError as exc:
-        raise UserError(f"{path}: {exc}") from None
+    frame = read_columns(path, columns, sep)
     if frame.empty:
         raise UserError(f"{path}: no events after the header")
     for col in (session_col, item_col):
@@ -191,6 +181,27 @@ def read_clicks(
             f"is not a finite number ({int(bad.sum())} such row(s))"
         )
     return _from_frame(frame[session_col], frame[item_col], times, str(path))
+
+
+def read_columns(
+    path: str | os.PathLike[str], columns: Sequence[str], sep: str, verbatim: bool = False
+) -> pd.DataFrame:
+    """The session, item and time columns as pandas reads them: ids as categories, times
+    as text. ``verbatim`` keeps every field as written ("" when empty or absent, so "NA" is
+    an id and a short row is a row), for a reader that reports bad rows itself."""
+    session_col, item_col, time_col = columns
+    try:
+        return pd.read_csv(
+            path,
+            sep=sep,
+            usecols=list(columns),
+            skip_blank_lines=False,
+            dtype={session_col: "category", item_col: "category", time_col: str},
+            na_filter=not verbatim,
+            engine="c",
+        )
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: {exc}") from None
 
 
 def check_header(

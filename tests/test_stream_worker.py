@@ -67,6 +67,17 @@ def published_lists(messages):
     return {s: [lists[o] for o in sorted(lists)] for s, lists in by_session.items()}
 
 
+def run_worker_command(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``streamrec worker ARGS`` as a user runs it, to its exit."""
+    return subprocess.run(
+        [sys.executable, "-m", "stream.cli.main", "worker", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
 def test_stream_equals_offline_evaluation(kafka_bootstrap, rsc15_model, tmp_path):
     """Replaying test sessions through Kafka gives the offline Recall@20 / MRR@20."""
     test = read_clicks(DATA / "test.tsv")
@@ -262,26 +273,17 @@ def test_idle_sessions_expire_with_changelog_tombstones(kafka_bootstrap, small_m
 def test_partition_mismatch_is_a_clear_startup_error(kafka_bootstrap, small_model, tmp_path):
     names = StreamNames("mismatch")
     ensure_topics(kafka_bootstrap, {names.clicks: 2})
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "stream.cli.main",
-            "worker",
-            "--broker",
-            kafka_bootstrap,
-            "--model",
-            str(small_model),
-            "--partitions",
-            "4",
-            "--web-port",
-            "0",
-            *names.worker_args(),
-        ],
-        capture_output=True,
-        text=True,
+    result = run_worker_command(
+        "--broker",
+        kafka_bootstrap,
+        "--model",
+        str(small_model),
+        "--partitions",
+        "4",
+        "--web-port",
+        "0",
+        *names.worker_args(),
         timeout=60,
-        cwd=REPO,
     )
     assert result.returncode != 0
     error_lines = result.stderr.strip().splitlines()
@@ -291,26 +293,17 @@ def test_partition_mismatch_is_a_clear_startup_error(kafka_bootstrap, small_mode
 
 def test_missing_topic_without_creation_is_a_clear_startup_error(kafka_bootstrap, small_model):
     names = StreamNames("missing")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "stream.cli.main",
-            "worker",
-            "--broker",
-            kafka_bootstrap,
-            "--model",
-            str(small_model),
-            "--create-topics",
-            "false",
-            "--web-port",
-            "0",
-            *names.worker_args(),
-        ],
-        capture_output=True,
-        text=True,
+    result = run_worker_command(
+        "--broker",
+        kafka_bootstrap,
+        "--model",
+        str(small_model),
+        "--create-topics",
+        "false",
+        "--web-port",
+        "0",
+        *names.worker_args(),
         timeout=60,
-        cwd=REPO,
     )
     assert result.returncode != 0
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -321,25 +314,16 @@ def test_an_unreachable_broker_is_retried_with_backoff_then_one_clear_line(small
     """Waiting is right for a broker that is still starting; after ``--broker-wait-s`` the
     worker gives up with one error line (each retry was logged before it)."""
     started = time.monotonic()
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "stream.cli.main",
-            "worker",
-            "--broker",
-            "kafka://127.0.0.1:1",
-            "--model",
-            str(small_model),
-            "--broker-wait-s",
-            "7",
-            "--web-port",
-            "0",
-        ],
-        capture_output=True,
-        text=True,
+    result = run_worker_command(
+        "--broker",
+        "kafka://127.0.0.1:1",
+        "--model",
+        str(small_model),
+        "--broker-wait-s",
+        "7",
+        "--web-port",
+        "0",
         timeout=120,
-        cwd=REPO,
     )
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()

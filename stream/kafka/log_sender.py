@@ -47,7 +47,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient
 from tqdm import tqdm
 
-from model.data import DEFAULT_COLUMNS, ClickLog, check_header
+from model.data import DEFAULT_COLUMNS, ClickLog, check_header, read_columns
 from model.errors import UserError
 from stream.kafka.config import bootstrap_servers, client_config, producer_config
 from stream.kafka.wire import MAX_FUTURE_SKEW_S, MAX_ID_BYTES, Click, encode_click
@@ -185,20 +185,7 @@ def read_replay_log(
     """
     path, sep = check_header(path, columns, sep)
     session_col, item_col, time_col = columns
-    try:
-        # na_filter=False: every field is the text as written ("" when empty or absent), so
-        # ids such as "NA" survive and short rows become bad rows instead of parse errors.
-        frame = pd.read_csv(
-            path,
-            sep=sep,
-            usecols=list(columns),
-            skip_blank_lines=False,
-            dtype={session_col: "category", item_col: "category", time_col: str},
-            na_filter=False,
-            engine="c",
-        )
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: {exc}") from None
+    frame = read_columns(path, columns, sep, verbatim=True)
     time_text = frame[time_col]
     times = pd.to_numeric(time_text, errors="coerce").to_numpy(dtype=np.float64)
     return _build(
