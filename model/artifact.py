@@ -9,6 +9,9 @@ Layout (format 3)::
       optimizer.safetensors optional: Adagrad's state per parameter, packed
                             ``[accumulator | velocity]`` (see model.optim), so that a
                             warm-started fine-tune resumes the optimisation
+      item_index.safetensors optional: the approximate-ranking index as plain arrays
+                            (centroids, each item's list; parameters in its header; see
+                            model.item_index), rebuilt into a searchable index at load
       metadata.json         format, version id, created, training stats, metrics,
                             and the SHA-256 of each of the other files
 
@@ -30,18 +33,20 @@ import json
 import os
 import secrets
 import shutil
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from model.config import GRU4RecConfig
 from model.data import ItemMap
 from model.errors import UserError
 from model.inference import Recommender, select_device
+from model.item_index import IndexParams, ItemIndex
 from model.network import GRU4RecNetwork
 from model.optim import packed_shape
 
@@ -54,6 +59,8 @@ WEIGHTS, ITEMS, CONFIG, METADATA = (
     "metadata.json",
 )
 OPTIMIZER = "optimizer.safetensors"
+INDEX = "item_index.safetensors"
+OPTIONAL_FILES = (OPTIMIZER, INDEX)
 POPULARITY_KEY = "__popularity__"
 
 
@@ -101,6 +108,9 @@ def save_model(
                 str(staging / OPTIMIZER),
             )
             written.append(OPTIMIZER)
+        if recommender.index is not None:
+            _save_index(recommender.index, staging / INDEX)
+            written.append(INDEX)
         metadata = {
             "format": FORMAT,
             "version": version,
@@ -148,12 +158,13 @@ def load_model(
     files = metadata.get("files", {})
     if not isinstance(files, dict):
         raise UserError(f"{path}: {METADATA} has no file checksums")
+    for name in OPTIONAL_FILES:
+        if (path / name).exists() and name not in files:
+            raise UserError(
+                f"{path}: {name} is not covered by {METADATA}'s checksums (tampered artifact)"
+            )
     has_optimizer = OPTIMIZER in files
-    if (path / OPTIMIZER).exists() and not has_optimizer:
-        raise UserError(
-            f"{path}: {OPTIMIZER} is not covered by {METADATA}'s checksums (tampered artifact)"
-        )
-    checked = (WEIGHTS, ITEMS, CONFIG, OPTIMIZER) if has_optimizer else (WEIGHTS, ITEMS, CONFIG)
+    checked = (WEIGHTS, ITEMS, CONFIG) + tuple(name for name in OPTIONAL_FILES if name in files)
     for name in checked:
         if not (path / name).is_file():
             raise UserError(f"{path}: missing {name} (partial or truncated artifact)")
@@ -185,6 +196,7 @@ def load_model(
     state = _load_optimizer_state(path, network) if optimizer_state and has_optimizer else None
     if state is not None:
         state = {name: t.to(torch_device) for name, t in state.items()}
+    index = _load_index(path, network) if INDEX in files else None
     return Recommender(
         network,
         ItemMap(item_ids),
@@ -193,6 +205,34 @@ def load_model(
         version=str(metadata.get("version", "unknown")),
         metadata=metadata,
         optimizer_state=state,
+        index=index,
+    )
+
+
+def _save_index(index: ItemIndex, path: Path) -> None:
+    params = {name: str(value) for name, value in asdict(index.params).items()}
+    save_file(
+        {"centroids": torch.from_numpy(index.centroids), "lists": torch.from_numpy(index.lists)},
+        str(path),
+        metadata=params,
+    )
+
+
+def _load_index(path: Path, network: GRU4RecNetwork) -> ItemIndex:
+    """The index, rebuilt from its arrays over the network's item vectors."""
+    try:
+        with safe_open(str(path / INDEX), framework="pt") as stored:
+            header = stored.metadata() or {}
+            arrays = {name: stored.get_tensor(name) for name in ("centroids", "lists")}
+        params = IndexParams(**{f.name: int(header[f.name]) for f in fields(IndexParams)})
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError) as exc:
+        raise UserError(f"{path}: cannot read {INDEX}: {exc}") from None
+    return ItemIndex(
+        arrays["centroids"].numpy(),
+        arrays["lists"].numpy(),
+        network.item_output,
+        network.item_bias,
+        params,
     )
 
 

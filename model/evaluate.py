@@ -45,11 +45,18 @@ class SessionScorer(Protocol):
 
 
 class RecommenderScorer:
-    """GRU4Rec through :class:`Recommender`: the same calls the stream makes."""
+    """GRU4Rec through :class:`Recommender`: the same calls the stream makes.
 
-    def __init__(self, recommender: Recommender) -> None:
+    A recommender that ranks approximately (:meth:`Recommender.use_ranking`) is evaluated
+    on what it would serve: its top ``depth`` items keep their (exact) scores and every
+    other item scores ``-inf``, so Recall@K and MRR@K for K up to ``depth`` are those of
+    the served lists.
+    """
+
+    def __init__(self, recommender: Recommender, depth: int = max(DEFAULT_KS)) -> None:
         self.recommender = recommender
         self.item_map = recommender.item_map
+        self.depth = depth
 
     def start(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return (
@@ -67,7 +74,11 @@ class RecommenderScorer:
     def score(self, states: tuple[torch.Tensor, torch.Tensor], rows: np.ndarray) -> torch.Tensor:
         hidden, started = states
         index = torch.from_numpy(rows).to(hidden.device)
-        return self.recommender.scores(hidden[index], started[index])
+        if not self.recommender.approximate:
+            return self.recommender.scores(hidden[index], started[index])
+        items, values = self.recommender.top_k(hidden[index], started[index], self.depth)
+        scores = torch.full((len(rows), self.recommender.n_items), -torch.inf, device=hidden.device)
+        return scores.scatter_(1, items, values)
 
 
 @dataclass

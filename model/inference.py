@@ -13,6 +13,7 @@ about them, and resetting would throw away what the session told us so far.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ import torch
 from model.config import GRU4RecConfig
 from model.data import ItemMap
 from model.errors import UserError
+from model.item_index import APPROXIMATE_FROM, INDEX_FROM, RANKINGS, ItemIndex
 from model.network import GRU4RecNetwork
 from model.ranking import LARGE_CATALOGUE, Int8Catalogue, int8_supported, top_k_rows
 
@@ -52,6 +54,7 @@ class Recommender:
         version: str = "unsaved",
         metadata: dict[str, Any] | None = None,
         optimizer_state: dict[str, torch.Tensor] | None = None,
+        index: ItemIndex | None = None,
     ) -> None:
         if len(item_map) != network.n_items or len(popularity) != network.n_items:
             raise ValueError("item map, popularity and network disagree on the catalogue size")
@@ -70,8 +73,51 @@ class Recommender:
             self.popularity / peak, dtype=torch.float32, device=self.device
         )
         self._popular: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        #: The approximate index over the item vectors (None: exact ranking only), and
+        #: whether :meth:`top_k` uses it (:meth:`use_ranking`).
+        self.index = index
+        self.approximate = False
         self._int8: Int8Catalogue | None = None
         self._int8_catalogue()  # made now, off the serving path (a hot swap loads here)
+
+    def build_index(self, base: Recommender | None = None) -> float:
+        """Give the model its approximate-ranking index, as every saved version gets one
+        from :data:`model.item_index.INDEX_FROM` items on: ``base``'s extended by the new
+        items when this model was fine-tuned from ``base`` (items in ``base``'s order, new
+        ones after), else clustered afresh. Returns the seconds it took."""
+        started = time.perf_counter()
+        vectors, bias = self.network.item_output, self.network.item_bias
+        if self.n_items < INDEX_FROM:
+            self.index = None
+        elif (
+            base is not None
+            and base.index is not None
+            and base.n_items <= self.n_items
+            and self.item_map.ids[: base.n_items] == base.item_map.ids
+        ):
+            self.index = base.index.extended(vectors, bias)
+        else:
+            self.index = ItemIndex.build(vectors, bias)
+        return time.perf_counter() - started
+
+    def use_ranking(self, ranking: str) -> str:
+        """Rank ``exact``ly, ``approximate``ly (through :attr:`index`, built now if the
+        model has none: seconds at a million items, so never on a serving loop), or
+        ``auto``: approximately from :data:`model.item_index.APPROXIMATE_FROM` items on
+        when the model has an index. Returns what :meth:`top_k` now does, for the log."""
+        if ranking not in RANKINGS:
+            raise UserError(f"ranking must be one of {', '.join(RANKINGS)}, got {ranking!r}")
+        built = ""
+        if ranking == "approximate" and self.index is None:
+            started = time.perf_counter()
+            self.index = ItemIndex.build(self.network.item_output, self.network.item_bias)
+            built = f", index built now in {time.perf_counter() - started:.1f} s (none saved)"
+        self.approximate = ranking == "approximate" or (
+            ranking == "auto" and self.index is not None and self.n_items >= APPROXIMATE_FROM
+        )
+        if not self.approximate:
+            return "exact"
+        return f"approximate ({self.index.params}{built})"  # type: ignore[union-attr]
 
     @property
     def n_items(self) -> int:
@@ -123,7 +169,13 @@ class Recommender:
         k = min(k, self.n_items)
         states, started = states.to(self.device), started.to(self.device)
         catalogue = self._int8_catalogue()
-        if catalogue is None:
+        index = self._current_index()
+        if index is not None:
+            parts = [
+                index.top_k(self.network.last_output(some), k)
+                for some in states.split(RANKED_TOGETHER)
+            ]
+        elif catalogue is None:
             parts = [
                 top_k_rows(self.scores(some, some_started), k)
                 for some, some_started in zip(
@@ -137,11 +189,20 @@ class Recommender:
             ]
         indices = torch.cat([p[0] for p in parts])
         values = torch.cat([p[1] for p in parts])
-        if catalogue is not None and not bool(started.all()):
+        if (index is not None or catalogue is not None) and not bool(started.all()):
             popular_indices, popular_values = self._most_popular(k)
             indices[~started] = popular_indices
             values[~started] = popular_values
         return indices, values
+
+    def _current_index(self) -> ItemIndex | None:
+        """The index when ranking approximately; refused once the weights it was made
+        from have changed (it would rank with vectors the model no longer has)."""
+        if not self.approximate or self.index is None:
+            return None
+        if not self.index.matches(self.network.item_output, self.network.item_bias):
+            raise UserError("the item index no longer matches the model's item vectors")
+        return self.index
 
     def _int8_catalogue(self) -> Int8Catalogue | None:
         """The int8 copy of the item matrix, remade if the weights changed; None where a

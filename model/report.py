@@ -354,7 +354,7 @@ def build_report(
     methods: dict[str, MethodReport] = {}
     progress(f"evaluating {LABELS[MODEL_NAME]} on {test.n_sessions:,} test sessions")
     methods[MODEL_NAME] = evaluate_method(
-        MODEL_NAME, RecommenderScorer(model), test, ks, ties, popular_ids
+        MODEL_NAME, RecommenderScorer(model, depth=max(ks)), test, ks, ties, popular_ids
     )
     progress(f"  {_headline(methods[MODEL_NAME])}")
     for method in BASELINES:

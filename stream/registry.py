@@ -215,6 +215,8 @@ class ModelRegistry:
         """Import an offline-trained model directory (verified) as a new version, with
         its optimizer state if it has one."""
         recommender = load_model(model_dir, device="cpu", optimizer_state=True)
+        if recommender.index is None:  # every published version can rank approximately
+            recommender.build_index()
         training = {
             **recommender.metadata.get("training", {}),
             "imported_from": str(model_dir),

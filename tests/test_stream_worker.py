@@ -18,6 +18,7 @@ from model.artifact import load_model, save_model
 from model.config import GRU4RecConfig
 from model.data import ClickLog, read_clicks
 from model.evaluate import RecommenderScorer, evaluate
+from model.item_index import ItemIndex
 from model.train import train
 from stream.kafka.topics import ensure_topics
 from stream.kafka.wire import Click
@@ -78,8 +79,11 @@ def run_worker_command(*args: str, timeout: float) -> subprocess.CompletedProces
     )
 
 
-def test_stream_equals_offline_evaluation(kafka_bootstrap, rsc15_model, tmp_path):
-    """Replaying test sessions through Kafka gives the offline Recall@20 / MRR@20."""
+@pytest.mark.parametrize("ranking", ["exact", "approximate"])
+def test_stream_equals_offline_evaluation(kafka_bootstrap, rsc15_model, tmp_path, ranking):
+    """Replaying test sessions through Kafka gives the offline Recall@20 / MRR@20, with
+    either ranking (the approximate one through an index saved with the model, so the
+    worker and the evaluation search the same lists)."""
     test = read_clicks(DATA / "test.tsv")
     keep = test.sessions < 300
     prefix = ClickLog(
@@ -89,12 +93,19 @@ def test_stream_equals_offline_evaluation(kafka_bootstrap, rsc15_model, tmp_path
         test.session_ids[:300],
         test.item_ids,
     )
-    recommender = load_model(rsc15_model)
+    model_dir = rsc15_model
+    if ranking == "approximate":
+        indexed = load_model(rsc15_model)
+        network = indexed.network
+        indexed.index = ItemIndex.build(network.item_output, network.item_bias)
+        model_dir = save_model(indexed, tmp_path / "indexed")
+    recommender = load_model(model_dir)
+    recommender.use_ranking(ranking)
     offline = evaluate(RecommenderScorer(recommender), prefix, ks=(20,))
     clicks = clicks_in_time_order(prefix)
     names = StreamNames("equal")
     with WorkerProcess(
-        kafka_bootstrap, rsc15_model, names, tmp_path, "--batch-size", "64"
+        kafka_bootstrap, model_dir, names, tmp_path, "--batch-size", "64", "--ranking", ranking
     ) as worker:
         produce_clicks(kafka_bootstrap, names.clicks, clicks)
         messages = read_topic(

@@ -19,6 +19,7 @@ from model.config import GRU4RecConfig
 from model.data import ClickLog, read_clicks, standard_filter
 from model.errors import UserError
 from model.evaluate import DEFAULT_KS, TIE_MODES, RecommenderScorer, evaluate
+from model.item_index import APPROXIMATE_FROM, RANKINGS
 from model.synth import SynthSpec, generate, write_clicks
 from model.train import train
 from stream.cli.base import print_json
@@ -44,6 +45,17 @@ def read_log(path: str, args: argparse.Namespace, filtered: bool = False) -> Cli
         log, report = standard_filter(log)
         print(f"{path}: {report}", file=sys.stderr)
     return log
+
+
+def add_ranking_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ranking",
+        choices=RANKINGS,
+        default="auto",
+        help="exact: score every item; approximate: through the model's item index "
+        "(re-ranked exactly; built now if the model has none); auto (default): "
+        f"approximate from {APPROXIMATE_FROM:,} items on when the model has an index",
+    )
 
 
 def _add_eval_options(parser: argparse.ArgumentParser) -> None:
@@ -74,6 +86,7 @@ def run_train(args: argparse.Namespace) -> int:
     recommender, stats = train(
         log, config, seed=args.seed, device=args.device, progress=not args.quiet
     )
+    index_seconds = recommender.build_index()
     training = {
         "events_per_s": stats.events_per_s,
         "epochs": stats.epochs,
@@ -83,6 +96,7 @@ def run_train(args: argparse.Namespace) -> int:
         "n_events": stats.n_events,
         "n_sessions": log.n_sessions,
         "train_seconds": stats.train_seconds,
+        "index_seconds": index_seconds,
         "seed": args.seed,
         "data": str(args.data),
         "device": str(recommender.device),
@@ -94,9 +108,11 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     recommender = load_model(args.model, device=args.device)
+    print(f"ranking: {recommender.use_ranking(args.ranking)}", file=sys.stderr)
     log = read_log(args.data, args)
     started = time.perf_counter()
-    result = evaluate(RecommenderScorer(recommender), log, ks=args.k, ties=args.ties)
+    scorer = RecommenderScorer(recommender, depth=max(args.k))
+    result = evaluate(scorer, log, ks=args.k, ties=args.ties)
     print_json(
         {
             **result.to_dict(),
@@ -175,6 +191,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="test click log")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     _add_eval_options(p)
+    add_ranking_option(p)
     add_data_options(p)
     p.set_defaults(run=run_evaluate)
 

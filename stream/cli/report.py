@@ -25,7 +25,7 @@ from model.errors import UserError
 from model.evaluate import TIE_MODES
 from model.report import LABELS, MODEL_NAME, Report, build_report
 from stream.cli.base import print_json
-from stream.cli.offline import add_data_options, read_log
+from stream.cli.offline import add_data_options, add_ranking_option, read_log
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory")
     recommender = load_model(args.model, device=args.device)
+    _progress(f"ranking: {recommender.use_ranking(args.ranking)}")
     train_log = read_log(args.train, args)
     test_log = read_log(args.test, args)
     try:
@@ -135,6 +136,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "conservative, as in `evaluate`)",
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    add_ranking_option(p)
     add_data_options(p)
     p.set_defaults(run=run)
 

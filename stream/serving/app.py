@@ -151,6 +151,7 @@ def run(settings: WorkerSettings) -> int:
     )
     registry = ModelRegistry(settings.model) if ModelRegistry.is_registry(settings.model) else None
     recommender = registry.current() if registry else load_model(settings.model, device="cpu")
+    ranking = recommender.use_ranking(settings.ranking)  # builds a missing index now, not later
     torch.set_num_threads(settings.torch_threads)
     faust_patches.apply(settings.fetch_max_wait_ms)
     app, processor = create_app(settings, recommender)
@@ -161,12 +162,13 @@ def run(settings: WorkerSettings) -> int:
     processor.health.not_ready_reason = "starting"
     processor.health.broker = BrokerProbe(settings.bootstrap, settings.input_topic).start()
     if registry is not None:
-        watch_registry(app, processor, registry, settings.model_poll_s)
+        watch_registry(app, processor, registry, settings.model_poll_s, settings.ranking)
     logger.warning(
-        "worker %s starting: model %s (%d items), broker %s, %d partitions",
+        "worker %s starting: model %s (%d items, ranking %s), broker %s, %d partitions",
         settings.app_id,
         recommender.version,
         recommender.n_items,
+        ranking,
         settings.bootstrap,
         settings.partitions,
     )

@@ -30,6 +30,7 @@ import time
 import faust
 
 from model.errors import UserError
+from model.inference import Recommender
 from stream.registry import POINTER, ModelRegistry
 from stream.serving.processor import ClickProcessor
 
@@ -39,9 +40,12 @@ logger = logging.getLogger("streamrec.hot_swap")
 class ModelWatcher:
     """Swaps ``processor.recommender`` to the registry's current version."""
 
-    def __init__(self, registry: ModelRegistry, processor: ClickProcessor) -> None:
+    def __init__(
+        self, registry: ModelRegistry, processor: ClickProcessor, ranking: str = "auto"
+    ) -> None:
         self.registry = registry
         self.processor = processor
+        self.ranking = ranking
         self.rejected: set[str] = set()
 
     async def check(self) -> None:
@@ -61,7 +65,7 @@ class ModelWatcher:
             return
         noticed = time.time()
         try:
-            recommender = await loop.run_in_executor(None, self.registry.load, version)
+            recommender = await loop.run_in_executor(None, self._load, version)
         except UserError as exc:
             self.rejected.add(version)
             self.processor.counters.rejected_models += 1
@@ -86,6 +90,13 @@ class ModelWatcher:
             time.time(),
         )
 
+    def _load(self, version: str) -> Recommender:
+        """Load and verify ``version`` and prepare its ranking (in a thread: building an
+        index for a version saved without one takes seconds)."""
+        recommender = self.registry.load(version)
+        logger.info("model %s ranking: %s", version, recommender.use_ranking(self.ranking))
+        return recommender
+
     def _pointer_moved_at(self) -> float:
         """When ``CURRENT`` was last replaced (its mtime), for the swap's log line."""
         try:
@@ -95,9 +106,13 @@ class ModelWatcher:
 
 
 def watch_registry(
-    app: faust.App, processor: ClickProcessor, registry: ModelRegistry, interval_s: float
+    app: faust.App,
+    processor: ClickProcessor,
+    registry: ModelRegistry,
+    interval_s: float,
+    ranking: str = "auto",
 ) -> ModelWatcher:
     """Poll ``registry`` every ``interval_s`` seconds on every worker of ``app``."""
-    watcher = ModelWatcher(registry, processor)
+    watcher = ModelWatcher(registry, processor, ranking)
     app.timer(interval_s, on_leader=False, name="streamrec.watch_registry")(watcher.check)
     return watcher

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.item_index import APPROXIMATE_FROM, RANKINGS
 from stream.kafka.config import bootstrap_servers
 from stream.settings import Settings, at_least, non_empty, one_of, port, positive, setting, within
 
@@ -53,6 +54,13 @@ class WorkerSettings(Settings):
     )
     model_poll_s: float = setting(
         5.0, "with a registry as --model: how often to check its current version, seconds", positive
+    )
+    ranking: str = setting(
+        "auto",
+        "exact (score every item), approximate (through the model's item index, re-ranked "
+        "exactly) or auto (approximate from a catalogue of "
+        f"{APPROXIMATE_FROM:,} items on, when the model has an index)",
+        one_of(*RANKINGS),
     )
     broker_wait_s: float = setting(
         300.0,

@@ -1,0 +1,186 @@
+"""Approximate top-k over a large catalogue: an inverted-file index, re-ranked exactly.
+
+GRU4Rec scores item ``i`` for a session state's output ``h`` as ``h·e_i + b_i``, a maximum
+inner product search over the vectors ``[e_i, b_i]`` with the query ``[h, 1]``. Exact
+ranking reads the whole item matrix for every batch (400 MB at a million items in float32,
+100 MB through the int8 copy of :mod:`model.ranking`), which no CPU does thousands of times
+a second. The index clusters the items into lists (k-means centroids) and scores only the
+items of the ``n_probe`` lists whose centroids score best for the query; the
+``candidates`` best of those are then scored again exactly, in float32, as
+:meth:`model.network.GRU4RecNetwork.score_all` would, and the top ``k`` of them returned.
+So every returned score is the model's own; only an item outside the probed lists can be
+missed. Library, parameters and the recall measured on trained embeddings: docs/ranking.md.
+
+The index is stored with its model version as plain arrays (the centroids and each item's
+list), never as a library's own serialisation: :mod:`model.artifact` checksums and
+verifies them like the weights, and the searchable structure is rebuilt from them and the
+item vectors at load (a fraction of a second at a million items). A version fine-tuned
+from another keeps the other's centroids and lists for the items they share and assigns
+its new items to the nearest centroid (:meth:`ItemIndex.extended`): cheap enough for every
+version the trainer publishes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from types import ModuleType
+
+import numpy as np
+import torch
+
+from model.errors import UserError
+
+#: ``--ranking`` choices. ``auto`` ranks approximately from :data:`APPROXIMATE_FROM` items
+#: on (the measured crossover, docs/ranking.md) when the model has an index.
+RANKINGS = ("exact", "approximate", "auto")
+APPROXIMATE_FROM = 200_000
+#: Catalogues below this size get no index: exact ranking is fast enough at any load.
+INDEX_FROM = 10_000
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    """How many lists, how many are probed per query, how many candidates are re-ranked."""
+
+    n_lists: int
+    n_probe: int
+    candidates: int
+
+    @classmethod
+    def for_catalogue(cls, n_items: int) -> IndexParams:
+        """About 4·sqrt(n) lists of ~n/(4·sqrt(n)) items, a few percent of them probed."""
+        n_lists = int(min(max(4 * math.sqrt(n_items), 16), max(n_items // 39, 1)))
+        return cls(
+            n_lists=n_lists, n_probe=max(1, min(n_lists, n_lists // 128 + 16)), candidates=100
+        )
+
+
+def _faiss() -> ModuleType:
+    try:
+        import faiss
+    except ImportError:
+        raise UserError(
+            "approximate ranking needs faiss-cpu (pip install faiss-cpu); use --ranking exact"
+        ) from None
+    return faiss
+
+
+def item_vectors(vectors: torch.Tensor, bias: torch.Tensor) -> np.ndarray:
+    """``[e_i, b_i]`` rows, float32, contiguous: what the index stores and searches."""
+    return np.ascontiguousarray(
+        torch.cat([vectors.detach(), bias.detach().view(-1, 1)], dim=1).cpu().numpy(),
+        dtype=np.float32,
+    )
+
+
+class ItemIndex:
+    """An inverted-file index over a model's item vectors (see the module docstring)."""
+
+    def __init__(
+        self,
+        centroids: np.ndarray,
+        lists: np.ndarray,
+        vectors: torch.Tensor,
+        bias: torch.Tensor,
+        params: IndexParams,
+    ) -> None:
+        faiss = _faiss()
+        self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+        self.lists = np.ascontiguousarray(lists, dtype=np.int64)
+        self.params = params
+        self._vectors, self._bias = vectors, bias
+        self._versions = (vectors._version, bias._version)
+        rows = item_vectors(vectors, bias)
+        n_items, dim = rows.shape
+        if self.centroids.shape != (params.n_lists, dim) or self.lists.shape != (n_items,):
+            raise UserError(
+                f"item index does not fit the model: {self.centroids.shape[0]} centroids of "
+                f"{self.centroids.shape[1:]} for {params.n_lists} lists of {dim} floats, "
+                f"{len(self.lists)} list entries for {n_items} items"
+            )
+        if n_items and (self.lists.min() < 0 or self.lists.max() >= params.n_lists):
+            raise UserError("item index names a list that does not exist")
+        if not np.isfinite(self.centroids).all():
+            raise UserError("item index has centroids that are not finite")
+        self._quantizer = faiss.IndexFlatIP(dim)  # kept: the index does not own it
+        self._quantizer.add(self.centroids)
+        self._index = faiss.IndexIVFFlat(
+            self._quantizer, dim, params.n_lists, faiss.METRIC_INNER_PRODUCT
+        )
+        self._index.is_trained = True
+        ids = np.arange(n_items, dtype=np.int64)
+        self._index.add_core(
+            n_items, faiss.swig_ptr(rows), faiss.swig_ptr(ids), faiss.swig_ptr(self.lists)
+        )
+        self._index.nprobe = params.n_probe
+
+    @classmethod
+    def build(
+        cls,
+        vectors: torch.Tensor,
+        bias: torch.Tensor,
+        params: IndexParams | None = None,
+        seed: int = 0,
+    ) -> ItemIndex:
+        """Cluster the items (k-means on their vectors) and assign each to its list."""
+        faiss = _faiss()
+        rows = item_vectors(vectors, bias)
+        params = params or IndexParams.for_catalogue(len(rows))
+        clustering = faiss.Clustering(rows.shape[1], params.n_lists)
+        clustering.seed = seed
+        clustering.niter = 10
+        clustering.max_points_per_centroid = 64
+        clustering.train(rows, faiss.IndexFlatL2(rows.shape[1]))
+        centroids = faiss.vector_to_array(clustering.centroids).reshape(params.n_lists, -1)
+        return cls(centroids, _nearest(faiss, centroids, rows), vectors, bias, params)
+
+    def extended(self, vectors: torch.Tensor, bias: torch.Tensor) -> ItemIndex:
+        """The index of a model fine-tuned from this one, whose first items are this one's
+        (their lists are kept) and whose items beyond are new (each to its nearest list)."""
+        known = len(self.lists)
+        rows = item_vectors(vectors[known:], bias[known:])
+        lists = np.concatenate([self.lists, _nearest(_faiss(), self.centroids, rows)])
+        return ItemIndex(self.centroids, lists, vectors, bias, self.params)
+
+    def matches(self, vectors: torch.Tensor, bias: torch.Tensor) -> bool:
+        """Whether the index holds these very tensors, unchanged since."""
+        return (
+            vectors is self._vectors
+            and bias is self._bias
+            and self._versions == (vectors._version, bias._version)
+        )
+
+    @torch.no_grad()
+    def top_k(self, outputs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` best items for each output row and their exact float32 scores."""
+        queries = np.ascontiguousarray(
+            torch.cat([outputs, outputs.new_ones(len(outputs), 1)], dim=1).cpu().numpy(),
+            dtype=np.float32,
+        )
+        depth = min(max(k, self.params.candidates), len(self.lists))
+        _, found = self._index.search(queries, depth)
+        candidates = torch.from_numpy(found).to(outputs.device)
+        missing = candidates < 0  # fewer items in the probed lists than asked for
+        safe = candidates.clamp(min=0)
+        vectors, bias = self._vectors.detach(), self._bias.detach().view(-1)
+        scores = torch.bmm(vectors[safe], outputs.unsqueeze(2)).squeeze(2) + bias[safe]
+        scores[missing] = -math.inf
+        best = torch.topk(scores, min(k, depth), dim=1)
+        items, values = safe.gather(1, best.indices), best.values
+        short = missing.sum(dim=1) > depth - k  # too few candidates: rank those exactly
+        if bool(short.any()):
+            full = outputs[short] @ vectors.t() + bias
+            exact = torch.topk(full, min(k, depth), dim=1)
+            items[short], values[short] = exact.indices, exact.values
+        return items, values
+
+
+def _nearest(faiss: ModuleType, centroids: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Each row's list: the nearest centroid. Lists are clusters of similar vectors
+    (k-means, Euclidean), so they stay balanced; a query then probes the lists whose
+    centroids have the largest inner product with it, the best scores' neighbourhood."""
+    quantizer = faiss.IndexFlatL2(centroids.shape[1])
+    quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    _, nearest = quantizer.search(rows, 1)
+    return nearest[:, 0].astype(np.int64)
