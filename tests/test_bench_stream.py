@@ -12,8 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.kafka
-def test_tiny_stream_bench_reports_every_figure(kafka_bootstrap: str) -> None:
+def bench_stream(bootstrap: str, *args: str) -> dict:
     result = subprocess.run(
         [
             sys.executable,
@@ -22,11 +21,8 @@ def test_tiny_stream_bench_reports_every_figure(kafka_bootstrap: str) -> None:
             "bench",
             "stream",
             "--broker",
-            f"kafka://{kafka_bootstrap}",
-            "--items",
-            "300",
-            "--events",
-            "600",
+            f"kafka://{bootstrap}",
+            *args,
         ],
         cwd=REPO,
         capture_output=True,
@@ -34,7 +30,12 @@ def test_tiny_stream_bench_reports_every_figure(kafka_bootstrap: str) -> None:
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.kafka
+def test_tiny_stream_bench_reports_every_figure(kafka_bootstrap: str) -> None:
+    figures = bench_stream(kafka_bootstrap, "--items", "300", "--events", "600")
     assert figures["noop_events_per_s"] > 0 and figures["events_per_run"] == 600
     assert figures["cores"] >= 1
     [run] = figures["runs"]
@@ -53,3 +54,17 @@ def test_tiny_stream_bench_reports_every_figure(kafka_bootstrap: str) -> None:
     ):
         assert per_event > 0
         assert 0 < busy <= figures["cores"] + 0.2
+    # Exact ranking serves exactly the exact top-20 (the replay here agrees with the worker).
+    assert run["ranking"] == "exact" and run["recall_vs_exact@20"] == 1.0
+    assert run["index_build_seconds"] is None  # no index below 10,000 items
+    assert run["worker_peak_rss_mib"] > 100
+
+
+@pytest.mark.kafka
+def test_approximate_ranking_is_measured_against_exact(kafka_bootstrap: str) -> None:
+    figures = bench_stream(
+        kafka_bootstrap, "--items", "12000", "--events", "600", "--ranking", "approximate"
+    )
+    [run] = figures["runs"]
+    assert run["ranking"].startswith("approximate") and run["index_build_seconds"] > 0
+    assert 0 < run["recall_vs_exact@20"] <= 1

@@ -1,7 +1,9 @@
 """``streamrec bench stream``: end-to-end throughput and latency of one worker.
 
-For each catalogue size (untrained GRU4Rec with 100 units: scoring cost does not depend
-on the weights), one worker process serves a synthetic stream on the local Kafka:
+For each catalogue size (untrained GRU4Rec with 100 units, indexed as a trained version
+would be: scoring cost does not depend on the weights), or each trained model given with
+``--model``, one worker process serves a synthetic stream (or ``--data``'s sessions) on
+the local Kafka with ``--ranking``:
 
 - throughput: clicks replayed as fast as possible; events/s from the first click produced
   to the last recommendation consumed;
@@ -10,7 +12,12 @@ on the weights), one worker process serves a synthetic stream on the local Kafka
 - the scoring ceiling: the same model's batched GRU step + full-catalogue top-k in this
   process, without Kafka;
 - and once, the engine ceiling: a no-op Faust agent (same Faust settings, consume ->
-  produce, no model) on the same broker.
+  produce, no model) on the same broker;
+- ``recall_vs_exact@20``: over the throughput run's first sessions (``--recall-sample``
+  clicks), the mean share of the exact top-20 that the served top-20 holds (1.0 when the
+  ranking is exact). Random vectors say nothing about an index's recall: measure it on a
+  model trained on structured clicks (``--model``, ``--data``);
+- the worker's peak RSS and the seconds its model's index took to build.
 
 ``ratio`` = events/s / min(scoring ceiling, no-op ceiling): how much of the achievable
 throughput the worker delivers. During each throughput run the worker's CPU time per
@@ -23,12 +30,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +46,17 @@ import numpy as np
 import torch
 from confluent_kafka import Producer
 
-from model.artifact import save_model
+from model.artifact import load_model, save_model
 from model.config import GRU4RecConfig
-from model.data import ItemMap
+from model.data import ClickLog, ItemMap, read_clicks
 from model.errors import UserError
 from model.inference import Recommender
+from model.item_index import RANKINGS
 from model.network import GRU4RecNetwork
 from model.synth import SynthSpec, generate
 from stream.devtools.brokers import kafka_or_local
-from stream.devtools.processes import StreamNames, WorkerProcess, start_readers
-from stream.devtools.procfs import cpu_seconds, machine_busy_seconds
+from stream.devtools.processes import Received, StreamNames, WorkerProcess, start_readers
+from stream.devtools.procfs import cpu_seconds, machine_busy_seconds, peak_rss_mib
 from stream.kafka.config import producer_config
 from stream.kafka.log_sender import replay
 from stream.kafka.wire import Click, encode_click
@@ -56,15 +67,18 @@ from stream.serving.settings import WorkerSettings
 PARTITIONS = 4
 
 
-def untrained_model(n_items: int, directory: Path) -> Recommender:
-    """A default-sized GRU4Rec over ``n_items`` synthetic items, saved to ``directory``."""
+def untrained_model(n_items: int, directory: Path, indexed: bool = False) -> Recommender:
+    """A default-sized GRU4Rec over ``n_items`` synthetic items, saved to ``directory``
+    (``indexed``: with the item index a trained version of that size gets)."""
     config = GRU4RecConfig()
     network = GRU4RecNetwork(config, n_items, generator=torch.Generator().manual_seed(0))
     popularity = 1.0 / np.arange(1, n_items + 1)
     recommender = Recommender(
         network, ItemMap(str(i + 1) for i in range(n_items)), popularity, config
     )
-    save_model(recommender, directory)
+    seconds = recommender.build_index() if indexed else 0.0
+    training = {"index_seconds": seconds} if recommender.index is not None else None
+    save_model(recommender, directory, training=training)
     return recommender
 
 
@@ -110,6 +124,61 @@ def _clicks(prefix: str, count: int, n_items: int, seed: int, rate: float | None
     ]
 
 
+def _log_clicks(
+    log: ClickLog, prefix: str, count: int, seed: int, rate: float | None
+) -> list[Click]:
+    """``count`` clicks of whole sessions of ``log`` (from a point ``seed`` picks), in
+    event-time order; with ``rate``, event times spaced 1/rate apart."""
+    offsets = log.session_offsets()
+    first = np.random.default_rng(seed).integers(0, max(log.n_sessions - 1, 1))
+    order = np.argsort(log.times[offsets[first] :], kind="stable")[:count] + offsets[first]
+    times = (np.arange(len(order)) / rate) if rate else log.times[order]
+    return [
+        Click(f"{prefix}{log.session_ids[log.sessions[k]]}", log.item_ids[log.items[k]], float(t))
+        for k, t in zip(order, times)
+    ]
+
+
+def recall_vs_exact(
+    recommender: Recommender, clicks: list[Click], answers: list[Received], sample: int, k: int = 20
+) -> float:
+    """Mean share of the exact top-``k`` held by the served top-``k``, over the clicks of
+    the first sessions (at least ``sample`` clicks), replayed here with exact ranking."""
+    served: dict[str, dict[tuple[int, int], list[str]]] = {}
+    for answer in answers:  # a redelivered click's answers share its source: kept once
+        source = answer.value["source"]
+        served.setdefault(answer.value["session_id"], {})[
+            (source["partition"], source["offset"])
+        ] = [r["item_id"] for r in answer.value["recommendations"][:k]]
+    sessions: dict[str, list[str]] = {}
+    for click in clicks:
+        if click.session_id in sessions or sum(map(len, sessions.values())) < sample:
+            sessions.setdefault(click.session_id, []).append(click.item_id)
+    ranking = "approximate" if recommender.approximate else "exact"
+    recommender.use_ranking("exact")
+    shares = []
+    ids = list(sessions)
+    states = recommender.initial_states(len(ids))
+    started = torch.zeros(len(ids), dtype=torch.bool)
+    for position in range(max(map(len, sessions.values()), default=0)):
+        rows = [i for i, s in enumerate(ids) if position < len(sessions[s])]
+        items = torch.tensor(
+            [recommender.item_map.index_of(sessions[ids[i]][position]) for i in rows]
+        )
+        index = torch.tensor(rows)
+        states[index] = recommender.step(states[index], items)
+        started[index] |= items >= 0
+        exact, _ = recommender.top_k(states[index], started[index], k)
+        for row, best in zip(rows, exact.tolist()):
+            answered = served.get(ids[row], {})
+            if position < len(answered):
+                wanted = {recommender.item_map.ids[i] for i in best}
+                published = answered[sorted(answered)[position]]
+                shares.append(len(wanted & set(published)) / len(wanted))
+    recommender.use_ranking(ranking)
+    return float(np.mean(shares)) if shares else math.nan
+
+
 def _produce_paced(bootstrap: str, topic: str, clicks: list[Click], rate: float) -> None:
     """Send ``clicks`` at ``rate`` per second from a producer that is already connected.
 
@@ -133,16 +202,20 @@ def _produce_paced(bootstrap: str, topic: str, clicks: list[Click], rate: float)
         raise UserError("paced clicks were not all delivered within 30 s")
 
 
+ClickMaker = Callable[[str, int, int, "float | None"], list[Click]]
+
+
 def measure(
     bootstrap: str,
     model_dir: Path,
-    n_items: int,
+    make_clicks: ClickMaker,
     events: int,
     work: Path,
     subcommand: tuple[str, ...] = ("worker",),
     *worker_args: str,
-) -> dict[str, float]:
-    """Throughput (max speed) then latency (1,000 events/s) of one worker process."""
+) -> dict[str, Any]:
+    """Throughput (max speed) then latency (1,000 events/s) of one worker process; also
+    the burst's clicks and answers and the worker's peak RSS."""
     names = StreamNames("bench")
     inputs, outputs = start_readers(bootstrap, names, PARTITIONS)
     worker = WorkerProcess(
@@ -156,7 +229,7 @@ def measure(
     ).start()
     try:
         worker.wait_until_consuming(bootstrap, names.app_id)
-        burst = _clicks("a", events, n_items, seed=1, rate=None)
+        burst = make_clicks("a", events, 1, None)
         cpu = CpuMeter(worker.process.pid)  # type: ignore[union-attr]
         replay(burst, bootstrap, names.clicks, speed="max")
         if not outputs.wait_for(len(burst), timeout=300):
@@ -167,11 +240,12 @@ def measure(
         inputs.wait_for(len(burst), timeout=30)
         first_sent = min(m.timestamp()[1] for m in inputs.messages) / 1000.0
         throughput = len(burst) / (outputs.messages[len(burst) - 1].consumed_at - first_sent)
-        paced = _clicks("b", min(events, 5000), n_items, seed=2, rate=1000.0)
+        paced = make_clicks("b", min(events, 5000), 2, 1000.0)
         _produce_paced(bootstrap, names.clicks, paced, rate=1000.0)
         total = len(burst) + len(paced) + 1
         outputs.wait_for(total, timeout=120)
         inputs.wait_for(total, timeout=30)
+        rss = peak_rss_mib(worker.process.pid)  # type: ignore[union-attr]
     finally:
         worker.stop()
         inputs.close()
@@ -189,11 +263,15 @@ def measure(
         "p99_ms": float(p99),
         "cpu_us_per_event": cpu_us_per_event,
         "busy_cores": busy_cores,
+        "peak_rss_mib": rss,
+        "clicks": burst,
+        "answers": outputs.messages[: len(burst)],
     }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.torch_threads)
+    log = read_clicks(args.data) if args.data else None
     with (
         kafka_or_local(args.broker) as bootstrap,
         tempfile.TemporaryDirectory(prefix="streamrec-bench-") as tmp,
@@ -203,30 +281,50 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         untrained_model(10, noop_model)
         print("measuring the no-op Faust agent", file=sys.stderr)
         noop = measure(
-            bootstrap, noop_model, 10, args.events, work, subcommand=("bench", "noop-worker")
+            bootstrap,
+            noop_model,
+            _synthetic_clicks(10),
+            args.events,
+            work,
+            ("bench", "noop-worker"),
         )
         runs = []
-        for n_items in args.items:
-            model_dir = work / f"model-{n_items}"
-            recommender = untrained_model(n_items, model_dir)
+        for model_dir in _models(args, work):
+            started = time.perf_counter()
+            recommender = load_model(model_dir)
+            load_seconds = time.perf_counter() - started
+            ranking = recommender.use_ranking(args.ranking)
             ceiling = scoring_ceiling(recommender)
             print(
-                f"{n_items} items: scoring ceiling {ceiling:,.0f} events/s; measuring the worker",
+                f"{recommender.n_items:,} items, ranking {ranking}: scoring ceiling "
+                f"{ceiling:,.0f} events/s; measuring the worker",
                 file=sys.stderr,
+            )
+            make_clicks = (
+                functools.partial(_log_clicks, log)
+                if log is not None
+                else _synthetic_clicks(recommender.n_items)
             )
             result = measure(
                 bootstrap,
                 model_dir,
-                n_items,
+                make_clicks,
                 args.events,
                 work,
                 ("worker",),
                 "--torch-threads",
                 str(args.torch_threads),
+                "--ranking",
+                args.ranking,
+            )
+            recall = recall_vs_exact(
+                recommender, result["clicks"], result["answers"], args.recall_sample
             )
             runs.append(
                 {
-                    "items": n_items,
+                    "items": recommender.n_items,
+                    "model": str(model_dir) if args.model else "untrained",
+                    "ranking": ranking,
                     "events_per_s": result["events_per_s"],
                     "ceiling_events_per_s": ceiling,
                     "ratio": result["events_per_s"] / min(ceiling, noop["events_per_s"]),
@@ -235,6 +333,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "p99_ms_at_1000_per_s": result["p99_ms"],
                     "worker_cpu_us_per_event": result["cpu_us_per_event"],
                     "machine_busy_cores": result["busy_cores"],
+                    "worker_peak_rss_mib": result["peak_rss_mib"],
+                    "model_load_seconds": load_seconds,
+                    "index_build_seconds": recommender.metadata.get("training", {}).get(
+                        "index_seconds"
+                    ),
+                    "recall_vs_exact@20": recall,
                 }
             )
             print(json.dumps(runs[-1]), file=sys.stderr)
@@ -248,6 +352,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "torch_threads": args.torch_threads,
         "runs": runs,
     }
+
+
+def _models(args: argparse.Namespace, work: Path) -> Iterator[Path]:
+    """The models to serve: those given, or an untrained (indexed) one per size."""
+    if args.model:
+        yield from map(Path, args.model)
+        return
+    for n_items in args.items:
+        model_dir = work / f"model-{n_items}"
+        untrained_model(n_items, model_dir, indexed=True)
+        yield model_dir
+        shutil.rmtree(model_dir)  # a 5M-item model is 2 GB of disk
+
+
+def _synthetic_clicks(n_items: int) -> ClickMaker:
+    return lambda prefix, count, seed, rate: _clicks(prefix, count, n_items, seed, rate)
 
 
 def run_noop_worker(args: argparse.Namespace) -> int:
@@ -296,6 +416,30 @@ def add_parsers(benches: argparse._SubParsersAction) -> None:
         nargs="+",
         default=[3000, 40000, 100000],
         help="catalogue sizes to measure (default: 3000 40000 100000)",
+    )
+    p.add_argument(
+        "--model",
+        nargs="+",
+        default=None,
+        help="trained model directories to serve instead of untrained ones per --items",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="click log whose sessions are sent (default: synthetic clicks over the "
+        "catalogue); with --model, the log the model was trained on or its test part",
+    )
+    p.add_argument(
+        "--ranking",
+        choices=RANKINGS,
+        default="auto",
+        help="the worker's --ranking (default auto)",
+    )
+    p.add_argument(
+        "--recall-sample",
+        type=int,
+        default=2000,
+        help="clicks whose served lists are compared with the exact top-20 (default 2000)",
     )
     p.add_argument("--events", type=int, default=20000, help="clicks per throughput run")
     p.add_argument("--broker", default=None, help="use this Kafka instead of starting a local one")

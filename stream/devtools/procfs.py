@@ -38,10 +38,19 @@ def machine_busy_seconds() -> float:
 
 def rss_mib(pid: int) -> float:
     """Resident memory of a process (VmRSS), MiB; NaN if it is gone."""
+    return _status_mib(pid, "VmRSS:")
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The most resident memory a process has held so far (VmHWM), MiB; NaN if it is gone."""
+    return _status_mib(pid, "VmHWM:")
+
+
+def _status_mib(pid: int, field: str) -> float:
     try:
         with open(f"/proc/{pid}/status", encoding="ascii") as status:
             for line in status:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field):
                     return int(line.split()[1]) / 1024.0
     except OSError:
         pass
