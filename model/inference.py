@@ -117,6 +117,7 @@ class Recommender:
         )
         if not self.approximate:
             return "exact"
+        self._int8 = None  # the exact path's copy of the item matrix: not needed now
         return f"approximate ({self.index.params}{built})"  # type: ignore[union-attr]
 
     @property
@@ -168,8 +169,8 @@ class Recommender:
         (:class:`model.ranking.Int8Catalogue`, exact)."""
         k = min(k, self.n_items)
         states, started = states.to(self.device), started.to(self.device)
-        catalogue = self._int8_catalogue()
         index = self._current_index()
+        catalogue = None if index is not None else self._int8_catalogue()
         if index is not None:
             parts = [
                 index.top_k(self.network.last_output(some), k)

@@ -86,6 +86,18 @@ def settings(**changes: Any) -> TrainerSettings:
     return TrainerSettings(**{**values, **changes})
 
 
+def train_spy(monkeypatch: pytest.MonkeyPatch) -> list[ClickLog]:
+    """The logs the loop's rounds train on, in order (training still happens)."""
+    trained_on: list[ClickLog] = []
+
+    def spy(log: ClickLog, config: GRU4RecConfig, **kwargs: Any) -> tuple[Recommender, Any]:
+        trained_on.append(log)
+        return train(log, config, **kwargs)
+
+    monkeypatch.setattr(loop_module, "train", spy)
+    return trained_on
+
+
 def feed(loop: LearningLoop, log: ClickLog) -> None:
     """Every click of ``log``, then one click an hour later that completes them all
     (synthetic gaps are ~30 s, so no session is cut by the 30 min timeout)."""
@@ -341,13 +353,7 @@ def test_a_round_replays_a_fresh_draw_of_the_replay_log(
             for k in order
         )
     )
-    trained_on: list[ClickLog] = []
-
-    def spy(log: ClickLog, config: GRU4RecConfig, **kwargs: Any) -> tuple[Recommender, Any]:
-        trained_on.append(log)
-        return train(log, config, **kwargs)
-
-    monkeypatch.setattr(loop_module, "train", spy)
+    trained_on = train_spy(monkeypatch)
     loop = LearningLoop(
         settings(gate_margin=0.5, replay_log=str(old_log), replay_log_sample=150),
         registry,
@@ -371,13 +377,7 @@ def test_a_round_replays_a_fresh_draw_of_the_replay_log(
 def test_a_round_within_its_budget_trains_the_newest_sessions_then_replay(
     registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    trained_on: list[ClickLog] = []
-
-    def spy(log: ClickLog, config: GRU4RecConfig, **kwargs: Any) -> tuple[Recommender, Any]:
-        trained_on.append(log)
-        return train(log, config, **kwargs)
-
-    monkeypatch.setattr(loop_module, "train", spy)
+    trained_on = train_spy(monkeypatch)
     loop = LearningLoop(
         settings(gate_margin=0.5, round_budget_s=2.0, epochs=2), registry, out=io.StringIO()
     )
