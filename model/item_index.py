@@ -154,24 +154,25 @@ class ItemIndex:
     @torch.no_grad()
     def top_k(self, outputs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` best items for each output row and their exact float32 scores."""
-        queries = np.ascontiguousarray(
-            torch.cat([outputs, outputs.new_ones(len(outputs), 1)], dim=1).cpu().numpy(),
-            dtype=np.float32,
-        )
+        rows, width = outputs.shape
+        queries = np.empty((rows, width + 1), dtype=np.float32)
+        queries[:, :width] = outputs.detach().cpu().numpy()
+        queries[:, width] = 1.0
         depth = min(max(k, self.params.candidates), len(self.lists))
+        k = min(k, depth)
         _, found = self._index.search(queries, depth)
-        candidates = torch.from_numpy(found).to(outputs.device)
-        missing = candidates < 0  # fewer items in the probed lists than asked for
-        safe = candidates.clamp(min=0)
+        missing = found < 0  # fewer items in the probed lists than asked for
+        candidates = torch.from_numpy(np.maximum(found, 0)).to(outputs.device)
         vectors, bias = self._vectors.detach(), self._bias.detach().view(-1)
-        scores = torch.bmm(vectors[safe], outputs.unsqueeze(2)).squeeze(2) + bias[safe]
-        scores[missing] = -math.inf
-        best = torch.topk(scores, min(k, depth), dim=1)
-        items, values = safe.gather(1, best.indices), best.values
-        short = missing.sum(dim=1) > depth - k  # too few candidates: rank those exactly
-        if bool(short.any()):
-            full = outputs[short] @ vectors.t() + bias
-            exact = torch.topk(full, min(k, depth), dim=1)
+        scores = torch.bmm(vectors[candidates], outputs.unsqueeze(2)).squeeze(2)
+        scores += bias[candidates]
+        if missing.any():
+            scores[torch.from_numpy(missing)] = -math.inf
+        best = torch.topk(scores, k, dim=1)
+        items, values = candidates.gather(1, best.indices), best.values
+        short = torch.from_numpy(missing.sum(axis=1) > depth - k)
+        if bool(short.any()):  # too few candidates: rank those rows exactly
+            exact = torch.topk(outputs[short] @ vectors.t() + bias, k, dim=1)
             items[short], values[short] = exact.indices, exact.values
         return items, values
 
