@@ -131,7 +131,8 @@ class ItemIndex:
         clustering.seed = seed
         clustering.niter = 10
         clustering.max_points_per_centroid = 64
-        clustering.train(rows, faiss.IndexFlatL2(rows.shape[1]))
+        clustering.spherical = True
+        clustering.train(rows, faiss.IndexFlatIP(rows.shape[1]))
         centroids = faiss.vector_to_array(clustering.centroids).reshape(params.n_lists, -1)
         return cls(centroids, _nearest(faiss, centroids, rows), vectors, bias, params)
 
@@ -178,10 +179,11 @@ class ItemIndex:
 
 
 def _nearest(faiss: ModuleType, centroids: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Each row's list: the nearest centroid. Lists are clusters of similar vectors
-    (k-means, Euclidean), so they stay balanced; a query then probes the lists whose
-    centroids have the largest inner product with it, the best scores' neighbourhood."""
-    quantizer = faiss.IndexFlatL2(centroids.shape[1])
+    """Each row's list: the centroid with the largest inner product. The centroids are
+    unit vectors (spherical k-means: clusters of directions), so no centroid draws every
+    item by its length alone and the lists stay balanced; a query probes the lists in the
+    same inner-product order."""
+    quantizer = faiss.IndexFlatIP(centroids.shape[1])
     quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
     _, nearest = quantizer.search(rows, 1)
     return nearest[:, 0].astype(np.int64)
