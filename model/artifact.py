@@ -190,7 +190,7 @@ def load_model(
         raise UserError(
             f"{path}: weights do not match config.json and items.json (incompatible artifact)"
         )
-    network.load_state_dict(tensors)
+    network.load_state_dict(tensors, assign=True)  # the loaded tensors, not copies
     torch_device = select_device(device)
     network.to(torch_device)
     state = _load_optimizer_state(path, network) if optimizer_state and has_optimizer else None

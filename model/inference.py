@@ -78,7 +78,6 @@ class Recommender:
         self.index = index
         self.approximate = False
         self._int8: Int8Catalogue | None = None
-        self._int8_catalogue()  # made now, off the serving path (a hot swap loads here)
 
     def build_index(self, base: Recommender | None = None) -> float:
         """Give the model its approximate-ranking index, as every saved version gets one
@@ -116,6 +115,7 @@ class Recommender:
             ranking == "auto" and self.index is not None and self.n_items >= APPROXIMATE_FROM
         )
         if not self.approximate:
+            self._int8_catalogue()  # made now, off the serving path (a hot swap loads here)
             return "exact"
         self._int8 = None  # the exact path's copy of the item matrix: not needed now
         return f"approximate ({self.index.params}{built})"  # type: ignore[union-attr]

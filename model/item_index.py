@@ -37,6 +37,7 @@ RANKINGS = ("exact", "approximate", "auto")
 APPROXIMATE_FROM = 200_000
 #: Catalogues below this size get no index: exact ranking is fast enough at any load.
 INDEX_FROM = 10_000
+_GATHER_ROWS = 65_536
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,7 @@ class ItemIndex:
         self.params = params
         self._vectors, self._bias = vectors, bias
         self._versions = (vectors._version, bias._version)
-        rows = item_vectors(vectors, bias)
-        n_items, dim = rows.shape
+        n_items, dim = len(bias), vectors.shape[1] + 1
         if self.centroids.shape != (params.n_lists, dim) or self.lists.shape != (n_items,):
             raise UserError(
                 f"item index does not fit the model: {self.centroids.shape[0]} centroids of "
@@ -109,10 +109,34 @@ class ItemIndex:
             self._quantizer, dim, params.n_lists, faiss.METRIC_INNER_PRODUCT
         )
         self._index.is_trained = True
-        ids = np.arange(n_items, dtype=np.int64)
-        self._index.add_core(
-            n_items, faiss.swig_ptr(rows), faiss.swig_ptr(ids), faiss.swig_ptr(self.lists)
-        )
+        # List by list, each with its exact size: appending item by item (what faiss's
+        # own add does) grows each list's buffer geometrically, and at a million items the
+        # index took 1.1 GB instead of 0.4. The rows are gathered a group of lists at a
+        # time: a whole extra copy of them would cost as much again at load.
+        order = np.argsort(self.lists, kind="stable")
+        ends = np.cumsum(np.bincount(self.lists, minlength=params.n_lists))
+        starts = np.concatenate(([0], ends[:-1]))
+        weights = vectors.detach().cpu().numpy()
+        offsets = bias.detach().cpu().numpy().reshape(-1)
+        inverted, first = self._index.invlists, 0
+        while first < params.n_lists:
+            last = int(np.searchsorted(ends, starts[first] + _GATHER_ROWS, side="right"))
+            last = max(last, first + 1)
+            members = order[starts[first] : ends[last - 1]]
+            rows = np.empty((len(members), dim), dtype=np.float32)
+            rows[:, :-1] = weights[members]
+            rows[:, -1] = offsets[members]
+            for list_no in range(first, last):
+                lo, hi = starts[list_no] - starts[first], ends[list_no] - starts[first]
+                if hi > lo:
+                    inverted.add_entries(
+                        list_no,
+                        int(hi - lo),
+                        faiss.swig_ptr(members[lo:hi]),
+                        faiss.swig_ptr(rows[lo:hi].view(np.uint8)),
+                    )
+            first = last
+        self._index.ntotal = n_items
         self._index.nprobe = params.n_probe
 
     @classmethod
