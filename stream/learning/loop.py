@@ -248,9 +248,8 @@ class LearningLoop:
             )
         except UserError as exc:
             return self._log({**record, "decision": "failed", "reason": str(exc)})
-        index_seconds = candidate.build_index(base=current)
         trained = time.perf_counter()
-        speed = stats.n_events * stats.epochs / max(trained - prepared - index_seconds, 1e-6)
+        speed = stats.n_events * stats.epochs / max(trained - prepared, 1e-6)
         self.throughput = speed if self.throughput is None else 0.5 * self.throughput + 0.5 * speed
         result = gate(
             current, candidate, sessions_log(holdout, "trainer holdout"), settings.gate_margin
@@ -260,7 +259,6 @@ class LearningLoop:
             gate=result.to_dict(),
             new_items=candidate.n_items - current.n_items,
             train_seconds=round(stats.train_seconds, 3),
-            index_seconds=round(index_seconds, 3),
             fit_seconds=round(trained - prepared, 3),
             gate_seconds=round(gated - trained, 3),
             train_events=stats.n_events,
@@ -269,6 +267,8 @@ class LearningLoop:
         )
         if not result.passed:
             return self._log({**record, "decision": "rejected", "reason": result.reason()})
+        # Only a version that will be published needs its index (the gate ranks exactly).
+        record["index_seconds"] = round(candidate.build_index(base=current), 3)
         training = {
             "base_version": current.version,
             "epochs": stats.epochs,
