@@ -72,12 +72,16 @@ def _faiss() -> ModuleType:
     return faiss
 
 
-def item_vectors(vectors: torch.Tensor, bias: torch.Tensor) -> np.ndarray:
-    """``[e_i, b_i]`` rows, float32, contiguous: what the index stores and searches."""
-    return np.ascontiguousarray(
-        torch.cat([vectors.detach(), bias.detach().view(-1, 1)], dim=1).cpu().numpy(),
-        dtype=np.float32,
-    )
+def item_vectors(
+    vectors: torch.Tensor, bias: torch.Tensor, members: np.ndarray | slice = slice(None)
+) -> np.ndarray:
+    """``[e_i, b_i]`` rows of the ``members`` items, float32, contiguous: what the index
+    stores and searches."""
+    weights = vectors.detach().cpu().numpy()[members]
+    rows = np.empty((len(weights), weights.shape[1] + 1), dtype=np.float32)
+    rows[:, :-1] = weights
+    rows[:, -1] = bias.detach().cpu().numpy().reshape(-1)[members]
+    return rows
 
 
 class ItemIndex:
@@ -121,16 +125,12 @@ class ItemIndex:
         order = np.argsort(self.lists, kind="stable")
         ends = np.cumsum(np.bincount(self.lists, minlength=params.n_lists))
         starts = np.concatenate(([0], ends[:-1]))
-        weights = vectors.detach().cpu().numpy()
-        offsets = bias.detach().cpu().numpy().reshape(-1)
         inverted, first = self._index.invlists, 0
         while first < params.n_lists:
             last = int(np.searchsorted(ends, starts[first] + _GATHER_ROWS, side="right"))
             last = max(last, first + 1)
             members = order[starts[first] : ends[last - 1]]
-            rows = np.empty((len(members), dim), dtype=np.float32)
-            rows[:, :-1] = weights[members]
-            rows[:, -1] = offsets[members]
+            rows = item_vectors(vectors, bias, members)
             for list_no in range(first, last):
                 lo, hi = starts[list_no] - starts[first], ends[list_no] - starts[first]
                 if hi > lo:
@@ -168,8 +168,7 @@ class ItemIndex:
     def extended(self, vectors: torch.Tensor, bias: torch.Tensor) -> ItemIndex:
         """The index of a model fine-tuned from this one, whose first items are this one's
         (their lists are kept) and whose items beyond are new (each to its nearest list)."""
-        known = len(self.lists)
-        rows = item_vectors(vectors[known:], bias[known:])
+        rows = item_vectors(vectors, bias, slice(len(self.lists), None))
         lists = np.concatenate([self.lists, _nearest(_faiss(), self.centroids, rows)])
         return ItemIndex(self.centroids, lists, vectors, bias, self.params)
 
