@@ -124,9 +124,6 @@ class PrequentialQuality:
         for session_id in session_ids:
             self._previous.pop(session_id, None)
 
-    def versions(self) -> set[str]:
-        return set(self.predictions) | set(self.skipped_unknown)
-
     def __len__(self) -> int:
         return len(self._previous)
 

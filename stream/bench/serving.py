@@ -151,9 +151,11 @@ def recall_vs_exact(
             (source["partition"], source["offset"])
         ] = [r["item_id"] for r in answer.value["recommendations"][:k]]
     sessions: dict[str, list[str]] = {}
+    taken = 0
     for click in clicks:
-        if click.session_id in sessions or sum(map(len, sessions.values())) < sample:
+        if click.session_id in sessions or taken < sample:
             sessions.setdefault(click.session_id, []).append(click.item_id)
+            taken += 1
     ranking = "approximate" if recommender.approximate else "exact"
     recommender.use_ranking("exact")
     shares = []
