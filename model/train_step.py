@@ -60,18 +60,14 @@ class TrainingStep:
         self.flat = FlatParameters(self.dense_params)
         self._grad_of = {id(p): g for p, g in zip(self.dense_params, self.flat.grads)}
 
-    def _unique(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def _unique(items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sorted distinct items and each item's position among them.
 
-        Same result as ``torch.unique(..., return_inverse=True)``, by marking a catalogue-
-        sized table instead of sorting: several times faster for a few thousand items.
+        A sort of the batch's few thousand ids: its cost does not grow with the catalogue,
+        which a catalogue-sized marking table's does (1 ms per step at a million items).
         """
-        seen = torch.zeros(self.network.n_items, dtype=torch.bool, device=items.device)
-        seen[items] = True
-        rows = seen.nonzero().squeeze(1)
-        position = torch.empty(self.network.n_items, dtype=torch.int64, device=items.device)
-        position[rows] = torch.arange(len(rows), device=items.device)
-        return rows, position.index_select(0, items)
+        return torch.unique(items, sorted=True, return_inverse=True)
 
     @staticmethod
     def _dropout_mask(like: torch.Tensor, p: float) -> torch.Tensor | None:
