@@ -230,3 +230,13 @@ def test_bad_param_is_one_line_on_stderr(
     )
     assert_one_line_error(done, "train", *words)
     assert not (tmp_path / "model").exists()
+
+
+def test_synth_with_intents_and_a_bad_shape(tmp_path: Path) -> None:
+    out = tmp_path / "clicks.tsv"
+    shape = ("--sessions", "200", "--items", "100", "--zipf", "0.5")
+    result = last_json(streamrec("synth", "--out", str(out), *shape, "--intents", "10"))
+    assert result["events"] >= 200 and out.exists()
+    done = streamrec("synth", "--out", str(tmp_path / "bad.tsv"), *shape, "--intents", "101")
+    assert_one_line_error(done, "synth", "--intents", "101")
+    assert not (tmp_path / "bad.tsv").exists()

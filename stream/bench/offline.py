@@ -19,7 +19,7 @@ import torch
 from model.config import GRU4RecConfig
 from model.data import read_clicks
 from model.evaluate import RecommenderScorer, evaluate
-from model.synth import SynthSpec, generate, write_clicks
+from model.synth import add_shape_options, generate, spec_from_args, write_clicks
 from model.train import train
 
 
@@ -54,7 +54,7 @@ def run_scale_bench(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(dir=args.tmp_dir) as tmp:
         path = Path(tmp) / "synthetic.tsv"
         started = time.perf_counter()
-        log = generate(SynthSpec(sessions=args.sessions, items=args.items, seed=args.seed))
+        log = generate(spec_from_args(args))
         write_clicks(log, path)
         generate_seconds = time.perf_counter() - started
         n_events = len(log)
@@ -113,7 +113,7 @@ def add_parsers(benches: argparse._SubParsersAction) -> None:
         default=20_000,
         help="mini-batches to train (memory is reached long before an epoch ends)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    add_shape_options(p)
     p.add_argument("--tmp-dir", default=None, help="where to write the temporary log")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(measure=run_scale_bench)

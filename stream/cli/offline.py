@@ -20,7 +20,7 @@ from model.data import ClickLog, read_clicks, standard_filter
 from model.errors import UserError
 from model.evaluate import DEFAULT_KS, TIE_MODES, RecommenderScorer, evaluate
 from model.item_index import APPROXIMATE_FROM, RANKINGS
-from model.synth import SynthSpec, generate, write_clicks
+from model.synth import add_shape_options, generate, spec_from_args, write_clicks
 from model.train import train
 from stream.cli.base import print_json
 
@@ -136,7 +136,7 @@ def run_baseline(args: argparse.Namespace) -> int:
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    spec = SynthSpec(sessions=args.sessions, items=args.items, seed=args.seed)
+    spec = spec_from_args(args)
     started = time.perf_counter()
     log = generate(spec)
     write_clicks(log, args.out)
@@ -210,11 +210,12 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "synth",
         help="generate a synthetic click log",
-        description="Synthetic clicks: Zipf item popularity, heavy-tailed short sessions "
-        "and learnable item-to-item transitions (see model/synth.py).",
+        description="Synthetic clicks: Zipf item popularity, heavy-tailed short sessions, "
+        "optional latent intents and learnable item-to-item transitions "
+        "(see model/synth.py).",
     )
     p.add_argument("--out", required=True, help="TSV file to write")
-    p.add_argument("--sessions", type=int, required=True)
-    p.add_argument("--items", type=int, required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sessions", type=int, required=True, help="sessions to generate")
+    p.add_argument("--items", type=int, required=True, help="catalogue size")
+    add_shape_options(p)
     p.set_defaults(run=run_synth)
