@@ -224,7 +224,9 @@ def _load_index(path: Path, network: GRU4RecNetwork) -> ItemIndex:
         with safe_open(str(path / INDEX), framework="pt") as stored:
             header = stored.metadata() or {}
             arrays = {name: stored.get_tensor(name) for name in ("centroids", "lists")}
-        params = IndexParams(**{f.name: int(header[f.name]) for f in fields(IndexParams)})
+        params = IndexParams(
+            **{f.name: int(header[f.name]) for f in fields(IndexParams) if f.name in header}
+        )
     except (SafetensorError, OSError, KeyError, ValueError, TypeError) as exc:
         raise UserError(f"{path}: cannot read {INDEX}: {exc}") from None
     return ItemIndex(

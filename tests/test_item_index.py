@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from model import inference
 from model.artifact import INDEX, METADATA, load_model, save_model
@@ -95,6 +98,27 @@ def test_recall_against_exact_on_clustered_items() -> None:
     assert recall >= 0.99
 
 
+def test_the_head_finds_large_bias_items_whatever_the_session() -> None:
+    """Items whose bias puts them in every top-20 sit in no list a session's direction
+    probes; the head, scanned for every query, finds them."""
+    recommender = clustered(20_000)
+    with torch.no_grad():
+        recommender.network.item_bias[:5] += 20.0  # in every exact top-20
+    vectors, bias = recommender.network.item_output, recommender.network.item_bias
+    states = states_of(recommender, 100)
+    outputs = recommender.network.last_output(states)
+    for head, finds_all in ((0, False), (50, True)):
+        index = ItemIndex.build(vectors, bias, IndexParams(64, 1, 32, head=head))
+        assert set(range(5)) <= set(index.head_items.tolist()) or head == 0
+        items, _ = index.top_k(outputs, 20)
+        found_all = all(set(range(5)) <= set(row.tolist()) for row in items)
+        assert found_all == finds_all
+    with pytest.raises(UserError, match="51 head items"):
+        lists = index.lists.copy()
+        lists[np.flatnonzero(lists != 64)[0]] = 64
+        ItemIndex(index.centroids, lists, vectors, bias, index.params)
+
+
 def test_sessions_not_started_get_the_popular_items(tmp_path: Path) -> None:
     recommender = clustered(20_000)
     recommender.build_index()
@@ -125,6 +149,25 @@ def test_the_index_round_trips_with_its_checksum(tmp_path: Path) -> None:
     assert torch.equal(
         loaded.top_k(states, started, 20)[0], recommender.top_k(states, started, 20)[0]
     )
+
+
+def test_an_index_saved_without_a_head_still_loads(tmp_path: Path) -> None:
+    """Versions published before the head existed keep serving approximately."""
+    recommender = clustered(12_000)
+    recommender.index = ItemIndex.build(
+        recommender.network.item_output, recommender.network.item_bias, IndexParams(64, 8, 32)
+    )
+    save_model(recommender, tmp_path / "m")
+    path, metadata_path = tmp_path / "m" / INDEX, tmp_path / "m" / METADATA
+    with safe_open(str(path), framework="pt") as stored:
+        header = {k: v for k, v in (stored.metadata() or {}).items() if k != "head"}
+        arrays = {name: stored.get_tensor(name) for name in stored.keys()}  # noqa: SIM118
+    save_file(arrays, str(path), metadata=header)
+    metadata = json.loads(metadata_path.read_text())
+    metadata["files"][INDEX] = hashlib.sha256(path.read_bytes()).hexdigest()
+    metadata_path.write_text(json.dumps(metadata))
+    loaded = load_model(tmp_path / "m")
+    assert loaded.index is not None and loaded.index.params == IndexParams(64, 8, 32, head=0)
 
 
 def test_a_corrupted_index_is_refused(tmp_path: Path) -> None:
