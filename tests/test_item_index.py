@@ -35,7 +35,8 @@ def clustered(n_items: int, seed: int = 0) -> Recommender:
     centres = torch.randn(32, 16, generator=generator) * 2
     members = torch.randint(0, 32, (n_items,), generator=generator)
     with torch.no_grad():
-        network.item_output.copy_(centres[members] + 0.3 * torch.randn(n_items, 16))
+        noise = torch.randn(n_items, 16, generator=generator)
+        network.item_output.copy_(centres[members] + 0.3 * noise)
         network.item_bias.copy_(0.1 * torch.randn(n_items, 1, generator=generator))
     ids = ItemMap(str(i) for i in range(n_items))
     return Recommender(network, ids, np.ones(n_items), CONFIG)
@@ -103,7 +104,7 @@ def test_the_head_finds_large_bias_items_whatever_the_session() -> None:
     probes; the head, scanned for every query, finds them."""
     recommender = clustered(20_000)
     with torch.no_grad():
-        recommender.network.item_bias[:5] += 20.0  # in every exact top-20
+        recommender.network.item_bias[:5] += 100.0  # beyond any h·e: in every top-20
     vectors, bias = recommender.network.item_output, recommender.network.item_bias
     states = states_of(recommender, 100)
     outputs = recommender.network.last_output(states)
