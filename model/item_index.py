@@ -12,8 +12,8 @@ probed by direction finds them reliably; scanning them always is what lets a few
 keep 0.99 of the exact top-20. The best ``k`` of both are then scored again exactly, in
 float32, as :meth:`model.network.GRU4RecNetwork.score_all` would, and returned in that
 order. So every returned score is the model's own; only an item outside the head and the
-probed lists can be missed. Library, parameters and the recall
-measured on trained embeddings: docs/ranking.md.
+probed lists can be missed. Library, parameters and the recall measured on trained
+embeddings: docs/ranking.md.
 
 The index is stored with its model version as plain arrays (the centroids, and each
 item's list, the head being list number ``n_lists``), never as a library's own
@@ -54,8 +54,8 @@ _GATHER_ROWS = 65_536
 @dataclass(frozen=True)
 class IndexParams:
     """How many lists, how many are probed per query, how many candidates each of the
-    probed lists and the head give to the exact re-rank, and how many largest-bias items
-    (the head) are scanned for every query."""
+    probed lists and the head put forward for the final ``k``, and how many largest-bias
+    items (the head) are scanned for every query."""
 
     n_lists: int
     n_probe: int
@@ -67,7 +67,7 @@ class IndexParams:
         """About 2 sqrt(n) lists (at most :data:`MAX_LISTS`: k-means time grows with
         lists x items), :data:`PROBES` of them probed, and a head of n/256 items (at most
         :data:`MAX_HEAD`). On a million-item model trained on intent-structured sessions
-        this scans about 1 % of the catalogue per query and keeps 0.995 of the exact
+        this scans about 1 % of the catalogue per query and keeps 0.994 of the exact
         top-20 (docs/ranking.md)."""
         n_lists = int(min(max(2 * math.sqrt(n_items), 16), MAX_LISTS, max(n_items // 39, 1)))
         return cls(
