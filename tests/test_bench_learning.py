@@ -13,8 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from model.artifact import load_model
 from model.data import ClickLog
-from stream.bench.learning import _drift_data, _retimed
+from model.errors import UserError
+from model.synth import SynthSpec, generate, write_clicks
+from stream.bench.learning import _drift_data, _retimed, run_drift
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,6 +31,8 @@ def drift_args(**changes: object) -> argparse.Namespace:
         rate=400.0,
         speed=120.0,
         seed=0,
+        base_model=None,
+        base_data=None,
     )
     return argparse.Namespace(**{**values, **changes})
 
@@ -46,6 +51,43 @@ def test_phase_b_is_sent_at_the_rate_throughout_not_in_a_burst() -> None:
     # A' ends where B starts, so its clicks never carry event times inside phase B.
     assert max(c.timestamp for c in data["a_prime"]) < times[0]
     assert data["new_items"] and data["b_sessions"] <= data["phase_b_sessions"]
+
+
+def test_a_base_model_is_served_its_own_traffic_and_phase_b_brings_items_it_lacks(
+    small_model: Path, tmp_path: Path
+) -> None:
+    """With ``--base-model`` nothing is trained: A' is the earliest sessions of
+    ``--base-data``, the A traffic in B the next ones, and B's items are numbered past
+    every item of the model (the million-item variant serves a model trained elsewhere)."""
+    known_log = generate(SynthSpec(sessions=700, items=200, seed=9))
+    write_clicks(known_log, tmp_path / "known.tsv")
+    args = drift_args(base_model=str(small_model), base_data=str(tmp_path / "known.tsv"), items=40)
+    data = _drift_data(args)
+    model_items = set(load_model(small_model).item_map.ids)
+    assert len(data["a_train"]) == 0
+    assert len(data["new_items"]) > 10 and not data["new_items"] & model_items
+    a_clicks = data["a_prime"] + [c for c in data["phase_b"] if c.session_id.startswith("a")]
+    assert {c.item_id for c in a_clicks} <= set(known_log.item_ids.astype(str))
+    starts: dict[str, float] = {}
+    for session, item, time in zip(
+        known_log.session_ids[known_log.sessions],
+        known_log.item_ids[known_log.items],
+        known_log.times,
+    ):
+        starts.setdefault(f"a{session}", time)
+    earliest = sorted(starts, key=starts.__getitem__)[: args.a_sessions]
+    a_prime_sessions = {c.session_id for c in data["a_prime"]}
+    assert a_prime_sessions <= set(earliest) and len(a_prime_sessions) > 0.9 * args.a_sessions
+
+
+def test_base_model_options_are_refused_alone_or_with_too_few_sessions(
+    small_model: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(UserError, match="go together"):
+        run_drift(drift_args(base_model=str(small_model)))
+    write_clicks(generate(SynthSpec(sessions=100, items=200, seed=9)), tmp_path / "few.tsv")
+    with pytest.raises(UserError, match="100 sessions"):
+        _drift_data(drift_args(base_model=str(small_model), base_data=str(tmp_path / "few.tsv")))
 
 
 def test_retimed_sessions_keep_their_gaps_and_stay_inside_the_window() -> None:

@@ -34,7 +34,8 @@ with ``known_items`` = every item of A and B: a target the served model cannot r
 counts as a miss, which is the point (the old model cannot recommend new items). It is
 measured on the answers to phase-B sessions' clicks from the event time of the first one
 answered by a model that knows new items (in the run with retraining), the same window in
-both runs.
+both runs. ``--base-model`` serves a model trained elsewhere (a million-item catalogue)
+instead of training one on phase A; its A traffic then comes from ``--base-data``.
 
 The timing figures (run with retraining):
 
@@ -79,6 +80,7 @@ from typing import Any
 import numpy as np
 from confluent_kafka import Producer
 
+from model.artifact import load_model, save_model
 from model.config import GRU4RecConfig
 from model.data import ClickLog, read_clicks
 from model.errors import UserError
@@ -407,6 +409,35 @@ def _retimed(log: ClickLog, start: float, window: float, rng: np.random.Generato
     )
 
 
+def _phase_a_traffic(args: argparse.Namespace, n_sessions: int) -> tuple[ClickLog, np.ndarray, int]:
+    """Phase A's clicks, each event's session rank in start-time order, and the largest
+    item number of phase A (phase B's new items are numbered after it).
+
+    Synthetic by default; with ``--base-model``, the sessions of ``--base-data`` (a log
+    the base model knows, such as its held-out part), so that a large trained catalogue
+    serves traffic it has learnt."""
+    if args.base_model is None:
+        rate_a = 5.0  # sessions per event-time second of A traffic (training and A')
+        log = generate(
+            SynthSpec(
+                sessions=n_sessions, items=args.items, seed=args.seed + 1, sessions_per_s=rate_a
+            )
+        )
+        return log, log.sessions, args.items  # generated sessions are numbered by start
+    log = read_clicks(args.base_data)
+    if log.n_sessions < n_sessions:
+        raise UserError(
+            f"{args.base_data}: {log.n_sessions} sessions; --a-sessions and a third of "
+            f"--b-sessions need {n_sessions}"
+        )
+    starts = log.times[log.session_offsets()[:-1]]
+    rank = np.empty(log.n_sessions, dtype=np.int64)
+    rank[np.argsort(starts, kind="stable")] = np.arange(log.n_sessions)
+    known = load_model(args.base_model, device="cpu").item_map.ids
+    numbers = [int(item) for item in known if item.isdecimal()]
+    return log, rank[log.sessions], max(numbers, default=0)
+
+
 def _drift_data(args: argparse.Namespace) -> dict[str, Any]:
     """Phase A (train / A' / A traffic during B) and phase B (new items), as clicks.
 
@@ -414,19 +445,16 @@ def _drift_data(args: argparse.Namespace) -> dict[str, Any]:
     uniformly over an event-time window sized so that, replayed at ``--speed``, it lasts
     its clicks / ``--rate`` seconds; the replay speed is then set from the clicks kept so
     that phase B is sent at ``--rate`` events/s on average and at about that rate
-    throughout (sessions starting at the synthetic generator's fixed rate instead put
-    80 % of phase B's clicks into its first 4 s, at 5-8x the nominal rate)."""
-    n_items = args.items
-    rate_a = 5.0  # sessions per event-time second of A traffic (training and A')
-    a_total = args.train_sessions + args.a_sessions + args.b_sessions // 3
-    a_log = generate(
-        SynthSpec(sessions=a_total, items=n_items, seed=args.seed + 1, sessions_per_s=rate_a)
-    )
-    session_index = a_log.sessions  # sessions are numbered in start-time order
-    first_a2, first_mix = args.train_sessions, args.train_sessions + args.a_sessions
+    throughout (sessions starting at the generator's fixed rate instead put 80 % of
+    phase B's clicks into its first 4 s, at 5-8x the nominal rate). With ``--base-model``
+    nothing is trained on: A' and the A traffic in B come from ``--base-data``."""
+    train_sessions = 0 if args.base_model else args.train_sessions
+    a_total = train_sessions + args.a_sessions + args.b_sessions // 3
+    a_log, session_rank, last_a_item = _phase_a_traffic(args, a_total)
+    first_a2, first_mix = train_sessions, train_sessions + args.a_sessions
 
     def part(lo: int, hi: int) -> ClickLog:
-        keep = (session_index >= lo) & (session_index < hi)
+        keep = (session_rank >= lo) & (session_rank < hi)
         return ClickLog.from_arrays(
             a_log.session_ids[a_log.sessions[keep]],
             a_log.item_ids[a_log.items[keep]],
@@ -452,9 +480,9 @@ def _drift_data(args: argparse.Namespace) -> dict[str, Any]:
     b_log = generate(
         SynthSpec(
             sessions=args.b_sessions,
-            items=n_items,
+            items=args.items,
             seed=args.seed + 2,
-            item_offset=n_items,
+            item_offset=last_a_item,
             follow=0.9,
             start_time=b_start,
         )
@@ -866,18 +894,23 @@ def drift_figures(
 
 
 def run_drift(args: argparse.Namespace) -> dict[str, Any]:
+    if (args.base_model is None) != (args.base_data is None):
+        raise UserError("--base-model and --base-data go together")
     data = _drift_data(args)
-    config = GRU4RecConfig(n_epochs=args.initial_epochs)
-    _log(
-        f"training the phase-A model ({len(data['a_train']):,} events, {args.items} items, "
-        f"{args.initial_epochs} epochs)"
-    )
-    initial, _ = train(data["a_train"], config, seed=args.seed, device=args.device, progress=False)
     with kafka_or_local(args.broker) as bootstrap, _work_dir(args.work_dir) as work:
-        model_dir = work / "phase-a-model"
-        from model.artifact import save_model
-
-        save_model(initial, model_dir)
+        if args.base_model is not None:
+            model_dir = Path(args.base_model)
+        else:
+            _log(
+                f"training the phase-A model ({len(data['a_train']):,} events, {args.items} "
+                f"items, {args.initial_epochs} epochs)"
+            )
+            config = GRU4RecConfig(n_epochs=args.initial_epochs)
+            initial, _ = train(
+                data["a_train"], config, seed=args.seed, device=args.device, progress=False
+            )
+            model_dir = work / "phase-a-model"
+            save_model(initial, model_dir)
         on = _drift_run(bootstrap, data, model_dir, work, args, retraining=True)
         off = _drift_run(bootstrap, data, model_dir, work, args, retraining=False)
         if args.work_dir:
@@ -946,7 +979,24 @@ def add_parsers(benches: argparse._SubParsersAction) -> None:
         description="Synthetic drift (phase B brings new items) served by a worker following "
         "a registry, with and without `streamrec trainer`.",
     )
-    p.add_argument("--items", type=int, default=300, help="items per phase (300)")
+    p.add_argument(
+        "--items",
+        type=int,
+        default=300,
+        help="items per phase (300); with --base-model, the new items of phase B",
+    )
+    p.add_argument(
+        "--base-model",
+        default=None,
+        help="serve this trained model directory instead of training one on phase A "
+        "(a large catalogue); needs --base-data",
+    )
+    p.add_argument(
+        "--base-data",
+        default=None,
+        help="click log of sessions the base model knows (e.g. its held-out part): "
+        "the A traffic of A' and of phase B",
+    )
     p.add_argument(
         "--train-sessions",
         type=int,
