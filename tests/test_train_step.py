@@ -42,6 +42,17 @@ CONFIGS = [
     ),
     GRU4RecConfig(layers=(7,), dropout_p_hidden=0.0, loss="bpr"),
     GRU4RecConfig(layers=(7,), dropout_p_hidden=0.0, loss="top1"),
+    # with dropout, as the defaults train (hidden 0.4): autograd replays the step's masks
+    GRU4RecConfig(layers=(8,), dropout_p_hidden=0.4),
+    GRU4RecConfig(layers=(8,), dropout_p_hidden=0.4, dropout_p_embed=0.3),
+    GRU4RecConfig(
+        layers=(6, 5),
+        dropout_p_hidden=0.4,
+        dropout_p_embed=0.2,
+        constrained_embedding=False,
+        embedding=4,
+        loss="bpr-max",
+    ),
 ]
 
 
@@ -51,10 +62,24 @@ CONFIGS = [
     ids=lambda c: (
         f"{c.loss}-{len(c.layers)}layers-"
         f"{'tied' if c.constrained_embedding else c.embedding or 'onehot'}"
-        f"-batch{c.batch_size}"
+        f"-batch{c.batch_size}-dropout{c.dropout_p_embed}-{c.dropout_p_hidden}"
     ),
 )
-def test_gradients_and_state_match_autograd(config: GRU4RecConfig) -> None:
+def test_gradients_and_state_match_autograd(
+    config: GRU4RecConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dropout masks are drawn by the step; the reference forward pass applies the same
+    masks in the same order (embedding, then each layer's hidden output)."""
+    masks: list[torch.Tensor] = []
+    draw = TrainingStep._dropout_mask
+
+    def recorded(like: torch.Tensor, p: float) -> torch.Tensor | None:
+        mask = draw(like, p)
+        if mask is not None:
+            masks.append(mask.clone())
+        return mask
+
+    monkeypatch.setattr(TrainingStep, "_dropout_mask", staticmethod(recorded))
     torch.manual_seed(0)
     network = GRU4RecNetwork(config, 20)
     with torch.no_grad():
@@ -69,7 +94,18 @@ def test_gradients_and_state_match_autograd(config: GRU4RecConfig) -> None:
     step = TrainingStep(network, recorder, make_loss(config.loss, config.bpreg), log_q)
     new_state, loss = step(state, inputs, out_items)
 
+    replayed = iter(masks)
+
+    def same_masks(x: torch.Tensor, p: float = 0.5, training: bool = True) -> torch.Tensor:
+        return x * next(replayed) if p > 0 and training else x
+
+    monkeypatch.setattr(torch.nn.functional, "dropout", same_masks)
     reference_state, output = network(state, network.input_table()[inputs])
+    assert next(replayed, None) is None  # every mask the step drew was replayed
+    # the step carries each layer's dropped-out output on as its state (the papers' code)
+    hidden_masks = masks[len(masks) - len(config.layers) :] if config.dropout_p_hidden else []
+    if hidden_masks:
+        reference_state = reference_state * torch.cat(hidden_masks, dim=1)
     scores = torch.addmm(
         network.item_bias[out_items].t(), output, network.item_output[out_items].t()
     )
