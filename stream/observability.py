@@ -134,8 +134,39 @@ def help_text(name: str) -> str:
     return {**METRICS, **TRAINER_METRICS, **FAUST_METRICS}[name][1]
 
 
-class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+#: Requests served at once; further connections wait in the listen queue. A scrape or a
+#: probe takes milliseconds, so a few threads serve any real poller, and a flood of
+#: connections cannot grow the process by a thread each.
+MAX_CONCURRENT_REQUESTS = 8
+#: Seconds a connection may take to send its request or to read the answer. Short, so
+#: that clients that connect and send nothing hold a slot only briefly: scrapers and
+#: probes send their request at once.
+REQUEST_TIMEOUT_S = 2.0
+
+
+class _BoundedWSGIServer(ThreadingMixIn, WSGIServer):
+    """A thread per request, at most ``max_requests`` at a time."""
+
     daemon_threads = True
+    max_requests = MAX_CONCURRENT_REQUESTS
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(self.max_requests)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self._slots.acquire()  # the accept loop waits here while every slot is busy
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -170,11 +201,21 @@ def wsgi_app(
     return app
 
 
-def serve(app: Callable[..., Iterable[bytes]], port: int, addr: str = "0.0.0.0") -> WSGIServer:
-    """Serve ``app`` (see :func:`wsgi_app`) in a daemon thread; returns the server."""
+def serve(
+    app: Callable[..., Iterable[bytes]],
+    port: int,
+    host: str = "0.0.0.0",
+    *,
+    max_requests: int = MAX_CONCURRENT_REQUESTS,
+    request_timeout_s: float = REQUEST_TIMEOUT_S,
+) -> WSGIServer:
+    """Serve ``app`` (see :func:`wsgi_app`) on ``host``:``port`` from a daemon thread,
+    ``max_requests`` requests at a time; returns the server."""
+    server_class = type("Server", (_BoundedWSGIServer,), {"max_requests": max_requests})
+    handler = type("Handler", (_QuietHandler,), {"timeout": request_timeout_s})
     try:
-        server = make_server(addr, port, app, _ThreadingWSGIServer, handler_class=_QuietHandler)
+        server: WSGIServer = make_server(host, port, app, server_class, handler_class=handler)
     except OSError as exc:
-        raise UserError(f"cannot serve metrics on {addr}:{port}: {exc.strerror or exc}") from None
+        raise UserError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
     threading.Thread(target=server.serve_forever, name="streamrec-metrics", daemon=True).start()
     return server

@@ -18,12 +18,18 @@ from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from stream.registry import DEFAULT_KEEP
+
 #: Cut-offs a worker exports (``streamrec_online_hits_total{k}``) and MRR's cut-off.
 ONLINE_KS = (5, 20)
 MRR_CUTOFF = 20
 #: Sessions whose last published list a worker keeps to judge (least recently clicked
 #: dropped first).
 MAX_TRACKED_SESSIONS = 200_000
+#: Model versions whose quality a worker keeps and exports: as many as a registry retains
+#: by default, the most recently served. A worker that follows a trainer for months would
+#: otherwise export a series for every version it ever served.
+MAX_TRACKED_VERSIONS = DEFAULT_KEEP
 
 
 @dataclass(frozen=True)
@@ -68,7 +74,10 @@ class PrequentialQuality:
     """Recall@k for each of ``ks`` and MRR@``mrr_cutoff`` of published lists, per version.
 
     Keeps each session's last published list (bounded: least recently clicked dropped
-    first) with the version and the item map of the model that produced it.
+    first) with the version and the item map of the model that produced it, and the
+    counts of the ``max_versions`` versions that published most recently: an older
+    version's counts are dropped, and its lists still waiting for a next click are no
+    longer judged.
     """
 
     def __init__(
@@ -76,10 +85,13 @@ class PrequentialQuality:
         ks: Sequence[int] = ONLINE_KS,
         mrr_cutoff: int = MRR_CUTOFF,
         max_sessions: int = MAX_TRACKED_SESSIONS,
+        max_versions: int = MAX_TRACKED_VERSIONS,
     ) -> None:
         self.ks = tuple(ks)
         self.mrr_cutoff = mrr_cutoff
         self.max_sessions = max_sessions
+        self.max_versions = max_versions
+        self._versions: OrderedDict[str, None] = OrderedDict()  # least recent first
         self._depth = max(*self.ks, mrr_cutoff)
         self._previous: OrderedDict[str, tuple[Sequence[str], str, Container[str]]] = OrderedDict()
         self.predictions: dict[str, int] = defaultdict(int)
@@ -98,11 +110,22 @@ class PrequentialQuality:
         """A click of ``session_id`` on ``item_id`` was answered with ``published``; clicks
         of a session must come in click order."""
         previous = self._previous.pop(session_id, None)
-        if previous is not None:
+        if previous is not None and previous[1] in self._versions:
             self._judge(*previous, target=item_id)
         self._previous[session_id] = (published, version, known_items)
         if len(self._previous) > self.max_sessions:
             self._previous.popitem(last=False)
+        self._versions[version] = None
+        self._versions.move_to_end(version)
+        if len(self._versions) > self.max_versions:
+            self._drop_version(self._versions.popitem(last=False)[0])
+
+    def _drop_version(self, version: str) -> None:
+        self.predictions.pop(version, None)
+        self.skipped_unknown.pop(version, None)
+        self.reciprocal_rank_sum.pop(version, None)
+        for k in self.ks:
+            self.hits.pop((version, k), None)
 
     def _judge(
         self, items: Sequence[str], version: str, known: Container[str], target: str

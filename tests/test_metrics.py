@@ -9,6 +9,7 @@ import re
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -370,7 +371,14 @@ def test_prometheus_scrapes_the_worker(kafka_bootstrap, small_model, tmp_path):
     prometheus = _Prometheus(binary, web_port, tmp_path)
     try:
         with WorkerProcess(
-            kafka_bootstrap, small_model, names, tmp_path, "--web-port", str(web_port)
+            kafka_bootstrap,
+            small_model,
+            names,
+            tmp_path,
+            "--web-port",
+            str(web_port),
+            "--web-host",
+            "127.0.0.1",
         ) as worker:
             deadline = time.monotonic() + 60
             while _safe_get(f"http://127.0.0.1:{web_port}/readyz")[0] != 200:
@@ -378,6 +386,8 @@ def test_prometheus_scrapes_the_worker(kafka_bootstrap, small_model, tmp_path):
                 assert time.monotonic() < deadline, worker.log()[-3000:]
                 time.sleep(0.2)
             assert _safe_get(f"http://127.0.0.1:{web_port}/healthz")[0] == 200
+            # --web-host 127.0.0.1: another address of this machine is not served
+            assert not _accepts("127.0.0.2", web_port)
             # A first scrape before any click, so rates have a zero to start from.
             assert (
                 prometheus.wait_value("streamrec_recommendations_published_total", 0, timeout=30)
@@ -524,3 +534,63 @@ def test_faust_numbers_are_read_from_its_monitor_at_scrape(tmp_path) -> None:
     assert values["faust_events_total"] == 5
     assert values["faust_commit_latency_seconds"] == pytest.approx(0.020)
     assert set(values) == observability.exported_names(observability.FAUST_METRICS)
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except OSError:
+        return False
+    return True
+
+
+def _checks_app() -> object:
+    return observability.wsgi_app(
+        CollectorRegistry(), lambda: (True, "alive"), lambda: (True, "ready")
+    )
+
+
+def test_the_http_server_binds_the_host_it_is_given() -> None:
+    everywhere, loopback = free_port(), free_port()
+    servers = [
+        observability.serve(_checks_app(), everywhere, "0.0.0.0"),  # type: ignore[arg-type]
+        observability.serve(_checks_app(), loopback, "127.0.0.1"),  # type: ignore[arg-type]
+    ]
+    try:
+        assert _accepts("127.0.0.2", everywhere) and _accepts("127.0.0.1", everywhere)
+        assert _accepts("127.0.0.1", loopback) and not _accepts("127.0.0.2", loopback)
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+
+
+def test_idle_connections_hold_a_bounded_number_of_threads_and_only_briefly() -> None:
+    """Clients that connect and send nothing got a thread each, for as long as they
+    liked: now at most ``max_requests`` are served at once, each for at most the request
+    timeout, and a probe behind them is answered once they time out."""
+    port = free_port()
+    before = threading.active_count()
+    server = observability.serve(
+        _checks_app(),  # type: ignore[arg-type]
+        port,
+        "127.0.0.1",
+        max_requests=4,
+        request_timeout_s=0.5,
+    )
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(8)]
+    try:
+        most = 0
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and most < 8:
+            most = max(most, threading.active_count() - before - 1)  # minus the accept loop
+            time.sleep(0.01)
+        assert most <= 4
+        started = time.monotonic()
+        assert http_get(f"http://127.0.0.1:{port}/healthz") == (200, "alive\n")
+        assert time.monotonic() - started < 5.0
+    finally:
+        for connection in idle:
+            connection.close()
+        server.shutdown()
+        server.server_close()

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from stream.kafka.wire import Click, encode_recommendation
-from stream.quality import OnlineQuality, online_quality, rank_in, rank_of
+from stream.quality import OnlineQuality, PrequentialQuality, online_quality, rank_in, rank_of
 
 KNOWN = {"a", "b", "c", "d", "x", "y", "z"}
 
@@ -134,3 +134,22 @@ def test_rank_in() -> None:
     assert rank_in(["a", "b"], "a") == 1
     assert rank_in(("a", "b"), "c") is None
     assert rank_in((), "a") is None
+
+
+def test_only_the_most_recently_serving_versions_keep_their_counts() -> None:
+    """A worker following a trainer serves a new version every few minutes; it exports
+    the counts of the last ``max_versions`` only, and lists of a dropped version are no
+    longer judged (they would bring its series back)."""
+    quality = PrequentialQuality(ks=(20,), max_versions=2)
+    known = {"a", "b", "c"}
+    quality.observe("s1", "a", ["b"], "v1", known)  # waits for s1's next click
+    quality.observe("s2", "a", ["b"], "v2", known)
+    quality.observe("s2", "b", ["c"], "v2", known)  # judges v2's list: a hit
+    assert dict(quality.predictions) == {"v2": 1}
+    quality.observe("s3", "a", ["b"], "v3", known)  # a third version: v1 is dropped
+    quality.observe("s1", "b", ["c"], "v3", known)  # v1's list is not judged
+    quality.observe("s3", "b", ["c"], "v3", known)  # v3's is
+    assert dict(quality.predictions) == {"v2": 1, "v3": 1}
+    assert dict(quality.hits) == {("v2", 20): 1, ("v3", 20): 1}
+    quality.observe("s4", "a", ["b"], "v4", known)  # v2 published least recently: dropped
+    assert set(quality.predictions) == {"v3"} and set(quality.hits) == {("v3", 20)}

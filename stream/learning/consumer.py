@@ -147,7 +147,7 @@ def run(settings: TrainerSettings) -> int:
     )
     loop = LearningLoop(settings, registry)
     if settings.web_port:
-        serve(loop.metrics.app(), settings.web_port)
+        serve(loop.metrics.app(), settings.web_port, settings.web_host)
     base = loop.current()
     budget = settings.budget_s
     print(

@@ -98,6 +98,12 @@ class TrainerSettings(Settings):
     seed: int = setting(0, "random seed (replay sample, training)")
     device: str | None = setting(None, "cpu or cuda (default: cuda if available)")
     web_port: int = setting(6067, "HTTP port for /metrics, /healthz, /readyz (0 = none)", port)
+    web_host: str = setting(
+        "0.0.0.0",
+        "address the HTTP server binds (0.0.0.0: every interface, as a container needs; "
+        "127.0.0.1: this machine only)",
+        non_empty,
+    )
     round_budget_s: float | None = setting(
         None,
         "training seconds a round may take: the most recent complete sessions "

@@ -156,8 +156,8 @@ def run(settings: WorkerSettings) -> int:
     faust_patches.apply(settings.fetch_max_wait_ms)
     app, processor = create_app(settings, recommender)
     if settings.web_port:
-        serve(worker_app(processor), settings.web_port)
-        logger.info("metrics on http://0.0.0.0:%d/metrics", settings.web_port)
+        serve(worker_app(processor), settings.web_port, settings.web_host)
+        logger.info("metrics on http://%s:%d/metrics", settings.web_host, settings.web_port)
     prepare_topics_patiently(settings, processor.health)
     processor.health.not_ready_reason = "starting"
     processor.health.broker = BrokerProbe(settings.bootstrap, settings.input_topic).start()

@@ -21,6 +21,12 @@ class WorkerSettings(Settings):
     batch_size: int = setting(256, "most clicks scored in one batch", positive)
     batch_ms: float = setting(5.0, "longest wait to fill a batch, milliseconds", positive)
     web_port: int = setting(6066, "HTTP port for /metrics, /healthz, /readyz (0 = none)", port)
+    web_host: str = setting(
+        "0.0.0.0",
+        "address the HTTP server binds (0.0.0.0: every interface, as a container needs; "
+        "127.0.0.1: this machine only)",
+        non_empty,
+    )
     app_id: str = setting(
         "streamrec", "Faust app id: consumer group and changelog prefix", non_empty
     )
