@@ -20,9 +20,14 @@ never reads the optimizer state (``load_model(..., optimizer_state=False)``, the
 its checksum is still verified, its tensors are read only when asked for.
 
 A directory is written under a temporary name next to its destination and renamed into
-place, so a reader sees a whole artifact or none. Loading checks every checksum and shape
-before building the model, so a truncated, tampered or incompatible artifact is refused
-with a reason instead of being served.
+place, so a reader sees a whole artifact or none. Every file is fsynced before the
+directory is, and the directory before the rename: after a power cut the rename (and a
+registry pointer moved after it) never names files whose bytes were not on disk.
+
+Loading checks every checksum, the config's types, every tensor's shape and dtype (against
+a network built on the meta device, so absurd sizes are refused, not allocated) and that
+every weight is finite, before building the model: a truncated, tampered, incompatible or
+diverged artifact is refused with a reason instead of being served.
 """
 
 from __future__ import annotations
@@ -95,17 +100,17 @@ def save_model(
             for name, t in recommender.network.state_dict().items()
         }
         tensors[POPULARITY_KEY] = torch.from_numpy(recommender.popularity.copy())
-        save_file(tensors, str(staging / WEIGHTS))
+        _save_tensors(tensors, staging / WEIGHTS)
         _write_json(staging / ITEMS, recommender.item_map.ids)
         _write_json(staging / CONFIG, recommender.config.to_dict())
         written = [WEIGHTS, ITEMS, CONFIG]
         if recommender.optimizer_state is not None:
-            save_file(
+            _save_tensors(
                 {
                     name: t.detach().cpu().contiguous()
                     for name, t in recommender.optimizer_state.items()
                 },
-                str(staging / OPTIMIZER),
+                staging / OPTIMIZER,
             )
             written.append(OPTIMIZER)
         if recommender.index is not None:
@@ -122,9 +127,9 @@ def save_model(
             "files": {name: _sha256(staging / name) for name in written},
         }
         _write_json(staging / METADATA, metadata)
-        fsync_dir(staging)
+        fsync_path(staging)
         os.rename(staging, target)
-        fsync_dir(target.parent)
+        fsync_path(target.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -170,7 +175,10 @@ def load_model(
             raise UserError(f"{path}: missing {name} (partial or truncated artifact)")
         if files.get(name) != _sha256(path / name):
             raise UserError(f"{path}: checksum mismatch for {name} (corrupt or tampered)")
-    config = GRU4RecConfig.from_dict(_read_json(path, CONFIG))
+    try:
+        config = GRU4RecConfig.from_dict(_read_json(path, CONFIG))
+    except UserError as exc:
+        raise UserError(f"{path}: {CONFIG}: {exc}") from None
     item_ids = _read_json(path, ITEMS)
     if (
         not isinstance(item_ids, list)
@@ -183,14 +191,44 @@ def load_model(
     except (SafetensorError, OSError) as exc:
         raise UserError(f"{path}: cannot read {WEIGHTS}: {exc}") from None
     popularity = tensors.pop(POPULARITY_KEY, None)
-    network = GRU4RecNetwork(config, len(item_ids))
-    expected = {name: tuple(t.shape) for name, t in network.state_dict().items()}
-    found = {name: tuple(t.shape) for name, t in tensors.items()}
-    if popularity is None or expected != found or tuple(popularity.shape) != (len(item_ids),):
+    # On the meta device the network has shapes but no storage: a config.json asking for
+    # absurd sizes is refused by the comparison below instead of being allocated first.
+    try:
+        with torch.device("meta"):
+            network = GRU4RecNetwork(config, len(item_ids))
+    except RuntimeError as exc:  # a size beyond what torch can even describe
         raise UserError(
-            f"{path}: weights do not match config.json and items.json (incompatible artifact)"
+            f"{path}: {CONFIG} asks for tensors too large to exist (layers "
+            f"{config.layers}, embedding {config.embedding}; incompatible artifact): {exc}"
+        ) from None
+    expected = dict(network.state_dict())
+    if popularity is None or tuple(popularity.shape) != (len(item_ids),):
+        raise UserError(
+            f"{path}: {WEIGHTS} has no item popularity for the {len(item_ids)} items of "
+            f"{ITEMS} (incompatible artifact)"
         )
-    network.load_state_dict(tensors, assign=True)  # the loaded tensors, not copies
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise UserError(
+            f"{path}: {WEIGHTS} holds {', '.join(extra)}, unknown to the network "
+            f"{CONFIG} describes (incompatible artifact)"
+        )
+    for name, want in expected.items():
+        have = tensors.get(name)
+        if have is None or (have.shape, have.dtype) != (want.shape, want.dtype):
+            held = "lacks it" if have is None else f"has {_describe(have)}"
+            raise UserError(
+                f"{path}: {CONFIG} and {ITEMS} need {name} of {_describe(want)}, but "
+                f"{WEIGHTS} {held} (incompatible artifact)"
+            )
+    for name, tensor in [*tensors.items(), (POPULARITY_KEY, popularity)]:
+        # NaN scores would be published as invalid JSON or rank one item everywhere.
+        if not bool(torch.isfinite(tensor).all()):
+            raise UserError(
+                f"{path}: {WEIGHTS} holds values that are not finite (NaN or infinite) "
+                f"in {name} (corrupt artifact)"
+            )
+    network.load_state_dict(tensors, assign=True)  # the loaded tensors replace the meta ones
     torch_device = select_device(device)
     network.to(torch_device)
     state = _load_optimizer_state(path, network) if optimizer_state and has_optimizer else None
@@ -209,13 +247,25 @@ def load_model(
     )
 
 
+def _describe(tensor: torch.Tensor) -> str:
+    return f"{str(tensor.dtype).removeprefix('torch.')} {tuple(tensor.shape)}"
+
+
 def _save_index(index: ItemIndex, path: Path) -> None:
     params = {name: str(value) for name, value in asdict(index.params).items()}
-    save_file(
+    _save_tensors(
         {"centroids": torch.from_numpy(index.centroids), "lists": torch.from_numpy(index.lists)},
-        str(path),
+        path,
         metadata=params,
     )
+
+
+def _save_tensors(
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> None:
+    """``save_file``, then fsync: safetensors does not sync what it writes."""
+    save_file(tensors, str(path), metadata=metadata)
+    fsync_path(path)
 
 
 def _load_index(path: Path, network: GRU4RecNetwork) -> ItemIndex:
@@ -285,8 +335,9 @@ def _read_json(directory: Path, name: str) -> Any:
         raise UserError(f"{directory}: {name} is not valid JSON ({exc})") from None
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new entry in ``path`` durable (the directory's own fsync)."""
+def fsync_path(path: Path) -> None:
+    """Make a file's bytes durable, or a rename or a new entry in a directory (the
+    directory's own fsync)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

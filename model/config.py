@@ -9,6 +9,7 @@ RecSys 2023: cross-entropy with logQ, tied embeddings, 100 units).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -89,17 +90,21 @@ class GRU4RecConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GRU4RecConfig:
-        """Rebuild from :meth:`to_dict` output; unknown keys are an error, not ignored."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        """Rebuild from :meth:`to_dict` output; unknown keys are an error, not ignored.
+
+        ``data`` comes from a file (an artifact's config.json), so every value's JSON type
+        is checked before the range checks compare it: a tampered or hand-edited file is
+        refused with a :class:`UserError` naming the parameter, never a ``TypeError``.
+        """
+        if not isinstance(data, dict):
+            raise UserError(f"hyperparameters must be a JSON object, got {type(data).__name__}")
+        types = {f.name: str(f.type) for f in fields(cls)}
+        unknown = sorted(set(data) - set(types))
         if unknown:
             raise UserError(
-                f"unknown hyperparameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+                f"unknown hyperparameter(s) {', '.join(unknown)}; known: {', '.join(sorted(types))}"
             )
-        values = dict(data)
-        if "layers" in values:
-            values["layers"] = tuple(int(n) for n in values["layers"])
-        return cls(**values)
+        return cls(**{key: _typed(key, types[key], value) for key, value in data.items()})
 
     @classmethod
     def from_strings(cls, pairs: list[str], base: GRU4RecConfig | None = None) -> GRU4RecConfig:
@@ -136,6 +141,43 @@ def _parse_value(key: str, type_name: str, raw: str) -> Any:
         return raw
     except ValueError:
         raise UserError(f"hyperparameter {key}={raw!r} is not a valid {type_name}") from None
+
+
+def _typed(key: str, type_name: str, value: Any) -> Any:
+    """``value`` as read from JSON, if it has the JSON type of the field (``bool`` is not
+    taken for a number, an integer is taken for a float, NaN and infinities are refused)."""
+
+    def integer(item: Any) -> bool:
+        return isinstance(item, int) and not isinstance(item, bool)
+
+    if "tuple" in type_name:
+        if isinstance(value, list | tuple) and all(integer(n) for n in value):
+            return tuple(value)
+        expected = "a list of integers, e.g. [100]"
+    elif type_name == "bool":
+        if isinstance(value, bool):
+            return value
+        expected = "a bool (true or false)"
+    elif type_name == "int":
+        if integer(value):
+            return value
+        expected = "an int"
+    elif type_name == "float":
+        if integer(value) or isinstance(value, float):
+            try:
+                number = float(value)
+            except OverflowError:  # an integer like 10**400
+                number = math.inf
+            if math.isfinite(number):  # NaN would slip through every range check
+                return number
+            expected = "a finite float"
+        else:
+            expected = "a float"
+    else:
+        if isinstance(value, str):
+            return value
+        expected = "a str"
+    raise UserError(f"invalid hyperparameter {key}={value!r}: must be {expected}")
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:

@@ -4,6 +4,8 @@ Layout::
 
     REGISTRY/
       CURRENT                 the served version id, one line (replaced atomically)
+      HISTORY                 the served history: versions CURRENT pointed at, one a
+                              line, oldest first (replaced atomically, after CURRENT)
       versions/<version>/     model directories written by model.artifact.save_model
       .lock                   serialises publishers and rollbacks (flock)
 
@@ -18,8 +20,21 @@ Why it is built this way:
   directory). A reader sees the old id or the new one, never half a write, and a publish
   killed at any point leaves ``CURRENT`` naming a complete, verified version.
 - **Order is the publish sequence.** Version ids start with a six-digit sequence number
-  (``000007-v20250101T120000-a1b2c3``): "the previous version" for a rollback and "the
-  last K" for retention must not depend on clocks, and two publishes can share a second.
+  (``000007-v20250101T120000-a1b2c3``): "the last K" for retention must not depend on
+  clocks, and two publishes can share a second.
+- **Rollback follows the served history, not the publish order.** Publish v1, v2, roll
+  back to v1, publish v3: rolling back from v3 must bring back v1, which was served
+  before it, not v2, which was rolled away from. ``HISTORY`` is that history as a stack:
+  a publish pushes, a rollback pops. It is written after ``CURRENT`` and read against it
+  (:meth:`ModelRegistry.served_history`): cut after the current version if it holds it,
+  the current version appended if not. So a writer killed between the two files, or a
+  pointer moved by hand, still gives the history that ``CURRENT`` implies, and a
+  registry written before ``HISTORY`` existed reads as its publish order. Retention keeps
+  the last K versions served as well as the last K published, so rollback targets stay.
+- **A broken current version does not stop a restart.** Loading "the current version"
+  (:meth:`ModelRegistry.current`, what a starting worker does) falls back through the
+  served history to the newest version that passes verification, logging each refused
+  one; the pointer is left alone, for a person to roll back or publish a fix.
 - **Writers hold a lock.** Publish, rollback and retention take an exclusive ``flock`` on
   ``.lock``, so a CLI rollback and a trainer's publish cannot interleave, and leftovers
   of a killed writer (staging directories, pointer temp files) found under the lock are
@@ -35,6 +50,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import re
 import secrets
@@ -45,17 +61,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from model.artifact import fsync_dir, load_model, new_version_id, save_model
+from model.artifact import fsync_path, load_model, new_version_id, save_model
 from model.errors import UserError
 from model.inference import Recommender
 
 POINTER = "CURRENT"
+HISTORY = "HISTORY"
 VERSIONS = "versions"
 LOCK = ".lock"
 DEFAULT_KEEP = 5
 DEFAULT_UPDATES_TOPIC = "model-updates"
 _VERSION = re.compile(r"(\d{6,})-[A-Za-z0-9][A-Za-z0-9._-]*")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+logger = logging.getLogger("streamrec.registry")
 
 
 class Announcer(Protocol):
@@ -100,6 +119,9 @@ class ModelRegistry:
         self.root = Path(root)
         self.keep = keep
         self.announcer = announcer
+        #: versions :meth:`current` refused, with why: versions are immutable, so they are
+        #: not verified again (the hot-swap watcher counts them and never retries them)
+        self.refused: dict[str, str] = {}
 
     @staticmethod
     def is_registry(path: str | os.PathLike[str]) -> bool:
@@ -127,16 +149,67 @@ class ModelRegistry:
             raise UserError(f"{self.root / POINTER}: {text[:80]!r} is not a version id")
         return text
 
+    def served_history(self) -> list[str]:
+        """The versions ``CURRENT`` pointed at, oldest first, ending with the current one
+        (empty before the first publish); rolled-away-from and deleted versions are not
+        in it. ``HISTORY`` is read against ``CURRENT`` (see the module docstring)."""
+        current = self.current_version()
+        if current is None:
+            return []
+        versions = self._versions()
+        stored = self._stored_history()
+        if stored is None:  # written before HISTORY existed: the publish order
+            match = _VERSION.fullmatch(current)
+            stored = [name for sequence, name, _ in versions if match and sequence < int(match[1])]
+        elif current in stored:
+            stored = stored[: stored.index(current)]
+        retained = {name for _, name, _ in versions}
+        return [version for version in stored if version in retained] + [current]
+
     def current(self, device: str | None = "cpu", *, optimizer_state: bool = False) -> Recommender:
         """Load and verify the current version (with its optimizer state, if asked and
-        saved: the trainer resumes from it, workers never need it)."""
+        saved: the trainer resumes from it, workers never need it).
+
+        If it fails verification, the newest version of the served history that passes
+        is loaded instead, so that a corrupt version cannot stop every restarting worker
+        while a good one is retained; each refused version is logged with its reason and
+        kept in :attr:`refused`. ``CURRENT`` is not moved: it is for a person to roll back.
+        """
         version = self.current_version()
         if version is None:
             raise UserError(
                 f"{self.root}: empty registry (no {POINTER}); add a model with "
                 f"`streamrec model publish --registry {self.root} --model DIR`"
             )
-        return self.load(version, device, optimizer_state=optimizer_state)
+
+        def candidates() -> Iterator[str]:
+            yield version
+            yield from reversed(self.served_history()[:-1])  # read only if needed
+
+        tried = []
+        for candidate in candidates():
+            tried.append(candidate)
+            if candidate in self.refused:
+                continue
+            try:
+                recommender = self.load(candidate, device, optimizer_state=optimizer_state)
+            except UserError as exc:
+                self.refused[candidate] = str(exc)
+                logger.error("skipped model %s because it fails verification: %s", candidate, exc)
+                continue
+            if candidate != version:
+                logger.warning(
+                    "loaded model %s, the newest verified version served before %s, which "
+                    "%s names (roll back or publish a fix to move it)",
+                    candidate,
+                    version,
+                    POINTER,
+                )
+            return recommender
+        reasons = "; ".join(f"{name}: {self.refused[name]}" for name in tried)
+        raise UserError(
+            f"{self.root}: no version of the served history passes verification ({reasons})"
+        )
 
     def load(
         self, version: str, device: str | None = "cpu", *, optimizer_state: bool = False
@@ -206,7 +279,9 @@ class ModelRegistry:
             except UserError:
                 self._delete(path)
                 raise
+            history = [*self.served_history(), version]
             self._point_to(version)
+            self._write_history(history)
             self._prune()
         self._announce("publish", version)
         return version
@@ -227,29 +302,23 @@ class ModelRegistry:
         )
 
     def rollback(self) -> str:
-        """Point ``CURRENT`` at the retained version published before the current one;
-        return it. The target is verified first: rolling back onto a broken version
-        would only swap one bad model for another."""
+        """Point ``CURRENT`` at the retained version served before the current one (the
+        served history, not the publish order) and drop the current one from the
+        history; return the target. The target is verified first: rolling back onto a
+        broken version would only swap one bad model for another."""
         with self._locked():
-            current = self.current_version()
-            if current is None:
+            history = self.served_history()
+            if not history:
                 raise UserError(f"{self.root}: empty registry; nothing to roll back")
-            match = _VERSION.fullmatch(current)
-            if match is None:
+            if len(history) < 2:
                 raise UserError(
-                    f"{self.root}: current version {current!r} was not "
-                    f"published by this registry; cannot tell what precedes it"
+                    f"{self.root}: no retained version was served before {history[-1]}; "
+                    f"nothing to roll back to"
                 )
-            earlier = [
-                name for sequence, name, _ in self._versions() if sequence < int(match.group(1))
-            ]
-            if not earlier:
-                raise UserError(
-                    f"{self.root}: no retained version before {current}; nothing to roll back to"
-                )
-            target = earlier[-1]
+            target = history[-2]
             self.load(target)
             self._point_to(target)
+            self._write_history(history[:-1])
         self._announce("rollback", target)
         return target
 
@@ -270,25 +339,52 @@ class ModelRegistry:
         return sorted(found)
 
     def _prune(self) -> list[str]:
-        current = self.current_version()
-        versions = self._versions()
-        doomed = [(name, path) for _, name, path in versions[: -self.keep] if name != current]
+        """Delete what is neither among the last ``keep`` published nor among the last
+        ``keep`` served (the current version and the rollback targets)."""
+        history = self.served_history()
+        kept = set(history[-self.keep :])
+        doomed = [(name, path) for _, name, path in self._versions()[: -self.keep]]
+        doomed = [(name, path) for name, path in doomed if name not in kept]
         for _, path in doomed:
             self._delete(path)
+        if doomed:  # HISTORY holds retained versions only, so it stays small
+            self._write_history(self.served_history())
         return [name for name, _ in doomed]
 
+    def _stored_history(self) -> list[str] | None:
+        """``HISTORY`` as written, or None when there is none."""
+        path = self.root / HISTORY
+        try:
+            lines = path.read_text(encoding="utf-8").split()
+        except FileNotFoundError:
+            return None
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not a list of version ids (not text)") from None
+        for line in lines:
+            if not _SAFE_NAME.fullmatch(line):
+                raise UserError(f"{path}: {line[:80]!r} is not a version id")
+        return lines
+
     def _point_to(self, version: str) -> None:
-        temporary = self.root / f"{POINTER}.tmp-{secrets.token_hex(4)}"
+        self._replace(POINTER, version + "\n")
+
+    def _write_history(self, history: list[str]) -> None:
+        self._replace(HISTORY, "".join(version + "\n" for version in history))
+
+    def _replace(self, name: str, text: str) -> None:
+        """Replace the file ``name`` atomically and durably: a temp file, fsync,
+        ``os.replace``, fsync of the directory."""
+        temporary = self.root / f"{name}.tmp-{secrets.token_hex(4)}"
         try:
             with open(temporary, "w", encoding="utf-8") as handle:
-                handle.write(version + "\n")
+                handle.write(text)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.replace(temporary, self.root / POINTER)
+            os.replace(temporary, self.root / name)
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise
-        fsync_dir(self.root)
+        fsync_path(self.root)
 
     def _delete(self, path: Path) -> None:
         """Rename out of sight first (atomic), then remove: a worker that is loading the
@@ -314,12 +410,13 @@ class ModelRegistry:
 
     def _sweep(self) -> None:
         """Remove what killed writers left: with the lock held, no live writer owns any
-        staging directory or pointer temp file."""
+        staging directory or pointer or history temp file."""
         for path in self.versions_dir.iterdir():
             if path.name.startswith(".") and (".tmp-" in path.name or ".deleting-" in path.name):
                 shutil.rmtree(path, ignore_errors=True)
-        for path in self.root.glob(f"{POINTER}.tmp-*"):
-            path.unlink(missing_ok=True)
+        for name in (POINTER, HISTORY):
+            for path in self.root.glob(f"{name}.tmp-*"):
+                path.unlink(missing_ok=True)
 
     def _announce(self, action: str, version: str) -> None:
         if self.announcer is not None:

@@ -238,6 +238,64 @@ def test_refuses_config_that_does_not_match_the_weights(saved: Path) -> None:
     refused(saved, "weights")
 
 
+@pytest.mark.parametrize(
+    "key, value",
+    [("layers", 100), ("layers", ["8"]), ("batch_size", "32"), ("learning_rate", None)],
+)
+def test_refuses_config_with_wrong_types(saved: Path, key: str, value: object) -> None:
+    path = saved / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), key: value}))
+    refresh_checksum(saved, "config.json")
+    refused(saved, "config.json", key)
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        # 12 TB of GRU weights on the meta device: compared, never allocated
+        ({"layers": [10**6]}, ("weights.safetensors", "item_output", "(6, 1000000)")),
+        ({"layers": [10**6, 8]}, ("weights.safetensors", "input_weights.0", "(8, 3000000)")),
+        ({"layers": [10**9]}, ("too large",)),  # more bytes than an int64 counts
+        (
+            {"constrained_embedding": False, "embedding": 10**9},
+            ("weights.safetensors", "item_input"),
+        ),
+    ],
+)
+def test_refuses_absurd_sizes_before_allocating_them(
+    saved: Path, change: dict[str, Any], words: tuple[str, ...]
+) -> None:
+    path = saved / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    refresh_checksum(saved, "config.json")
+    refused(saved, "config.json", *words)
+
+
+def rewrite_weights(model_dir: Path, change: Any) -> None:
+    from safetensors.torch import load_file as read
+    from safetensors.torch import save_file as write
+
+    weights = read(str(model_dir / "weights.safetensors"))
+    change(weights)
+    write(weights, str(model_dir / "weights.safetensors"))
+    refresh_checksum(model_dir, "weights.safetensors")
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("name", ["item_output", "hidden_weights.0", "biases.0", "__popularity__"])
+def test_refuses_weights_that_are_not_finite(saved: Path, name: str, value: float) -> None:
+    def spoil(weights: dict[str, torch.Tensor]) -> None:
+        weights[name].view(-1)[1] = value
+
+    rewrite_weights(saved, spoil)
+    refused(saved, "weights.safetensors", name, "not finite")
+
+
+def test_refuses_weights_of_another_dtype(saved: Path) -> None:
+    rewrite_weights(saved, lambda w: w.update(item_output=w["item_output"].double()))
+    refused(saved, "weights.safetensors", "item_output", "float64")
+
+
 @pytest.mark.parametrize("fmt", [1, 4, 0, "2", "3", None])
 def test_refuses_an_unsupported_format(saved: Path, fmt: object) -> None:
     path = saved / "metadata.json"

@@ -183,3 +183,41 @@ def test_from_dict_validates_values() -> None:
     data["loss"] = "hinge"
     with pytest.raises(UserError, match="loss"):
         GRU4RecConfig.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    "key, value, words",
+    [
+        ("layers", 100, ("layers", "list of")),
+        ("layers", ["100"], ("layers", "list of")),
+        ("layers", [True], ("layers", "list of")),
+        ("batch_size", "32", ("batch_size", "int")),
+        ("batch_size", 32.5, ("batch_size", "int")),
+        ("batch_size", True, ("batch_size", "int")),
+        ("learning_rate", "0.1", ("learning_rate", "float")),
+        ("learning_rate", float("inf"), ("learning_rate", "finite")),
+        ("init_scale", float("nan"), ("init_scale", "finite")),
+        ("init_scale", 10**400, ("init_scale", "finite")),
+        ("nesterov", "yes", ("nesterov", "bool")),
+        ("loss", 3, ("loss", "str")),
+    ],
+)
+def test_from_dict_refuses_wrong_types_as_user_errors(
+    key: str, value: object, words: tuple[str, ...]
+) -> None:
+    # What a tampered or hand-edited config.json holds (json.loads reads NaN and Infinity).
+    data = json.loads(json.dumps({**GRU4RecConfig().to_dict(), key: value}))
+    with pytest.raises(UserError) as info:
+        GRU4RecConfig.from_dict(data)
+    for word in words:
+        assert word in str(info.value), str(info.value)
+
+
+def test_from_dict_refuses_a_config_that_is_not_an_object() -> None:
+    with pytest.raises(UserError, match="object"):
+        GRU4RecConfig.from_dict([["layers", [100]]])  # type: ignore[arg-type]
+
+
+def test_from_dict_accepts_integers_for_floats() -> None:
+    data = {**GRU4RecConfig().to_dict(), "learning_rate": 1, "init_scale": 2}
+    assert GRU4RecConfig.from_dict(data) == GRU4RecConfig(learning_rate=1.0, init_scale=2.0)

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import hashlib
+import json
+import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -15,6 +19,7 @@ from typing import Any
 import pytest
 from confluent_kafka import ConsumerGroupState
 from confluent_kafka.admin import AdminClient
+from safetensors.torch import load_file, save_file
 
 from model.artifact import save_model
 from model.config import GRU4RecConfig
@@ -121,6 +126,80 @@ def test_an_io_error_is_retried_not_rejected(
     assert processor.recommender.version != v2 and processor.counters.rejected_models == 0
     asyncio.run(watcher.check())
     assert processor.recommender.version == v2 and processor.counters.swaps == 1
+
+
+def publish_by_hand(
+    registry: ModelRegistry, model: Recommender, version: str, spoil: Callable[[Path], None]
+) -> None:
+    """A version that ``spoil`` made bad after it was written, its checksums recomputed
+    (as a buggy trainer would have written it), made current like publish does."""
+    path = save_model(copy.deepcopy(model), registry.path_of(version), version=version)
+    spoil(path)
+    metadata = json.loads((path / "metadata.json").read_text())
+    for name in metadata["files"]:
+        metadata["files"][name] = hashlib.sha256((path / name).read_bytes()).hexdigest()
+    (path / "metadata.json").write_text(json.dumps(metadata))
+    (registry.root / "CURRENT").write_text(version + "\n")
+
+
+def nan_weights(path: Path) -> None:
+    weights = load_file(str(path / "weights.safetensors"))
+    weights["hidden_weights.0"][0, 0] = math.nan
+    save_file(weights, str(path / "weights.safetensors"))
+
+
+def config_change(**change: Any) -> Callable[[Path], None]:
+    def spoil(path: Path) -> None:
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**config, **change}))
+
+    return spoil
+
+
+@pytest.mark.parametrize(
+    "spoil, reason",
+    [
+        (nan_weights, "not finite"),
+        (config_change(layers=100), "layers"),
+        (config_change(batch_size="32"), "batch_size"),
+        (config_change(layers=[10**9]), "too large"),
+        (config_change(layers=[32]), "item_output"),
+    ],
+)
+def test_the_watcher_refuses_a_bad_version_and_keeps_serving(
+    tmp_path: Path,
+    models: tuple[Recommender, Recommender],
+    caplog: pytest.LogCaptureFixture,
+    spoil: Callable[[Path], None],
+    reason: str,
+) -> None:
+    registry = ModelRegistry(tmp_path / "reg")
+    v1 = registry.publish(copy.deepcopy(models[0]))
+    processor = SimpleNamespace(recommender=registry.current(), counters=WorkerCounters())
+    watcher = ModelWatcher(registry, processor)  # type: ignore[arg-type]
+    publish_by_hand(registry, models[1], "000002-vbad", spoil)
+    with caplog.at_level("ERROR", logger="streamrec.hot_swap"):
+        for _ in range(2):  # refused once, not retried
+            asyncio.run(watcher.check())
+    assert processor.recommender.version == v1 and processor.counters.rejected_models == 1
+    [line] = [r.getMessage() for r in caplog.records if "rejected model" in r.getMessage()]
+    assert "000002-vbad" in line and reason in line, line
+
+
+def test_a_watcher_started_on_a_fallback_counts_the_refused_version(
+    tmp_path: Path, models: tuple[Recommender, Recommender], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = ModelRegistry(tmp_path / "reg")
+    v1 = registry.publish(copy.deepcopy(models[0]))
+    publish_corrupt(registry, models[1], "000002-vcorrupt")
+    processor = SimpleNamespace(recommender=registry.current(), counters=WorkerCounters())
+    assert processor.recommender.version == v1  # what a restarting worker starts on
+    watcher = ModelWatcher(registry, processor)  # type: ignore[arg-type]
+    assert processor.counters.rejected_models == 1
+    loads: list[str] = []
+    monkeypatch.setattr(registry, "load", lambda version, *a, **k: loads.append(version))
+    asyncio.run(watcher.check())
+    assert loads == [] and processor.counters.rejected_models == 1  # not verified again
 
 
 # --- two workers on Kafka -------------------------------------------------------------------

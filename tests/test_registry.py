@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ from stream.cli import model as model_cli
 from stream.kafka.announcer import KafkaAnnouncer
 from stream.registry import ModelRegistry
 
-from support import REPO, read_topic
+from support import REPO, StreamNames, WorkerProcess, free_port, http_get, read_topic
 
 TINY = GRU4RecConfig(layers=(16,), n_sample=64, n_epochs=1)
 
@@ -209,7 +211,147 @@ def test_rollback_moves_to_the_previous_retained_version(
         registry.rollback()
     assert registry.current_version() == first
     registry.publish(trained)  # a publish after rollbacks becomes the newest
-    assert registry.rollback() == third
+    assert registry.rollback() == first  # the version served before it, not ``third``
+
+
+def test_rollback_follows_the_served_history_not_the_publish_order(
+    tmp_path: Path, trained: Recommender, capsys: pytest.CaptureFixture[str]
+) -> None:
+    registry = ModelRegistry(tmp_path / "reg", keep=2)
+    v1, v2 = registry.publish(trained), registry.publish(trained)
+    assert registry.rollback() == v1
+    v3 = registry.publish(trained)
+    # keep=2 retains the last two published (v2, v3) and the last two served (v1, v3)
+    assert [v.version for v in registry.list_versions()] == [v1, v2, v3]
+    assert ModelRegistry(registry.root).served_history() == [v1, v3]  # read back from disk
+    listing = model_command(capsys, "list", "--registry", str(registry.root))
+    assert listing["current"] == v3 and listing["history"] == [v1, v3]
+    assert registry.rollback() == v1  # not v2: it was rolled away from
+    with pytest.raises(UserError, match="nothing to roll back to"):
+        registry.rollback()
+    assert registry.served_history() == [v1] and registry.current_version() == v1
+
+
+def test_a_pointer_moved_outside_the_registry_is_part_of_the_history(
+    tmp_path: Path, trained: Recommender
+) -> None:
+    registry = ModelRegistry(tmp_path / "reg")
+    v1, v2, v3 = (registry.publish(trained) for _ in range(3))
+    (registry.root / "CURRENT").write_text(v1 + "\n")  # by hand, or a crash before HISTORY
+    assert registry.served_history() == [v1]
+    (registry.root / "CURRENT").write_text(v2 + "\n")
+    assert registry.served_history() == [v1, v2]
+    assert registry.rollback() == v1
+    (registry.root / "HISTORY").unlink()  # a registry written before HISTORY existed
+    (registry.root / "CURRENT").write_text(v3 + "\n")
+    assert registry.served_history() == [v1, v2, v3]  # publish order up to CURRENT
+    assert registry.rollback() == v2
+
+
+def corrupt(registry: ModelRegistry, version: str) -> None:
+    """Damage a retained version's weights after it was verified (bad checksum)."""
+    weights = registry.path_of(version) / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+
+
+def test_a_corrupt_current_version_falls_back_to_the_newest_verified_one_served(
+    tmp_path: Path, trained: Recommender, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = ModelRegistry(tmp_path / "reg")
+    v1 = registry.publish(trained)
+    registry.publish(trained)  # v2, rolled away from at once
+    assert registry.rollback() == v1
+    v3, v4 = registry.publish(trained), registry.publish(trained)  # served: v1, v3, v4
+    corrupt(registry, v4)
+    with caplog.at_level("WARNING", logger="streamrec.registry"):
+        assert registry.current().version == v3
+    assert registry.refused.keys() == {v4} and "checksum" in registry.refused[v4]
+    corrupt(registry, v3)
+    with caplog.at_level("WARNING", logger="streamrec.registry"):
+        assert ModelRegistry(registry.root).current().version == v1  # not v2: rolled away
+    skipped = [r.getMessage() for r in caplog.records if "skipped model" in r.getMessage()]
+    assert len(skipped) == 3, skipped  # one line per refused version, with its reason
+    assert all("checksum mismatch" in line for line in skipped)
+    assert [line.split()[2] for line in skipped] == [v4, v4, v3]
+    corrupt(registry, v1)
+    with pytest.raises(UserError, match=f"no version of the served history.*{v1}.*checksum"):
+        ModelRegistry(registry.root).current()
+    assert registry.current_version() == v4  # loading never moves the pointer
+
+
+def test_a_worker_starts_on_the_newest_verified_version(
+    tmp_path: Path, trained: Recommender
+) -> None:
+    """``streamrec worker --model REGISTRY`` whose CURRENT is corrupt: it serves v1 (seen
+    on /metrics while it waits for a broker that is not there) instead of exiting."""
+    registry = ModelRegistry(tmp_path / "reg")
+    v1, v2 = registry.publish(trained), registry.publish(trained)
+    corrupt(registry, v2)
+    port = free_port()
+    worker = WorkerProcess(
+        f"127.0.0.1:{free_port()}",  # nothing listens: the worker waits, serving /metrics
+        registry.root,
+        StreamNames("fallback"),
+        tmp_path,
+        "--web-port",
+        str(port),
+    )
+    with worker:
+        deadline = time.monotonic() + 90
+        while f'streamrec_model_info{{model_version="{v1}"}} 1.0' not in metrics(port):
+            worker.check_alive()
+            assert time.monotonic() < deadline, worker.log()[-2000:]
+            time.sleep(0.5)
+        skipped = [line for line in worker.log().splitlines() if "skipped model" in line]
+        assert len(skipped) == 1 and v2 in skipped[0] and "checksum" in skipped[0]
+
+
+def metrics(port: int) -> str:
+    try:
+        return http_get(f"http://127.0.0.1:{port}/metrics")[1]
+    except OSError:  # not serving yet
+        return ""
+
+
+def test_every_file_is_fsynced_before_the_pointer_moves(
+    tmp_path: Path, trained: Recommender, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = ModelRegistry(tmp_path / "reg")
+    registry.publish(trained)
+    events: list[tuple[str, str]] = []
+    real_fsync, real_rename, real_replace = os.fsync, os.rename, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def moved(real: Any, kind: str) -> Any:
+        def move(source: Any, target: Any) -> None:
+            events.append((kind, os.path.realpath(target)))
+            events.append((f"{kind}d from", os.path.realpath(source)))
+            real(source, target)
+
+        return move
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", moved(real_rename, "rename"))
+    monkeypatch.setattr(os, "replace", moved(real_replace, "replace"))
+    version = registry.publish(trained)
+    root = registry.root.resolve()
+    target = str(registry.path_of(version).resolve())
+    renamed = events.index(("rename", target))
+    staging = events[renamed + 1][1]
+    pointer = events.index(("replace", str(root / "CURRENT")))
+    assert events.index(("fsync", str(root / "versions"))) in range(renamed, pointer)
+    for name in os.listdir(target):  # each file, then the directory, before the rename
+        assert events.index(("fsync", f"{staging}/{name}")) < renamed, name
+    assert events.index(("fsync", staging)) < renamed
+    history = events.index(("replace", str(root / "HISTORY")))
+    for moved_at in (pointer, history):  # each temp file fsynced, then the directory
+        assert events.index(("fsync", events[moved_at + 1][1])) < moved_at
+        assert ("fsync", str(root)) in events[moved_at:]
 
 
 def test_rollback_refuses_a_broken_target(tmp_path: Path, trained: Recommender) -> None:

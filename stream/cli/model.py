@@ -35,12 +35,15 @@ def run_publish(args: argparse.Namespace) -> int:
 
 
 def run_list(args: argparse.Namespace) -> int:
+    """Print the retained versions and the served history (oldest first, the current
+    version last: a rollback goes to the one before it)."""
     registry = _registry_from(args)
     print_json(
         {
             "registry": str(registry.root),
             "current": registry.current_version(),
             "versions": [v.to_dict() for v in registry.list_versions()],
+            "history": registry.served_history(),
         }
     )
     return 0
@@ -101,12 +104,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--keep",
         type=int,
         default=DEFAULT_KEEP,
-        help=f"versions to retain (default {DEFAULT_KEEP}; the current one is never deleted)",
+        help=f"retain the last KEEP versions published and the last KEEP served (default "
+        f"{DEFAULT_KEEP}; the current one is never deleted)",
     )
-    action("list", "list retained versions, oldest first", run_list, announces=False)
+    action(
+        "list",
+        "list retained versions, oldest first, and the served history",
+        run_list,
+        announces=False,
+    )
     action(
         "rollback",
-        "make the version published before the current one current",
+        "make the version served before the current one current again",
         run_rollback,
         announces=True,
     )

@@ -15,10 +15,13 @@ single source of truth: a lost or late announcement, or a worker that was down w
 was sent, cannot leave a worker on an old model. A rollback is just another pointer move,
 so it propagates the same way.
 
-A version that fails to load (corrupt, partial, incompatible, or not the version its
-directory claims) is never served: the worker keeps the old model, logs why and counts it
-in ``rejected_models``. Versions are immutable, so a rejected one is not retried; an I/O
-error (a file system hiccup) is, on the next poll.
+A version that fails to load (corrupt, partial, incompatible, not finite, or not the
+version its directory claims) is never served: the worker keeps the old model, logs why
+and counts it in ``rejected_models``. Versions are immutable, so a rejected one is not
+retried; an I/O error (a file system hiccup) is, on the next poll. A worker that started
+on an older version because the current one failed verification
+(:meth:`stream.registry.ModelRegistry.current`) counts those refusals too, and does not
+verify them again.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ class ModelWatcher:
         self.registry = registry
         self.processor = processor
         self.ranking = ranking
-        self.rejected: set[str] = set()
+        self.rejected: set[str] = set(registry.refused)
+        processor.counters.rejected_models += len(registry.refused)
 
     async def check(self) -> None:
         """One poll: load the current version if it is new, then swap or reject it."""
