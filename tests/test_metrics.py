@@ -210,7 +210,7 @@ def test_http_endpoints():
         status, body = http_get(base + "/readyz")
         assert status == 503 and "not started" in body
         processor.health.not_ready_reason = None
-        assert http_get(base + "/readyz") == (200, "ok\n")
+        assert http_get(base + "/readyz") == (200, "ok: serving v7\n")  # the served version
         status, body = http_get(base + "/metrics")
         assert status == 200 and "streamrec_ready 1.0" in body
         assert http_get(base + "/tables")[0] == 404

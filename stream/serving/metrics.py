@@ -243,7 +243,8 @@ def readiness(worker: ServedWorker) -> tuple[bool, str]:
     reason = health.not_ready_reason
     if reason is None and health.broker is not None:
         reason = health.broker.problem
-    return (False, reason) if reason else (True, "ok")
+    # the version is said when ready too: a rollout or a fallback is visible to a probe
+    return (False, reason) if reason else (True, f"ok: serving {worker.recommender.version}")
 
 
 def refresh(
