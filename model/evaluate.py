@@ -124,12 +124,14 @@ class PredictionBatch:
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor, ties: str) -> torch.Tensor:
     """1-based rank of each row's target among all columns (float: median can be x.5)."""
     target_scores = scores.gather(1, targets.unsqueeze(1))
-    greater = (scores > target_scores).sum(dim=1).double()
+    # One pass over the row for the two usual modes, counted in int32: at a million items
+    # the counting, not the scoring, took half of an evaluation.
+    if ties == "conservative":  # every item scoring at least the target's, itself included
+        return (scores >= target_scores).sum(dim=1, dtype=torch.int32).double()
+    greater = (scores > target_scores).sum(dim=1, dtype=torch.int32).double()
     if ties == "optimistic":
         return greater + 1
-    equal = (scores == target_scores).sum(dim=1).double()  # includes the target itself
-    if ties == "conservative":
-        return greater + equal
+    equal = (scores == target_scores).sum(dim=1, dtype=torch.int32).double()  # with itself
     return greater + (equal + 1) / 2
 
 

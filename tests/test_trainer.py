@@ -836,3 +836,33 @@ def test_new_items_start_a_round_without_waiting_for_the_clock(
     assert time.monotonic() - started < 50
     round_started = first["started_at"] - (time.time() - time.monotonic())
     assert round_started - read_all < 3.0, (round_started - read_all, first)
+
+
+def test_a_trainer_on_a_fallback_loads_it_once_and_its_version_replaces_the_corrupt_one(
+    registry: ModelRegistry, base: Recommender, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CURRENT names a version that fails verification and the registry serves the one
+    before it: the trainer loads that one once (not at every click, as a comparison of
+    versions with the pointer would), and the version it trains from it replaces the
+    corrupt one, which no worker could serve."""
+    good = registry.current_version()
+    bad = registry.publish(copy.deepcopy(base))
+    weights = registry.path_of(bad) / "weights.safetensors"
+    damaged = bytearray(weights.read_bytes())
+    damaged[len(damaged) // 2] ^= 0x01
+    weights.write_bytes(bytes(damaged))
+    loads: list[str] = []
+    load = registry.current
+
+    def counted(*args: Any, **kwargs: Any) -> Recommender:
+        loads.append(registry.current_version() or "")
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "current", counted)
+    loop = LearningLoop(settings(gate_margin=0.5), registry, out=io.StringIO())
+    feed(loop, part(range(1200, 1600)))
+    assert loop.current().version == good and loads == [bad]
+    decision = loop.round()
+    assert decision["decision"] == "promoted", decision
+    assert registry.current_version() == decision["version"]
+    assert load().version == decision["version"] and decision["base_version"] == good
