@@ -35,7 +35,7 @@ def last_json(done: subprocess.CompletedProcess[str]) -> dict:
 
 
 def assert_one_line_error(done: subprocess.CompletedProcess[str], command: str, *words: str) -> str:
-    assert done.returncode != 0
+    assert done.returncode == 2, (done.returncode, done.stderr)  # README: bad input exits 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, f"expected one line on stderr, got: {done.stderr!r}"
     assert lines[0].startswith(f"streamrec {command}"), lines[0]
