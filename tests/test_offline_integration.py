@@ -1,4 +1,5 @@
-"""GRU4Rec on real clicks (RSC15, 100k-event sample) beats the popularity baselines."""
+"""GRU4Rec on real clicks (RSC15, 100k-event sample): the README's accuracy, and the
+margin over Item-KNN and the popularity baselines it claims."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from model.baselines import Pop, SessionPop
+from model.baselines import ItemKNN, Pop, SessionPop
 from model.config import GRU4RecConfig
 from model.data import read_clicks
 from model.evaluate import RecommenderScorer, evaluate
@@ -25,27 +26,32 @@ pytestmark = [
 ]
 
 
-def test_gru4rec_beats_pop_and_spop_on_rsc15() -> None:
+def test_gru4rec_reaches_the_readme_accuracy_and_beats_the_baselines_on_rsc15() -> None:
+    """The README's table: defaults, 10 epochs, seed 0 give Recall@20 0.6811 and MRR@20
+    0.3602 (the authors' code 0.6818 / 0.3539), Item-KNN 0.4075 / 0.1862. The bounds
+    leave room for floating-point differences between machines, not for a regression."""
     started = time.perf_counter()
     train_log = read_clicks(DATA / "train_full.tsv")
     test_log = read_clicks(DATA / "test.tsv")
 
-    config = GRU4RecConfig().replace(n_epochs=2)  # the published setting, shortened
-    recommender, stats = train(train_log, config, seed=0, progress=False)
-    assert stats.epochs == 2 and stats.epoch_losses[1] < stats.epoch_losses[0]
+    recommender, stats = train(train_log, GRU4RecConfig(), seed=0, progress=False)
+    assert stats.epochs == 10 and stats.epoch_losses[-1] < stats.epoch_losses[0]
 
     gru = evaluate(RecommenderScorer(recommender), test_log, ks=(20,))
+    knn = evaluate(ItemKNN(train_log), test_log, ks=(20,))
     pop = evaluate(Pop(train_log), test_log, ks=(20,))
     spop = evaluate(SessionPop(train_log), test_log, ks=(20,))
     summary = (
         f"GRU4Rec recall@20 {gru.recall(20):.4f} mrr@20 {gru.mrr(20):.4f}; "
+        f"Item-KNN {knn.recall(20):.4f}/{knn.mrr(20):.4f}; "
         f"POP {pop.recall(20):.4f}/{pop.mrr(20):.4f}; "
         f"S-POP {spop.recall(20):.4f}/{spop.mrr(20):.4f}; "
         f"{time.perf_counter() - started:.0f} s"
     )
     print(summary)
 
-    assert gru.n_predictions == pop.n_predictions == spop.n_predictions > 10_000
-    assert gru.recall(20) > spop.recall(20) + 0.05, summary
-    assert gru.recall(20) > pop.recall(20) + 0.05, summary
-    assert gru.mrr(20) > pop.mrr(20), summary
+    assert gru.n_predictions == knn.n_predictions == pop.n_predictions > 10_000
+    assert gru.recall(20) >= 0.67 and gru.mrr(20) >= 0.35, summary
+    assert gru.recall(20) > knn.recall(20) + 0.2 and gru.mrr(20) > knn.mrr(20) + 0.1, summary
+    assert gru.recall(20) > spop.recall(20) + 0.2, summary
+    assert gru.recall(20) > pop.recall(20) + 0.5, summary
