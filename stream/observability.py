@@ -49,6 +49,10 @@ METRICS: dict[str, tuple[str, str]] = {
         "counter",
         "Registry versions that failed verification and were never served",
     ),
+    "streamrec_undecodable_states": (
+        "counter",
+        "Stored session states that did not decode: the session restarted empty",
+    ),
     "streamrec_online_predictions": (
         "counter",
         "Published lists judged by the session's next click, by the version that published",

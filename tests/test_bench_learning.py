@@ -69,11 +69,7 @@ def test_a_base_model_is_served_its_own_traffic_and_phase_b_brings_items_it_lack
     a_clicks = data["a_prime"] + [c for c in data["phase_b"] if c.session_id.startswith("a")]
     assert {c.item_id for c in a_clicks} <= set(known_log.item_ids.astype(str))
     starts: dict[str, float] = {}
-    for session, item, time in zip(
-        known_log.session_ids[known_log.sessions],
-        known_log.item_ids[known_log.items],
-        known_log.times,
-    ):
+    for session, time in zip(known_log.session_ids[known_log.sessions], known_log.times):
         starts.setdefault(f"a{session}", time)
     earliest = sorted(starts, key=starts.__getitem__)[: args.a_sessions]
     a_prime_sessions = {c.session_id for c in data["a_prime"]}

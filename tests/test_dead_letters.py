@@ -20,6 +20,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -42,7 +43,7 @@ from stream.kafka.wire import (
 )
 from stream.serving.dead_letters import TRUNCATED_DEAD_LETTER_BYTES
 
-from support import StreamNames, WorkerProcess, free_port
+from support import StreamNames, WorkerProcess, click_by_click, free_port
 
 pytestmark = pytest.mark.kafka
 
@@ -665,3 +666,76 @@ def test_a_flood_of_bad_messages_does_not_slow_the_worker(harness: Harness) -> N
     span = max(times) - min(times)
     assert span < 0.5 * 0.005 * (len(flood) - 1), f"dead-lettering took {span:.2f} s"
     assert h.worker.process.poll() is None, h.log()
+
+
+def test_a_click_on_another_partition_than_its_session_s_is_dead_lettered(
+    kafka_bootstrap: str, small_model: Path, tmp_path: Path
+) -> None:
+    """A producer that does not partition by murmur2 puts a live session's click on
+    another partition. The idempotence guard compared its offset with the session's last
+    one, from another partition, and dropped it silently (no answer, no dead letter);
+    now it is dead-lettered as ``wrong_partition`` and counted, and the session goes on
+    from its own partition's clicks."""
+    names = StreamNames("wrongpart")
+    ensure_topics(
+        kafka_bootstrap, {t: PARTITIONS for t in (names.clicks, names.recommendations, names.dlq)}
+    )
+    recommender = load_model(small_model)
+    ids = list(recommender.item_map.ids)
+    home = [
+        Sent(*encode_click(c), click=c) for c in (Click("s", ids[j], PAST + j) for j in range(5))
+    ]
+    port = free_port()
+    worker = WorkerProcess(
+        kafka_bootstrap,
+        small_model,
+        names,
+        tmp_path,
+        "--web-port",
+        str(port),
+        partitions=PARTITIONS,
+    )
+    h = Harness(
+        kafka_bootstrap,
+        names,
+        worker,
+        port,
+        0,
+        ids,
+        TopicLog(kafka_bootstrap, names.recommendations),
+        TopicLog(kafka_bootstrap, names.dlq),
+        Counter(),
+    )
+    worker.start()
+    try:
+        h.wait_ready(timeout=90)
+        produce(kafka_bootstrap, names.clicks, home, 1_000_000)
+        assert h.outputs.read_until(lambda ms: len(ms) >= len(home), timeout=45), h.log()
+        partition = home[0].partition
+        stray = (partition + 1) % PARTITIONS  # no click there yet: offset 0
+        stray_click = Click("s", ids[7], PAST + 10)
+        key, value = encode_click(stray_click)
+        producer = Producer(producer_config(kafka_bootstrap))
+        producer.produce(names.clicks, key=key, value=value, partition=stray)
+        assert producer.flush(10) == 0
+        after = [Sent(*encode_click(c), click=c) for c in [Click("s", ids[8], PAST + 20)]]
+        produce(kafka_bootstrap, names.clicks, after, 1_000_000)
+        assert h.dead_letters.read_until(lambda ms: len(ms) >= 1, timeout=45), h.log()
+        assert h.outputs.read_until(lambda ms: len(ms) >= len(home) + 1, timeout=45), h.log()
+        (dead,) = h.dead_letters.messages
+        assert header(dead, "streamrec-reason") == b"wrong_partition"
+        assert header(dead, "streamrec-source") == f"{names.clicks}/{stray}/0".encode()
+        assert (dead.key(), dead.value()) == (key, value)
+        assert h.rejected_counts() == {"wrong_partition": 1.0}
+        answers = [json.loads(m.value()) for m in h.outputs.messages]
+        assert {a["source"]["partition"] for a in answers} == {partition}
+        # The session went on from its own partition: its answer after the stray click is
+        # the one an uninterrupted run gives.
+        assert [a["item_id"] for a in answers] == [ids[j] for j in range(5)] + [ids[8]]
+        _, lists = click_by_click(recommender, [ids[j] for j in range(5)] + [ids[8]])
+        assert [r["item_id"] for r in answers[-1]["recommendations"]] == [i for i, _ in lists[-1]]
+        assert worker.process is not None and worker.process.poll() is None, h.log()
+    finally:
+        h.outputs.close()
+        h.dead_letters.close()
+        worker.stop()

@@ -78,3 +78,11 @@ def test_the_worker_app_drops_the_index_at_every_rebalance(tmp_path: Path) -> No
         assert sorted(processor.expiry.idle.idle_before(0, 10.0, table)) == sorted(
             known + [restored]
         )
+
+
+def test_the_scan_skips_entries_that_do_not_decode() -> None:
+    """Garbage recovered from the changelog (another format, a cut header) must not stop
+    the expiry pass: the readable sessions are indexed, the rest left to their next click."""
+    table = {b"a": state(0, 1.0), b"short": b"\x01\x00", b"other": b"\x07" + bytes(60)}
+    idle = IdleSessions()
+    assert idle.idle_before(0, 10.0, table) == [b"a"]

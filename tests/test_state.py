@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream.serving.state import FORMAT, RECENT_ITEMS, SessionState
+from stream.serving.state import FORMAT, RECENT_ITEMS, SessionState, UndecodableState
 
 
 def make_state(
@@ -158,3 +158,45 @@ def test_nan_and_inf_hidden_values_survive_bit_exactly(hidden: list[float]) -> N
     array = np.array(hidden, dtype=np.float32)
     decoded = round_trip(make_state(hidden=array))
     assert decoded.hidden.tobytes() == array.tobytes()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\x01\x00",  # shorter than the header
+        b"garbage written by anyone",
+        bytes([FORMAT + 1]) + bytes(60),  # another format
+    ],
+)
+def test_bytes_that_are_no_state_raise_undecodable_state(data: bytes) -> None:
+    """Whatever the changelog holds, decoding fails with one error the worker handles
+    (the session restarts empty), never with struct's, numpy's or a codec's; so does
+    peeking at a header that is not one (the expiry scan skips such entries)."""
+    with pytest.raises(UndecodableState):
+        SessionState.decode(data)
+    with pytest.raises(UndecodableState):
+        SessionState.peek_partition_and_time(data)
+
+
+def test_a_header_with_the_wrong_body_does_not_decode() -> None:
+    """Peeking reads the header only (cheap enough to scan a table); decoding checks
+    that the body is exactly what the header announces."""
+    data = bytes([FORMAT]) + bytes(40)  # an empty state's header, then 17 stray bytes
+    assert SessionState.peek_partition_and_time(data) == (0, 0.0)
+    with pytest.raises(UndecodableState, match="17 bytes left"):
+        SessionState.decode(data)
+
+
+@pytest.mark.parametrize("cut", [1, 5])
+def test_a_truncated_or_extended_state_does_not_decode(cut: int) -> None:
+    data = make_state(recent_items=("é", "item"), hidden=np.ones(8, np.float32)).encode()
+    for broken in (data[:-cut], data + bytes(cut), data[: 21 + cut]):
+        with pytest.raises(UndecodableState):
+            SessionState.decode(broken)
+
+
+def test_a_state_with_an_invalid_utf8_item_does_not_decode() -> None:
+    data = make_state(recent_items=("ab",)).encode()
+    with pytest.raises(UndecodableState):
+        SessionState.decode(data.replace(b"ab", b"\xff\xfe"))

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -257,7 +258,8 @@ def test_idle_sessions_expire_with_changelog_tombstones(kafka_bootstrap, small_m
     recommender = load_model(small_model)
     item = recommender.item_map.ids[3]
     names = StreamNames("expiry")
-    # One partition, so the later click advances the event-time watermark past "old".
+    # One partition, so the later clicks advance the event-time watermark past "old" (a
+    # watermark follows the partition's clicks, not a single one).
     with WorkerProcess(
         kafka_bootstrap,
         small_model,
@@ -270,7 +272,9 @@ def test_idle_sessions_expire_with_changelog_tombstones(kafka_bootstrap, small_m
         partitions=1,
     ):
         produce_clicks(
-            kafka_bootstrap, names.clicks, [Click("old", item, 1000.0), Click("new", item, 2000.0)]
+            kafka_bootstrap,
+            names.clicks,
+            [Click("old", item, 1000.0)] + [Click("new", item, 2000.0 + k) for k in range(30)],
         )
         changelog = f"{names.app_id}-sessions-changelog"
         records = read_topic(
@@ -384,3 +388,109 @@ def test_sigterm_exits_promptly_and_the_next_worker_repeats_nothing(
         )
     sources = [(m["source"]["partition"], m["source"]["offset"]) for m in messages]
     assert len(sources) == len(set(sources)) == len(first) + len(second)
+
+
+def test_a_click_stamped_a_day_ahead_expires_no_live_session(
+    kafka_bootstrap: str, small_model: Path, tmp_path: Path
+) -> None:
+    """A producer with a wrong clock sends one valid click 23 h ahead: it is answered, and
+    the expiry passes after it delete none of its partition's live sessions (a watermark
+    taken as the largest event time deleted them: 4 of 5 then answered their next click
+    like a brand-new session)."""
+    recommender = load_model(small_model)
+    ids = recommender.item_map.ids
+    now = time.time()
+    sessions = {f"live{k}": [ids[(11 * k + j) % 150] for j in range(5)] for k in range(5)}
+    # Enough live traffic (every click within the last minutes) for the partition's
+    # watermark to be known, so that expiry runs.
+    first = [
+        Click(s, items[j], now - 300 + 10 * j + k)
+        for j in range(4)
+        for k, (s, items) in enumerate(sessions.items())
+    ] + [Click(f"other{k}", ids[k], now - 200 + k) for k in range(20)]
+    skewed = Click("skewed", ids[1], now + 23 * 3600)
+    last = [Click(s, items[4], now - 50 + k) for k, (s, items) in enumerate(sessions.items())]
+    names = StreamNames("future")
+    with WorkerProcess(
+        kafka_bootstrap,
+        small_model,
+        names,
+        tmp_path,
+        "--session-timeout-s",
+        "1800",
+        "--expiry-interval-s",
+        "1",
+        partitions=1,
+    ) as worker:
+        # One answer before the compared ones: the lists a fresh worker answered its very
+        # first batch with were seen to differ slightly from the in-process reference
+        # (2 runs in 9; cause not investigated here).
+        produce_clicks(kafka_bootstrap, names.clicks, [Click("warm-up", ids[2], now - 400)])
+        read_topic(kafka_bootstrap, names.recommendations, lambda ms: len(ms) >= 1)
+        produce_clicks(kafka_bootstrap, names.clicks, first + [skewed])
+        read_topic(kafka_bootstrap, names.recommendations, lambda ms: len(ms) >= len(first) + 2)
+        time.sleep(4.0)  # several expiry passes with the skewed click applied
+        produce_clicks(kafka_bootstrap, names.clicks, last)
+        total = 1 + len(first) + 1 + len(last)
+        messages = read_topic(kafka_bootstrap, names.recommendations, lambda ms: len(ms) >= total)
+    assert len(messages) == total, worker.log()[-3000:]
+    assert any(m["session_id"] == "skewed" for m in messages)  # far ahead, still answered
+    published = published_lists(messages)
+    expected = expected_lists(small_model, sessions)
+    restarted = [s for s in sessions if published[s] != expected[s]]
+    assert restarted == [], [
+        (s, j, published[s][j], expected[s][j])
+        for s in restarted
+        for j in range(5)
+        if published[s][j] != expected[s][j]
+    ]
+
+
+def test_an_undecodable_stored_state_restarts_its_session_empty(
+    kafka_bootstrap: str, small_model: Path, tmp_path: Path
+) -> None:
+    """Changelog values that do not decode (another format, a truncated header) are
+    recovered into the table: their sessions restart empty at their next click, the
+    expiry scan skips them, and the worker goes on (it exited 70 at every restart)."""
+    from confluent_kafka import Producer
+
+    recommender = load_model(small_model)
+    ids = recommender.item_map.ids
+    names = StreamNames("garbage")
+    args = ("--expiry-interval-s", "1")
+    with WorkerProcess(kafka_bootstrap, small_model, names, tmp_path, *args, partitions=1):
+        produce_clicks(
+            kafka_bootstrap,
+            names.clicks,
+            [Click(s, ids[k], 1000.0 + k) for k, s in enumerate(("good", "other", "short"))],
+        )
+        read_topic(kafka_bootstrap, names.recommendations, lambda ms: len(ms) >= 3)
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    changelog = f"{names.app_id}-sessions-changelog"
+    for key, value in (
+        (b"other", b"\x07" + bytes(range(60))),  # another format
+        (b"short", b"\x01\x00"),  # shorter than the header
+        (b"ghost", b"garbage"),  # never clicks again: only the expiry scan reads it
+    ):
+        producer.produce(changelog, key=key, value=value, partition=0)
+    assert producer.flush(10) == 0
+    second = [Click(s, ids[10 + k], 1100.0 + k) for k, s in enumerate(("good", "other", "short"))]
+    filler = [Click(f"filler{k}", ids[20 + k], 1100.0 + k) for k in range(20)]
+    with WorkerProcess(
+        kafka_bootstrap, small_model, names, tmp_path, *args, partitions=1
+    ) as worker:
+        produce_clicks(kafka_bootstrap, names.clicks, second + filler)
+        messages = read_topic(
+            kafka_bootstrap, names.recommendations, lambda ms: len(ms) >= 3 + 23, timeout=60
+        )
+        time.sleep(3.0)  # expiry passes scan the table, garbage included
+        alive = worker.process is not None and worker.process.poll() is None
+    assert alive and len(messages) >= 26, worker.log()[-3000:]
+    published = published_lists(messages)
+    assert published["good"] == expected_lists(small_model, {"good": [ids[0], ids[10]]})["good"]
+    for k, session in ((1, "other"), (2, "short")):  # restarted empty
+        assert (
+            published[session][-1]
+            == expected_lists(small_model, {session: [ids[10 + k]]})[session][0]
+        )
+    assert worker.log().count("does not decode") >= 2

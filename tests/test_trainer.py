@@ -25,6 +25,7 @@ from model.inference import Recommender
 from model.synth import SynthSpec, generate
 from model.train import train
 from stream.cli import trainer as trainer_cli
+from stream.event_time import WATERMARK_RANK
 from stream.kafka.topics import ensure_topics
 from stream.kafka.wire import Click
 from stream.learning import buffer
@@ -98,13 +99,19 @@ def train_spy(monkeypatch: pytest.MonkeyPatch) -> list[ClickLog]:
     return trained_on
 
 
+def flush_clicks(after: float) -> list[Click]:
+    """Single-click sessions an hour after ``after``, as many as it takes to move a
+    partition's event time (one click alone is taken for an outlier): they complete every
+    session before them and, single clicks, are never trained on."""
+    return [Click(f"flush{k}", "1", after + 3600) for k in range(WATERMARK_RANK)]
+
+
 def feed(loop: LearningLoop, log: ClickLog) -> None:
-    """Every click of ``log``, then one click an hour later that completes them all
+    """Every click of ``log``, then clicks an hour later that complete them all
     (synthetic gaps are ~30 s, so no session is cut by the 30 min timeout)."""
     clicks = clicks_in_time_order(log)
-    for click in clicks:
+    for click in [*clicks, *flush_clicks(clicks[-1].timestamp)]:
         loop.add(click)
-    loop.add(Click("flush", "1", clicks[-1].timestamp + 3600))
 
 
 def scrambled(recommender: Recommender, seed: int = 0) -> Recommender:
@@ -122,6 +129,13 @@ def click(session: str, time_s: float, item: str = "1") -> Click:
     return Click(session, item, time_s)
 
 
+def tick(buffer: SessionBuffer, time_s: float, partition: int = 0) -> None:
+    """Move ``partition``'s event time to ``time_s`` with single-click sessions (never
+    counted as complete: they hold no transition)."""
+    for k in range(WATERMARK_RANK):
+        buffer.add(click(f"tick-{time_s}-{k}", time_s), partition)
+
+
 # --- buffer and replay sample -------------------------------------------------------------
 
 
@@ -132,14 +146,16 @@ def test_a_session_completes_after_the_timeout_of_event_time() -> None:
     buffer.add(click("single", 110))
     buffer.add(click("b", 150))
     buffer.add(click("b", 185, "3"))
+    tick(buffer, 185)
     assert buffer.complete_count() == 0  # watermark 185: nothing idle for 60 s yet
-    buffer.add(click("c", 190))
+    tick(buffer, 190)
     assert buffer.complete_count() == 1  # "a" (last 130); "single" has one click only
-    buffer.add(click("c", 245))
+    tick(buffer, 245)
     assert buffer.complete_count() == 2  # and "b" (last 185) at exactly the timeout
     taken = buffer.take_complete()
     assert [list(s.items) for s in taken] == [["1", "2"], ["1", "3"]]  # oldest first
-    assert len(buffer) == 1  # only "c" is left; "single" was dropped with the complete ones
+    # only the ticks at 190 and 245 are left; "single" was dropped with the complete ones
+    assert len(buffer) == 2 * WATERMARK_RANK
     assert buffer.take_complete() == []
 
 
@@ -152,8 +168,23 @@ def test_completion_uses_the_watermark_of_the_session_s_own_partition() -> None:
     buffer.add(click("ahead", 500), partition=1)
     buffer.add(click("ahead-2", 100), partition=1)
     buffer.add(click("ahead-2", 110), partition=1)
+    tick(buffer, 500, partition=1)
     (taken,) = buffer.take_complete()
-    assert taken.partition == 1 and len(buffer) == 2
+    assert taken.partition == 1 and taken.items[0] == "1" and taken.last_time == 110
+    assert len(buffer) == 2 + WATERMARK_RANK  # "lagging", "ahead" and the ticks
+
+
+def test_a_click_far_ahead_completes_no_session() -> None:
+    """The trainer ends sessions by the workers' rule: a producer with a wrong clock (a
+    valid click 23 h ahead) must not complete every session of its partition."""
+    buffer = SessionBuffer(session_timeout_s=60, max_sessions=1000, max_age_s=3600)
+    for k in range(100):
+        buffer.add(click(f"live{k % 10}", 1000 + k, str(k)))
+    buffer.add(click("skewed", 1099 + 23 * 3600))
+    assert buffer.complete_count() == 0 and len(buffer) == 11  # none complete, none stale
+    for k in range(100, 300):  # the partition's own clicks do move its event time
+        buffer.add(click(f"later{k % 10}", 1000 + k))
+    assert buffer.complete_count() == 10
 
 
 def test_the_buffer_is_bounded_in_sessions_evicting_the_least_recently_active() -> None:
@@ -161,8 +192,8 @@ def test_the_buffer_is_bounded_in_sessions_evicting_the_least_recently_active() 
     for session, t in (("a", 1), ("b", 2), ("c", 3), ("a", 4), ("d", 5)):
         buffer.add(click(session, t))
     assert len(buffer) == 3 and buffer.evicted == 1
-    buffer.add(click("later", 1000))
-    buffer.add(click("later", 1001))
+    for k in range(WATERMARK_RANK):  # one session moves the event time: none evicted
+        buffer.add(click("later", 1000 + k))
     assert {len(s.items) for s in buffer.take_complete()} == {2}  # "a" survived, "b" not
 
 
@@ -172,7 +203,7 @@ def test_the_buffer_is_bounded_in_age_and_clicks_per_session() -> None:
     buffer.add(click("old", 10))
     for k in range(MAX_SESSION_CLICKS + 50):
         buffer.add(click("long", 100 + k, str(k)))
-    buffer.add(click("now", 700))
+    tick(buffer, 700)
     (long_session,) = buffer.take_complete()
     assert buffer.stale == 1  # "old" waited more than 600 s of event time
     assert list(long_session.items) == [str(k) for k in range(50, MAX_SESSION_CLICKS + 50)]
@@ -622,9 +653,7 @@ def test_the_trainer_learns_from_the_click_topic_and_publishes(
     ensure_topics(kafka_bootstrap, {topic_name: 1})
     stream = part(range(1200, 1600))
     clicks = clicks_in_time_order(stream)
-    produce_clicks(
-        kafka_bootstrap, topic_name, [*clicks, Click("flush", "1", clicks[-1].timestamp + 3600)]
-    )
+    produce_clicks(kafka_bootstrap, topic_name, [*clicks, *flush_clicks(clicks[-1].timestamp)])
     producer = Producer({"bootstrap.servers": kafka_bootstrap})
     producer.produce(topic_name, key=b"x", value=b"not json")
     assert producer.flush(10) == 0
@@ -803,9 +832,7 @@ def test_new_items_start_a_round_without_waiting_for_the_clock(
     ensure_topics(kafka_bootstrap, {topic_name: 1})
     stream = part(range(1200, 1600))
     clicks = clicks_in_time_order(stream)
-    produce_clicks(
-        kafka_bootstrap, topic_name, [*clicks, Click("flush", "1", clicks[-1].timestamp + 3600)]
-    )
+    produce_clicks(kafka_bootstrap, topic_name, [*clicks, *flush_clicks(clicks[-1].timestamp)])
     config = settings(
         broker=kafka_bootstrap,
         registry=str(registry.root),
@@ -819,7 +846,7 @@ def test_new_items_start_a_round_without_waiting_for_the_clock(
     loop = LearningLoop(config, registry, out=out)
     started = time.monotonic()
     read_all = run_trainer_until(
-        config, loop, len(clicks) + 1, seconds_after=20.0 if new_item_rounds else 8.0
+        config, loop, len(clicks) + WATERMARK_RANK, seconds_after=20.0 if new_item_rounds else 8.0
     )
     decisions = [json.loads(line) for line in out.getvalue().splitlines()]
     if not new_item_rounds:

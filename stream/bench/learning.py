@@ -13,10 +13,11 @@ offline on TEST (Recall@20), against a model trained from scratch on TRAIN+STREA
 the same defaults. The trainer's fine-tuning settings default to ``streamrec
 trainer``'s. The end of a finite stream is not the end of its sessions: the trainer only
 learns from a session once its partition's event time has moved
-``--session-timeout-s`` past the session's last click. After STREAM, one single-click
-"flush" session per partition is produced (explicitly to that partition) with an event
-time ``3 x session-timeout`` past the stream's last click: it completes every real
-session and is never trained on itself (single-click sessions hold no transition). The
+``--session-timeout-s`` past the session's last click. After STREAM, single-click "flush"
+sessions are produced to each partition (explicitly; as many as it takes to move a
+partition's watermark, :data:`stream.event_time.WATERMARK_RANK`) with an event time
+``3 x session-timeout`` past the stream's last click: they complete every real session
+and are never trained on themselves (single-click sessions hold no transition). The
 bench then waits until the trainer reports two consecutive idle rounds with nothing new
 (``decision: wait`` with unchanged counts); complete sessions still waiting then (fewer
 than ``--min-sessions``) are reported as ``untrained_complete_sessions``.
@@ -89,6 +90,7 @@ from model.synth import SynthSpec, generate
 from model.train import train
 from stream.devtools.brokers import kafka_or_local
 from stream.devtools.processes import StreamNames, TrainerProcess, WorkerProcess, start_readers
+from stream.event_time import WATERMARK_RANK
 from stream.kafka.config import producer_config
 from stream.kafka.log_sender import replay
 from stream.kafka.topics import ensure_topics
@@ -311,11 +313,14 @@ def run_incremental(args: argparse.Namespace) -> dict[str, Any]:
             trainer.check_alive()
             flush_time = float(stream_log.times.max()) + 3 * args.session_timeout_s
             flush = [
-                Click(f"__flush-{uuid.uuid4().hex[:6]}-{p}", "__flush", flush_time)
+                Click(f"__flush-{uuid.uuid4().hex[:6]}-{p}-{k}", "__flush", flush_time)
                 for p in range(PARTITIONS)
+                for k in range(WATERMARK_RANK)
             ]
             since = len(trainer.records)
-            _produce_to_partitions(bootstrap, names.clicks, flush, range(PARTITIONS))
+            _produce_to_partitions(
+                bootstrap, names.clicks, flush, [c // WATERMARK_RANK for c in range(len(flush))]
+            )
             stream_seconds = time.perf_counter() - started
             _log("stream and flush clicks produced; waiting for the trainer to settle")
             settled = _wait(

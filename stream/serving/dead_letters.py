@@ -24,6 +24,9 @@ from stream.kafka.wire import MAX_MESSAGE_BYTES, Rejected
 logger = logging.getLogger("streamrec.worker")
 
 TRUNCATED_DEAD_LETTER_BYTES = MAX_MESSAGE_BYTES
+#: The worker's own reason code, besides :mod:`stream.kafka.wire`'s: a valid click on
+#: another partition than its session's (see ``ClickProcessor._split_misplaced``).
+WRONG_PARTITION = "wrong_partition"
 
 
 def _too_large(exc: BaseException) -> bool:

@@ -24,7 +24,7 @@ from faust.types import EventT
 
 from stream.event_time import PartitionWatermarks
 from stream.serving.faust_patches import in_context_of
-from stream.serving.state import SessionState
+from stream.serving.state import SessionState, UndecodableState
 
 logger = logging.getLogger("streamrec.worker")
 
@@ -76,10 +76,23 @@ class IdleSessions:
         self._complete = False
 
     def _rebuild(self, entries: Iterable[tuple[bytes, bytes]]) -> None:
+        """Index the table. An entry whose header does not decode (recovered from a
+        changelog anyone can write to) has no partition or time to index it by: it is
+        skipped, and its session restarts empty at its next click, whose state replaces
+        it (the processor counts that)."""
         self._times.clear()
+        skipped = 0
         for key, raw in entries:
-            partition, last_time = SessionState.peek_partition_and_time(raw)
+            try:
+                partition, last_time = SessionState.peek_partition_and_time(raw)
+            except UndecodableState:
+                skipped += 1
+                continue
             self.touch(partition, key, last_time)
+        if skipped:
+            logger.warning(
+                "%d stored session states do not decode: not indexed for expiry", skipped
+            )
         self._complete = True
 
 

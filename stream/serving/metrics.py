@@ -72,6 +72,7 @@ class WorkerCounters:
     rejected: dict[str, int] = field(default_factory=dict)
     swaps: int = 0  # models swapped in by the registry watcher
     rejected_models: int = 0  # registry versions that failed verification, never served
+    undecodable_states: int = 0  # stored states that did not decode: sessions restarted empty
 
 
 class WorkerMetrics:
@@ -175,6 +176,7 @@ class _CountersCollector:
         yield counter("streamrec_expired_sessions", counters.expired)
         yield counter("streamrec_model_swaps", counters.swaps)
         yield counter("streamrec_models_rejected", counters.rejected_models)
+        yield counter("streamrec_undecodable_states", counters.undecodable_states)
 
         online = metrics.online
         predictions, skipped = dict(online.predictions), dict(online.skipped_unknown)

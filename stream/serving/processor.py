@@ -5,8 +5,11 @@ For each batch the agent hands over (:mod:`stream.serving.app`):
 1. Each message is validated (:mod:`stream.kafka.wire`); a bad one goes to the
    dead-letter topic with its reason and original bytes (:mod:`stream.serving.dead_letters`),
    and the batch goes on. Expiry markers go to :mod:`stream.serving.expiry`.
-2. The sessions' states are read from the ``sessions`` table and the whole batch is scored
-   with one model call per wave (:mod:`stream.serving.scoring`).
+2. The sessions' states are read from the ``sessions`` table (one that does not decode
+   restarts its session empty: counted and logged, never a reason to stop); a click on
+   another partition than its session's is dead-lettered as ``wrong_partition`` (see
+   ``ClickProcessor._split_misplaced``); the rest of the batch is scored with one model
+   call per wave (:mod:`stream.serving.scoring`).
 3. The recommendations are published and their delivery awaited; only then is each new
    state written to the table, its changelog record sent to the click's partition
    (what a table write in the event's context does; faust-streaming #497). Because a
@@ -29,12 +32,12 @@ from faust.types import EventT, TableT
 
 from model.inference import Recommender
 from stream.kafka.wire import Rejected, encode_recommendation, parse_click
-from stream.serving.dead_letters import DeadLetters
+from stream.serving.dead_letters import WRONG_PARTITION, DeadLetters
 from stream.serving.expiry import EXPIRY_DELETES_FLOOR, SessionExpiry
 from stream.serving.metrics import Health, WorkerCounters, WorkerMetrics
 from stream.serving.scoring import SourcedClick, apply_clicks
 from stream.serving.settings import WorkerSettings
-from stream.serving.state import SessionState
+from stream.serving.state import SessionState, UndecodableState
 from stream.serving.topics import expiry_topic
 
 logger = logging.getLogger("streamrec.worker")
@@ -92,24 +95,89 @@ class ClickProcessor:
                 continue
             clicks.append((event, SourcedClick(parsed, message.partition, message.offset)))
             self.expiry.watermarks.advance(message.partition, parsed.timestamp)
+        stored = self._stored_states(clicks)
+        clicks, misplaced = self._split_misplaced(clicks, stored)
+        dead_letters += [self.dead_letters.send(e.message, why) for e, why in misplaced]
         # Dead letters are sent together with the answers and all delivered before the
         # batch is committed: awaiting each one's delivery in turn would cap a worker at
         # about 130 bad messages/s, and a flood of them would delay every good click.
-        await asyncio.gather(*dead_letters, *([self._answer(clicks, now)] if clicks else []))
+        answers = [self._answer(clicks, stored, now)] if clicks else []
+        await asyncio.gather(*dead_letters, *answers)
         self.expiry.delete_idle(max(EXPIRY_DELETES_FLOOR, len(events)))
         for event in events:
             self.metrics.processed(
                 event.message.topic, event.message.partition, event.message.offset
             )
 
-    async def _answer(self, clicks: list[tuple[EventT, SourcedClick]], consumed_at: float) -> None:
+    def _stored_states(
+        self, clicks: list[tuple[EventT, SourcedClick]]
+    ) -> dict[str, SessionState | None]:
+        """The stored state of each clicked session (None: a new session).
+
+        The table holds whatever its changelog held, and anyone can write there: a value
+        that does not decode (another format, garbage) would stop the worker at every
+        restart, since the batch is redelivered. Its session restarts empty instead,
+        counted and logged; the state written after its click replaces the bad value."""
         stored: dict[str, SessionState | None] = {}
-        store = self.table.data  # read as written below: the store, without per-key sensors
+        store = self.table.data  # read as _answer writes: the store, without per-key sensors
         for event, sourced in clicks:
             session_id = sourced.click.session_id
-            if session_id not in stored:
-                raw = store.get(event.message.key)
-                stored[session_id] = SessionState.decode(raw) if raw is not None else None
+            if session_id in stored:
+                continue
+            raw = store.get(event.message.key)
+            try:
+                stored[session_id] = None if raw is None else SessionState.decode(raw)
+            except UndecodableState as exc:
+                stored[session_id] = None
+                self.counters.undecodable_states += 1
+                logger.warning(
+                    "session %r: its stored state does not decode (%s); it restarts empty",
+                    session_id,
+                    exc,
+                )
+        return stored
+
+    @staticmethod
+    def _split_misplaced(
+        clicks: list[tuple[EventT, SourcedClick]], stored: dict[str, SessionState | None]
+    ) -> tuple[list[tuple[EventT, SourcedClick]], list[tuple[EventT, Rejected]]]:
+        """Split off the clicks on another partition than their session's.
+
+        A session lives on one partition: its state's changelog record, its expiry and its
+        idempotence guard (offsets order clicks within a partition only) all rely on it. A
+        producer that does not partition by murmur2 (librdkafka's default, partitions
+        added, a re-created topic) can put a session's click elsewhere; its offset then
+        says nothing about whether the state has applied it, and the click was dropped
+        as a duplicate, silently. It is dead-lettered instead, with its own reason (and
+        counted under it), to be re-sent once the producer is fixed: applying it would
+        write the session's state to a second changelog partition, and recovery, which
+        replays partitions in no set order, could then bring back either copy. A
+        session's partition is its stored state's, or, for a new one, its first click's
+        in the batch. (A worker only sees the states of its own partitions: a click whose
+        session lives on another worker's starts a session of its own there.)"""
+        home = {session: s.partition for session, s in stored.items() if s is not None}
+        kept: list[tuple[EventT, SourcedClick]] = []
+        misplaced: list[tuple[EventT, Rejected]] = []
+        for event, sourced in clicks:
+            partition = home.setdefault(sourced.click.session_id, sourced.partition)
+            if sourced.partition == partition:
+                kept.append((event, sourced))
+            else:
+                detail = (
+                    f"session {sourced.click.session_id!r} lives on partition {partition}, "
+                    f"this click is on partition {sourced.partition}: producers must "
+                    "partition by murmur2 on the session id"
+                )
+                misplaced.append((event, Rejected(WRONG_PARTITION, detail)))
+        return kept, misplaced
+
+    async def _answer(
+        self,
+        clicks: list[tuple[EventT, SourcedClick]],
+        stored: dict[str, SessionState | None],
+        consumed_at: float,
+    ) -> None:
+        store = self.table.data
         recommender = self.recommender  # one version for the whole batch
         started = time.perf_counter()
         outcomes = apply_clicks(recommender, [c for _, c in clicks], stored, self.settings.top_n)

@@ -17,7 +17,13 @@ What a session needs to be answered on its next click, and no more:
 - ``model_version``: the version that computed ``hidden``.
 
 The encoding is a fixed binary header, length-prefixed strings and the raw float32
-vector: compact (≈ 450 bytes for 100 units) and fast to decode on every click.
+vector: compact (≈ 450 bytes for 100 units) and fast to decode on every click. The
+partition has been in the header since the first format, so the idempotence guard can
+tell a replayed click from one on another partition in every stored state.
+
+Anything can be in a changelog (another format, a truncated record, bytes written by
+another program): bytes that are not exactly one state raise :class:`UndecodableState`,
+and nothing else, so the worker can restart that session empty instead of exiting.
 """
 
 from __future__ import annotations
@@ -31,6 +37,11 @@ FORMAT = 1
 RECENT_ITEMS = 20
 # format, partition, offset, time, started, len(version), n_items, dims
 _HEADER = struct.Struct("<BHqdBBBH")
+_ITEM_LENGTH = struct.Struct("<H")
+
+
+class UndecodableState(ValueError):
+    """Stored bytes that are not a session state of this format."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +72,7 @@ class SessionState:
             version,
         ]
         for item in items:
-            parts.append(struct.pack("<H", len(item)))
+            parts.append(_ITEM_LENGTH.pack(len(item)))
             parts.append(item)
         parts.append(hidden.tobytes())
         return b"".join(parts)
@@ -69,25 +80,29 @@ class SessionState:
     @staticmethod
     def peek_partition_and_time(data: bytes) -> tuple[int, float]:
         """(partition, last_time) from the header alone: cheap enough to scan a table."""
-        _, partition, _, last_time, *_ = _HEADER.unpack_from(data)
+        _, partition, _, last_time, *_ = _header(data)
         return partition, last_time
 
     @classmethod
     def decode(cls, data: bytes) -> SessionState:
-        fmt, partition, offset, time, started, version_len, n_items, dims = _HEADER.unpack_from(
-            data
-        )
-        if fmt != FORMAT:
-            raise ValueError(f"unknown session state format {fmt}")
-        pos = _HEADER.size
-        version = data[pos : pos + version_len].decode("utf-8")
-        pos += version_len
-        items = []
-        for _ in range(n_items):
-            (length,) = struct.unpack_from("<H", data, pos)
-            pos += 2
-            items.append(data[pos : pos + length].decode("utf-8"))
-            pos += length
+        _, partition, offset, time, started, version_len, n_items, dims = _header(data)
+        try:
+            pos = _HEADER.size
+            version = data[pos : pos + version_len].decode("utf-8")
+            pos += version_len
+            items = []
+            for _ in range(n_items):
+                (length,) = _ITEM_LENGTH.unpack_from(data, pos)
+                pos += _ITEM_LENGTH.size
+                items.append(data[pos : pos + length].decode("utf-8"))
+                pos += length
+        except (struct.error, UnicodeDecodeError) as exc:
+            raise UndecodableState(f"bad session state: {exc}") from None
+        # A string announced longer than the data was cut by slicing: it shows here.
+        if len(data) - pos != 4 * dims:
+            raise UndecodableState(
+                f"bad session state: {len(data) - pos} bytes left for {dims} float32 values"
+            )
         hidden = np.frombuffer(data, dtype=np.float32, count=dims, offset=pos)
         return cls(
             hidden=hidden,
@@ -98,3 +113,13 @@ class SessionState:
             model_version=version,
             partition=partition,
         )
+
+
+def _header(data: bytes) -> tuple[int, int, int, float, int, int, int, int]:
+    """The header's fields, checked to be of this format."""
+    if len(data) < _HEADER.size:
+        raise UndecodableState(f"bad session state: {len(data)} bytes, shorter than a header")
+    fields: tuple[int, int, int, float, int, int, int, int] = _HEADER.unpack_from(data)
+    if fields[0] != FORMAT:
+        raise UndecodableState(f"unknown session state format {fields[0]}")
+    return fields
