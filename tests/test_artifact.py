@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from model import artifact
 from model.artifact import FORMAT, OPTIMIZER, load_model, save_model
 from model.config import GRU4RecConfig
 from model.data import ItemMap
@@ -186,6 +187,48 @@ def test_refuses_truncated_weights_even_with_a_matching_checksum(saved: Path) ->
     path.write_bytes(path.read_bytes()[:-16])
     refresh_checksum(saved, "weights.safetensors")
     refused(saved, "weights.safetensors")
+
+
+AWKWARD_IDS = ['a"b', "c,d", "[e]", "f\ng", "é ü 商品", "h]", ",", '"]', "\\", "last"]
+
+
+def test_item_ids_parsed_in_slices_of_lines_round_trip_whatever_they_hold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """items.json is parsed a few lines at a time (a single parse of a million ids held
+    the GIL for 95 ms beside a worker's event loop); ids with quotes, commas, brackets,
+    escapes and newlines must come back exactly, however the slices fall."""
+    original = make_recommender(n_items=len(AWKWARD_IDS))
+    original.item_map = ItemMap(AWKWARD_IDS)
+    target = save_model(original, tmp_path / "model")
+    for per_parse in (1, 2, 3, 7, 100):
+        monkeypatch.setattr(artifact, "_IDS_PER_PARSE", per_parse)
+        assert load_model(target, device="cpu").item_map.ids == AWKWARD_IDS
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        json.dumps(AWKWARD_IDS),
+        json.dumps(AWKWARD_IDS, indent=4),
+        "[\n" + json.dumps(AWKWARD_IDS)[1:],
+    ],
+)
+def test_item_ids_written_another_way_still_load(saved: Path, text: str) -> None:
+    """Any JSON list of ids loads: on one line, indented otherwise, or with the opening
+    bracket on a line of its own and the ids on the next."""
+    recommender = make_recommender(n_items=len(AWKWARD_IDS))
+    target = save_model(recommender, saved.parent / "other")
+    (target / "items.json").write_text(text)
+    refresh_checksum(target, "items.json")
+    assert load_model(target, device="cpu").item_map.ids == AWKWARD_IDS
+
+
+@pytest.mark.parametrize("text", ['[\n "a",\n "b",\n', '[\n "a"\n]\n "b"', '[\n "a",,\n]'])
+def test_item_ids_not_a_closed_list_are_refused(saved: Path, text: str) -> None:
+    (saved / "items.json").write_text(text)
+    refresh_checksum(saved, "items.json")
+    refused(saved, "items.json", "not valid JSON")
 
 
 def test_refuses_edited_items(saved: Path) -> None:
