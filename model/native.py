@@ -14,10 +14,11 @@ search. Both have a torch path that stays the reference and the fallback.
 The kernels are compiled by the machine's C compiler (``$CC``, else ``cc``) the first time a
 process needs them, ~0.2 s, into a temporary directory that is removed once loaded: a
 build tuned for one CPU (``-march=native``) is never loaded on another, and nothing is
-cached. ``-ffp-contract=off`` keeps the arithmetic that of the torch paths: without a
-compiler (a warning says so once) or with ``STREAMREC_NATIVE=0`` torch does the work,
-with the same results up to float rounding (``tests/test_optim.py`` and
-``tests/test_top_k.py`` compare the two).
+cached. ``-ffp-contract=off`` keeps the arithmetic that of the torch paths: when the
+kernels cannot be built or loaded (a warning says why, once) or with
+``STREAMREC_NATIVE=0`` torch does the work, with the same results up to float rounding
+(``tests/test_optim.py`` and ``tests/test_top_k.py`` compare the two;
+``tests/test_native.py`` the failures that fall back).
 """
 
 from __future__ import annotations
@@ -86,8 +87,17 @@ def enabled() -> bool:
     return os.environ.get("STREAMREC_NATIVE", "1") != "0"
 
 
+class _Unavailable(Exception):
+    """Why the kernels cannot be built or loaded here (torch then does their work)."""
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
+    """The kernels, or None when this machine cannot build or load them. They only make
+    things faster, so no failure of theirs may stop training or serving: a missing or
+    failing compiler, a temporary directory that cannot be written or whose files cannot
+    be mapped executable (noexec), or a library that does not load all end in one warning
+    saying why, and torch ops do the work."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         log.warning(
@@ -96,7 +106,21 @@ def _library() -> ctypes.CDLL | None:
             "install gcc to speed them up"
         )
         return None
-    build = Path(tempfile.mkdtemp(prefix="streamrec-kernel-"))
+    try:
+        return _build(compiler)
+    except _Unavailable as exc:
+        log.warning("%s; training and ranking use torch ops, which takes longer", exc)
+        return None
+
+
+def _build(compiler: str) -> ctypes.CDLL:
+    """Compile the kernels with ``compiler`` into a temporary directory and load them;
+    raises :class:`_Unavailable` saying which step failed."""
+    sources = " and ".join(s.name for s in SOURCES)
+    try:
+        build = Path(tempfile.mkdtemp(prefix="streamrec-kernel-"))
+    except OSError as exc:
+        raise _Unavailable(f"no temporary directory to compile {sources} in: {exc}") from None
     try:
         path = build / "streamrec_kernels.so"
         # -march=native where the compiler knows it, plain otherwise.
@@ -106,6 +130,7 @@ def _library() -> ctypes.CDLL | None:
                     [compiler, *FLAGS, *extra, "-o", str(path), *map(str, SOURCES), "-lm"],
                     capture_output=True,
                     text=True,
+                    errors="replace",
                 )
                 error = result.stderr.strip()[-500:] if result.returncode else None
             except OSError as exc:  # CC names no runnable program
@@ -113,19 +138,19 @@ def _library() -> ctypes.CDLL | None:
             if error is None:
                 break
         else:
-            log.warning(
-                "compiling %s failed, training and ranking use torch ops, which takes longer: %s",
-                " and ".join(s.name for s in SOURCES),
-                error,
-            )
-            return None
-        library = ctypes.CDLL(str(path))
+            raise _Unavailable(f"compiling {sources} failed: {error}")
+        try:
+            library = ctypes.CDLL(str(path))
+            for name, (result_type, arguments) in _SIGNATURES.items():
+                function = getattr(library, name)
+                function.restype = result_type
+                function.argtypes = arguments
+        except (OSError, AttributeError) as exc:  # not a library, noexec, symbols missing
+            raise _Unavailable(
+                f"loading the kernels compiled from {sources} failed: {exc}"
+            ) from None
     finally:
         shutil.rmtree(build, ignore_errors=True)
-    for name, (result_type, arguments) in _SIGNATURES.items():
-        function = getattr(library, name)
-        function.restype = result_type
-        function.argtypes = arguments
     return library
 
 
