@@ -70,7 +70,9 @@ def ensure_topics(
                         f"could not create topic {name!r} on {bootstrap}: {error.str()}"
                     ) from exc
             except TimeoutError as exc:
-                raise UserError(
+                # A broker just started, or busy, can take longer: waiting may cure it
+                # (a worker retries for --broker-wait-s instead of exiting).
+                raise BrokerUnreachable(
                     f"creating topic {name!r} on {bootstrap} did not finish within {timeout:g} s"
                 ) from exc
     _wait_until_led(admin, bootstrap, topics, deadline, timeout)
@@ -113,7 +115,8 @@ class _Admin(AdminClient):
 
 
 class BrokerUnreachable(UserError):
-    """No broker answered in time: unlike a wrong topic, waiting may cure it."""
+    """No broker answered in time, or it did not finish creating topics in time (just
+    started, or busy): unlike a wrong topic, waiting may cure it."""
 
 
 def _metadata(admin: _Admin, bootstrap: str, timeout: float) -> ClusterMetadata:
@@ -181,7 +184,7 @@ def _wait_until_led(
             return
         if time.monotonic() >= deadline:
             names = ", ".join(repr(name) for name in pending)
-            raise UserError(
+            raise BrokerUnreachable(
                 f"topic(s) {names} on {bootstrap} had no leader for every partition "
                 f"within {timeout:g} s"
             )
