@@ -24,7 +24,7 @@ from faust.types import EventT
 
 from stream.event_time import PartitionWatermarks
 from stream.serving.faust_patches import in_context_of
-from stream.serving.state import SessionState, UndecodableState
+from stream.serving.state import sessions_by_partition
 
 logger = logging.getLogger("streamrec.worker")
 
@@ -80,15 +80,7 @@ class IdleSessions:
         changelog anyone can write to) has no partition or time to index it by: it is
         skipped, and its session restarts empty at its next click, whose state replaces
         it (the processor counts that)."""
-        self._times.clear()
-        skipped = 0
-        for key, raw in entries:
-            try:
-                partition, last_time = SessionState.peek_partition_and_time(raw)
-            except UndecodableState:
-                skipped += 1
-                continue
-            self.touch(partition, key, last_time)
+        self._times, skipped = sessions_by_partition(entries)
         if skipped:
             logger.warning(
                 "%d stored session states do not decode: not indexed for expiry", skipped

@@ -24,11 +24,12 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Sequence, Set
 from typing import Any, cast
 
 import faust
-from faust.types import EventT, TableT
+from faust.types import TP, AppT, EventT, TableT
+from mode.types.signals import BaseSignalT
 
 from model.inference import Recommender
 from stream.kafka.wire import Rejected, encode_recommendation, parse_click
@@ -37,7 +38,7 @@ from stream.serving.expiry import EXPIRY_DELETES_FLOOR, SessionExpiry
 from stream.serving.metrics import Health, WorkerCounters, WorkerMetrics
 from stream.serving.scoring import SourcedClick, apply_clicks
 from stream.serving.settings import WorkerSettings
-from stream.serving.state import SessionState, UndecodableState
+from stream.serving.state import SessionState, UndecodableState, sessions_by_partition
 from stream.serving.topics import expiry_topic
 
 logger = logging.getLogger("streamrec.worker")
@@ -69,6 +70,7 @@ class ClickProcessor:
         self.expiry = SessionExpiry(table, settings.session_timeout_s, self._expired)
         self._expiry_topic = expiry_topic(settings)
         self._serving = False
+        self._owned: set[int] = set()  # input partitions assigned at the last rebalance
         self._state_writes: list[Awaitable[Any]] = []  # changelog records in flight
 
     async def process(self, events: Sequence[EventT]) -> None:
@@ -254,8 +256,69 @@ class ClickProcessor:
 
     def _expired(self, keys: list[bytes]) -> None:
         self.counters.expired += len(keys)
+        self._forget(keys)
+
+    def _forget(self, keys: list[bytes]) -> None:
+        """Stop judging the live quality of these sessions: they are gone from the table."""
         self.metrics.online.forget(key.decode("utf-8", "replace") for key in keys)
 
-    def on_rebalance(self, *_: object, **__: object) -> None:
-        """Faust's partition signals: expiry's knowledge of the sessions may be stale."""
+    def on_rebalance(
+        self,
+        app: AppT,
+        /,
+        *partitions: Set[TP],
+        signal: BaseSignalT[Any] | None = None,
+        **_: Any,
+    ) -> None:
+        """Faust's partition signals, revoked then assigned (``partitions``: the one set
+        each sends). Expiry's knowledge of the sessions may be stale now. Once the new
+        assignment is known, the sessions of the input partitions this worker lost are
+        dropped (:meth:`_drop_sessions`); only then: under Kafka's eager protocol the
+        revoked signal names every partition, those the worker keeps too, and anything
+        but the assigned signal drops nothing."""
         self.expiry.reset()
+        if signal is None or signal is not app.on_partitions_assigned:
+            return
+        topic = self.settings.input_topic
+        owned = {tp.partition for tps in partitions for tp in tps if tp.topic == topic}
+        lost, self._owned = self._owned - owned, owned
+        if lost:
+            self._drop_sessions(owned)
+
+    def _drop_sessions(self, owned: set[int]) -> None:
+        """Drop from this worker's memory the sessions that do not live on ``owned``.
+
+        Nothing else would: the memory store forgets at recovery only the keys it
+        recovered itself (``stores/memory.py``), never those the worker wrote, and a
+        session of another worker's partition never clicks here again to be expired, so
+        the table (``streamrec_active_sessions``) and the quality tracker only grew with
+        every partition that moved away.
+
+        They are dropped from the store itself, not deleted from the table: a table
+        deletion writes a changelog tombstone, and the changelog partition is the new
+        owner's now, holding the sessions it serves. Dropping loses nothing: the
+        changelog keeps every state this worker wrote (each was delivered before its
+        batch was committed, and the rebalance waited for the batch), the new owner
+        recovers them from it, and if a partition comes back here Faust replays it from
+        the start, as it forgot the partition's recovery offset at revocation
+        (``Recovery.revoke``; the memory store has no persisted offset). Recovery writes
+        only the partitions assigned, and the agent reads nothing between the
+        revocation and the end of recovery, so nothing of ``owned`` is missed.
+
+        The expiry index has been reset by the rebalance (it is rebuilt from the table,
+        now holding only ``owned``, at the next marker). Entries that do not decode have
+        no known partition and stay: they come only from changelog recovery, so the
+        store drops them itself once recovery is over. Costs one scan of the table's
+        headers (~1 us a session) per rebalance that takes partitions away."""
+        store = self.table.data
+        by_partition, _ = sessions_by_partition(store.items())
+        dropped = [key for p, times in by_partition.items() if p not in owned for key in times]
+        for key in dropped:
+            del store[key]
+        self._forget(dropped)
+        logger.info(
+            "dropped %d sessions of partitions no longer assigned; %d held for partitions %s",
+            len(dropped),
+            len(store),
+            sorted(owned),
+        )

@@ -29,6 +29,7 @@ and nothing else, so the worker can restart that session empty instead of exitin
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,6 +114,23 @@ class SessionState:
             model_version=version,
             partition=partition,
         )
+
+
+def sessions_by_partition(
+    entries: Iterable[tuple[bytes, bytes]],
+) -> tuple[dict[int, dict[bytes, float]], int]:
+    """The table's sessions by the partition they live on (key -> last event time), from
+    the headers alone; and how many entries do not decode, whose partition is unknown."""
+    by_partition: dict[int, dict[bytes, float]] = {}
+    undecodable = 0
+    for key, raw in entries:
+        try:
+            partition, last_time = SessionState.peek_partition_and_time(raw)
+        except UndecodableState:
+            undecodable += 1
+            continue
+        by_partition.setdefault(partition, {})[key] = last_time
+    return by_partition, undecodable
 
 
 def _header(data: bytes) -> tuple[int, int, int, float, int, int, int, int]:
