@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict, deque
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from model.data import ClickLog
@@ -103,10 +104,19 @@ class SessionBuffer:
         self.stale += len(stale)
 
 
-def sessions_log(sessions: Sequence[BufferedSession], source: str) -> ClickLog:
+def sessions_log(
+    sessions: Sequence[BufferedSession], source: str, drop: AbstractSet[str] = frozenset()
+) -> ClickLog:
     """A click log of ``sessions``, each under its own id (a session id seen again after
-    its session completed must not merge two sessions into one)."""
-    ids = [str(k) for k, s in enumerate(sessions) for _ in s.items]
-    items = [item for s in sessions for item in s.items]
-    times = [t for s in sessions for t in s.times]
+    its session completed must not merge two sessions into one), without the clicks on
+    the items in ``drop``."""
+    ids: list[str] = []
+    items: list[str] = []
+    times: list[float] = []
+    for k, session in enumerate(sessions):
+        for item, t in zip(session.items, session.times):
+            if item not in drop:
+                ids.append(str(k))
+                items.append(item)
+                times.append(t)
     return ClickLog.from_arrays(ids, items, times, source=source)

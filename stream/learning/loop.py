@@ -10,9 +10,12 @@ import json
 import random
 import sys
 import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, TextIO
 
-from model.data import read_clicks
+from model.data import ItemMap, read_clicks
 from model.errors import UserError
 from model.inference import Recommender
 from model.train import train
@@ -31,6 +34,54 @@ REPLAY_SHARE = 0.25
 #: about what one CPU thread does for the default network (100 units) with a core's
 #: worth of other work on the machine.
 PRIOR_THROUGHPUT = 5000.0
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The items a round's training sessions click that the current model does not know:
+    those that join the catalogue and those held back."""
+
+    admitted: frozenset[str]
+    held_back: frozenset[str]
+    #: the catalogue has ``max_items`` items: no new item joins until the limit is raised
+    catalogue_full: bool
+
+
+def admit_new_items(
+    sessions: Sequence[BufferedSession], known: ItemMap, settings: TrainerSettings
+) -> Admission:
+    """Which new items ``sessions`` bring into the catalogue. Any producer can put any id
+    in a click, and an admitted item costs a row in every later version (memory, index,
+    save time) for good: so an item joins only once clicked ``admit_min_clicks`` times in
+    ``admit_min_sessions`` distinct sessions, the most clicked first, at most
+    ``max_new_items_per_round`` of them and never past ``max_items`` in all.
+
+    A round leaves the clicks on held-back items out of the sessions it trains on, rather
+    than giving them some shared row: a worker skips a click on an item its model does not
+    know (the session's state stays as it was), so the session without those clicks is
+    the one serving sees, and training adds rows only for the ids it is given. The
+    sessions themselves stay whole in the replay sample, so later rounds count those
+    clicks again."""
+    clicks: Counter[str] = Counter()
+    sessions_with: Counter[str] = Counter()
+    for session in sessions:
+        new = [item for item in session.items if item not in known]
+        clicks.update(new)
+        sessions_with.update(set(new))
+    qualified = [
+        item
+        for item, n in clicks.most_common()
+        if n >= settings.admit_min_clicks and sessions_with[item] >= settings.admit_min_sessions
+    ]
+    room = settings.max_new_items_per_round
+    if settings.max_items:
+        room = min(room, max(settings.max_items - len(known), 0))
+    admitted = frozenset(qualified[:room])
+    return Admission(
+        admitted,
+        frozenset(clicks) - admitted,
+        catalogue_full=0 < settings.max_items <= len(known) + len(admitted),
+    )
 
 
 class LearningLoop:
@@ -94,8 +145,11 @@ class LearningLoop:
 
     def new_item_sessions(self) -> int:
         """Complete sessions that a round started now would train on (not hold out) and
-        that hold an item the current model does not know; 0 if a round now would not
-        train at all."""
+        that hold an item the current model does not know and the round would admit to
+        the catalogue (judged on these sessions alone: replayed ones may add clicks, which
+        the clock's round then takes into account); 0 if a round now would not train at
+        all. Ids that would be held back call for no round: junk must not keep the
+        trainer busy."""
         if not self._new_item_sessions:
             return 0
         known = self.current().item_map
@@ -112,7 +166,9 @@ class LearningLoop:
         if not self._enough(len(complete))[0]:
             return 0
         trained = set(map(id, complete[: -self.settings.holdout_sessions]))
-        return sum(id(session) in trained for session in waiting)
+        waiting = [session for session in waiting if id(session) in trained]
+        admitted = admit_new_items(waiting, known, self.settings).admitted
+        return sum(any(item in admitted for item in session.items) for session in waiting)
 
     def current(self) -> Recommender:
         """The registry's current model, reloaded only when the pointer moved (a version
@@ -226,6 +282,8 @@ class LearningLoop:
             from_log = [s for s in from_log if id(s) in kept]
             replayed = [s for s in replayed if id(s) in kept]
         current, pointer = self.current(), self._pointer
+        trained_on = from_log + replayed + fresh
+        admission = admit_new_items(trained_on, current.item_map, settings)
         resume = current.optimizer_state is not None
         learning_rate = settings.learning_rate if resume else settings.fresh_learning_rate
         record.update(
@@ -239,12 +297,15 @@ class LearningLoop:
             },
             resumed_optimizer=resume,
             learning_rate=learning_rate,
+            new_items=len(admission.admitted),
+            new_items_held_back=len(admission.held_back),
+            catalogue_full=admission.catalogue_full,
         )
         prepared = time.perf_counter()
         record["prepare_seconds"] = round(prepared - clock, 3)
         try:
             candidate, stats = train(
-                sessions_log(from_log + replayed + fresh, "trainer buffer"),
+                sessions_log(trained_on, "trainer buffer", drop=admission.held_back),
                 current.config.replace(n_epochs=settings.epochs, learning_rate=learning_rate),
                 seed=settings.seed + self.rounds,
                 device=settings.device,
@@ -269,7 +330,6 @@ class LearningLoop:
         gated = time.perf_counter()
         record.update(
             gate=result.to_dict(),
-            new_items=candidate.n_items - current.n_items,
             train_seconds=round(stats.train_seconds, 3),
             fit_seconds=round(trained - prepared, 3),
             index_seconds=round(index_seconds, 3),

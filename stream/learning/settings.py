@@ -126,9 +126,36 @@ class TrainerSettings(Settings):
         f"{NEW_ITEM_GAP_SHARE:g} x --interval) after the previous round began)",
         switch_off="--no-new-item-rounds",
     )
+    admit_min_clicks: int = setting(
+        2,
+        "clicks a round's training sessions must make on an item the current model does "
+        "not know before it joins the catalogue (until then its clicks are left out of "
+        "training)",
+        at_least(1),
+    )
+    admit_min_sessions: int = setting(
+        2,
+        "distinct sessions those clicks must come from (a bot repeating an id in one "
+        "session does not add it)",
+        at_least(1),
+    )
+    max_new_items_per_round: int = setting(
+        10_000, "most new items a round adds to the catalogue, the most clicked first", at_least(1)
+    )
+    max_items: int = setting(
+        0,
+        "most items in the catalogue: once reached, new items are held back (0 = no limit)",
+        at_least(0),
+    )
 
     def validate(self) -> None:
         bootstrap_servers(self.broker)
+        if self.admit_min_sessions > self.admit_min_clicks:
+            raise self.invalid(
+                "admit_min_sessions",
+                f"({self.admit_min_sessions}) must be at most "
+                f"--admit-min-clicks ({self.admit_min_clicks}): each session adds a click",
+            )
         if self.holdout_sessions >= self.min_sessions:
             raise self.invalid(
                 "holdout_sessions",
