@@ -39,9 +39,10 @@ import json
 import os
 import secrets
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import torch
@@ -66,7 +67,7 @@ WEIGHTS, ITEMS, CONFIG, METADATA = (
 )
 OPTIMIZER = "optimizer.safetensors"
 INDEX = "item_index.safetensors"
-#: Lines of items.json parsed per call (see _read_item_ids).
+#: Lines of items.json parsed per call (see _parse_item_ids).
 _IDS_PER_PARSE = 8192
 OPTIONAL_FILES = (OPTIMIZER, INDEX)
 POPULARITY_KEY = "__popularity__"
@@ -182,10 +183,10 @@ def load_model(
         config = GRU4RecConfig.from_dict(_read_json(path, CONFIG))
     except UserError as exc:
         raise UserError(f"{path}: {CONFIG}: {exc}") from None
-    item_ids = _read_item_ids(path)
+    item_ids = _read_json(path, ITEMS, _parse_item_ids)
     if not isinstance(item_ids, list) or not all(isinstance(i, str) for i in item_ids):
         raise UserError(f"{path}: {ITEMS} must be a list of distinct item id strings")
-    item_map = ItemMap(item_ids)  # a loop, not one C call: see _read_item_ids
+    item_map = ItemMap(item_ids)  # a loop, not one C call: see _parse_item_ids
     if len(item_map) != len(item_ids):
         raise UserError(f"{path}: {ITEMS} must be a list of distinct item id strings")
     try:
@@ -326,9 +327,10 @@ def _write_json(path: Path, value: Any) -> None:
         os.fsync(handle.fileno())
 
 
-def _read_json(directory: Path, name: str) -> Any:
+def _read_json(directory: Path, name: str, parse: Callable[[TextIO], Any] = json.load) -> Any:
     try:
-        return json.loads((directory / name).read_text(encoding="utf-8"))
+        with open(directory / name, encoding="utf-8") as handle:
+            return parse(handle)
     except FileNotFoundError:
         raise UserError(
             f"{directory}: missing {name} (not a model directory, or a partial one)"
@@ -337,7 +339,7 @@ def _read_json(directory: Path, name: str) -> Any:
         raise UserError(f"{directory}: {name} is not valid JSON ({exc})") from None
 
 
-def _read_item_ids(directory: Path) -> Any:
+def _parse_item_ids(handle: TextIO) -> Any:
     """``items.json``, parsed :data:`_IDS_PER_PARSE` lines at a time when it holds one id
     per line (as :func:`save_model` writes it), else in one go.
 
@@ -345,31 +347,22 @@ def _read_item_ids(directory: Path) -> Any:
     holds the GIL stalls the loop for as long: parsing a million ids at once took 95 ms,
     and the ``set`` that checked them for duplicates 140 ms, gaps in the answers measured
     at a swap. Slices of lines, and :class:`ItemMap`'s Python loop, let the loop run."""
-    path = directory / ITEMS
-    try:
-        with open(path, encoding="utf-8") as handle:
-            if handle.readline().strip() != "[":
-                handle.seek(0)
-                return json.loads(handle.read())
-            ids: list[Any] = []
-            closed = False
-            while not closed:
-                lines = list(itertools.islice(handle, _IDS_PER_PARSE))
-                if not lines:
-                    raise json.JSONDecodeError("the list is not closed", "", 0)
-                text = "".join(lines).strip()
-                closed = text.endswith("]")
-                text = text.removesuffix("]").rstrip().removesuffix(",")
-                ids.extend(json.loads(f"[{text}]"))
-            if handle.read().strip():
-                raise json.JSONDecodeError("extra data after the list", "", 0)
-            return ids
-    except FileNotFoundError:
-        raise UserError(
-            f"{directory}: missing {ITEMS} (not a model directory, or a partial one)"
-        ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{directory}: {ITEMS} is not valid JSON ({exc})") from None
+    if handle.readline().strip() != "[":
+        handle.seek(0)
+        return json.load(handle)
+    ids: list[Any] = []
+    closed = False
+    while not closed:
+        lines = list(itertools.islice(handle, _IDS_PER_PARSE))
+        if not lines:
+            raise json.JSONDecodeError("the list is not closed", "", 0)
+        text = "".join(lines).strip()
+        closed = text.endswith("]")
+        text = text.removesuffix("]").rstrip().removesuffix(",")
+        ids.extend(json.loads(f"[{text}]"))
+    if handle.read().strip():
+        raise json.JSONDecodeError("extra data after the list", "", 0)
+    return ids
 
 
 def fsync_path(path: Path) -> None:
