@@ -18,12 +18,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from model.data import ClickLog
 from model.inference import Recommender
 from stream.devtools.processes import REPO, StreamNames, WorkerProcess
-from stream.kafka.config import producer_config
+from stream.kafka.config import client_config, producer_config
 from stream.kafka.wire import Click, encode_click
 
 DATA = REPO.parent / "shared" / "data" / "rsc15-100k"
@@ -135,3 +136,29 @@ def read_topic(
     finally:
         consumer.close()
     return messages
+
+
+def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    """Each partition's end offset, for the partitions holding messages."""
+    consumer = Consumer(client_config(bootstrap, **{"group.id": f"ends-{topic}"}))
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        ends = {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for p in partitions
+        }
+    finally:
+        consumer.close()
+    return {p: end for p, end in ends.items() if end > 0}
+
+
+def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    """The group's committed offset of each partition that has one."""
+    admin = AdminClient(client_config(bootstrap))
+    request = ConsumerGroupTopicPartitions(group)
+    result = admin.list_consumer_group_offsets([request])[group].result(10)
+    return {
+        tp.partition: tp.offset
+        for tp in result.topic_partitions
+        if tp.topic == topic and tp.offset >= 0
+    }

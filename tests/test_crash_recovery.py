@@ -17,15 +17,25 @@ from typing import Any
 
 import numpy as np
 import pytest
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 
 from model.artifact import load_model
 from model.inference import Recommender
 from stream.devtools.brokers import LocalKafka
 from stream.devtools.processes import StreamNames, TopicReader, WorkerProcess, start_readers
+from stream.kafka.config import client_config
 from stream.kafka.wire import Click
 from stream.serving.state import SessionState
 
-from support import click_by_click, free_port, http_get, produce_clicks, read_topic
+from support import (
+    click_by_click,
+    committed_offsets,
+    end_offsets,
+    free_port,
+    http_get,
+    produce_clicks,
+    read_topic,
+)
 
 pytestmark = pytest.mark.kafka
 
@@ -269,3 +279,62 @@ def test_broker_outage_at_start_and_midstream_the_worker_waits_and_resumes_in_or
         assert same_up_to_ties(
             [(r["item_id"], r["score"]) for r in in_order[-1]["recommendations"]], top
         )
+
+
+def test_clicks_whose_changelog_records_failed_are_never_committed(
+    kafka_bootstrap: str, small_model: Path, tmp_path: Path
+) -> None:
+    """The broker refuses the changelog records of a batch (here: the changelog topic's
+    max.message.bytes lowered below a state's size) while the answers go through. The
+    worker must not commit those clicks' offsets: committed, they would never be
+    redelivered, and their sessions would go on from states without them. It stops
+    instead, and its replacement (the limit restored) applies them."""
+    recommender = load_model(small_model, device="cpu")
+    ids = recommender.item_map.ids
+    first = [Click(f"s{k}", ids[k], 1000.0 + k) for k in range(8)]
+    second = [Click(f"s{k}", ids[k + 10], 2000.0 + k) for k in range(8)]
+    names = StreamNames("refused")
+    changelog = f"{names.app_id}-sessions-changelog"
+    admin = AdminClient(client_config(kafka_bootstrap))
+
+    def changelog_limit(value: str) -> None:
+        entry = ConfigEntry("max.message.bytes", value, incremental_operation=AlterConfigOpType.SET)
+        resource = ConfigResource("topic", changelog, incremental_configs=[entry])
+        admin.incremental_alter_configs([resource])[resource].result(10)
+
+    worker = WorkerProcess(kafka_bootstrap, small_model, names, tmp_path).start()
+    try:
+        produce_clicks(kafka_bootstrap, names.clicks, first)
+        read_topic(kafka_bootstrap, names.recommendations, lambda ms: len(ms) >= len(first))
+        deadline = time.monotonic() + 30  # the first clicks committed (every second)
+        while committed_offsets(kafka_bootstrap, names.app_id, names.clicks) != end_offsets(
+            kafka_bootstrap, names.clicks
+        ):
+            assert time.monotonic() < deadline, worker.log()[-3000:]
+            time.sleep(0.5)
+        committed_before = committed_offsets(kafka_bootstrap, names.app_id, names.clicks)
+        changelog_limit("100")  # a state is ~430 bytes
+        produce_clicks(kafka_bootstrap, names.clicks, second)
+        deadline = time.monotonic() + 30
+        while worker.process is not None and worker.process.poll() is None:
+            assert time.monotonic() < deadline, "the worker went on: " + worker.log()[-3000:]
+            time.sleep(0.2)
+        assert worker.process.returncode != 0
+        assert "changelog record was refused" in worker.log(), worker.log()[-3000:]
+        assert committed_offsets(kafka_bootstrap, names.app_id, names.clicks) == committed_before
+        # the refusal was the changelog's: answers to the second clicks were published
+        answers = read_topic(
+            kafka_bootstrap, names.recommendations, lambda ms: len(ms) > len(first), timeout=30
+        )
+        assert len(answers) > len(first)
+    finally:
+        worker.stop()
+    changelog_limit("1048588")
+    with WorkerProcess(kafka_bootstrap, small_model, names, tmp_path):
+        deadline = time.monotonic() + 60
+        while True:  # the refused clicks, redelivered, reach every session's state
+            states = final_states(kafka_bootstrap, changelog, len(first))
+            if all(len(states[f"s{k}"].recent_items) == 2 for k in range(8)):
+                break
+            assert time.monotonic() < deadline, states
+            time.sleep(0.5)

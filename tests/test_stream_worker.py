@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
-from confluent_kafka.admin import AdminClient
 
 from model.artifact import load_model, save_model
 from model.config import GRU4RecConfig
@@ -23,7 +21,6 @@ from model.data import ClickLog, read_clicks
 from model.evaluate import RecommenderScorer, evaluate
 from model.item_index import IndexParams, ItemIndex
 from model.train import train
-from stream.kafka.config import client_config
 from stream.kafka.topics import ensure_topics
 from stream.kafka.wire import Click
 from stream.quality import online_quality
@@ -35,6 +32,8 @@ from support import (
     WorkerProcess,
     click_by_click,
     clicks_in_time_order,
+    committed_offsets,
+    end_offsets,
     produce_clicks,
     read_topic,
 )
@@ -354,32 +353,6 @@ def test_an_unreachable_broker_is_retried_with_backoff_then_one_clear_line(small
     assert "retried for 7 s" in lines[-1]
     assert any("retrying in 1 s" in line for line in lines[:-1]), result.stderr
     assert time.monotonic() - started >= 7
-
-
-def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
-    """Each partition's end offset, for the partitions holding messages."""
-    consumer = Consumer(client_config(bootstrap, **{"group.id": f"ends-{topic}"}))
-    try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        ends = {
-            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-            for p in partitions
-        }
-    finally:
-        consumer.close()
-    return {p: end for p, end in ends.items() if end > 0}
-
-
-def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
-    """The group's committed offset of each partition that has one."""
-    admin = AdminClient(client_config(bootstrap))
-    request = ConsumerGroupTopicPartitions(group)
-    result = admin.list_consumer_group_offsets([request])[group].result(10)
-    return {
-        tp.partition: tp.offset
-        for tp in result.topic_partitions
-        if tp.topic == topic and tp.offset >= 0
-    }
 
 
 def test_sigterm_exits_promptly_and_the_next_worker_repeats_nothing(

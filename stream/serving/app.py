@@ -103,6 +103,7 @@ def create_app(
         extra_topic_configs=CHANGELOG_CONFIG,
     )
     processor = ClickProcessor(settings, recommender, table, output, dead_letters)
+    faust_patches.hold_commits_until(app, processor.await_state_writes)
     app.on_partitions_revoked.connect(processor.on_rebalance)
     app.on_partitions_assigned.connect(processor.on_rebalance)
     register(processor, app)

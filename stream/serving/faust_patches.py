@@ -1,4 +1,4 @@
-"""Three targeted corrections to faust-streaming 0.15 / mode 0.7, applied once at start-up,
+"""Four targeted corrections to faust-streaming 0.15 / mode 0.7, applied once at start-up,
 and the one private hook the worker needs (:class:`in_context_of`).
 
 1. **Lost events after recovery.** At the end of table recovery Faust resumes flow control,
@@ -22,6 +22,14 @@ and the one private hook the worker needs (:class:`in_context_of`).
    Apache Kafka answers a waiting fetch as soon as data arrives, but brokers that do not
    (Tansu) then add the full wait to every click's latency; the worker's setting bounds it.
 
+4. **Offsets committed past failed changelog records.** The worker writes its states'
+   changelog records itself (see :mod:`stream.serving.processor`), not as Faust
+   "attachments", so Faust's commit, which only flushes the producer, committed the
+   offsets of clicks whose records the broker had refused: never redelivered, their
+   sessions went on from states without them. :func:`hold_commits_until` makes each
+   commit first await the app's barrier (the writes in flight), and a failure there
+   crashes the app the way Faust handles a failed attachment: nothing is committed.
+
 All touch private attributes of pinned versions (``faust-streaming>=0.15,<0.16``,
 ``mode-streaming`` 0.7); tests/test_faust_patches.py pins each behaviour, and the tests that
 restart workers, rebalance groups and measure latency would catch a change in any.
@@ -31,9 +39,10 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
+from faust.exceptions import ProducerSendError
 from faust.streams import _current_event
 from faust.transport.consumer import Consumer
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
@@ -101,6 +110,29 @@ async def _seek_back(consumer: Consumer, offsets: Mapping[TP, int]) -> None:
         logger.warning("could not seek back to undelivered records %s: %r", offsets, exc)
 
 
+#: Per app, what every offset commit awaits first (see :func:`hold_commits_until`).
+_commit_barriers: weakref.WeakKeyDictionary[Any, Callable[[], Awaitable[None]]] = (
+    weakref.WeakKeyDictionary()
+)
+_handle_attached = Consumer._handle_attached
+
+
+def hold_commits_until(app: Any, barrier: Callable[[], Awaitable[None]]) -> None:
+    """Make every offset commit of ``app`` first await ``barrier``; if it raises, the
+    app crashes instead of committing (Faust's own rule for attached messages)."""
+    _commit_barriers[app] = barrier
+
+
+async def _handle_attached_after_barrier(self: Consumer, commit_offsets: Mapping[TP, int]) -> None:
+    barrier = _commit_barriers.get(self.app)
+    if barrier is not None:
+        try:
+            await barrier()
+        except Exception as exc:
+            raise ProducerSendError(f"not committing: {exc!r}") from exc
+    await _handle_attached(self, commit_offsets)
+
+
 def apply(fetch_max_wait_ms: int) -> None:
     """Install the fixes (idempotent); ``fetch_max_wait_ms`` bounds a fetch's wait."""
     global _fetch_max_wait_ms, _applied
@@ -109,6 +141,7 @@ def apply(fetch_max_wait_ms: int) -> None:
         return
     FlowControlEvent.resume = _resume  # type: ignore[method-assign]
     Consumer.getmany = _getmany  # type: ignore[method-assign]
+    Consumer._handle_attached = _handle_attached_after_barrier  # type: ignore[method-assign]
     create = AIOKafkaConsumerThread._create_worker_consumer
 
     def _create_worker_consumer(self: Any, transport: Any) -> Any:  # Faust's signature

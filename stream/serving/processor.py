@@ -72,6 +72,7 @@ class ClickProcessor:
         self._serving = False
         self._owned: set[int] = set()  # input partitions assigned at the last rebalance
         self._state_writes: list[Awaitable[Any]] = []  # changelog records in flight
+        self._write_failure: Exception | None = None  # the first record refused
 
     async def process(self, events: Sequence[EventT]) -> None:
         logger.debug("batch of %d events", len(events))
@@ -82,7 +83,7 @@ class ClickProcessor:
             # (measured at 40k items), a stall that every click in flight waited for.
             gc.freeze()
             self._serving = True
-        await self._await_state_writes()
+        await self.await_state_writes()
         now = time.time()
         clicks: list[tuple[EventT, SourcedClick]] = []
         dead_letters = []
@@ -232,9 +233,9 @@ class ClickProcessor:
         # What ``table[key] = state`` does in the event's context, without Faust's
         # per-write bookkeeping (a pending-message object, a buffer task, sensors: ~7 % of
         # a worker's CPU, profiled): the state goes into the table's store and its
-        # changelog record to the click's partition, sent like the answers. Faust flushes
-        # the producer before it commits offsets; a failed write stops the worker at the
-        # next batch (see :meth:`_await_state_writes`).
+        # changelog record to the click's partition, sent like the answers. They are
+        # awaited before the next batch and before any offset commit; a refused record
+        # stops the worker with its clicks uncommitted (see :meth:`await_state_writes`).
         changelog = self.table.changelog_topic.get_topic_name()
         for event, sourced, _, state in answered:
             key, value = cast(bytes, event.message.key), state.encode()  # clicks have keys
@@ -246,13 +247,23 @@ class ClickProcessor:
             )
             self.expiry.idle.touch(sourced.partition, key, state.last_time)
 
-    async def _await_state_writes(self) -> None:
-        """Wait for the previous batch's changelog records (by now mostly delivered).
+    async def await_state_writes(self) -> None:
+        """Wait for the changelog records in flight (by now mostly delivered): before a
+        batch, and before every offset commit (:func:`faust_patches.hold_commits_until`).
 
-        A record the broker refused raises here, and the worker exits instead of going on
-        with a table its changelog no longer matches."""
+        A record the broker refused raises here, then at every later call: no offset is
+        committed past it, and the worker exits instead of going on with a table its
+        changelog no longer matches; its clicks are redelivered to the next one."""
         writes, self._state_writes = self._state_writes, []
-        await asyncio.gather(*writes)
+        if self._write_failure is None:
+            try:
+                await asyncio.gather(*writes)
+            except Exception as exc:  # the delivery error, whatever its type
+                self._write_failure = exc
+        if self._write_failure is not None:
+            raise RuntimeError(
+                f"a changelog record was refused: {self._write_failure!r}"
+            ) from self._write_failure
 
     def _expired(self, keys: list[bytes]) -> None:
         self.counters.expired += len(keys)
