@@ -240,3 +240,41 @@ def test_synth_with_intents_and_a_bad_shape(tmp_path: Path) -> None:
     done = streamrec("synth", "--out", str(tmp_path / "bad.tsv"), *shape, "--intents", "101")
     assert_one_line_error(done, "synth", "--intents", "101")
     assert not (tmp_path / "bad.tsv").exists()
+
+
+def test_train_filter_drops_rare_items_then_short_sessions_and_says_so(tmp_path: Path) -> None:
+    """The README's `train --filter`: items with fewer than 5 clicks go, then sessions left
+    with fewer than 2; stderr says how many of each, and the model knows only the rest.
+    By hand: "rare" has 4 clicks (one in each of sessions a-d), "x" 5 and "y" 6; session
+    d is ("rare", "x"), so it keeps one click and goes too: 10 of 15 events stay."""
+    rows = ["SessionId\tItemId\tTime"]
+    clicks = {
+        "a": ["x", "y", "rare"],
+        "b": ["x", "y", "rare"],
+        "c": ["x", "y", "rare"],
+        "d": ["rare", "x"],
+        "e": ["y", "y"],
+        "f": ["x", "y"],
+    }
+    for session, items in clicks.items():
+        rows += [f"{session}\t{item}\t{1000 + k}" for k, item in enumerate(items)]
+    (tmp_path / "log.tsv").write_text("\n".join(rows) + "\n")
+    done = streamrec(
+        "train",
+        "--data",
+        "log.tsv",
+        "--out",
+        "m",
+        "--filter",
+        "--epochs",
+        "1",
+        "--quiet",
+        cwd=tmp_path,
+    )
+    summary = last_json(done)
+    assert (
+        "log.tsv: filtering kept 10 of 15 events (removed 1 rare items and 1 short sessions)"
+        in (done.stderr)
+    ), done.stderr
+    assert summary["n_items"] == 2
+    assert sorted(json.loads((tmp_path / "m" / "items.json").read_text())) == ["x", "y"]
