@@ -34,6 +34,8 @@ from support import (
     clicks_in_time_order,
     committed_offsets,
     end_offsets,
+    free_port,
+    http_get,
     produce_clicks,
     read_topic,
 )
@@ -260,6 +262,7 @@ def test_idle_sessions_expire_with_changelog_tombstones(kafka_bootstrap, small_m
     recommender = load_model(small_model)
     item = recommender.item_map.ids[3]
     names = StreamNames("expiry")
+    web_port = free_port()
     # One partition, so the later clicks advance the event-time watermark past "old" (a
     # watermark follows the partition's clicks, not a single one).
     with WorkerProcess(
@@ -271,6 +274,8 @@ def test_idle_sessions_expire_with_changelog_tombstones(kafka_bootstrap, small_m
         "60",
         "--expiry-interval-s",
         "1",
+        "--web-port",
+        str(web_port),
         partitions=1,
     ):
         produce_clicks(
@@ -286,8 +291,17 @@ def test_idle_sessions_expire_with_changelog_tombstones(kafka_bootstrap, small_m
             timeout=60,
             decode=False,
         )
+        # the worker's own counters say the same: one session expired, one left (the
+        # table-size gauge is refreshed on a timer)
+        deadline = time.monotonic() + 20
+        while "\nstreamrec_active_sessions 1.0\n" not in (
+            metrics := http_get(f"http://127.0.0.1:{web_port}/metrics")[1]
+        ):
+            assert time.monotonic() < deadline, metrics
+            time.sleep(0.5)
     tombstones = [m.key() for m in records if m.value() is None]
     assert tombstones == [b"old"]
+    assert "\nstreamrec_expired_sessions_total 1.0\n" in metrics, metrics
 
 
 def test_partition_mismatch_is_a_clear_startup_error(kafka_bootstrap, small_model, tmp_path):
@@ -305,7 +319,7 @@ def test_partition_mismatch_is_a_clear_startup_error(kafka_bootstrap, small_mode
         *names.worker_args(),
         timeout=60,
     )
-    assert result.returncode != 0
+    assert result.returncode == 2, result.stderr  # a configuration error (README: status 2)
     error_lines = result.stderr.strip().splitlines()
     assert len(error_lines) == 1 and names.clicks in error_lines[0], result.stderr
     assert "2" in error_lines[0] and "4" in error_lines[0]
@@ -325,7 +339,7 @@ def test_missing_topic_without_creation_is_a_clear_startup_error(kafka_bootstrap
         *names.worker_args(),
         timeout=60,
     )
-    assert result.returncode != 0
+    assert result.returncode == 2, result.stderr  # a configuration error (README: status 2)
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert names.clicks in result.stderr
 
@@ -345,7 +359,7 @@ def test_an_unreachable_broker_is_retried_with_backoff_then_one_clear_line(small
         "0",
         timeout=120,
     )
-    assert result.returncode != 0
+    assert result.returncode == 2, result.stderr  # a configuration error (README: status 2)
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith(
         "streamrec worker: error: cannot reach a Kafka broker at 127.0.0.1:1"
