@@ -465,3 +465,67 @@ def test_publish_and_rollback_are_announced(
         {"version": second, "path": str(registry.path_of(second).resolve()), "action": "publish"},
         {"version": first, "path": str(registry.path_of(first).resolve()), "action": "rollback"},
     ]
+
+
+def test_concurrent_publishes_and_rollbacks_through_the_cli_keep_the_registry_whole(
+    tmp_path: Path, small_model: Path
+) -> None:
+    """The README's registry lock, as users hit it: several `model publish` and `model
+    rollback` commands at once (a trainer and a person). Every publish gets its own
+    sequence number, none is lost, the served history ends at CURRENT and names only
+    retained, loadable versions, and no writer's leftovers remain."""
+    root = tmp_path / "reg"
+    command = [sys.executable, "-m", "stream.cli.main", "model"]
+    first = subprocess.run(
+        [*command, "publish", "--registry", str(root), "--model", str(small_model)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert first.returncode == 0, first.stderr
+    publishers = [
+        subprocess.Popen(
+            [
+                *command,
+                "publish",
+                "--registry",
+                str(root),
+                "--model",
+                str(small_model),
+                "--keep",
+                "100",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        for _ in range(6)
+    ]
+    rollbacks = [
+        subprocess.Popen(
+            [*command, "rollback", "--registry", str(root)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        for _ in range(2)
+    ]
+    for process in publishers:
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err
+    for process in rollbacks:
+        process.communicate(timeout=300)  # may find nothing to roll back to: exit 2
+        assert process.returncode in (0, 2)
+    registry = ModelRegistry(root)
+    versions = [path.name for path in (root / "versions").iterdir()]
+    sequences = sorted(int(name.split("-")[0]) for name in versions)
+    assert sequences == list(range(1, 8)), versions  # 7 publishes, 7 distinct versions
+    history = registry.served_history()
+    assert history[-1] == registry.current_version()
+    assert set(history) <= set(versions) and len(history) == len(set(history))
+    for version in history:
+        registry.load(version)  # whole and verified
+    assert leftovers(root) == []
