@@ -594,3 +594,61 @@ def test_idle_connections_hold_a_bounded_number_of_threads_and_only_briefly() ->
             connection.close()
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.kafka
+def test_the_first_click_after_a_restart_is_not_judged(
+    kafka_bootstrap: str, small_model: Path, tmp_path: Path
+) -> None:
+    """Online quality judges a list by the session's next click, and the lists live in
+    the worker's memory: after a restart, each session's first click has nothing to judge
+    (the README says so), and its second click is judged as usual."""
+    from model.artifact import load_model
+
+    from support import StreamNames, WorkerProcess, produce_clicks, read_topic
+
+    ids = load_model(small_model, device="cpu").item_map.ids
+    waves = [
+        [Click(f"s{k}", ids[(k + 3 * w) % 50], 1000.0 + 10 * w + k) for k in range(20)]
+        for w in range(3)
+    ]
+    names = StreamNames("restart-quality")
+
+    def judged(port: int) -> float:
+        text = http_get(f"http://127.0.0.1:{port}/metrics")[1]
+        return sum(
+            value
+            for name, value in _samples(text).items()
+            if name.startswith(
+                ("streamrec_online_predictions_total", "streamrec_online_skipped_unknown_total")
+            )
+        )
+
+    def answered(count: int) -> None:
+        read_topic(kafka_bootstrap, names.recommendations, lambda ms: len(ms) >= count, timeout=60)
+
+    first_port, second_port = free_port(), free_port()
+    with WorkerProcess(
+        kafka_bootstrap, small_model, names, tmp_path, "--web-port", str(first_port)
+    ):
+        produce_clicks(kafka_bootstrap, names.clicks, waves[0])
+        answered(20)
+        produce_clicks(kafka_bootstrap, names.clicks, waves[1])
+        answered(40)
+        deadline = time.monotonic() + 20
+        while judged(first_port) < 20:  # before a restart: every second click is judged
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+    with WorkerProcess(
+        kafka_bootstrap, small_model, names, tmp_path, "--web-port", str(second_port)
+    ):
+        produce_clicks(kafka_bootstrap, names.clicks, waves[2])
+        answered(60)
+        assert judged(second_port) == 0  # the lists before the restart are gone
+        produce_clicks(kafka_bootstrap, names.clicks, waves[0])  # a fourth click each
+        answered(80)
+        deadline = time.monotonic() + 20
+        while judged(second_port) < 20:
+            assert time.monotonic() < deadline, judged(second_port)
+            time.sleep(0.3)
+        assert judged(second_port) == 20
