@@ -342,9 +342,10 @@ class ModelRegistry:
         """Delete what is neither among the last ``keep`` published nor among the last
         ``keep`` served (the current version and the rollback targets)."""
         history = self.served_history()
-        kept = set(history[-self.keep :])
-        doomed = [(name, path) for _, name, path in self._versions()[: -self.keep]]
-        doomed = [(name, path) for name, path in doomed if name not in kept]
+        served = set(history[-self.keep :])
+        doomed = [
+            (name, path) for _, name, path in self._versions()[: -self.keep] if name not in served
+        ]
         for _, path in doomed:
             self._delete(path)
         if doomed:  # HISTORY holds retained versions only, so it stays small

@@ -731,13 +731,17 @@ def test_catalogue_admission_options_become_validated_settings() -> None:
     parser = argparse.ArgumentParser()
     trainer_cli.add_parser(parser.add_subparsers())
     required = ["trainer", "--broker", "kafka://h:9092", "--registry", "r"]
+
+    def admission(parsed: TrainerSettings) -> tuple[int, int, int, int]:
+        return (
+            parsed.admit_min_clicks,
+            parsed.admit_min_sessions,
+            parsed.max_new_items_per_round,
+            parsed.max_items,
+        )
+
     defaults = TrainerSettings.from_args(parser.parse_args(required), environ={})
-    assert (
-        defaults.admit_min_clicks,
-        defaults.admit_min_sessions,
-        defaults.max_new_items_per_round,
-        defaults.max_items,
-    ) == (2, 2, 10_000, 0)
+    assert admission(defaults) == (2, 2, 10_000, 0)
     args = parser.parse_args(
         [
             *required,
@@ -751,13 +755,7 @@ def test_catalogue_admission_options_become_validated_settings() -> None:
             "1000",
         ]
     )
-    parsed = TrainerSettings.from_args(args, environ={})
-    assert (
-        parsed.admit_min_clicks,
-        parsed.admit_min_sessions,
-        parsed.max_new_items_per_round,
-        parsed.max_items,
-    ) == (5, 3, 50, 1000)
+    assert admission(TrainerSettings.from_args(args, environ={})) == (5, 3, 50, 1000)
     with pytest.raises(UserError, match="--admit-min-clicks"):
         settings(admit_min_clicks=0)
     with pytest.raises(UserError, match="--admit-min-sessions .* --admit-min-clicks"):
