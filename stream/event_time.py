@@ -69,6 +69,11 @@ class PartitionWatermarks:
         if len(state.ranked) >= WATERMARK_RANK:
             state.mark = max(state.mark, state.ranked[-WATERMARK_RANK])
 
+    def forget(self, partitions: set[int]) -> None:
+        """Drop these partitions (no longer read here); one read again starts afresh."""
+        for partition in partitions:
+            self._partitions.pop(partition, None)
+
     def __getitem__(self, partition: int) -> float:
         """The partition's watermark; ``-inf`` until it is known (see the module doc)."""
         state = self._partitions.get(partition)

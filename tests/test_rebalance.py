@@ -25,6 +25,7 @@ from faust.types import TP
 from model.artifact import load_model
 from stream.bench.serving import untrained_model
 from stream.devtools.processes import StreamNames, TopicReader, WorkerProcess, start_readers
+from stream.event_time import WATERMARK_RANK
 from stream.kafka.wire import Click
 from stream.serving.app import create_app
 from stream.serving.settings import WorkerSettings
@@ -215,3 +216,21 @@ def test_the_quality_tracker_forgets_the_sessions_of_lost_partitions(tmp_path: P
     assert len(online) == 2
     online.observe("s0", "i", ["i"], "v", {"i"})  # a first click again: nothing to judge
     assert sum(online.predictions.values()) == 0
+
+
+def test_expiry_markers_go_only_to_the_partitions_still_owned(tmp_path: Path) -> None:
+    """A partition's expiry markers are sent by its owner: a worker that lost partitions
+    stops sending theirs (it used to, from their last watermarks, for ever)."""
+    recommender = untrained_model(10, tmp_path / "model")
+    settings = WorkerSettings(model=str(tmp_path / "model"), data_dir=str(tmp_path / "data"))
+    app, processor = create_app(settings, recommender)
+    for partition in range(PARTITIONS):
+        for k in range(WATERMARK_RANK):
+            processor.expiry.watermarks.advance(partition, 1000.0 + k)
+    changelog = processor.table.changelog_topic.get_topic_name()
+    everything = {TP(t, p) for t in (settings.input_topic, changelog) for p in range(PARTITIONS)}
+    asyncio.run(app.on_partitions_assigned.send(everything))
+    assert set(processor.expiry.markers()) == set(range(PARTITIONS))
+    asyncio.run(app.on_partitions_revoked.send(everything))
+    asyncio.run(app.on_partitions_assigned.send({tp for tp in everything if tp.partition % 2}))
+    assert set(processor.expiry.markers()) == {1, 3}
