@@ -8,7 +8,8 @@ model registry if ``--model`` names one, and hands over to Faust.
 The agent (concurrency 1, as Faust requires for table writes) takes micro-batches of
 events (``batch_size``/``batch_ms``) from the click topic and the co-partitioned expiry
 topic. An unexpected exception (a bug, not bad input) stops the process without committing
-the batch, so it is redelivered to the restarted worker instead of being acked and lost.
+the batch, so it is redelivered to the restarted worker instead of being acked and lost;
+so does a lapsed group membership (exit status 75, :mod:`stream.serving.fencing`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from stream.observability import serve
 from stream.registry import ModelRegistry
 from stream.serving import faust_patches
 from stream.serving.credentials import faust_credentials
+from stream.serving.fencing import MEMBERSHIP_LOST_EXIT, MembershipLost, heartbeat_interval
 from stream.serving.hot_swap import watch_registry
 from stream.serving.metrics import REFRESH_S, refresh, register, worker_app
 from stream.serving.processor import ClickProcessor
@@ -57,7 +59,7 @@ def faust_app(settings: WorkerSettings) -> faust.App:
         table_standby_replicas=0,
         consumer_auto_offset_reset="earliest",
         broker_session_timeout=session_timeout,
-        broker_heartbeat_interval=session_timeout / 5,
+        broker_heartbeat_interval=heartbeat_interval(session_timeout),
         broker_rebalance_timeout=max(2 * session_timeout, 20.0),
         broker_request_timeout=max(3 * session_timeout, 30.0),
         broker_commit_interval=1.0,
@@ -115,6 +117,10 @@ def create_app(
         ):
             try:
                 await processor.process(events)
+            except MembershipLost as exc:  # nothing of the batch written or committed
+                logger.error("%s; exiting without writing the batch", exc)
+                logging.shutdown()
+                os._exit(MEMBERSHIP_LOST_EXIT)
             except Exception:  # a bug: do not let take_events() ack the batch
                 logger.critical(
                     "unexpected error; exiting so the batch is redelivered", exc_info=True

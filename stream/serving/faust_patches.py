@@ -1,5 +1,6 @@
-"""Four targeted corrections to faust-streaming 0.15 / mode 0.7, applied once at start-up,
-and the one private hook the worker needs (:class:`in_context_of`).
+"""Four targeted corrections to faust-streaming 0.15 / mode 0.7 and one observation of
+aiokafka 0.14, applied once at start-up, and the one private hook the worker needs
+(:class:`in_context_of`).
 
 1. **Lost events after recovery.** At the end of table recovery Faust resumes flow control,
    and mode's ``FlowControlEvent.resume()`` always clears the stream queues, dropping
@@ -30,6 +31,11 @@ and the one private hook the worker needs (:class:`in_context_of`).
    commit first await the app's barrier (the writes in flight), and a failure there
    crashes the app the way Faust handles a failed attachment: nothing is committed.
 
+5. **Group membership, observed.** The consumer thread's group coordinator records, for
+   :mod:`stream.serving.fencing`, when each heartbeat the coordinator accepted was sent,
+   when a join completed, and when the member was dropped; aiokafka keeps the first in a
+   local variable and exposes none of them.
+
 All touch private attributes of pinned versions (``faust-streaming>=0.15,<0.16``,
 ``mode-streaming`` 0.7); tests/test_faust_patches.py pins each behaviour, and the tests that
 restart workers, rebalance groups and measure latency would catch a change in any.
@@ -38,16 +44,20 @@ restart workers, rebalance groups and measure latency would catch a change in an
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
+from aiokafka.consumer.group_coordinator import GroupCoordinator
 from faust.exceptions import ProducerSendError
 from faust.streams import _current_event
 from faust.transport.consumer import Consumer
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.types import TP, EventT, Message
 from mode.utils.queues import FlowControlEvent
+
+from stream.serving import fencing
 
 logger = logging.getLogger("streamrec.worker")
 
@@ -133,6 +143,31 @@ async def _handle_attached_after_barrier(self: Consumer, commit_offsets: Mapping
     await _handle_attached(self, commit_offsets)
 
 
+_do_heartbeat = GroupCoordinator._do_heartbeat
+_on_join_complete = GroupCoordinator._on_join_complete
+_reset_generation = GroupCoordinator.reset_generation
+
+
+async def _do_heartbeat_observed(self: GroupCoordinator) -> bool:
+    sent_at, generation = time.monotonic(), self.generation
+    accepted: bool = await _do_heartbeat(self)
+    # True also while the group rebalances: the member is kept and still owns its
+    # partitions until it has revoked them and joined again (eager protocol).
+    if accepted and self.generation == generation:
+        fencing.confirmed(self.group_id, generation, sent_at)
+    return accepted
+
+
+async def _on_join_complete_observed(self: GroupCoordinator, generation: int, *args: Any) -> None:
+    fencing.confirmed(self.group_id, generation, time.monotonic())
+    await _on_join_complete(self, generation, *args)
+
+
+def _reset_generation_observed(self: GroupCoordinator) -> None:
+    fencing.lapsed(self.group_id)
+    _reset_generation(self)
+
+
 def apply(fetch_max_wait_ms: int) -> None:
     """Install the fixes (idempotent); ``fetch_max_wait_ms`` bounds a fetch's wait."""
     global _fetch_max_wait_ms, _applied
@@ -142,6 +177,9 @@ def apply(fetch_max_wait_ms: int) -> None:
     FlowControlEvent.resume = _resume  # type: ignore[method-assign]
     Consumer.getmany = _getmany  # type: ignore[method-assign]
     Consumer._handle_attached = _handle_attached_after_barrier  # type: ignore[method-assign]
+    GroupCoordinator._do_heartbeat = _do_heartbeat_observed
+    GroupCoordinator._on_join_complete = _on_join_complete_observed
+    GroupCoordinator.reset_generation = _reset_generation_observed
     create = AIOKafkaConsumerThread._create_worker_consumer
 
     def _create_worker_consumer(self: Any, transport: Any) -> Any:  # Faust's signature

@@ -16,6 +16,11 @@ For each batch the agent hands over (:mod:`stream.serving.app`):
    state is never written before its click's output was delivered, a click found
    already applied after a crash (offset check) already has its output: state is
    exactly-once, output at least once.
+
+Nothing is written (states, expiry tombstones) unless the worker's group membership of
+the batch's start is confirmed (:mod:`stream.serving.fencing`): a worker that wakes up
+from a pause longer than its group session, its partitions already someone else's,
+raises :class:`~stream.serving.fencing.MembershipLost` instead.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from model.inference import Recommender
 from stream.kafka.wire import Rejected, encode_recommendation, parse_click
 from stream.serving.dead_letters import WRONG_PARTITION, DeadLetters
 from stream.serving.expiry import EXPIRY_DELETES_FLOOR, SessionExpiry
+from stream.serving.fencing import GroupFence
 from stream.serving.metrics import Health, WorkerCounters, WorkerMetrics
 from stream.serving.scoring import SourcedClick, apply_clicks
 from stream.serving.settings import WorkerSettings
@@ -68,6 +74,7 @@ class ClickProcessor:
         self.health = Health()
         self.dead_letters = DeadLetters(dead_letters, self.counters.rejected)
         self.expiry = SessionExpiry(table, settings.session_timeout_s, self._expired)
+        self.fence = GroupFence(settings.app_id, settings.group_session_timeout_s)
         self._expiry_topic = expiry_topic(settings)
         self._serving = False
         self._owned: set[int] = set()  # input partitions assigned at the last rebalance
@@ -84,6 +91,7 @@ class ClickProcessor:
             gc.freeze()
             self._serving = True
         await self.await_state_writes()
+        generation = self.fence.generation()
         now = time.time()
         clicks: list[tuple[EventT, SourcedClick]] = []
         dead_letters = []
@@ -104,8 +112,9 @@ class ClickProcessor:
         # Dead letters are sent together with the answers and all delivered before the
         # batch is committed: awaiting each one's delivery in turn would cap a worker at
         # about 130 bad messages/s, and a flood of them would delay every good click.
-        answers = [self._answer(clicks, stored, now)] if clicks else []
+        answers = [self._answer(clicks, stored, now, generation)] if clicks else []
         await asyncio.gather(*dead_letters, *answers)
+        await self.fence.confirm(generation)
         self.expiry.delete_idle(max(EXPIRY_DELETES_FLOOR, len(events)))
         for event in events:
             self.metrics.processed(
@@ -179,6 +188,7 @@ class ClickProcessor:
         clicks: list[tuple[EventT, SourcedClick]],
         stored: dict[str, SessionState | None],
         consumed_at: float,
+        generation: int | None,
     ) -> None:
         store = self.table.data
         recommender = self.recommender  # one version for the whole batch
@@ -236,6 +246,7 @@ class ClickProcessor:
         # changelog record to the click's partition, sent like the answers. They are
         # awaited before the next batch and before any offset commit; a refused record
         # stops the worker with its clicks uncommitted (see :meth:`await_state_writes`).
+        await self.fence.confirm(generation)
         changelog = self.table.changelog_topic.get_topic_name()
         for event, sourced, _, state in answered:
             key, value = cast(bytes, event.message.key), state.encode()  # clicks have keys
@@ -295,6 +306,8 @@ class ClickProcessor:
         lost, self._owned = self._owned - owned, owned
         if lost:
             self._drop_sessions(owned)
+            # Their expiry markers are their new owner's to send.
+            self.expiry.watermarks.forget(lost)
 
     def _drop_sessions(self, owned: set[int]) -> None:
         """Drop from this worker's memory the sessions that do not live on ``owned``.

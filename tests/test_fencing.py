@@ -1,0 +1,177 @@
+"""A worker paused past its group session (a long GC, SIGSTOP, a frozen VM) through a real
+broker: when it wakes up, another worker owns its partitions, and it must not write
+session states there any more. It exits (status 75) without writing the batch it was in,
+and the other worker answers every click.
+
+Each session's changelog records must advance: their ``last_offset`` never goes back
+along the changelog partition. A stale record written by the paused worker after the new
+owner's would, and recovery (which keeps the last record of each key, as compaction
+does) would then bring back a state without the new owner's clicks; with their offsets
+committed, those clicks would never be applied again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Producer
+
+from model.artifact import load_model
+from stream.devtools.processes import StreamNames, TopicReader, WorkerProcess, start_readers
+from stream.kafka.config import producer_config
+from stream.kafka.wire import Click, encode_click
+from stream.serving import fencing
+from stream.serving.fencing import MEMBERSHIP_LOST_EXIT, GroupFence, MembershipLost
+from stream.serving.state import SessionState
+
+PARTITIONS = 2
+SESSIONS = 40
+RATE = 500  # clicks/s
+PAUSES = 4
+
+
+def pause(worker: WorkerProcess, seconds: float) -> None:
+    assert worker.process is not None
+    os.kill(worker.process.pid, signal.SIGSTOP)
+    time.sleep(seconds)
+    os.kill(worker.process.pid, signal.SIGCONT)
+
+
+def answered(outputs: TopicReader) -> set[tuple[int, int]]:
+    """The clicks (partition, offset) that have at least one answer."""
+    return {(r.value["source"]["partition"], r.value["source"]["offset"]) for r in outputs.messages}
+
+
+class ClickStream(threading.Thread):
+    """Clicks of ``SESSIONS`` sessions at ``RATE`` per second until stopped."""
+
+    def __init__(self, bootstrap: str, topic: str, items: list[str]) -> None:
+        super().__init__(daemon=True)
+        self.topic, self.items = topic, items
+        self.producer = Producer(producer_config(bootstrap))
+        self.sent = 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        start = time.monotonic()
+        while not self._stop_event.is_set():
+            k = self.sent
+            click = Click(f"s{k % SESSIONS}", self.items[k % len(self.items)], 1000.0 + k / RATE)
+            key, value = encode_click(click)
+            self.producer.produce(self.topic, key=key, value=value)
+            self.producer.poll(0)
+            self.sent += 1
+            time.sleep(max(0.0, start + self.sent / RATE - time.monotonic()))
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join(10)
+        assert self.producer.flush(30) == 0
+        return self.sent
+
+
+@pytest.mark.kafka
+def test_a_worker_paused_past_its_session_writes_no_stale_state(
+    kafka_bootstrap: str, small_model: Path, tmp_path: Path
+) -> None:
+    items = list(load_model(small_model, device="cpu").item_map.ids)
+    names = StreamNames("fence")
+    inputs, outputs = start_readers(kafka_bootstrap, names, partitions=PARTITIONS)
+    workers = [
+        WorkerProcess(kafka_bootstrap, small_model, names, tmp_path / n, partitions=PARTITIONS)
+        for n in ("a", "b")
+    ]
+    for n in ("a", "b"):
+        (tmp_path / n).mkdir()
+    clicks = ClickStream(kafka_bootstrap, names.clicks, items)
+    paused = workers[0]
+    try:
+        for worker in workers:
+            worker.start()
+            worker.wait_until_consuming(kafka_bootstrap, names.app_id)
+        clicks.start()
+        # What the test depends on: a pause that falls inside a batch. Most do at this
+        # rate; one that falls between two batches only makes the worker join again.
+        for _ in range(PAUSES):
+            time.sleep(3)
+            pause(paused, seconds=10)  # past the group session (6 s): b takes over
+            try:
+                status = paused.process.wait(timeout=15)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        else:
+            raise AssertionError(f"none of {PAUSES} pauses fell inside a batch")
+        assert status == MEMBERSHIP_LOST_EXIT, paused.log()[-3000:]
+        assert "exiting without writing the batch" in paused.log()
+        time.sleep(3)
+        sent = clicks.stop()
+        deadline = time.monotonic() + 90
+        while len(answered(outputs)) < sent and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert len(answered(outputs)) == sent
+    finally:
+        for worker in workers:
+            if worker.process is not None and worker.process.poll() is None:
+                os.kill(worker.process.pid, signal.SIGCONT)
+                worker.stop()
+        inputs.close()
+        outputs.close()
+
+    changelog = TopicReader(kafka_bootstrap, f"{names.app_id}-sessions-changelog", decode=False)
+    changelog.start()
+    time.sleep(5)
+    changelog.close()
+    last: dict[tuple[int, bytes], int] = {}
+    regressions = []
+    for message in changelog.messages:
+        if message.value() is None:
+            continue
+        state = SessionState.decode(message.value())
+        where = (message.partition(), message.key())
+        if state.last_offset < last.get(where, -1):
+            regressions.append((where, last[where], state.last_offset, message.offset()))
+        last[where] = max(last.get(where, -1), state.last_offset)
+    assert regressions == [], regressions[:10]
+
+
+def test_the_fence_lets_a_confirmed_membership_write_and_stops_a_lapsed_one() -> None:
+    """The lease rule itself, with the membership records the consumer thread writes."""
+    group = f"g-{time.monotonic_ns()}"
+    fence = GroupFence(group, session_timeout_s=0.5)  # lease 0.4 s
+    assert fence.generation() is None  # no consumer of the group here: nothing to fence
+    asyncio.run(fence.confirm(None))
+
+    fencing.confirmed(group, 3, time.monotonic())
+    assert fence.generation() == 3
+    asyncio.run(fence.confirm(3))  # confirmed just now
+
+    # Woken up after the lease: waits for the next heartbeat's answer, then writes.
+    fencing.confirmed(group, 3, time.monotonic() - 0.45)
+    threading.Timer(0.1, fencing.confirmed, (group, 3, time.monotonic())).start()
+    started = time.monotonic()
+    asyncio.run(fence.confirm(3))
+    assert time.monotonic() - started >= 0.09
+
+    # Evicted meanwhile: the answer resets the membership.
+    fencing.confirmed(group, 3, time.monotonic() - 0.45)
+    threading.Timer(0.1, fencing.lapsed, (group,)).start()
+    with pytest.raises(MembershipLost, match="generation 3 ended"):
+        asyncio.run(fence.confirm(3))
+
+    # Rejoined under a new generation: a batch begun under the old one writes nothing.
+    fencing.confirmed(group, 4, time.monotonic())
+    with pytest.raises(MembershipLost, match="generation 3 ended"):
+        asyncio.run(fence.confirm(3))
+
+    # No heartbeat answered within a whole session.
+    fencing.confirmed(group, 4, time.monotonic() - 0.45)
+    with pytest.raises(MembershipLost, match="no heartbeat confirmed"):
+        asyncio.run(fence.confirm(4))
