@@ -10,7 +10,7 @@ import torch
 from model.config import GRU4RecConfig
 from model.data import ClickLog, ItemMap, sessions_log
 from model.errors import UserError
-from model.evaluate import RecommenderScorer, evaluate, target_ranks
+from model.evaluate import RecommenderScorer, TopLists, evaluate, target_ranks
 from model.inference import Recommender
 from model.synth import SynthSpec, generate
 from model.train import train
@@ -39,6 +39,23 @@ TARGETS = torch.tensor([0, 1, 0, 4, 4])
 )
 def test_target_ranks_under_each_tie_mode(ties: str, expected: list[float]) -> None:
     assert target_ranks(SCORES, TARGETS, ties).tolist() == expected
+
+
+@pytest.mark.parametrize("ties", ["conservative", "optimistic", "median"])
+def test_top_lists_rank_targets_as_their_dense_rows_do(ties: str) -> None:
+    """Ranks counted from the lists alone equal those of the rows they stand for (every
+    unlisted item at -inf): listed targets with ties among the lists, unlisted targets."""
+    generator = torch.Generator().manual_seed(0)
+    n_items, depth, rows = 50, 6, 200
+    items = torch.stack([torch.randperm(n_items, generator=generator)[:depth] for _ in range(rows)])
+    values = torch.randint(0, 4, (rows, depth), generator=generator).float()  # many ties
+    lists = TopLists(items, values, n_items)
+    listed = items[torch.arange(rows), torch.randint(0, depth, (rows,), generator=generator)]
+    targets = torch.where(torch.arange(rows) % 3 == 0, torch.randint(0, n_items, (rows,)), listed)
+    assert (lists.items != targets.unsqueeze(1)).all(dim=1).any()  # some targets unlisted
+    assert torch.equal(
+        target_ranks(lists, targets, ties), target_ranks(lists.dense(), targets, ties)
+    )
 
 
 # --- the evaluation loop on a hand-built scorer ---------------------------------------------
