@@ -17,6 +17,8 @@ import torch
 
 from stream.devtools.brokers import LocalKafka
 
+pytest_plugins = ["stream.devtools.skip_gate"]
+
 # The same default as the CLI (see stream.cli.main): GRU4Rec's steps are small kernels, and idle
 # OpenMP threads spinning against other processes made them many times slower.
 torch.set_num_threads(1)
