@@ -9,6 +9,7 @@ state and last list equal those of an uninterrupted, click-by-click run.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import defaultdict
@@ -107,6 +108,21 @@ def distinct_sources(messages: list[Any]) -> set[tuple[int, int]]:
     return {(r.value["source"]["partition"], r.value["source"]["offset"]) for r in messages}
 
 
+def wait_for_metric(port: int, line: str, worker: WorkerProcess, timeout: float = 90.0) -> str:
+    """The worker's ``/metrics`` text once it holds ``line``."""
+    deadline = time.monotonic() + timeout
+    metrics = ""
+    while f"\n{line}\n" not in metrics:
+        assert time.monotonic() < deadline, metrics or worker.log()[-3000:]
+        worker.check_alive()
+        time.sleep(0.3)
+        try:
+            metrics = http_get(f"http://127.0.0.1:{port}/metrics")[1]
+        except OSError:  # not serving yet
+            pass
+    return metrics
+
+
 def test_kills_at_several_points_lose_nothing_and_change_no_state(
     kafka_bootstrap: str, small_model: Path, tmp_path: Path
 ) -> None:
@@ -117,15 +133,30 @@ def test_kills_at_several_points_lose_nothing_and_change_no_state(
     clicks = [Click(s, items[j], 1000.0 + j) for j in range(10) for s, items in sessions.items()]
     names = StreamNames("kills")
     inputs, outputs = start_readers(kafka_bootstrap, names, partitions=4)
-    workers = {
-        name: WorkerProcess(
-            kafka_bootstrap, small_model, names, tmp_path / name, "--batch-ms", "20"
-        )
-        for name in ("a", "b")
-    }
-    for name, worker in workers.items():
+    ports = {"a": free_port(), "b": free_port()}
+
+    def worker(name: str) -> WorkerProcess:
+        args = ("--batch-ms", "20", "--web-port", str(ports[name]))
+        return WorkerProcess(kafka_bootstrap, small_model, names, tmp_path / name, *args)
+
+    workers = {name: worker(name) for name in ("a", "b")}
+    for name, process in workers.items():
         (tmp_path / name).mkdir()
-        worker.start()
+        process.start()
+    # Per worker process, its last reading of the clicks it found already applied:
+    # redelivered clicks whose states the killed worker had written.
+    redeliveries: dict[int, int] = {}
+
+    def count_redeliveries() -> None:
+        for name, process in workers.items():
+            try:
+                metrics = http_get(f"http://127.0.0.1:{ports[name]}/metrics")[1]
+            except OSError:  # not serving yet: it has counted nothing
+                continue
+            found = re.search(r"^streamrec_duplicate_events_total (\S+)$", metrics, re.M)
+            if found and process.process is not None:
+                redeliveries[process.process.pid] = int(float(found.group(1)))
+
     workers["a"].wait_until_consuming(kafka_bootstrap, names.app_id)
     # Slow enough that clicks are still being produced at the third kill: each kill
     # stalls the group for about its 6-s session timeout, and the worker clears the
@@ -142,11 +173,10 @@ def test_kills_at_several_points_lose_nothing_and_change_no_state(
             assert outputs.wait_for(int(fraction * len(clicks)), timeout=120), (
                 f"stalled before {fraction:.0%}:\n" + workers[name].log()[-3000:]
             )
+            count_redeliveries()
             workers[name].kill()
             kills.append((name, len(distinct_sources(outputs.messages))))
-            workers[name] = WorkerProcess(
-                kafka_bootstrap, small_model, names, tmp_path / name, "--batch-ms", "20"
-            ).start()
+            workers[name] = worker(name).start()
         producer.join(120)
         assert producer.error is None, producer.error
         deadline = time.monotonic() + 120
@@ -157,11 +187,15 @@ def test_kills_at_several_points_lose_nothing_and_change_no_state(
                 + "\n---\n".join(w.log()[-3000:] for w in workers.values())
             )
             time.sleep(0.2)
+        count_redeliveries()
     finally:
-        for worker in workers.values():
-            worker.stop()
+        for process in workers.values():
+            process.stop()
         inputs.close()
         outputs.close()
+    # What the rest depends on: the kills left clicks to redeliver, and the workers that
+    # got them found them applied (a state written, its offset not committed).
+    assert sum(redeliveries.values()) > 0, redeliveries
 
     # At least once, and a duplicate is the same answer to the same click.
     produced = {(m.partition(), m.offset()) for m in inputs.messages}
@@ -171,6 +205,8 @@ def test_kills_at_several_points_lose_nothing_and_change_no_state(
         message = received.value
         by_source[(message["source"]["partition"], message["source"]["offset"])].append(message)
     assert set(by_source) == produced
+    # Answered twice only when a kill fell between a click's answer and its state's
+    # write, which is rare: the redelivery of applied clicks is checked above.
     for answers in by_source.values():
         first = answers[0]
         for again in answers[1:]:
@@ -338,3 +374,62 @@ def test_clicks_whose_changelog_records_failed_are_never_committed(
                 break
             assert time.monotonic() < deadline, states
             time.sleep(0.5)
+
+
+def test_redelivered_clicks_already_applied_are_counted_as_duplicates_not_answered_again(
+    kafka_bootstrap: str, small_model: Path, tmp_path: Path
+) -> None:
+    """A worker SIGKILLed right after answering leaves clicks answered but uncommitted; the
+    next worker gets them again. Those whose states reached the changelog are counted in
+    ``streamrec_duplicate_events_total`` and not answered twice; the others are applied
+    and answered. The expected count comes from the broker: the group's committed offset
+    and each session's last applied offset in the changelog."""
+    ids = load_model(small_model, device="cpu").item_map.ids
+    names = StreamNames("dups")
+    inputs, outputs = start_readers(kafka_bootstrap, names, partitions=1)
+    changelog = f"{names.app_id}-sessions-changelog"
+    sessions = [f"s{k}" for k in range(10)]
+    sent = 0
+    try:
+        # What the rest depends on: a kill that leaves applied clicks uncommitted (offsets
+        # are committed every second, so nearly every kill right after answers does).
+        for attempt in range(3):
+            clicks = [
+                Click(s, ids[(attempt * 7 + j + k) % len(ids)], 1000.0 + 10 * attempt + j)
+                for j in range(3)
+                for k, s in enumerate(sessions)
+            ]
+            with WorkerProcess(kafka_bootstrap, small_model, names, tmp_path, partitions=1) as w:
+                produce_clicks(kafka_bootstrap, names.clicks, clicks)
+                sent += len(clicks)
+                assert outputs.wait_for(sent, timeout=90), w.log()[-3000:]
+                w.kill()
+            committed = committed_offsets(kafka_bootstrap, names.app_id, names.clicks).get(0, 0)
+            records = end_offsets(kafka_bootstrap, changelog)[0]
+            applied: dict[str, int] = {}
+            for m in read_topic(
+                kafka_bootstrap, changelog, lambda ms, n=records: len(ms) >= n, decode=False
+            ):
+                applied[m.key().decode()] = SessionState.decode(m.value()).last_offset
+            redelivered = [m for m in inputs.messages if m.offset() >= committed]
+            duplicates = sum(m.offset() <= applied[m.key().decode()] for m in redelivered)
+            if duplicates:
+                break
+        else:
+            raise AssertionError("no kill left an applied click uncommitted")
+
+        port = free_port()
+        with WorkerProcess(
+            kafka_bootstrap, small_model, names, tmp_path, "--web-port", str(port), partitions=1
+        ) as worker:
+            metrics = wait_for_metric(
+                port, f"streamrec_events_consumed_total {len(redelivered)}.0", worker
+            )
+    finally:
+        inputs.close()
+        outputs.close()
+    assert f"\nstreamrec_duplicate_events_total {duplicates}.0\n" in metrics, metrics
+    assert f"\nstreamrec_recommendations_published_total {len(redelivered) - duplicates}.0\n" in (
+        metrics
+    ), metrics
+    assert distinct_sources(outputs.messages) == {(0, m.offset()) for m in inputs.messages}
