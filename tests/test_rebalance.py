@@ -31,7 +31,7 @@ from stream.serving.app import create_app
 from stream.serving.settings import WorkerSettings
 from stream.serving.state import SessionState
 
-from support import free_port, produce_clicks
+from support import free_port, http_get, produce_clicks
 
 PARTITIONS = 4
 SESSIONS = 60
@@ -234,3 +234,36 @@ def test_expiry_markers_go_only_to_the_partitions_still_owned(tmp_path: Path) ->
     asyncio.run(app.on_partitions_revoked.send(everything))
     asyncio.run(app.on_partitions_assigned.send({tp for tp in everything if tp.partition % 2}))
     assert set(processor.expiry.markers()) == {1, 3}
+
+
+@pytest.mark.kafka
+def test_a_worker_is_not_ready_while_its_group_rebalances(
+    kafka_bootstrap: str, small_model: Path, tmp_path: Path
+) -> None:
+    """``/readyz`` answers 503 with the reason while the group rebalances and the table
+    recovers (a load balancer stops sending it traffic), then 200 again."""
+    names = StreamNames("ready")
+    inputs, outputs = start_readers(kafka_bootstrap, names, partitions=PARTITIONS)
+    a = Worker("a", kafka_bootstrap, small_model, names, tmp_path / "a")
+    b = Worker("b", kafka_bootstrap, small_model, names, tmp_path / "b")
+    seen: list[tuple[float, int, str]] = []
+    try:
+        a.process.start()
+        wait_until(a.scrape, "a ready", [a])
+        b.process.start()
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            status, body = http_get(f"http://127.0.0.1:{a.port}/readyz")
+            seen.append((time.monotonic(), status, body.strip()))
+            if status == 200 and any(s == 503 for _, s, _ in seen):
+                break
+            time.sleep(0.05)
+    finally:
+        for worker in (a, b):
+            if worker.process.process is not None:
+                worker.process.stop()
+        inputs.close()
+        outputs.close()
+    reasons = {body for _, status, body in seen if status == 503}
+    assert "rebalancing or recovering the session table" in reasons, seen[:5]
+    assert seen[-1][1] == 200 and seen[-1][2].startswith("ok: serving"), seen[-5:]

@@ -37,6 +37,9 @@ from stream.observability import STALL_S, help_text, wsgi_app
 from stream.quality import ONLINE_KS, PrequentialQuality
 
 REFRESH_S = 1.0  # heartbeat / lag / table-size refresh on the event loop
+#: Not ready from the moment partitions are revoked (set by the rebalance signal, so that
+#: a rebalance shorter than a refresh still shows) until a refresh finds it over.
+REBALANCING = "rebalancing or recovering the session table"
 
 LATENCY_BUCKETS = (
     0.005,
@@ -266,7 +269,7 @@ def refresh(
     if not assignment:
         health.not_ready_reason = "no partitions assigned"
     elif getattr(app, "in_recovery", False) or getattr(app, "rebalancing", False):
-        health.not_ready_reason = "rebalancing or recovering the session table"
+        health.not_ready_reason = REBALANCING
     else:
         health.not_ready_reason = None
     committed = getattr(app.consumer, "_committed_offset", {})

@@ -41,7 +41,7 @@ from stream.kafka.wire import Rejected, encode_recommendation, parse_click
 from stream.serving.dead_letters import WRONG_PARTITION, DeadLetters
 from stream.serving.expiry import EXPIRY_DELETES_FLOOR, SessionExpiry
 from stream.serving.fencing import GroupFence
-from stream.serving.metrics import Health, WorkerCounters, WorkerMetrics
+from stream.serving.metrics import REBALANCING, Health, WorkerCounters, WorkerMetrics
 from stream.serving.scoring import SourcedClick, apply_clicks
 from stream.serving.settings import WorkerSettings
 from stream.serving.state import SessionState, UndecodableState, sessions_by_partition
@@ -293,12 +293,14 @@ class ClickProcessor:
         **_: Any,
     ) -> None:
         """Faust's partition signals, revoked then assigned (``partitions``: the one set
-        each sends). Expiry's knowledge of the sessions may be stale now. Once the new
+        each sends). The worker is not ready until a refresh finds the rebalance over.
+        Expiry's knowledge of the sessions may be stale now. Once the new
         assignment is known, the sessions of the input partitions this worker lost are
         dropped (:meth:`_drop_sessions`); only then: under Kafka's eager protocol the
         revoked signal names every partition, those the worker keeps too, and anything
         but the assigned signal drops nothing."""
         self.expiry.reset()
+        self.health.not_ready_reason = REBALANCING
         if signal is None or signal is not app.on_partitions_assigned:
             return
         topic = self.settings.input_topic
