@@ -6,6 +6,7 @@ Each test starts ``streamrec worker`` as a subprocess on its own topics and app 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -516,3 +517,31 @@ def test_an_undecodable_stored_state_restarts_its_session_empty(
             == expected_lists(small_model, {session: [ids[10 + k]]})[session][0]
         )
     assert worker.log().count("does not decode") >= 2
+
+
+def test_an_unreachable_broker_is_retried_with_backoff_then_a_clear_exit(small_model, tmp_path):
+    """At start the worker retries a broker that does not answer (each attempt waits up
+    to 5 s), sleeping 1 s, then twice as long each time, never past ``--broker-wait-s``;
+    then it exits with status 2 and one line saying how long it tried."""
+    wait_s = 20
+    started = time.monotonic()
+    result = run_worker_command(
+        "--broker",
+        f"kafka://127.0.0.1:{free_port()}",  # nothing listens there
+        "--model",
+        str(small_model),
+        "--broker-wait-s",
+        str(wait_s),
+        "--web-port",
+        "0",
+        "--data-dir",
+        str(tmp_path),
+        timeout=120,
+    )
+    elapsed = time.monotonic() - started
+    sleeps = [float(s) for s in re.findall(r"retrying in (\d+) s", result.stderr)]
+    # Attempts of 5 s at 0, 6 and 13 s; the third sleep is cut to the 2 s left.
+    assert sleeps == [1, 2, 2], result.stderr[-3000:]
+    assert result.returncode == 2
+    assert f"(retried for {wait_s} s; --broker-wait-s sets how long)" in result.stderr
+    assert elapsed >= wait_s
