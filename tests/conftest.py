@@ -17,6 +17,8 @@ import torch
 
 from stream.devtools.brokers import LocalKafka
 
+from support import TINY
+
 pytest_plugins = ["stream.devtools.skip_gate"]
 
 # The same default as the CLI (see stream.cli.main): GRU4Rec's steps are small kernels, and idle
@@ -56,14 +58,11 @@ def small_model(tmp_path_factory: pytest.TempPathFactory):
     """A tiny GRU4Rec (200 synthetic items, 16 units) saved as a model directory, for the
     tests that need a model to serve rather than a good one."""
     from model.artifact import save_model
-    from model.config import GRU4RecConfig
     from model.synth import SynthSpec, generate
     from model.train import train
 
     log = generate(SynthSpec(sessions=2000, items=200, seed=3))
-    recommender, _ = train(
-        log, GRU4RecConfig(layers=(16,), n_sample=64, n_epochs=1), seed=0, progress=False
-    )
+    recommender, _ = train(log, TINY, seed=0, progress=False)
     path = tmp_path_factory.mktemp("models") / "small"
     save_model(recommender, path)
     return path

@@ -8,7 +8,10 @@ shared Kafka cluster (``STREAMREC_TEST_BROKER``).
 from __future__ import annotations
 
 import json
+import shutil
 import socket
+import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -18,27 +21,36 @@ from typing import Any
 
 import numpy as np
 import torch
-from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from model.config import GRU4RecConfig
 from model.data import ClickLog
 from model.inference import Recommender
-from stream.devtools.processes import REPO, StreamNames, WorkerProcess
+from stream.devtools.processes import REPO, CommandProcess, StreamNames, WorkerProcess
 from stream.kafka.config import client_config, producer_config
 from stream.kafka.wire import Click, encode_click
 
 DATA = REPO.parent / "shared" / "data" / "rsc15-100k"
+#: The tiny model of the tests that need a model to run rather than a good one.
+TINY = GRU4RecConfig(layers=(16,), n_sample=64, n_epochs=1, sample_store_size=8192)
 __all__ = [
     "DATA",
+    "PacedClicks",
     "REPO",
+    "TINY",
     "StreamNames",
     "WorkerProcess",
     "click_by_click",
     "clicks_in_time_order",
     "free_port",
     "http_get",
+    "kcat",
     "produce_clicks",
+    "produce_raw",
+    "read_all",
     "read_topic",
+    "wait_for_http",
 ]
 
 
@@ -57,6 +69,43 @@ def http_get(url: str) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+
+
+def wait_for_http(
+    url: str,
+    accept: Callable[[int, str], bool],
+    process: CommandProcess | None = None,
+    timeout: float = 90.0,
+) -> tuple[int, str]:
+    """Poll ``url`` until ``accept(status, body)``; a server not listening yet is waited
+    for. Fails with ``process``'s log if it exits or nothing acceptable comes in time."""
+    deadline = time.monotonic() + timeout
+    seen: tuple[int, str] = (0, "not polled")
+    while True:
+        if process is not None:
+            process.check_alive()
+        try:
+            seen = http_get(url)
+        except OSError as error:  # not listening yet
+            seen = (0, str(error))
+        if accept(*seen):
+            return seen
+        if time.monotonic() > deadline:
+            log = process.log()[-3000:] if process is not None else ""
+            raise AssertionError(
+                f"{url}: nothing acceptable within {timeout:g} s; last {seen}\n{log}"
+            )
+        time.sleep(0.2)
+
+
+def kcat(*args: str, stdin: str | bytes | None = None) -> str:
+    """Run kcat (the independent Kafka client) and return its stdout; fails on error."""
+    path = shutil.which("kcat")
+    assert path, "kcat is not installed: `make system-deps` (or apt-get install kcat)"
+    data = stdin.encode("utf-8") if isinstance(stdin, str) else stdin
+    done = subprocess.run([path, *args], input=data, capture_output=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr.decode("utf-8", "replace")
+    return done.stdout.decode("utf-8")
 
 
 def click_by_click(
@@ -84,14 +133,76 @@ def click_by_click(
 
 def produce_clicks(bootstrap: str, topic: str, clicks: list[Click]) -> None:
     """Send clicks keyed by session (murmur2), in order, and wait for delivery."""
+    produce_raw(bootstrap, topic, [encode_click(click) for click in clicks])
+
+
+def produce_raw(
+    bootstrap: str,
+    topic: str,
+    records: list[tuple[bytes | None, bytes | None]],
+    partition: int | None = None,
+) -> None:
+    """Send (key, value) records as given (on ``partition``, or by murmur2 of the key),
+    in order, and wait for delivery: for bytes that are not clicks, or a wrong partition."""
     from confluent_kafka import Producer
 
     producer = Producer(producer_config(bootstrap))
-    for click in clicks:
-        key, value = encode_click(click)
-        producer.produce(topic, key=key, value=value)
+    where = {} if partition is None else {"partition": partition}
+    errors: list[object] = []
+
+    def delivered(error: object, _: object) -> None:
+        if error is not None:
+            errors.append(error)
+
+    for key, value in records:
+        producer.produce(topic, key=key, value=value, on_delivery=delivered, **where)
         producer.poll(0)
-    assert producer.flush(30) == 0
+    assert producer.flush(30) == 0, "records still in flight after 30 s"
+    assert errors == []
+
+
+class PacedClicks(threading.Thread):
+    """Produces ``click(0)``, ``click(1)``, ... at ``per_s`` a second in the background,
+    until ``count`` are sent or :meth:`stop`: a stream that faults can land in."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        click: Callable[[int], Click],
+        per_s: float,
+        count: int | None = None,
+    ) -> None:
+        from confluent_kafka import Producer
+
+        super().__init__(daemon=True)
+        self.topic, self.click, self.per_s, self.count = topic, click, per_s, count
+        self.producer = Producer(producer_config(bootstrap))
+        self.sent = 0
+        self.error: BaseException | None = None
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        started = time.monotonic()
+        try:
+            while not self._stop_event.is_set() and self.sent != self.count:
+                key, value = encode_click(self.click(self.sent))
+                self.producer.produce(self.topic, key=key, value=value)
+                self.producer.poll(0)
+                self.sent += 1
+                time.sleep(max(0.0, started + self.sent / self.per_s - time.monotonic()))
+        except BaseException as exc:  # surfaced by stop()
+            self.error = exc
+
+    def stop(self, timeout: float = 120.0) -> int:
+        """Stop (or wait for the last of ``count``), deliver everything; the count sent."""
+        if self.count is None:
+            self._stop_event.set()
+        self.join(timeout)
+        assert not self.is_alive(), f"still producing after {timeout:g} s"
+        assert self.error is None, self.error
+        assert self.producer.flush(30) == 0
+        return self.sent
 
 
 def clicks_in_time_order(log: ClickLog) -> list[Click]:
@@ -138,18 +249,48 @@ def read_topic(
     return messages
 
 
-def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
-    """Each partition's end offset, for the partitions holding messages."""
+def end_offsets(bootstrap: str, topic: str, timeout: float = 15.0) -> dict[int, int]:
+    """Each partition's end offset, for the partitions holding messages.
+
+    Retried while a new topic's leaders settle: even after ``ensure_topics`` saw a leader
+    for every partition, a fresh client can briefly be told NOT_LEADER_FOR_PARTITION."""
     consumer = Consumer(client_config(bootstrap, **{"group.id": f"ends-{topic}"}))
+    deadline = time.monotonic() + timeout
     try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        ends = {
-            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-            for p in partitions
-        }
+        while True:
+            try:
+                partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+                ends = {
+                    p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                    for p in partitions
+                }
+                return {p: end for p, end in ends.items() if end > 0}
+            except KafkaException:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
     finally:
         consumer.close()
-    return {p: end for p, end in ends.items() if end > 0}
+
+
+def read_all(bootstrap: str, topic: str, timeout: float = 30.0) -> list[Any]:
+    """Every message on ``topic`` now, up to each partition's end offset, by partition
+    then offset; fails unless all were read (a reader that returned what it had when
+    time ran out would let a test check less than it says)."""
+    ends = end_offsets(bootstrap, topic)
+    consumer = Consumer(client_config(bootstrap, **{"group.id": f"all-{uuid.uuid4()}"}))
+    consumer.assign([TopicPartition(topic, p, 0) for p in ends])
+    messages: list[Any] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(messages) < sum(ends.values()) and time.monotonic() < deadline:
+            for message in consumer.consume(500, timeout=0.5):
+                if message.error() is None and message.offset() < ends[message.partition()]:
+                    messages.append(message)
+    finally:
+        consumer.close()
+    assert len(messages) == sum(ends.values()), f"read {len(messages)} of {ends} on {topic}"
+    return sorted(messages, key=lambda m: (m.partition(), m.offset()))
 
 
 def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:

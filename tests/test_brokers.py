@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import signal
 import socket
 import stat
@@ -23,7 +22,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource
 
 from model.errors import UserError
@@ -32,7 +30,7 @@ from stream.devtools import brokers
 from stream.devtools.brokers import LocalKafka, Tansu, fetch_kafka_jars, find_java
 from stream.kafka.topics import check_topics, ensure_topics
 
-from support import free_port
+from support import free_port, kcat, produce_raw, read_topic
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -52,54 +50,15 @@ needs_tansu = pytest.mark.skipif(
 
 
 def _produce(bootstrap: str, topic: str, *pairs: tuple[bytes, bytes]) -> None:
-    errors: list[object] = []
-    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all"})
-    for key, value in pairs:
-        producer.produce(
-            topic,
-            value,
-            key=key,
-            partition=0,
-            on_delivery=lambda err, _msg: errors.append(err) if err else None,
-        )
-    assert producer.flush(15) == 0, "messages still in flight after 15 s"
-    assert errors == []
+    produce_raw(bootstrap, topic, list(pairs), partition=0)
 
 
 def _read(
     bootstrap: str, topic: str, count: int, timeout: float = 15
 ) -> list[tuple[bytes | None, bytes | None]]:
-    """The first ``count`` messages of partition 0, read without a consumer group."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": "unused",
-            "enable.auto.commit": False,
-        }
-    )
-    consumer.assign([TopicPartition(topic, 0, 0)])
-    got: list[tuple[bytes | None, bytes | None]] = []
-    deadline = time.monotonic() + timeout
-    try:
-        while len(got) < count and time.monotonic() < deadline:
-            msg = consumer.poll(0.5)
-            if msg is None:
-                continue
-            assert msg.error() is None, msg.error()
-            got.append((msg.key(), msg.value()))
-    finally:
-        consumer.close()
-    return got
-
-
-def _kcat(*args: str, stdin: str | None = None) -> str:
-    kcat = shutil.which("kcat")
-    assert kcat, "kcat is not installed: `make system-deps` (or apt-get install kcat)"
-    done = subprocess.run(
-        [kcat, *args], input=stdin, capture_output=True, text=True, timeout=30, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
+    """The first ``count`` messages of the (one-partition) topic."""
+    messages = read_topic(bootstrap, topic, lambda ms: len(ms) >= count, timeout, decode=False)
+    return [(m.key(), m.value()) for m in messages[:count]]
 
 
 def _refuses_connections(bootstrap: str) -> bool:
@@ -112,11 +71,11 @@ def _refuses_connections(bootstrap: str) -> bool:
 
 
 @pytest.mark.kafka
-def test_kafka_round_trip_with_kcat(kafka_bootstrap: str, topic_name: str) -> None:
+def test_kafka_round_trip_withkcat(kafka_bootstrap: str, topic_name: str) -> None:
     ensure_topics(kafka_bootstrap, {topic_name: 1})
 
     _produce(kafka_bootstrap, topic_name, (b"s1", b"from confluent"))
-    out = _kcat(
+    out = kcat(
         "-b",
         kafka_bootstrap,
         "-C",
@@ -131,7 +90,7 @@ def test_kafka_round_trip_with_kcat(kafka_bootstrap: str, topic_name: str) -> No
     )
     assert out.splitlines() == ["s1=from confluent"]
 
-    _kcat(
+    kcat(
         "-b", kafka_bootstrap, "-P", "-t", topic_name, "-p", "0", "-K", ":", stdin="s2:from kcat\n"
     )
     assert _read(kafka_bootstrap, topic_name, 2) == [

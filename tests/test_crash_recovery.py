@@ -10,7 +10,6 @@ state and last list equal those of an uninterrupted, click-by-click run.
 from __future__ import annotations
 
 import re
-import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -23,19 +22,22 @@ from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, C
 from model.artifact import load_model
 from model.inference import Recommender
 from stream.devtools.brokers import LocalKafka
-from stream.devtools.processes import StreamNames, TopicReader, WorkerProcess, start_readers
+from stream.devtools.processes import StreamNames, WorkerProcess, start_readers
 from stream.kafka.config import client_config
 from stream.kafka.wire import Click
 from stream.serving.state import SessionState
 
 from support import (
+    PacedClicks,
     click_by_click,
     committed_offsets,
     end_offsets,
     free_port,
     http_get,
     produce_clicks,
+    read_all,
     read_topic,
+    wait_for_http,
 )
 
 pytestmark = pytest.mark.kafka
@@ -67,60 +69,14 @@ def same_up_to_ties(published: list[tuple[str, float]], expected: list[tuple[str
     return True
 
 
-class ThrottledProducer(threading.Thread):
-    """Produces the clicks at a steady rate, so that kills land in the middle of a stream."""
-
-    def __init__(self, bootstrap: str, topic: str, clicks: list[Click], per_s: float) -> None:
-        super().__init__(daemon=True)
-        self.bootstrap, self.topic, self.clicks, self.per_s = bootstrap, topic, clicks, per_s
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            chunk = max(1, int(self.per_s / 10))
-            for start in range(0, len(self.clicks), chunk):
-                produce_clicks(self.bootstrap, self.topic, self.clicks[start : start + chunk])
-                time.sleep(0.1)
-        except BaseException as exc:  # surfaced by the test
-            self.error = exc
-
-
-def final_states(bootstrap: str, topic: str, sessions: int) -> dict[str, SessionState]:
+def final_states(bootstrap: str, topic: str) -> dict[str, SessionState]:
     """The last changelog record of each session (what a restarted worker recovers)."""
-    reader = TopicReader(bootstrap, topic, decode=False)
-    reader.start()
-    try:
-        deadline = time.monotonic() + 60
-        latest: dict[str, bytes | None] = {}
-        while time.monotonic() < deadline:
-            latest = {}
-            for message in list(reader.messages):
-                latest[message.key().decode()] = message.value()
-            if len(latest) >= sessions:
-                break
-            time.sleep(0.2)
-    finally:
-        reader.close()
+    latest = {m.key().decode(): m.value() for m in read_all(bootstrap, topic)}
     return {key: SessionState.decode(value) for key, value in latest.items() if value is not None}
 
 
 def distinct_sources(messages: list[Any]) -> set[tuple[int, int]]:
     return {(r.value["source"]["partition"], r.value["source"]["offset"]) for r in messages}
-
-
-def wait_for_metric(port: int, line: str, worker: WorkerProcess, timeout: float = 90.0) -> str:
-    """The worker's ``/metrics`` text once it holds ``line``."""
-    deadline = time.monotonic() + timeout
-    metrics = ""
-    while f"\n{line}\n" not in metrics:
-        assert time.monotonic() < deadline, metrics or worker.log()[-3000:]
-        worker.check_alive()
-        time.sleep(0.3)
-        try:
-            metrics = http_get(f"http://127.0.0.1:{port}/metrics")[1]
-        except OSError:  # not serving yet
-            pass
-    return metrics
 
 
 def test_kills_at_several_points_lose_nothing_and_change_no_state(
@@ -162,7 +118,9 @@ def test_kills_at_several_points_lose_nothing_and_change_no_state(
     # stalls the group for about its 6-s session timeout, and the worker clears the
     # backlog a stall leaves in well under the test's 50-ms polling (at 40 clicks/s the
     # last quarter was sometimes answered before the third kill).
-    producer = ThrottledProducer(kafka_bootstrap, names.clicks, clicks, per_s=15)
+    producer = PacedClicks(
+        kafka_bootstrap, names.clicks, clicks.__getitem__, per_s=15, count=len(clicks)
+    )
     kills: list[tuple[str, int]] = []
     try:
         producer.start()
@@ -177,8 +135,7 @@ def test_kills_at_several_points_lose_nothing_and_change_no_state(
             workers[name].kill()
             kills.append((name, len(distinct_sources(outputs.messages))))
             workers[name] = worker(name).start()
-        producer.join(120)
-        assert producer.error is None, producer.error
+        producer.stop()
         deadline = time.monotonic() + 120
         while len(distinct_sources(outputs.messages)) < len(clicks):
             assert time.monotonic() < deadline, (
@@ -220,7 +177,7 @@ def test_kills_at_several_points_lose_nothing_and_change_no_state(
             )
 
     # Exactly-once state: the recovered states and last lists equal an uninterrupted run's.
-    states = final_states(kafka_bootstrap, f"{names.app_id}-sessions-changelog", len(sessions))
+    states = final_states(kafka_bootstrap, f"{names.app_id}-sessions-changelog")
     assert set(states) == set(sessions)
     last_answer: dict[str, dict[str, Any]] = {}
     for source in sorted(by_source):
@@ -240,23 +197,10 @@ def test_kills_at_several_points_lose_nothing_and_change_no_state(
     assert all(0 < answered < len(clicks) for _, answered in kills), kills
 
 
-def wait_for_status(
-    port: int, path: str, status: int, worker: WorkerProcess, timeout: float = 90.0
-) -> str:
-    deadline = time.monotonic() + timeout
-    seen: tuple[int, str] | None = None
-    while time.monotonic() < deadline:
-        assert worker.process is not None and worker.process.poll() is None, (
-            "worker exited:\n" + worker.log()[-3000:]
-        )
-        try:
-            seen = http_get(f"http://127.0.0.1:{port}{path}")
-        except OSError as error:  # not serving yet
-            seen = (0, str(error))
-        if seen[0] == status:
-            return seen[1]
-        time.sleep(0.3)
-    raise AssertionError(f"{path} never answered {status}; last {seen}:\n" + worker.log()[-3000:])
+def readyz(port: int, status: int, worker: WorkerProcess) -> str:
+    """The body of the worker's first ``/readyz`` answer with ``status``."""
+    url = f"http://127.0.0.1:{port}/readyz"
+    return wait_for_http(url, lambda seen, _: seen == status, worker)[1]
 
 
 def test_broker_outage_at_start_and_midstream_the_worker_waits_and_resumes_in_order(
@@ -276,22 +220,22 @@ def test_broker_outage_at_start_and_midstream_the_worker_waits_and_resumes_in_or
     worker = WorkerProcess(bootstrap, small_model, names, tmp_path, "--web-port", str(web_port))
     worker.start()
     try:
-        reason = wait_for_status(web_port, "/readyz", 503, worker)
+        reason = readyz(web_port, 503, worker)
         assert "broker" in reason, reason
         time.sleep(3)  # a few failed attempts: the worker must retry, not exit
         broker.start()
-        wait_for_status(web_port, "/readyz", 200, worker)
+        readyz(web_port, 200, worker)
         produce_clicks(bootstrap, names.clicks, clicks[:40])
         assert len(read_topic(bootstrap, names.recommendations, lambda ms: len(ms) >= 40)) >= 40
 
         produce_clicks(bootstrap, names.clicks, clicks[40:80])
         broker.stop()  # while those clicks are being answered
-        reason = wait_for_status(web_port, "/readyz", 503, worker)
+        reason = readyz(web_port, 503, worker)
         assert "broker" in reason, reason
         time.sleep(10)  # longer than the group session timeout: the group must re-form
         assert http_get(f"http://127.0.0.1:{web_port}/healthz")[0] == 200
         broker.start()
-        wait_for_status(web_port, "/readyz", 200, worker)
+        readyz(web_port, 200, worker)
         produce_clicks(bootstrap, names.clicks, clicks[80:])
         messages = read_topic(
             bootstrap,
@@ -369,8 +313,10 @@ def test_clicks_whose_changelog_records_failed_are_never_committed(
     with WorkerProcess(kafka_bootstrap, small_model, names, tmp_path):
         deadline = time.monotonic() + 60
         while True:  # the refused clicks, redelivered, reach every session's state
-            states = final_states(kafka_bootstrap, changelog, len(first))
-            if all(len(states[f"s{k}"].recent_items) == 2 for k in range(8)):
+            states = final_states(kafka_bootstrap, changelog)
+            if all(
+                (state := states.get(f"s{k}")) and len(state.recent_items) == 2 for k in range(8)
+            ):
                 break
             assert time.monotonic() < deadline, states
             time.sleep(0.5)
@@ -405,12 +351,10 @@ def test_redelivered_clicks_already_applied_are_counted_as_duplicates_not_answer
                 assert outputs.wait_for(sent, timeout=90), w.log()[-3000:]
                 w.kill()
             committed = committed_offsets(kafka_bootstrap, names.app_id, names.clicks).get(0, 0)
-            records = end_offsets(kafka_bootstrap, changelog)[0]
-            applied: dict[str, int] = {}
-            for m in read_topic(
-                kafka_bootstrap, changelog, lambda ms, n=records: len(ms) >= n, decode=False
-            ):
-                applied[m.key().decode()] = SessionState.decode(m.value()).last_offset
+            applied = {
+                m.key().decode(): SessionState.decode(m.value()).last_offset
+                for m in read_all(kafka_bootstrap, changelog)
+            }
             redelivered = [m for m in inputs.messages if m.offset() >= committed]
             duplicates = sum(m.offset() <= applied[m.key().decode()] for m in redelivered)
             if duplicates:
@@ -422,9 +366,10 @@ def test_redelivered_clicks_already_applied_are_counted_as_duplicates_not_answer
         with WorkerProcess(
             kafka_bootstrap, small_model, names, tmp_path, "--web-port", str(port), partitions=1
         ) as worker:
-            metrics = wait_for_metric(
-                port, f"streamrec_events_consumed_total {len(redelivered)}.0", worker
-            )
+            consumed = f"\nstreamrec_events_consumed_total {len(redelivered)}.0\n"
+            metrics = wait_for_http(
+                f"http://127.0.0.1:{port}/metrics", lambda _, body: consumed in body, worker
+            )[1]
     finally:
         inputs.close()
         outputs.close()

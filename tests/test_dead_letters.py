@@ -44,7 +44,14 @@ from stream.kafka.wire import (
 from stream.serving.app import PRODUCER_LINGER_MS
 from stream.serving.dead_letters import TRUNCATED_DEAD_LETTER_BYTES
 
-from support import StreamNames, WorkerProcess, click_by_click, free_port
+from support import (
+    StreamNames,
+    WorkerProcess,
+    click_by_click,
+    free_port,
+    produce_raw,
+    wait_for_http,
+)
 
 pytestmark = pytest.mark.kafka
 
@@ -138,15 +145,8 @@ class Harness:
 
     def wait_ready(self, timeout: float) -> None:
         """Until /readyz answers 200: partitions assigned, table recovered."""
-        deadline = time.monotonic() + timeout
-        while True:
-            assert self.worker.process.poll() is None, "the worker died:\n" + self.log()
-            try:
-                self.get("/readyz")
-                return
-            except OSError:  # not listening yet, or 503 (urllib's HTTPError)
-                assert time.monotonic() < deadline, "worker not ready:\n" + self.log()
-                time.sleep(0.2)
+        url = f"http://127.0.0.1:{self.port}/readyz"
+        wait_for_http(url, lambda status, _: status == 200, self.worker, timeout)
 
     def rejected_counts(self) -> dict[str, float]:
         pattern = re.compile(
@@ -726,9 +726,7 @@ def test_a_click_on_another_partition_than_its_session_s_is_dead_lettered(
         stray = (partition + 1) % PARTITIONS  # no click there yet: offset 0
         stray_click = Click("s", ids[7], PAST + 10)
         key, value = encode_click(stray_click)
-        producer = Producer(producer_config(kafka_bootstrap))
-        producer.produce(names.clicks, key=key, value=value, partition=stray)
-        assert producer.flush(10) == 0
+        produce_raw(kafka_bootstrap, names.clicks, [(key, value)], partition=stray)
         after = [Sent(*encode_click(c), click=c) for c in [Click("s", ids[8], PAST + 20)]]
         produce(kafka_bootstrap, names.clicks, after, 1_000_000)
         assert h.dead_letters.read_until(lambda ms: len(ms) >= 1, timeout=45), h.log()

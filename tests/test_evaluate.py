@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from model.config import GRU4RecConfig
 from model.data import ClickLog, ItemMap, sessions_log
 from model.errors import UserError
 from model.evaluate import RecommenderScorer, TopLists, evaluate, target_ranks
 from model.inference import Recommender
 from model.synth import SynthSpec, generate
 from model.train import train
+
+from support import TINY
 
 # --- target_ranks ---------------------------------------------------------------------------
 
@@ -191,7 +192,7 @@ def test_invalid_cutoffs_are_a_user_error(ks: list[int]) -> None:
 @pytest.fixture(scope="module")
 def recommender() -> Recommender:
     log = generate(SynthSpec(sessions=300, items=50, seed=1))
-    config = GRU4RecConfig(layers=(16,), n_sample=64, n_epochs=1, sample_store_size=8192)
+    config = TINY
     model, _ = train(log, config, progress=False, device="cpu")
     return model
 

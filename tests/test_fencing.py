@@ -21,15 +21,15 @@ import time
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Producer
 
 from model.artifact import load_model
 from stream.devtools.processes import StreamNames, TopicReader, WorkerProcess, start_readers
-from stream.kafka.config import producer_config
-from stream.kafka.wire import Click, encode_click
+from stream.kafka.wire import Click
 from stream.serving import fencing
 from stream.serving.fencing import MEMBERSHIP_LOST_EXIT, GroupFence, MembershipLost
 from stream.serving.state import SessionState
+
+from support import PacedClicks, read_all
 
 PARTITIONS = 2
 SESSIONS = 40
@@ -49,34 +49,6 @@ def answered(outputs: TopicReader) -> set[tuple[int, int]]:
     return {(r.value["source"]["partition"], r.value["source"]["offset"]) for r in outputs.messages}
 
 
-class ClickStream(threading.Thread):
-    """Clicks of ``SESSIONS`` sessions at ``RATE`` per second until stopped."""
-
-    def __init__(self, bootstrap: str, topic: str, items: list[str]) -> None:
-        super().__init__(daemon=True)
-        self.topic, self.items = topic, items
-        self.producer = Producer(producer_config(bootstrap))
-        self.sent = 0
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        start = time.monotonic()
-        while not self._stop_event.is_set():
-            k = self.sent
-            click = Click(f"s{k % SESSIONS}", self.items[k % len(self.items)], 1000.0 + k / RATE)
-            key, value = encode_click(click)
-            self.producer.produce(self.topic, key=key, value=value)
-            self.producer.poll(0)
-            self.sent += 1
-            time.sleep(max(0.0, start + self.sent / RATE - time.monotonic()))
-
-    def stop(self) -> int:
-        self._stop_event.set()
-        self.join(10)
-        assert self.producer.flush(30) == 0
-        return self.sent
-
-
 @pytest.mark.kafka
 def test_a_worker_paused_past_its_session_writes_no_stale_state(
     kafka_bootstrap: str, small_model: Path, tmp_path: Path
@@ -90,7 +62,12 @@ def test_a_worker_paused_past_its_session_writes_no_stale_state(
     ]
     for n in ("a", "b"):
         (tmp_path / n).mkdir()
-    clicks = ClickStream(kafka_bootstrap, names.clicks, items)
+    clicks = PacedClicks(
+        kafka_bootstrap,
+        names.clicks,
+        lambda k: Click(f"s{k % SESSIONS}", items[k % len(items)], 1000.0 + k / RATE),
+        per_s=RATE,
+    )
     paused = workers[0]
     try:
         for worker in workers:
@@ -125,13 +102,10 @@ def test_a_worker_paused_past_its_session_writes_no_stale_state(
         inputs.close()
         outputs.close()
 
-    changelog = TopicReader(kafka_bootstrap, f"{names.app_id}-sessions-changelog", decode=False)
-    changelog.start()
-    time.sleep(5)
-    changelog.close()
+    changelog = read_all(kafka_bootstrap, f"{names.app_id}-sessions-changelog")
     last: dict[tuple[int, bytes], int] = {}
     regressions = []
-    for message in changelog.messages:
+    for message in changelog:
         if message.value() is None:
             continue
         state = SessionState.decode(message.value())

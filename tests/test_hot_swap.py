@@ -22,7 +22,6 @@ from confluent_kafka.admin import AdminClient
 from safetensors.torch import load_file, save_file
 
 from model.artifact import save_model
-from model.config import GRU4RecConfig
 from model.inference import Recommender
 from model.synth import SynthSpec, generate
 from model.train import train
@@ -31,9 +30,7 @@ from stream.registry import ModelRegistry
 from stream.serving.hot_swap import ModelWatcher
 from stream.serving.metrics import WorkerCounters
 
-from support import StreamNames, WorkerProcess, click_by_click, produce_clicks, read_topic
-
-TINY = GRU4RecConfig(layers=(16,), n_sample=64, n_epochs=1)
+from support import TINY, StreamNames, WorkerProcess, click_by_click, produce_clicks, read_topic
 
 
 @pytest.fixture(scope="module")

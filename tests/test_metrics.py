@@ -28,7 +28,7 @@ from stream.quality import ONLINE_KS, PrequentialQuality, online_quality
 from stream.serving import metrics
 from stream.serving.metrics import WorkerCounters
 
-from support import free_port, http_get
+from support import free_port, http_get, produce_raw, wait_for_http
 
 # ---------------------------------------------------------------- prequential counters
 
@@ -237,16 +237,6 @@ def test_port_in_use_is_a_clear_error():
 # ---------------------------------------------------------------- end to end, real Prometheus
 
 
-def _produce_raw(bootstrap: str, topic: str, key: bytes, value: bytes) -> None:
-    from confluent_kafka import Producer
-
-    from stream.kafka.config import producer_config
-
-    producer = Producer(producer_config(bootstrap))
-    producer.produce(topic, key=key, value=value)
-    assert producer.flush(30) == 0
-
-
 def dashboard_queries() -> list[str]:
     dashboard = json.loads(
         (REPO / "deploy" / "grafana" / "dashboards" / "streamrec.json").read_text()
@@ -380,12 +370,9 @@ def test_prometheus_scrapes_the_worker(kafka_bootstrap, small_model, tmp_path):
             "--web-host",
             "127.0.0.1",
         ) as worker:
-            deadline = time.monotonic() + 60
-            while _safe_get(f"http://127.0.0.1:{web_port}/readyz")[0] != 200:
-                assert worker.process.poll() is None, worker.log()[-3000:]
-                assert time.monotonic() < deadline, worker.log()[-3000:]
-                time.sleep(0.2)
-            assert _safe_get(f"http://127.0.0.1:{web_port}/healthz")[0] == 200
+            base = f"http://127.0.0.1:{web_port}"
+            wait_for_http(base + "/readyz", lambda status, _: status == 200, worker, timeout=60)
+            assert http_get(base + "/healthz")[0] == 200
             # --web-host 127.0.0.1: another address of this machine is not served
             assert not _accepts("127.0.0.2", web_port)
             # A first scrape before any click, so rates have a zero to start from.
@@ -394,7 +381,7 @@ def test_prometheus_scrapes_the_worker(kafka_bootstrap, small_model, tmp_path):
                 == 0
             ), prometheus.log.read_text()[-2000:]
             produce_clicks(kafka_bootstrap, names.clicks, clicks)
-            _produce_raw(kafka_bootstrap, names.clicks, b"s0", b"not json")  # one reject
+            produce_raw(kafka_bootstrap, names.clicks, [(b"s0", b"not json")])  # one reject
             messages = read_topic(
                 kafka_bootstrap,
                 names.recommendations,
@@ -467,13 +454,6 @@ def test_prometheus_scrapes_the_worker(kafka_bootstrap, small_model, tmp_path):
         assert worker.process.returncode == 0, worker.log()[-2000:]
     finally:
         prometheus.stop()
-
-
-def _safe_get(url: str) -> tuple[int, str]:
-    try:
-        return http_get(url)
-    except OSError as exc:
-        return 0, str(exc)
 
 
 def test_trainer_metrics_follow_its_decisions():

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from model.artifact import load_model, save_model
-from model.config import GRU4RecConfig
 from model.errors import UserError
 from model.inference import Recommender
 from model.synth import SynthSpec, generate
@@ -26,9 +25,7 @@ from stream.cli import model as model_cli
 from stream.kafka.announcer import KafkaAnnouncer
 from stream.registry import ModelRegistry
 
-from support import REPO, StreamNames, WorkerProcess, free_port, http_get, read_topic
-
-TINY = GRU4RecConfig(layers=(16,), n_sample=64, n_epochs=1)
+from support import REPO, TINY, StreamNames, WorkerProcess, free_port, http_get, read_topic
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
 from model.data import read_clicks
 from model.errors import UserError
@@ -42,7 +40,7 @@ from stream.kafka.log_sender import (
 from stream.kafka.topics import ensure_topics
 from stream.kafka.wire import Click, encode_click
 
-from support import free_port
+from support import end_offsets, free_port, kcat, read_all
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -126,70 +124,15 @@ def _last_json(stdout: str) -> dict[str, object]:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def _consume_all(
-    bootstrap: str, topic: str, timeout: float = 30.0
-) -> list[tuple[int, int, bytes, bytes]]:
+def _consume_all(bootstrap: str, topic: str) -> list[tuple[int, int, bytes, bytes]]:
     """Every message on ``topic`` as (partition, offset, key, value), per partition in order."""
-    consumer = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": f"{topic}-check", "enable.auto.commit": False}
-    )
-    try:
-        ends = _end_offsets(consumer, topic)
-        partitions = sorted(ends)
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-        messages: list[tuple[int, int, bytes, bytes]] = []
-        deadline = time.monotonic() + timeout
-        while len(messages) < sum(ends.values()) and time.monotonic() < deadline:
-            msg = consumer.poll(0.5)
-            if msg is None or msg.error():
-                continue
-            messages.append((msg.partition(), msg.offset(), msg.key(), msg.value()))
-        assert len(messages) == sum(ends.values()), "could not read back the whole topic"
-        return sorted(messages)
-    finally:
-        consumer.close()
-
-
-def _topic_size(bootstrap: str, topic: str) -> int:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{topic}-size"})
-    try:
-        return sum(_end_offsets(consumer, topic).values())
-    finally:
-        consumer.close()
-
-
-def _end_offsets(consumer: Consumer, topic: str, timeout: float = 15.0) -> dict[int, int]:
-    """Partition -> high watermark, retrying while a new topic's leaders settle.
-
-    Even after ensure_topics saw a leader for every partition, a fresh client can briefly be
-    told NOT_LEADER_FOR_PARTITION by a broker that has not finished taking the lead.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-            return {
-                p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                for p in partitions
-            }
-        except KafkaException:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-
-
-def _kcat(*args: str, stdin: bytes | None = None) -> str:
-    kcat = shutil.which("kcat")
-    assert kcat, "kcat is not installed: `make system-deps` (or apt-get install kcat)"
-    done = subprocess.run([kcat, *args], input=stdin, capture_output=True, timeout=30, check=False)
-    assert done.returncode == 0, done.stderr.decode("utf-8", "replace")
-    return done.stdout.decode("utf-8")
+    return [(m.partition(), m.offset(), m.key(), m.value()) for m in read_all(bootstrap, topic)]
 
 
 def _kcat_partitions(bootstrap: str, topic: str, keys: list[str]) -> dict[str, int]:
     """The partition kcat's own producer picks for each key with murmur2_random."""
     lines = "".join(f"{key}|x\n" for key in keys).encode("utf-8")
-    _kcat(
+    kcat(
         "-b",
         bootstrap,
         "-P",
@@ -201,7 +144,7 @@ def _kcat_partitions(bootstrap: str, topic: str, keys: list[str]) -> dict[str, i
         "partitioner=murmur2_random",
         stdin=lines,
     )
-    out = _kcat(
+    out = kcat(
         "-b",
         bootstrap,
         "-C",
@@ -384,13 +327,13 @@ def test_replay_round_trip_co_partitioned_with_kcat(
     for partition, _, key, _ in messages:
         partition_of.setdefault(key.decode("utf-8"), set()).add(partition)
     assert all(len(p) == 1 for p in partition_of.values()), partition_of
-    kcat = _kcat_partitions(kafka_bootstrap, kcat_topic, sorted(partition_of))
-    assert {s: p.pop() for s, p in partition_of.items()} == kcat
-    assert len(set(kcat.values())) == 3  # the test really spans several partitions
+    by_kcat = _kcat_partitions(kafka_bootstrap, kcat_topic, sorted(partition_of))
+    assert {s: p.pop() for s, p in partition_of.items()} == by_kcat
+    assert len(set(by_kcat.values())) == 3  # the test really spans several partitions
     # Within a partition, offsets follow event time (and the stable tie order).
-    for partition in set(kcat.values()):
+    for partition in set(by_kcat.values()):
         on_partition = [Click(**json.loads(v)) for p, _, _, v in messages if p == partition]
-        assert on_partition == [c for c in EXPECTED_ORDER if kcat[c.session_id] == partition]
+        assert on_partition == [c for c in EXPECTED_ORDER if by_kcat[c.session_id] == partition]
 
 
 @pytest.mark.kafka
@@ -546,7 +489,7 @@ def test_ctrl_c_flushes_and_reports_what_was_sent(
     )
     try:
         deadline = time.monotonic() + 30
-        while _topic_size(kafka_bootstrap, topic_name) < 5:
+        while sum(end_offsets(kafka_bootstrap, topic_name).values()) < 5:
             assert child.poll() is None, child.communicate()
             assert time.monotonic() < deadline, "the first clicks never arrived"
             time.sleep(0.2)
@@ -559,7 +502,7 @@ def test_ctrl_c_flushes_and_reports_what_was_sent(
     assert child.returncode == 130, err
     assert _last_json(out)["events_sent"] == 5
     assert "interrupted" in err
-    assert _topic_size(kafka_bootstrap, topic_name) == 5
+    assert sum(end_offsets(kafka_bootstrap, topic_name).values()) == 5
 
 
 def test_replay_interrupted_is_a_keyboard_interrupt() -> None:

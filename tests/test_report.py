@@ -37,9 +37,10 @@ from model.train import train
 from stream.cli import report as report_command
 from stream.cli.main import main as streamrec_main
 
+from support import TINY
+
 REPO = Path(__file__).resolve().parents[1]
 RSC15 = REPO.parent / "shared" / "data" / "rsc15-100k"
-TINY = GRU4RecConfig(layers=(16,), n_sample=64, n_epochs=1, sample_store_size=8192)
 PLOTS = (
     "by_position.png",
     "by_session_length.png",

@@ -38,6 +38,7 @@ from support import (
     free_port,
     http_get,
     produce_clicks,
+    produce_raw,
     read_topic,
 )
 
@@ -475,7 +476,6 @@ def test_an_undecodable_stored_state_restarts_its_session_empty(
     """Changelog values that do not decode (another format, a truncated header) are
     recovered into the table: their sessions restart empty at their next click, the
     expiry scan skips them, and the worker goes on (it exited 70 at every restart)."""
-    from confluent_kafka import Producer
 
     recommender = load_model(small_model)
     ids = recommender.item_map.ids
@@ -488,15 +488,13 @@ def test_an_undecodable_stored_state_restarts_its_session_empty(
             [Click(s, ids[k], 1000.0 + k) for k, s in enumerate(("good", "other", "short"))],
         )
         read_topic(kafka_bootstrap, names.recommendations, lambda ms: len(ms) >= 3)
-    producer = Producer({"bootstrap.servers": kafka_bootstrap})
     changelog = f"{names.app_id}-sessions-changelog"
-    for key, value in (
+    records: list[tuple[bytes | None, bytes | None]] = [
         (b"other", b"\x07" + bytes(range(60))),  # another format
         (b"short", b"\x01\x00"),  # shorter than the header
         (b"ghost", b"garbage"),  # never clicks again: only the expiry scan reads it
-    ):
-        producer.produce(changelog, key=key, value=value, partition=0)
-    assert producer.flush(10) == 0
+    ]
+    produce_raw(kafka_bootstrap, changelog, records, partition=0)
     second = [Click(s, ids[10 + k], 1100.0 + k) for k, s in enumerate(("good", "other", "short"))]
     filler = [Click(f"filler{k}", ids[20 + k], 1100.0 + k) for k in range(20)]
     with WorkerProcess(

@@ -14,6 +14,8 @@ from model.errors import UserError
 from model.synth import SynthSpec, generate
 from model.train import Batch, session_parallel_batches, train
 
+from support import TINY
+
 # --- session-parallel mini-batches ----------------------------------------------------------
 
 LENGTHS = [3, 1, 5, 2, 1, 4, 2, 6, 2, 1, 3]
@@ -114,8 +116,6 @@ def test_no_usable_session_gives_no_batch() -> None:
 
 
 # --- training -------------------------------------------------------------------------------
-
-TINY = GRU4RecConfig(layers=(16,), n_sample=64, n_epochs=1, sample_store_size=8192)
 
 
 @pytest.fixture(scope="module")

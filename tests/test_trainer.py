@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from confluent_kafka import Producer
 
 from model.config import GRU4RecConfig
 from model.data import ClickLog
@@ -39,9 +38,8 @@ from stream.learning.replay import ReplaySample, SessionPool
 from stream.learning.settings import TrainerSettings
 from stream.registry import ModelRegistry
 
-from support import clicks_in_time_order, produce_clicks
+from support import TINY, clicks_in_time_order, produce_clicks, produce_raw
 
-TINY = GRU4RecConfig(layers=(16,), n_sample=64, n_epochs=1)
 FULL = generate(SynthSpec(sessions=2400, items=200, seed=1))
 NEW_ITEMS = frozenset(str(i) for i in range(181, 201))  # unseen until the stream
 
@@ -774,9 +772,7 @@ def test_the_trainer_learns_from_the_click_topic_and_publishes(
     stream = part(range(1200, 1600))
     clicks = clicks_in_time_order(stream)
     produce_clicks(kafka_bootstrap, topic_name, [*clicks, *flush_clicks(clicks[-1].timestamp)])
-    producer = Producer({"bootstrap.servers": kafka_bootstrap})
-    producer.produce(topic_name, key=b"x", value=b"not json")
-    assert producer.flush(10) == 0
+    produce_raw(kafka_bootstrap, topic_name, [(b"x", b"not json")])
     config = settings(
         broker=kafka_bootstrap,
         registry=str(registry.root),
