@@ -55,7 +55,13 @@ from model.item_index import RANKINGS
 from model.network import GRU4RecNetwork
 from model.synth import SynthSpec, generate
 from stream.devtools.brokers import kafka_or_local
-from stream.devtools.processes import Received, StreamNames, WorkerProcess, start_readers
+from stream.devtools.processes import (
+    Received,
+    StreamNames,
+    WorkerProcess,
+    collector_paused,
+    start_readers,
+)
 from stream.devtools.procfs import cpu_seconds, machine_busy_seconds, peak_rss_mib
 from stream.kafka.config import producer_config
 from stream.kafka.log_sender import replay
@@ -218,40 +224,42 @@ def measure(
 ) -> dict[str, Any]:
     """Throughput (max speed) then latency (1,000 events/s) of one worker process; also
     the burst's clicks and answers and the worker's peak RSS."""
-    names = StreamNames("bench")
-    inputs, outputs = start_readers(bootstrap, names, PARTITIONS)
-    worker = WorkerProcess(
-        bootstrap,
-        model_dir,
-        names,
-        work,
-        *worker_args,
-        partitions=PARTITIONS,
-        subcommand=subcommand,
-    ).start()
-    try:
-        worker.wait_until_consuming(bootstrap, names.app_id)
-        burst = make_clicks("a", events, 1, None)
-        cpu = CpuMeter(worker.process.pid)  # type: ignore[union-attr]
-        replay(burst, bootstrap, names.clicks, speed="max")
-        if not outputs.wait_for(len(burst), timeout=300):
-            raise UserError(
-                f"only {len(outputs.messages)} of {len(burst)} answered:\n" + worker.log()[-2000:]
-            )
-        cpu_us_per_event, busy_cores = cpu.per_event_and_busy_cores(len(burst))
-        inputs.wait_for(len(burst), timeout=30)
-        first_sent = min(m.timestamp()[1] for m in inputs.messages) / 1000.0
-        throughput = len(burst) / (outputs.messages[len(burst) - 1].consumed_at - first_sent)
-        paced = make_clicks("b", min(events, 5000), 2, 1000.0)
-        _produce_paced(bootstrap, names.clicks, paced, rate=1000.0)
-        total = len(burst) + len(paced) + 1
-        outputs.wait_for(total, timeout=120)
-        inputs.wait_for(total, timeout=30)
-        rss = peak_rss_mib(worker.process.pid)  # type: ignore[union-attr]
-    finally:
-        worker.stop()
-        inputs.close()
-        outputs.close()
+    with collector_paused():  # the readers' consume times are the measurement
+        names = StreamNames("bench")
+        inputs, outputs = start_readers(bootstrap, names, PARTITIONS)
+        worker = WorkerProcess(
+            bootstrap,
+            model_dir,
+            names,
+            work,
+            *worker_args,
+            partitions=PARTITIONS,
+            subcommand=subcommand,
+        ).start()
+        try:
+            worker.wait_until_consuming(bootstrap, names.app_id)
+            burst = make_clicks("a", events, 1, None)
+            cpu = CpuMeter(worker.process.pid)  # type: ignore[union-attr]
+            replay(burst, bootstrap, names.clicks, speed="max")
+            if not outputs.wait_for(len(burst), timeout=300):
+                raise UserError(
+                    f"only {len(outputs.messages)} of {len(burst)} answered:\n"
+                    + worker.log()[-2000:]
+                )
+            cpu_us_per_event, busy_cores = cpu.per_event_and_busy_cores(len(burst))
+            inputs.wait_for(len(burst), timeout=30)
+            first_sent = min(m.timestamp()[1] for m in inputs.messages) / 1000.0
+            throughput = len(burst) / (outputs.messages[len(burst) - 1].consumed_at - first_sent)
+            paced = make_clicks("b", min(events, 5000), 2, 1000.0)
+            _produce_paced(bootstrap, names.clicks, paced, rate=1000.0)
+            total = len(burst) + len(paced) + 1
+            outputs.wait_for(total, timeout=120)
+            inputs.wait_for(total, timeout=30)
+            rss = peak_rss_mib(worker.process.pid)  # type: ignore[union-attr]
+        finally:
+            worker.stop()
+            inputs.close()
+            outputs.close()
     sent = {(m.partition(), m.offset()): m.timestamp()[1] / 1000.0 for m in inputs.messages}
     latencies = [
         r.consumed_at - sent[(r.value["source"]["partition"], r.value["source"]["offset"])]
