@@ -151,6 +151,48 @@ def test_resuming_flow_clears_queues_only_after_a_suspension() -> None:
     assert asyncio.run(run()) == (1, 0)
 
 
+def test_a_commit_awaits_the_barrier_and_a_failing_one_commits_nothing(monkeypatch) -> None:
+    """What ``hold_commits_until`` promises the worker: Faust's commit of attached
+    messages (which precedes every offset commit) first awaits the app's barrier (the
+    changelog records in flight); if they were refused, nothing is committed.
+
+    End to end, the next batch's own check usually stops the worker first, so only this
+    test tells a missing barrier apart (see stream.devtools.seeded_bugs)."""
+    from faust.exceptions import ProducerSendError
+
+    committed: list[dict[TP, int]] = []
+
+    async def faust_handle_attached(self: Any, offsets: dict[TP, int]) -> None:
+        committed.append(offsets)
+
+    monkeypatch.setattr(faust_fixes, "_handle_attached", faust_handle_attached)
+
+    class App:  # the barriers are held per app, weakly
+        pass
+
+    consumer = SimpleNamespace(app=App())
+    awaited: list[str] = []
+
+    async def delivered() -> None:
+        awaited.append("delivered")
+
+    async def refused() -> None:
+        raise RuntimeError("a changelog record was refused")
+
+    faust_fixes.hold_commits_until(consumer.app, delivered)
+    asyncio.run(faust_fixes._handle_attached_after_barrier(consumer, {CLICKS0: 5}))
+    assert (awaited, committed) == (["delivered"], [{CLICKS0: 5}])
+
+    faust_fixes.hold_commits_until(consumer.app, refused)
+    try:
+        asyncio.run(faust_fixes._handle_attached_after_barrier(consumer, {CLICKS0: 9}))
+    except ProducerSendError as error:
+        assert "refused" in str(error)
+    else:
+        raise AssertionError("a commit went ahead past refused changelog records")
+    assert committed == [{CLICKS0: 5}]
+
+
 def test_faust_still_has_what_the_fixes_patch() -> None:
     """The fixes replace methods of pinned versions; an upgrade that changes them must be
     looked at again, not silently patched over."""

@@ -80,6 +80,7 @@ BUGS = (
         "            await barrier()\n",
         "            pass\n",
         (
+            "tests/test_faust_patches.py",
             "tests/test_crash_recovery.py::"
             "test_clicks_whose_changelog_records_failed_are_never_committed",
         ),
