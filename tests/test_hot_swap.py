@@ -327,3 +327,62 @@ def test_two_workers_swap_refuse_a_corrupt_version_and_follow_rollback(
     finally:
         for worker in workers:
             worker.stop()
+
+
+def test_a_swap_during_a_batch_takes_effect_from_the_next_batch(tmp_path: Path) -> None:
+    """A hot swap is an assignment on the event loop, and a batch awaits its answers'
+    delivery: a swap landing there must not reach the rest of the batch. Driven through
+    the worker's real app and table, with a producer that swaps the model on its first
+    send, as the registry watcher would between two awaits."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from stream.bench.serving import untrained_model
+    from stream.kafka.wire import Click, encode_click
+    from stream.serving.app import create_app
+    from stream.serving.settings import WorkerSettings
+    from stream.serving.state import SessionState
+
+    old = untrained_model(30, tmp_path / "old")
+    new = untrained_model(30, tmp_path / "new")
+    old.version, new.version = "v1", "v2"
+    settings = WorkerSettings(model=str(tmp_path / "old"), data_dir=str(tmp_path / "data"))
+    app, processor = create_app(settings, old)
+    sent: list[tuple[str, bytes, bytes]] = []
+
+    class SwappingProducer:
+        async def send(self, topic: str, key: bytes, value: bytes, *_: object) -> asyncio.Future:
+            sent.append((topic, key, value))
+            processor.recommender = new  # the watcher's swap, between two awaits
+            done: asyncio.Future = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+
+    app._producer = SwappingProducer()  # type: ignore[assignment]
+
+    def batch(first: int, sessions: list[str]) -> list[SimpleNamespace]:
+        events = []
+        for k, session in enumerate(sessions):
+            key, value = encode_click(Click(session, "3", 1000.0 + first + k))
+            message = SimpleNamespace(
+                topic=settings.input_topic,
+                partition=0,
+                offset=first + k,
+                key=key,
+                value=value,
+                timestamp=None,
+            )
+            events.append(SimpleNamespace(message=message))
+        return events
+
+    sessions = [f"s{k}" for k in range(5)]
+
+    async def run() -> None:
+        await processor.process(batch(0, sessions))
+        await processor.process(batch(5, sessions))
+
+    asyncio.run(run())
+    answers = [json.loads(v) for t, _, v in sent if t == settings.output_topic]
+    assert [a["model_version"] for a in answers] == ["v1"] * 5 + ["v2"] * 5
+    states = [SessionState.decode(v) for t, _, v in sent if t.endswith("-changelog")]
+    assert [s.model_version for s in states] == ["v1"] * 5 + ["v2"] * 5

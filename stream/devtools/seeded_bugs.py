@@ -125,6 +125,14 @@ BUGS = (
         ("tests/test_rebalance.py::test_a_worker_is_not_ready_while_its_group_rebalances",),
     ),
     SeededBug(
+        "batch-mixes-versions",
+        "a model swapped in during a batch answers the rest of that batch",
+        "stream/serving/processor.py",
+        "                outcome.scores,\n                recommender.version,",
+        "                outcome.scores,\n                self.recommender.version,",
+        ("tests/test_hot_swap.py::test_a_swap_during_a_batch_takes_effect_from_the_next_batch",),
+    ),
+    SeededBug(
         "wrong-partition-applied",
         "a click on another partition than its session's is treated as the session's",
         "stream/serving/processor.py",
