@@ -193,6 +193,55 @@ def test_a_commit_awaits_the_barrier_and_a_failing_one_commits_nothing(monkeypat
     assert committed == [{CLICKS0: 5}]
 
 
+def test_the_producer_fails_guarded_records_once_the_membership_lapsed(monkeypatch) -> None:
+    """Records handed to the producer before a long pause would go out on waking: the
+    sender's produce request first confirms the group membership for guarded topics
+    (the changelog), fails their batches if it lapsed, and sends the rest."""
+    import time
+
+    from aiokafka.structs import TopicPartition
+
+    from stream.serving import fencing
+
+    sent: list[set[Any]] = []
+
+    async def aiokafka_send(self: Any, node_id: int, batches: dict[Any, Any]) -> None:
+        sent.append(set(batches))
+        self._in_flight.remove(node_id)
+        for tp in batches:
+            self._muted_partitions.remove(tp)
+
+    monkeypatch.setattr(faust_fixes, "_send_produce_req", aiokafka_send)
+
+    class Batch:
+        def __init__(self) -> None:
+            self.error: BaseException | None = None
+
+        def failure(self, exception: BaseException) -> None:
+            self.error = exception
+
+    group = f"g-{time.monotonic_ns()}"
+    changelog, answers = TopicPartition("sessions-changelog", 0), TopicPartition("recs", 0)
+    fencing.guard(changelog.topic, fencing.GroupFence(group, session_timeout_s=0.5))
+
+    def request(lapsed: bool) -> tuple[SimpleNamespace, dict[Any, Batch]]:
+        if lapsed:
+            fencing.lapsed(group)
+        else:
+            fencing.confirmed(group, 3, time.monotonic())
+        sender = SimpleNamespace(_in_flight={1}, _muted_partitions={changelog, answers})
+        batches = {changelog: Batch(), answers: Batch()}
+        asyncio.run(faust_fixes._send_produce_req_fenced(sender, 1, dict(batches)))
+        return sender, batches
+
+    sender, batches = request(lapsed=False)
+    assert sent.pop() == {changelog, answers} and batches[changelog].error is None
+    sender, batches = request(lapsed=True)
+    assert sent.pop() == {answers}  # the answers still go out (at least once)
+    assert isinstance(batches[changelog].error, fencing.MembershipLost)
+    assert sender._in_flight == set() and sender._muted_partitions == set()
+
+
 def test_faust_still_has_what_the_fixes_patch() -> None:
     """The fixes replace methods of pinned versions; an upgrade that changes them must be
     looked at again, not silently patched over."""

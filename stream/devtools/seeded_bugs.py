@@ -94,6 +94,14 @@ BUGS = (
         ("tests/test_fencing.py",),
     ),
     SeededBug(
+        "no-producer-fence",
+        "records handed to the producer before a long pause go out on waking",
+        "stream/serving/faust_patches.py",
+        "            await fence.confirm_current()\n",
+        "            pass\n",
+        ("tests/test_faust_patches.py",),
+    ),
+    SeededBug(
         "watermark-is-the-maximum",
         "one click stamped in the future moves its partition's event time",
         "stream/event_time.py",

@@ -26,7 +26,7 @@ from model.inference import Recommender
 from stream.kafka.probe import BrokerProbe
 from stream.observability import serve
 from stream.registry import ModelRegistry
-from stream.serving import faust_patches
+from stream.serving import faust_patches, fencing
 from stream.serving.credentials import faust_credentials
 from stream.serving.fencing import MEMBERSHIP_LOST_EXIT, MembershipLost, heartbeat_interval
 from stream.serving.hot_swap import watch_registry
@@ -107,6 +107,7 @@ def create_app(
     )
     processor = ClickProcessor(settings, recommender, table, output, dead_letters)
     faust_patches.hold_commits_until(app, processor.await_state_writes)
+    fencing.guard(table.changelog_topic.get_topic_name(), processor.fence)
     app.on_partitions_revoked.connect(processor.on_rebalance)
     app.on_partitions_assigned.connect(processor.on_rebalance)
     register(processor, app)

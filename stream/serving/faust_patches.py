@@ -1,6 +1,6 @@
-"""Four targeted corrections to faust-streaming 0.15 / mode 0.7 and one observation of
-aiokafka 0.14, applied once at start-up, and the one private hook the worker needs
-(:class:`in_context_of`).
+"""Four targeted corrections to faust-streaming 0.15 / mode 0.7, one observation of
+aiokafka 0.14 and one guard in its producer, applied once at start-up, and the one
+private hook the worker needs (:class:`in_context_of`).
 
 1. **Lost events after recovery.** At the end of table recovery Faust resumes flow control,
    and mode's ``FlowControlEvent.resume()`` always clears the stream queues, dropping
@@ -36,6 +36,10 @@ aiokafka 0.14, applied once at start-up, and the one private hook the worker nee
    when a join completed, and when the member was dropped; aiokafka keeps the first in a
    local variable and exposes none of them.
 
+6. **Fenced produce requests.** Before aiokafka's sender sends a produce request, the
+   records of topics that :func:`stream.serving.fencing.guard` names wait for a confirmed
+   group membership, and are failed instead of sent if it lapsed.
+
 All touch private attributes of pinned versions (``faust-streaming>=0.15,<0.16``,
 ``mode-streaming`` 0.7); tests/test_faust_patches.py pins each behaviour, and the tests that
 restart workers, rebalance groups and measure latency would catch a change in any.
@@ -50,6 +54,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from aiokafka.consumer.group_coordinator import GroupCoordinator
+from aiokafka.producer.sender import Sender
 from faust.exceptions import ProducerSendError
 from faust.streams import _current_event
 from faust.transport.consumer import Consumer
@@ -168,6 +173,28 @@ def _reset_generation_observed(self: GroupCoordinator) -> None:
     _reset_generation(self)
 
 
+_send_produce_req = Sender._send_produce_req
+
+
+async def _send_produce_req_fenced(self: Sender, node_id: int, batches: dict[Any, Any]) -> None:
+    """aiokafka's ``_send_produce_req``, after failing the batches of guarded topics whose
+    group membership lapsed (the partitions stay muted until the original unmutes them)."""
+    for topic in {tp.topic for tp in batches}:
+        fence = fencing.guarding(topic)
+        if fence is None:
+            continue
+        try:
+            await fence.confirm_current()
+        except fencing.MembershipLost as exc:
+            for tp in [tp for tp in batches if tp.topic == topic]:
+                batches.pop(tp).failure(exception=exc)
+                self._muted_partitions.remove(tp)
+    if batches:
+        await _send_produce_req(self, node_id, batches)
+    else:
+        self._in_flight.remove(node_id)
+
+
 def apply(fetch_max_wait_ms: int) -> None:
     """Install the fixes (idempotent); ``fetch_max_wait_ms`` bounds a fetch's wait."""
     global _fetch_max_wait_ms, _applied
@@ -180,6 +207,7 @@ def apply(fetch_max_wait_ms: int) -> None:
     GroupCoordinator._do_heartbeat = _do_heartbeat_observed
     GroupCoordinator._on_join_complete = _on_join_complete_observed
     GroupCoordinator.reset_generation = _reset_generation_observed
+    Sender._send_produce_req = _send_produce_req_fenced
     create = AIOKafkaConsumerThread._create_worker_consumer
 
     def _create_worker_consumer(self: Any, transport: Any) -> Any:  # Faust's signature

@@ -40,7 +40,7 @@ from model.inference import Recommender
 from stream.kafka.wire import Rejected, encode_recommendation, parse_click
 from stream.serving.dead_letters import WRONG_PARTITION, DeadLetters
 from stream.serving.expiry import EXPIRY_DELETES_FLOOR, SessionExpiry
-from stream.serving.fencing import GroupFence
+from stream.serving.fencing import GroupFence, MembershipLost
 from stream.serving.metrics import REBALANCING, Health, WorkerCounters, WorkerMetrics
 from stream.serving.scoring import SourcedClick, apply_clicks
 from stream.serving.settings import WorkerSettings
@@ -271,6 +271,8 @@ class ClickProcessor:
                 await asyncio.gather(*writes)
             except Exception as exc:  # the delivery error, whatever its type
                 self._write_failure = exc
+        if isinstance(self._write_failure, MembershipLost):  # failed by the producer's fence
+            raise MembershipLost(str(self._write_failure)) from self._write_failure
         if self._write_failure is not None:
             raise RuntimeError(
                 f"a changelog record was refused: {self._write_failure!r}"
