@@ -45,6 +45,8 @@ CONFIGS = [
     # with dropout, as the defaults train (hidden 0.4): autograd replays the step's masks
     GRU4RecConfig(layers=(8,), dropout_p_hidden=0.4),
     GRU4RecConfig(layers=(8,), dropout_p_hidden=0.4, dropout_p_embed=0.3),
+    GRU4RecConfig(layers=(7,), dropout_p_hidden=0.4, loss="bpr"),
+    GRU4RecConfig(layers=(7,), dropout_p_hidden=0.4, loss="top1"),
     GRU4RecConfig(
         layers=(6, 5),
         dropout_p_hidden=0.4,
