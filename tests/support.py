@@ -7,7 +7,6 @@ shared Kafka cluster (``STREAMREC_TEST_BROKER``).
 
 from __future__ import annotations
 
-import json
 import shutil
 import socket
 import subprocess
@@ -15,7 +14,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +25,7 @@ from confluent_kafka.admin import AdminClient
 from model.config import GRU4RecConfig
 from model.data import ClickLog
 from model.inference import Recommender
-from stream.devtools.processes import REPO, CommandProcess, StreamNames, WorkerProcess
+from stream.devtools.processes import REPO, CommandProcess, StreamNames, TopicReader, WorkerProcess
 from stream.kafka.config import client_config, producer_config
 from stream.kafka.wire import Click, encode_click
 
@@ -224,29 +222,19 @@ def read_topic(
     timeout: float = 60.0,
     decode: bool = True,
 ) -> list[Any]:
-    """Read a topic from the beginning until ``until(messages)`` holds or time runs out."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"reader-{uuid.uuid4()}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
-    )
-    metadata = consumer.list_topics(topic, timeout=10)
-    partitions = metadata.topics[topic].partitions
-    consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
-    messages: list[Any] = []
-    deadline = time.monotonic() + timeout
+    """Read a topic from the beginning until ``until(messages)`` holds or time runs out:
+    the JSON values (``decode``) or the raw messages."""
+    reader = TopicReader(bootstrap, topic, decode=decode)
+    reader.start()
     try:
-        while time.monotonic() < deadline and not until(messages):
-            for message in consumer.consume(500, timeout=0.5):
-                if message.error():
-                    continue
-                messages.append(json.loads(message.value()) if decode else message)
+        reader.wait_until(lambda messages: until(_values(messages, decode)), timeout)
     finally:
-        consumer.close()
-    return messages
+        reader.close()
+    return _values(reader.messages, decode)
+
+
+def _values(messages: list[Any], decode: bool) -> list[Any]:
+    return [m.value for m in messages] if decode else list(messages)
 
 
 def end_offsets(bootstrap: str, topic: str, timeout: float = 15.0) -> dict[int, int]:
@@ -278,17 +266,17 @@ def read_all(bootstrap: str, topic: str, timeout: float = 30.0) -> list[Any]:
     then offset; fails unless all were read (a reader that returned what it had when
     time ran out would let a test check less than it says)."""
     ends = end_offsets(bootstrap, topic)
-    consumer = Consumer(client_config(bootstrap, **{"group.id": f"all-{uuid.uuid4()}"}))
-    consumer.assign([TopicPartition(topic, p, 0) for p in ends])
-    messages: list[Any] = []
-    deadline = time.monotonic() + timeout
+
+    def upto_ends(messages: list[Any]) -> list[Any]:
+        return [m for m in messages if m.offset() < ends.get(m.partition(), 0)]
+
+    reader = TopicReader(bootstrap, topic, decode=False)
+    reader.start()
     try:
-        while len(messages) < sum(ends.values()) and time.monotonic() < deadline:
-            for message in consumer.consume(500, timeout=0.5):
-                if message.error() is None and message.offset() < ends[message.partition()]:
-                    messages.append(message)
+        reader.wait_until(lambda ms: len(upto_ends(ms)) >= sum(ends.values()), timeout)
     finally:
-        consumer.close()
+        reader.close()
+    messages = upto_ends(reader.messages)
     assert len(messages) == sum(ends.values()), f"read {len(messages)} of {ends} on {topic}"
     return sorted(messages, key=lambda m: (m.partition(), m.offset()))
 

@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, ConfigResource
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from model.artifact import load_model
+from stream.devtools.processes import TopicReader
 from stream.kafka.config import client_config, producer_config
 from stream.kafka.topics import ensure_topics
 from stream.kafka.wire import (
@@ -93,35 +94,11 @@ def max_message_bytes(bootstrap: str, topic: str) -> int:
     return int(config["max.message.bytes"].value)
 
 
-class TopicLog:
-    """Everything on a topic so far, read from the beginning by one consumer and kept."""
-
-    def __init__(self, bootstrap: str, topic: str) -> None:
-        self._consumer = Consumer(
-            client_config(
-                bootstrap,
-                **{
-                    "group.id": f"reader-{uuid.uuid4()}",
-                    "enable.auto.commit": False,
-                    "fetch.wait.max.ms": 50,
-                },
-            )
-        )
-        self._consumer.assign([TopicPartition(topic, p, 0) for p in range(PARTITIONS)])
-        self.messages: list[Any] = []
-
-    def read_until(self, done: Callable[[list[Any]], bool], timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while not done(self.messages):
-            if time.monotonic() > deadline:
-                return False
-            for message in self._consumer.consume(500, timeout=0.2):
-                assert not message.error(), message.error()
-                self.messages.append(message)
-        return True
-
-    def close(self) -> None:
-        self._consumer.close()
+def topic_log(bootstrap: str, topic: str) -> TopicReader:
+    """Everything on ``topic`` so far, raw, read in the background from the beginning."""
+    reader = TopicReader(bootstrap, topic, decode=False)
+    reader.start()
+    return reader
 
 
 @dataclass
@@ -132,8 +109,8 @@ class Harness:
     port: int
     size_limit: int  # the input topic's max.message.bytes
     item_ids: list[str]
-    outputs: TopicLog
-    dead_letters: TopicLog
+    outputs: TopicReader
+    dead_letters: TopicReader
     expected_rejections: Counter[str]  # over every example so far
 
     def get(self, path: str) -> str:
@@ -174,8 +151,8 @@ def harness(kafka_bootstrap: str, small_model, tmp_path_factory) -> Iterator[Har
         str(port),
         partitions=PARTITIONS,
     )
-    outputs = TopicLog(kafka_bootstrap, names.recommendations)
-    dead_letters = TopicLog(kafka_bootstrap, names.dlq)
+    outputs = topic_log(kafka_bootstrap, names.recommendations)
+    dead_letters = topic_log(kafka_bootstrap, names.dlq)
     worker.start()
     try:
         harness = Harness(
@@ -569,10 +546,10 @@ def test_bad_messages_are_dead_lettered_and_never_stop_the_worker(
 
     want_outputs = {s.source for s in good}
     want_dead = {s.source for s in bad}
-    answered = h.outputs.read_until(
+    answered = h.outputs.wait_until(
         lambda ms: want_outputs <= set(by_source(ms, output_source)), timeout=45
     )
-    dead = h.dead_letters.read_until(
+    dead = h.dead_letters.wait_until(
         lambda ms: want_dead <= set(by_source(ms, dlq_source)), timeout=45
     )
     assert h.worker.process.poll() is None, "the worker died:\n" + h.log()
@@ -655,10 +632,10 @@ def test_a_flood_of_bad_messages_does_not_slow_the_worker(harness: Harness) -> N
     def ours(messages: list[Any]) -> list[Any]:
         return [m for m in messages if header(m, "streamrec-source") in sources]
 
-    assert h.dead_letters.read_until(
+    assert h.dead_letters.wait_until(
         lambda ms: len({header(m, "streamrec-source") for m in ours(ms)}) == len(flood), timeout=45
     ), h.log()
-    assert h.outputs.read_until(
+    assert h.outputs.wait_until(
         lambda ms: any(
             json.loads(m.value())["source"]
             == {"partition": answer[0].partition, "offset": answer[0].offset}
@@ -713,15 +690,15 @@ def test_a_click_on_another_partition_than_its_session_s_is_dead_lettered(
         port,
         0,
         ids,
-        TopicLog(kafka_bootstrap, names.recommendations),
-        TopicLog(kafka_bootstrap, names.dlq),
+        topic_log(kafka_bootstrap, names.recommendations),
+        topic_log(kafka_bootstrap, names.dlq),
         Counter(),
     )
     worker.start()
     try:
         h.wait_ready(timeout=90)
         produce(kafka_bootstrap, names.clicks, home, 1_000_000)
-        assert h.outputs.read_until(lambda ms: len(ms) >= len(home), timeout=45), h.log()
+        assert h.outputs.wait_until(lambda ms: len(ms) >= len(home), timeout=45), h.log()
         partition = home[0].partition
         stray = (partition + 1) % PARTITIONS  # no click there yet: offset 0
         stray_click = Click("s", ids[7], PAST + 10)
@@ -729,8 +706,8 @@ def test_a_click_on_another_partition_than_its_session_s_is_dead_lettered(
         produce_raw(kafka_bootstrap, names.clicks, [(key, value)], partition=stray)
         after = [Sent(*encode_click(c), click=c) for c in [Click("s", ids[8], PAST + 20)]]
         produce(kafka_bootstrap, names.clicks, after, 1_000_000)
-        assert h.dead_letters.read_until(lambda ms: len(ms) >= 1, timeout=45), h.log()
-        assert h.outputs.read_until(lambda ms: len(ms) >= len(home) + 1, timeout=45), h.log()
+        assert h.dead_letters.wait_until(lambda ms: len(ms) >= 1, timeout=45), h.log()
+        assert h.outputs.wait_until(lambda ms: len(ms) >= len(home) + 1, timeout=45), h.log()
         (dead,) = h.dead_letters.messages
         assert header(dead, "streamrec-reason") == b"wrong_partition"
         assert header(dead, "streamrec-source") == f"{names.clicks}/{stray}/0".encode()

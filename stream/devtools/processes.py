@@ -273,7 +273,9 @@ def collector_paused() -> Iterator[None]:
 
 
 class TopicReader(threading.Thread):
-    """Reads a topic from the beginning in the background, recording consume times."""
+    """Reads a topic from the beginning in the background, recording consume times: the
+    one topic reader of the benchmarks and the tests (``decode=False`` keeps the raw
+    confluent-kafka messages, headers and all)."""
 
     def __init__(self, bootstrap: str, topic: str, *, decode: bool = True) -> None:
         super().__init__(daemon=True)
@@ -322,9 +324,13 @@ class TopicReader(threading.Thread):
 
     def wait_for(self, count: int, timeout: float) -> bool:
         """Wait until ``count`` messages were read; False on timeout."""
+        return self.wait_until(lambda messages: len(messages) >= count, timeout)
+
+    def wait_until(self, done: Callable[[list[Any]], bool], timeout: float) -> bool:
+        """Wait until ``done(messages read so far)``; False on timeout."""
         deadline = time.monotonic() + timeout
-        while len(self.messages) < count:
-            if time.monotonic() > deadline:
+        while not done(self.messages):
+            if time.monotonic() > deadline or not self.is_alive():
                 return False
             time.sleep(0.05)
         return True
