@@ -16,8 +16,7 @@ import pytest
 import torch
 
 from stream.devtools.brokers import LocalKafka
-
-from support import TINY
+from stream.devtools.testing import TINY
 
 pytest_plugins = ["stream.devtools.skip_gate"]
 

@@ -28,9 +28,8 @@ from model.errors import UserError
 from stream.cli import broker as broker_cli
 from stream.devtools import brokers
 from stream.devtools.brokers import LocalKafka, Tansu, fetch_kafka_jars, find_java
+from stream.devtools.testing import free_port, kcat, produce_raw, read_topic
 from stream.kafka.topics import check_topics, ensure_topics
-
-from support import free_port, kcat, produce_raw, read_topic
 
 REPO = Path(__file__).resolve().parent.parent
 

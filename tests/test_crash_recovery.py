@@ -23,11 +23,7 @@ from model.artifact import load_model
 from model.inference import Recommender
 from stream.devtools.brokers import LocalKafka
 from stream.devtools.processes import StreamNames, WorkerProcess, start_readers
-from stream.kafka.config import client_config
-from stream.kafka.wire import Click
-from stream.serving.state import SessionState
-
-from support import (
+from stream.devtools.testing import (
     PacedClicks,
     click_by_click,
     committed_offsets,
@@ -39,6 +35,9 @@ from support import (
     read_topic,
     wait_for_http,
 )
+from stream.kafka.config import client_config
+from stream.kafka.wire import Click
+from stream.serving.state import SessionState
 
 pytestmark = pytest.mark.kafka
 

@@ -31,6 +31,14 @@ from hypothesis import strategies as st
 
 from model.artifact import load_model
 from stream.devtools.processes import TopicReader
+from stream.devtools.testing import (
+    StreamNames,
+    WorkerProcess,
+    click_by_click,
+    free_port,
+    produce_raw,
+    wait_for_http,
+)
 from stream.kafka.config import client_config, producer_config
 from stream.kafka.topics import ensure_topics
 from stream.kafka.wire import (
@@ -44,15 +52,6 @@ from stream.kafka.wire import (
 )
 from stream.serving.app import PRODUCER_LINGER_MS
 from stream.serving.dead_letters import TRUNCATED_DEAD_LETTER_BYTES
-
-from support import (
-    StreamNames,
-    WorkerProcess,
-    click_by_click,
-    free_port,
-    produce_raw,
-    wait_for_http,
-)
 
 pytestmark = pytest.mark.kafka
 

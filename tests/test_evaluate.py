@@ -13,8 +13,7 @@ from model.evaluate import RecommenderScorer, TopLists, evaluate, target_ranks
 from model.inference import Recommender
 from model.synth import SynthSpec, generate
 from model.train import train
-
-from support import TINY
+from stream.devtools.testing import TINY
 
 # --- target_ranks ---------------------------------------------------------------------------
 

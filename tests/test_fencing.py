@@ -24,12 +24,11 @@ import pytest
 
 from model.artifact import load_model
 from stream.devtools.processes import StreamNames, TopicReader, WorkerProcess, start_readers
+from stream.devtools.testing import PacedClicks, read_all
 from stream.kafka.wire import Click
 from stream.serving import fencing
 from stream.serving.fencing import MEMBERSHIP_LOST_EXIT, GroupFence, MembershipLost
 from stream.serving.state import SessionState
-
-from support import PacedClicks, read_all
 
 PARTITIONS = 2
 SESSIONS = 40

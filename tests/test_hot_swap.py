@@ -25,12 +25,18 @@ from model.artifact import save_model
 from model.inference import Recommender
 from model.synth import SynthSpec, generate
 from model.train import train
+from stream.devtools.testing import (
+    TINY,
+    StreamNames,
+    WorkerProcess,
+    click_by_click,
+    produce_clicks,
+    read_topic,
+)
 from stream.kafka.wire import Click
 from stream.registry import ModelRegistry
 from stream.serving.hot_swap import ModelWatcher
 from stream.serving.metrics import WorkerCounters
-
-from support import TINY, StreamNames, WorkerProcess, click_by_click, produce_clicks, read_topic
 
 
 @pytest.fixture(scope="module")

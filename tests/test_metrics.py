@@ -22,13 +22,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from stream import observability
 from stream.devtools.processes import REPO
+from stream.devtools.testing import free_port, http_get, produce_raw, wait_for_http
 from stream.kafka.wire import Click
 from stream.learning.metrics import TrainerMetrics
 from stream.quality import ONLINE_KS, PrequentialQuality, online_quality
 from stream.serving import metrics
 from stream.serving.metrics import WorkerCounters
-
-from support import free_port, http_get, produce_raw, wait_for_http
 
 # ---------------------------------------------------------------- prequential counters
 
@@ -335,8 +334,7 @@ class _Prometheus:
 @pytest.mark.kafka
 def test_prometheus_scrapes_the_worker(kafka_bootstrap, small_model, tmp_path):
     from model.artifact import load_model
-
-    from support import StreamNames, WorkerProcess, produce_clicks, read_topic
+    from stream.devtools.testing import StreamNames, WorkerProcess, produce_clicks, read_topic
 
     binary = _prometheus_binary()
     recommender = load_model(small_model)
@@ -584,8 +582,7 @@ def test_the_first_click_after_a_restart_is_not_judged(
     the worker's memory: after a restart, each session's first click has nothing to judge
     (the README says so), and its second click is judged as usual."""
     from model.artifact import load_model
-
-    from support import StreamNames, WorkerProcess, produce_clicks, read_topic
+    from stream.devtools.testing import StreamNames, WorkerProcess, produce_clicks, read_topic
 
     ids = load_model(small_model, device="cpu").item_map.ids
     waves = [

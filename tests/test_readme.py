@@ -34,9 +34,8 @@ import pytest
 from aiokafka.partitioner import murmur2
 from confluent_kafka.admin import AdminClient
 
+from stream.devtools.testing import free_port
 from stream.kafka.config import client_config
-
-from support import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"

@@ -25,13 +25,12 @@ from faust.types import TP
 from model.artifact import load_model
 from stream.bench.serving import untrained_model
 from stream.devtools.processes import StreamNames, WorkerProcess, start_readers
+from stream.devtools.testing import free_port, http_get, produce_clicks, read_all
 from stream.event_time import WATERMARK_RANK
 from stream.kafka.wire import Click
 from stream.serving.app import create_app
 from stream.serving.settings import WorkerSettings
 from stream.serving.state import SessionState
-
-from support import free_port, http_get, produce_clicks, read_all
 
 PARTITIONS = 4
 SESSIONS = 60

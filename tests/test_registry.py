@@ -22,10 +22,17 @@ from model.synth import SynthSpec, generate
 from model.train import train
 from stream import registry as registry_module
 from stream.cli import model as model_cli
+from stream.devtools.testing import (
+    REPO,
+    TINY,
+    StreamNames,
+    WorkerProcess,
+    free_port,
+    http_get,
+    read_topic,
+)
 from stream.kafka.announcer import KafkaAnnouncer
 from stream.registry import ModelRegistry
-
-from support import REPO, TINY, StreamNames, WorkerProcess, free_port, http_get, read_topic
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ import pytest
 from model.data import read_clicks
 from model.errors import UserError
 from stream.cli import replay as replay_cli
+from stream.devtools.testing import end_offsets, free_port, kcat, read_all
 from stream.kafka import log_sender as replay_mod
 from stream.kafka.config import (
     SECURITY_ENV,
@@ -39,8 +40,6 @@ from stream.kafka.log_sender import (
 )
 from stream.kafka.topics import ensure_topics
 from stream.kafka.wire import Click, encode_click
-
-from support import end_offsets, free_port, kcat, read_all
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -36,8 +36,7 @@ from model.synth import SynthSpec, generate, write_clicks
 from model.train import train
 from stream.cli import report as report_command
 from stream.cli.main import main as streamrec_main
-
-from support import TINY
+from stream.devtools.testing import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 RSC15 = REPO.parent / "shared" / "data" / "rsc15-100k"

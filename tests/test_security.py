@@ -18,14 +18,13 @@ from model.artifact import load_model
 from model.errors import UserError
 from stream.devtools.brokers import LocalKafka
 from stream.devtools.processes import REPO, StreamNames, TopicReader, WorkerProcess
+from stream.devtools.testing import free_port
 from stream.kafka.config import client_config
 from stream.kafka.topics import check_topics, ensure_topics
 from stream.registry import ModelRegistry
 from stream.serving.app import faust_app
 from stream.serving.credentials import faust_credentials
 from stream.serving.settings import WorkerSettings
-
-from support import free_port
 
 
 def test_security_settings_reach_the_faust_worker(

@@ -22,11 +22,7 @@ from model.data import ClickLog, read_clicks
 from model.evaluate import RecommenderScorer, evaluate
 from model.item_index import IndexParams, ItemIndex
 from model.train import train
-from stream.kafka.topics import ensure_topics
-from stream.kafka.wire import Click
-from stream.quality import online_quality
-
-from support import (
+from stream.devtools.testing import (
     DATA,
     REPO,
     StreamNames,
@@ -41,6 +37,9 @@ from support import (
     produce_raw,
     read_topic,
 )
+from stream.kafka.topics import ensure_topics
+from stream.kafka.wire import Click
+from stream.quality import online_quality
 
 pytestmark = pytest.mark.kafka
 

@@ -13,8 +13,7 @@ from model.data import ClickLog
 from model.errors import UserError
 from model.synth import SynthSpec, generate
 from model.train import Batch, session_parallel_batches, train
-
-from support import TINY
+from stream.devtools.testing import TINY
 
 # --- session-parallel mini-batches ----------------------------------------------------------
 

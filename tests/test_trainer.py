@@ -24,6 +24,7 @@ from model.inference import Recommender
 from model.synth import SynthSpec, generate
 from model.train import train
 from stream.cli import trainer as trainer_cli
+from stream.devtools.testing import TINY, clicks_in_time_order, produce_clicks, produce_raw
 from stream.event_time import WATERMARK_RANK
 from stream.kafka.topics import ensure_topics
 from stream.kafka.wire import Click
@@ -37,8 +38,6 @@ from stream.learning.loop import LearningLoop
 from stream.learning.replay import ReplaySample, SessionPool
 from stream.learning.settings import TrainerSettings
 from stream.registry import ModelRegistry
-
-from support import TINY, clicks_in_time_order, produce_clicks, produce_raw
 
 FULL = generate(SynthSpec(sessions=2400, items=200, seed=1))
 NEW_ITEMS = frozenset(str(i) for i in range(181, 201))  # unseen until the stream

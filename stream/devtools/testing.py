@@ -1,5 +1,7 @@
-"""Helpers for the streaming integration tests: producing clicks, reading topics, and the
-click-by-click reference that streamed answers are compared with.
+"""The test suite's helpers, one set used by every test (and usable against any cluster):
+producing clicks and raw records, reading topics, waiting on HTTP endpoints, kcat, the
+tiny model's configuration, and the click-by-click reference that streamed answers are
+compared with.
 
 Every test gets its own app id and topic names, so the tests run unchanged against a
 shared Kafka cluster (``STREAMREC_TEST_BROKER``).
@@ -145,7 +147,8 @@ def produce_raw(
     from confluent_kafka import Producer
 
     producer = Producer(producer_config(bootstrap))
-    where = {} if partition is None else {"partition": partition}
+    unassigned = -1  # librdkafka's RD_KAFKA_PARTITION_UA: the partitioner chooses
+    target = unassigned if partition is None else partition
     errors: list[object] = []
 
     def delivered(error: object, _: object) -> None:
@@ -153,7 +156,7 @@ def produce_raw(
             errors.append(error)
 
     for key, value in records:
-        producer.produce(topic, key=key, value=value, on_delivery=delivered, **where)
+        producer.produce(topic, key=key, value=value, partition=target, on_delivery=delivered)
         producer.poll(0)
     assert producer.flush(30) == 0, "records still in flight after 30 s"
     assert errors == []
