@@ -29,6 +29,7 @@ from stream.devtools.testing import free_port, http_get, produce_clicks, read_al
 from stream.event_time import WATERMARK_RANK
 from stream.kafka.wire import Click
 from stream.serving.app import create_app
+from stream.serving.metrics import REBALANCING
 from stream.serving.settings import WorkerSettings
 from stream.serving.state import SessionState
 
@@ -262,3 +263,16 @@ def test_a_worker_is_not_ready_while_its_group_rebalances(
     reasons = {body for _, status, body in seen if status == 503}
     assert "rebalancing or recovering the session table" in reasons, seen[:5]
     assert seen[-1][1] == 200 and seen[-1][2].startswith("ok: serving"), seen[-5:]
+
+
+def test_revoking_partitions_makes_the_worker_not_ready_at_once(tmp_path: Path) -> None:
+    """With the worker app's own signals: the revocation marks the worker not ready before
+    any refresh runs, so a rebalance shorter than the refresh interval still shows (the
+    broker test above sees it only when the rebalance outlasts a refresh tick)."""
+    recommender = untrained_model(10, tmp_path / "model")
+    settings = WorkerSettings(model=str(tmp_path / "model"), data_dir=str(tmp_path / "data"))
+    app, processor = create_app(settings, recommender)
+    processor.health.not_ready_reason = None  # serving
+    partitions = {TP(settings.input_topic, p) for p in range(PARTITIONS)}
+    asyncio.run(app.on_partitions_revoked.send(partitions))
+    assert processor.health.not_ready_reason == REBALANCING

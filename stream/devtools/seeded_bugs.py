@@ -130,7 +130,10 @@ BUGS = (
         "stream/serving/processor.py",
         "        self.health.not_ready_reason = REBALANCING\n",
         "",
-        ("tests/test_rebalance.py::test_a_worker_is_not_ready_while_its_group_rebalances",),
+        (
+            "tests/test_rebalance.py::test_revoking_partitions_makes_the_worker_not_ready_at_once",
+            "tests/test_rebalance.py::test_a_worker_is_not_ready_while_its_group_rebalances",
+        ),
     ),
     SeededBug(
         "batch-mixes-versions",
