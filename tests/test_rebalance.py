@@ -24,7 +24,7 @@ from faust.types import TP
 
 from model.artifact import load_model
 from stream.bench.serving import untrained_model
-from stream.devtools.processes import StreamNames, WorkerProcess, start_readers
+from stream.devtools.processes import StreamNames, TopicReader, WorkerProcess, start_readers
 from stream.devtools.testing import free_port, http_get, produce_clicks, read_all
 from stream.event_time import WATERMARK_RANK
 from stream.kafka.wire import Click
@@ -106,6 +106,15 @@ def wait_until(
     raise AssertionError(f"no {what} within {timeout:g} s:\n{logs}")
 
 
+def stop_all(workers: Sequence[Worker], *readers: TopicReader) -> None:
+    """Stop the workers that were started, then the readers."""
+    for worker in workers:
+        if worker.process.process is not None:
+            worker.process.stop()
+    for reader in readers:
+        reader.close()
+
+
 def holding(worker: Worker, sessions: int, timeout: float) -> Scrape:
     """The worker's first scrape reporting ``sessions`` active sessions, or its
     last one when none did within ``timeout``."""
@@ -175,11 +184,7 @@ def test_a_worker_that_loses_partitions_keeps_only_the_sessions_it_owns(
         produce_clicks(kafka_bootstrap, names.clicks, clicks(2))
         assert outputs.wait_for(3 * SESSIONS, timeout=90), a.process.log()[-3000:]
     finally:
-        for worker in (a, b):
-            if worker.process.process is not None:
-                worker.process.stop()
-        inputs.close()
-        outputs.close()
+        stop_all((a, b), inputs, outputs)
 
     changelog = read_all(kafka_bootstrap, f"{names.app_id}-sessions-changelog")
     assert len(changelog) >= 3 * SESSIONS
@@ -255,11 +260,7 @@ def test_a_worker_is_not_ready_while_its_group_rebalances(
                 break
             time.sleep(0.05)
     finally:
-        for worker in (a, b):
-            if worker.process.process is not None:
-                worker.process.stop()
-        inputs.close()
-        outputs.close()
+        stop_all((a, b), inputs, outputs)
     reasons = {body for _, status, body in seen if status == 503}
     assert "rebalancing or recovering the session table" in reasons, seen[:5]
     assert seen[-1][1] == 200 and seen[-1][2].startswith("ok: serving"), seen[-5:]

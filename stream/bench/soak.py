@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import socket
 import sys
 import tempfile
 import threading
@@ -61,7 +60,7 @@ from model.errors import UserError
 from model.synth import SynthSpec, generate
 from stream.bench.serving import untrained_model
 from stream.devtools.brokers import kafka_or_local
-from stream.devtools.processes import StreamNames, WorkerProcess
+from stream.devtools.processes import StreamNames, WorkerProcess, free_port
 from stream.devtools.procfs import cpu_seconds, rss_mib
 from stream.kafka.config import client_config, producer_config
 from stream.kafka.log_sender import REPLAY_PRODUCER_SETTINGS
@@ -200,12 +199,6 @@ def scrape(port: int) -> dict[str, float]:
             name, _, value = line.partition(" ")
             values[name] = float(value)
     return values
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class ChangelogKeys(threading.Thread):

@@ -26,7 +26,6 @@ hundreds of milliseconds, varying from run to run, around the worker's ten or tw
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
 import tempfile
 import time
@@ -46,7 +45,7 @@ from model.synth import SynthSpec, generate
 from model.train import train
 from stream.cli.base import print_json
 from stream.devtools.brokers import LocalKafka, Tansu, tansu_binary
-from stream.devtools.processes import Received, StreamNames, WorkerProcess, start_readers
+from stream.devtools.processes import Received, StreamNames, WorkerProcess, free_port, start_readers
 from stream.kafka.log_sender import replay
 from stream.quality import online_quality
 
@@ -87,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         _say(f"[2/4] {args.engine} broker ready at {broker.bootstrap}; starting a worker")
         names = StreamNames("demo")
         inputs, outputs = start_readers(broker.bootstrap, names, PARTITIONS)
-        web_port = _free_port()  # for the worker's /metrics, read at the end
+        web_port = free_port()  # for the worker's /metrics, read at the end
         worker = WorkerProcess(
             broker.bootstrap,
             model_dir,
@@ -212,12 +211,6 @@ def _latency_lines(summary: dict) -> str:
         else "\n"
     )
     return "".join(lines)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _worker_consume_to_publish(web_port: int) -> dict[str, float | None]:

@@ -10,7 +10,6 @@ shared Kafka cluster (``STREAMREC_TEST_BROKER``).
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -27,7 +26,14 @@ from confluent_kafka.admin import AdminClient
 from model.config import GRU4RecConfig
 from model.data import ClickLog
 from model.inference import Recommender
-from stream.devtools.processes import REPO, CommandProcess, StreamNames, TopicReader, WorkerProcess
+from stream.devtools.processes import (
+    REPO,
+    CommandProcess,
+    StreamNames,
+    TopicReader,
+    WorkerProcess,
+    free_port,
+)
 from stream.kafka.config import client_config, producer_config
 from stream.kafka.wire import Click, encode_click
 
@@ -52,14 +58,6 @@ __all__ = [
     "read_topic",
     "wait_for_http",
 ]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def http_get(url: str) -> tuple[int, str]:
@@ -273,14 +271,12 @@ def read_all(bootstrap: str, topic: str, timeout: float = 30.0) -> list[Any]:
     def upto_ends(messages: list[Any]) -> list[Any]:
         return [m for m in messages if m.offset() < ends.get(m.partition(), 0)]
 
-    reader = TopicReader(bootstrap, topic, decode=False)
-    reader.start()
-    try:
-        reader.wait_until(lambda ms: len(upto_ends(ms)) >= sum(ends.values()), timeout)
-    finally:
-        reader.close()
-    messages = upto_ends(reader.messages)
-    assert len(messages) == sum(ends.values()), f"read {len(messages)} of {ends} on {topic}"
+    total = sum(ends.values())
+    everything = read_topic(
+        bootstrap, topic, lambda ms: len(upto_ends(ms)) >= total, timeout, decode=False
+    )
+    messages = upto_ends(everything)
+    assert len(messages) == total, f"read {len(messages)} of {ends} on {topic}"
     return sorted(messages, key=lambda m: (m.partition(), m.offset()))
 
 
