@@ -25,6 +25,7 @@ from stream.devtools.brokers import LocalKafka
 from stream.devtools.processes import StreamNames, WorkerProcess, start_readers
 from stream.devtools.testing import (
     PacedClicks,
+    answered_sources,
     click_by_click,
     committed_offsets,
     end_offsets,
@@ -72,10 +73,6 @@ def final_states(bootstrap: str, topic: str) -> dict[str, SessionState]:
     """The last changelog record of each session (what a restarted worker recovers)."""
     latest = {m.key().decode(): m.value() for m in read_all(bootstrap, topic)}
     return {key: SessionState.decode(value) for key, value in latest.items() if value is not None}
-
-
-def distinct_sources(messages: list[Any]) -> set[tuple[int, int]]:
-    return {(r.value["source"]["partition"], r.value["source"]["offset"]) for r in messages}
 
 
 def test_kills_at_several_points_lose_nothing_and_change_no_state(
@@ -132,13 +129,13 @@ def test_kills_at_several_points_lose_nothing_and_change_no_state(
             )
             count_redeliveries()
             workers[name].kill()
-            kills.append((name, len(distinct_sources(outputs.messages))))
+            kills.append((name, len(answered_sources(outputs.messages))))
             workers[name] = worker(name).start()
         producer.stop()
         deadline = time.monotonic() + 120
-        while len(distinct_sources(outputs.messages)) < len(clicks):
+        while len(answered_sources(outputs.messages)) < len(clicks):
             assert time.monotonic() < deadline, (
-                f"{len(distinct_sources(outputs.messages))} of {len(clicks)} clicks answered "
+                f"{len(answered_sources(outputs.messages))} of {len(clicks)} clicks answered "
                 f"after kills {kills}:\n"
                 + "\n---\n".join(w.log()[-3000:] for w in workers.values())
             )
@@ -376,4 +373,4 @@ def test_redelivered_clicks_already_applied_are_counted_as_duplicates_not_answer
     assert f"\nstreamrec_recommendations_published_total {len(redelivered) - duplicates}.0\n" in (
         metrics
     ), metrics
-    assert distinct_sources(outputs.messages) == {(0, m.offset()) for m in inputs.messages}
+    assert answered_sources(outputs.messages) == {(0, m.offset()) for m in inputs.messages}

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from model.artifact import load_model
-from stream.devtools.processes import StreamNames, TopicReader, WorkerProcess, start_readers
-from stream.devtools.testing import PacedClicks, read_all
+from stream.devtools.processes import StreamNames, WorkerProcess, start_readers
+from stream.devtools.testing import PacedClicks, answered_sources, read_all
 from stream.kafka.wire import Click
 from stream.serving import fencing
 from stream.serving.fencing import MEMBERSHIP_LOST_EXIT, GroupFence, MembershipLost
@@ -41,11 +41,6 @@ def pause(worker: WorkerProcess, seconds: float) -> None:
     os.kill(worker.process.pid, signal.SIGSTOP)
     time.sleep(seconds)
     os.kill(worker.process.pid, signal.SIGCONT)
-
-
-def answered(outputs: TopicReader) -> set[tuple[int, int]]:
-    """The clicks (partition, offset) that have at least one answer."""
-    return {(r.value["source"]["partition"], r.value["source"]["offset"]) for r in outputs.messages}
 
 
 @pytest.mark.kafka
@@ -90,9 +85,9 @@ def test_a_worker_paused_past_its_session_writes_no_stale_state(
         time.sleep(3)
         sent = clicks.stop()
         deadline = time.monotonic() + 90
-        while len(answered(outputs)) < sent and time.monotonic() < deadline:
+        while len(answered_sources(outputs.messages)) < sent and time.monotonic() < deadline:
             time.sleep(0.3)
-        assert len(answered(outputs)) == sent
+        assert len(answered_sources(outputs.messages)) == sent
     finally:
         for worker in workers:
             if worker.process is not None and worker.process.poll() is None:

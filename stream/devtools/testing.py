@@ -29,6 +29,7 @@ from model.inference import Recommender
 from stream.devtools.processes import (
     REPO,
     CommandProcess,
+    Received,
     StreamNames,
     TopicReader,
     WorkerProcess,
@@ -47,6 +48,7 @@ __all__ = [
     "TINY",
     "StreamNames",
     "WorkerProcess",
+    "answered_sources",
     "click_by_click",
     "clicks_in_time_order",
     "free_port",
@@ -236,6 +238,12 @@ def read_topic(
 
 def _values(messages: list[Any], decode: bool) -> list[Any]:
     return [m.value for m in messages] if decode else list(messages)
+
+
+def answered_sources(answers: list[Received]) -> set[tuple[int, int]]:
+    """The clicks (partition, offset) that these answers (a :class:`TopicReader`'s decoded
+    messages) answer: with at-least-once output, a click answered twice counts once."""
+    return {(r.value["source"]["partition"], r.value["source"]["offset"]) for r in answers}
 
 
 def end_offsets(bootstrap: str, topic: str, timeout: float = 15.0) -> dict[int, int]:
