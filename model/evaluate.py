@@ -24,6 +24,7 @@ import torch
 from model.data import ClickLog, ItemMap
 from model.errors import UserError
 from model.inference import Recommender
+from model.rules import RECENT_ITEMS
 
 TIE_MODES = ("conservative", "optimistic", "median")
 DEFAULT_KS = (1, 5, 10, 20)
@@ -63,7 +64,10 @@ class TopLists:
 
     def dense(self) -> torch.Tensor:
         scores = torch.full((len(self.items), self.n_items), -torch.inf, device=self.values.device)
-        return scores.scatter_(1, self.items, self.values)
+        # a list the rules shortened ends in item -1 (score -inf): not an item
+        row, column = (self.items >= 0).nonzero(as_tuple=True)
+        scores[row, self.items[row, column]] = self.values[row, column]
+        return scores
 
     def ranks(self, targets: torch.Tensor, ties: str) -> torch.Tensor:
         """:func:`target_ranks` of ``targets``: a listed target ranks among the lists'
@@ -88,34 +92,47 @@ class RecommenderScorer:
     on what it would serve: its top ``depth`` items keep their (exact) scores and every
     other item scores ``-inf``, so Recall@K and MRR@K for K up to ``depth`` are those of
     the served lists.
+
+    The catalogue rules (:mod:`model.rules`) are the recommender's: its unavailable items
+    score ``-inf``, and with ``exclude_seen`` so do the items of each session's last
+    :data:`~model.rules.RECENT_ITEMS` clicks, as the stream leaves them out.
     """
 
-    def __init__(self, recommender: Recommender, depth: int = max(DEFAULT_KS)) -> None:
+    def __init__(
+        self, recommender: Recommender, depth: int = max(DEFAULT_KS), exclude_seen: bool = False
+    ) -> None:
         self.recommender = recommender
         self.item_map = recommender.item_map
         self.depth = depth
+        self.exclude_seen = exclude_seen
 
-    def start(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def start(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return (
             self.recommender.initial_states(n),
             torch.zeros(n, dtype=torch.bool, device=self.recommender.device),
+            torch.full((n, RECENT_ITEMS), -1, dtype=torch.int64),
         )
 
     def advance(
-        self, states: tuple[torch.Tensor, torch.Tensor], items: np.ndarray
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, started = states
+        self, states: tuple[torch.Tensor, torch.Tensor, torch.Tensor], items: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        hidden, started, recent = states
         items_t = torch.from_numpy(items)
-        return (self.recommender.step(hidden, items_t), started | (items_t >= 0).to(started.device))
+        return (
+            self.recommender.step(hidden, items_t),
+            started | (items_t >= 0).to(started.device),
+            torch.cat([recent[:, 1:], items_t.unsqueeze(1)], dim=1),
+        )
 
     def score(
-        self, states: tuple[torch.Tensor, torch.Tensor], rows: np.ndarray
+        self, states: tuple[torch.Tensor, torch.Tensor, torch.Tensor], rows: np.ndarray
     ) -> torch.Tensor | TopLists:
-        hidden, started = states
+        hidden, started, recent = states
         index = torch.from_numpy(rows).to(hidden.device)
+        seen = recent[torch.from_numpy(rows)] if self.exclude_seen else None
         if not self.recommender.approximate:
-            return self.recommender.scores(hidden[index], started[index])
-        items, values = self.recommender.top_k(hidden[index], started[index], self.depth)
+            return self.recommender.scores(hidden[index], started[index], seen)
+        items, values = self.recommender.top_k(hidden[index], started[index], self.depth, seen)
         return TopLists(items, values, self.recommender.n_items)
 
 

@@ -9,11 +9,16 @@ construction.
 
 Unknown items (index -1) leave a session's state unchanged: the model has nothing to say
 about them, and resetting would throw away what the session told us so far.
+
+Both rankings obey the catalogue rules of :mod:`model.rules`: items marked unavailable
+(:meth:`Recommender.set_available`, :meth:`Recommender.restrict`) are never ranked, and
+the items a session has seen are left out when its ``seen`` row is given.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -25,6 +30,7 @@ from model.errors import UserError
 from model.item_index import APPROXIMATE_FROM, INDEX_FROM, RANKINGS, ItemIndex
 from model.network import GRU4RecNetwork
 from model.ranking import LARGE_CATALOGUE, Int8Catalogue, int8_supported, top_k_rows
+from model.rules import obey
 
 
 def select_device(name: str | None = None) -> torch.device:
@@ -78,6 +84,8 @@ class Recommender:
         self.index = index
         self.approximate = False
         self._int8: Int8Catalogue | None = None
+        #: The items no list may hold now (:mod:`model.rules`).
+        self.unavailable = torch.zeros(network.n_items, dtype=torch.bool, device=self.device)
 
     def build_index(self, base: Recommender | None = None) -> float:
         """Give the model its approximate-ranking index, as every saved version gets one
@@ -97,7 +105,34 @@ class Recommender:
             self.index = base.index.extended(vectors, bias)
         else:
             self.index = ItemIndex.build(vectors, bias)
+        self._apply_rules(self.index)
         return time.perf_counter() - started
+
+    def set_available(self, items: torch.Tensor, available: bool) -> None:
+        """Let ``items`` (indexes) be recommended again, or keep them out of every list
+        from the next ranking on. Costs a few microseconds per item, whatever the
+        catalogue's size, so availability changes are applied as they come."""
+        items = items.to(self.device)
+        if not len(items):
+            return
+        self.unavailable[items] = not available
+        for ranking in (self._int8, self.index):
+            if ranking is not None:
+                ranking.set_available(items, available)
+        self._popular.clear()
+
+    def restrict(self, unavailable: Iterable[str]) -> int:
+        """Make exactly the items of ``unavailable`` (ids; those the model does not know
+        are ignored) unavailable, every other item available. Returns how many it knew."""
+        known = [i for i in map(self.item_map.index_of, unavailable) if i >= 0]
+        self.set_available(self.unavailable.nonzero().view(-1), True)
+        self.set_available(torch.tensor(known, dtype=torch.int64), False)
+        return len(known)
+
+    def _apply_rules(self, ranking: Int8Catalogue | ItemIndex | None) -> None:
+        """Give a ranking structure made just now the current availability."""
+        if ranking is not None and bool(self.unavailable.any()):
+            ranking.set_available(self.unavailable.nonzero().view(-1), False)
 
     def use_ranking(self, ranking: str) -> str:
         """Rank ``exact``ly, ``approximate``ly (through :attr:`index`, built now if the
@@ -110,6 +145,7 @@ class Recommender:
         if ranking == "approximate" and self.index is None:
             started = time.perf_counter()
             self.index = ItemIndex.build(self.network.item_output, self.network.item_bias)
+            self._apply_rules(self.index)
             built = f", index built now in {time.perf_counter() - started:.1f} s (none saved)"
         self.approximate = ranking == "approximate" or (
             ranking == "auto" and self.index is not None and self.n_items >= APPROXIMATE_FROM
@@ -145,29 +181,45 @@ class Recommender:
         return advanced
 
     @torch.no_grad()
-    def scores(self, states: torch.Tensor, started: torch.Tensor) -> torch.Tensor:
+    def scores(
+        self, states: torch.Tensor, started: torch.Tensor, seen: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Scores of every item for each state; popularity for sessions not ``started``
-        (no known item clicked yet)."""
+        (no known item clicked yet). Unavailable items, and each row's ``seen`` items
+        (indexes, -1 for none), score ``-inf``."""
         states = states.to(self.device)
         started = started.to(self.device)
         scores = self.network.score_all(self.network.last_output(states))
         if not bool(started.all()):
             scores[~started] = self._popularity_scores
+        if bool(self.unavailable.any()):
+            scores[:, self.unavailable] = -torch.inf
+        if seen is not None:
+            row, column = (seen >= 0).nonzero(as_tuple=True)
+            scores[row.to(self.device), seen[row, column].to(self.device)] = -torch.inf
         return scores
 
     @torch.no_grad()
     def top_k(
-        self, states: torch.Tensor, started: torch.Tensor, k: int
+        self,
+        states: torch.Tensor,
+        started: torch.Tensor,
+        k: int,
+        seen: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` best item indexes and their scores for each state, best first: the
-        same as ranking :meth:`scores`, up to float32 rounding between near-equal scores.
+        same as ranking :meth:`scores` (with the same ``seen``), up to float32 rounding
+        between near-equal scores. A row with fewer than ``k`` items left by the rules
+        ends in item -1, score ``-inf``.
 
         States are ranked ``RANKED_TOGETHER`` at a time: their catalogue-wide scores then
         stay in cache between the product and the search (at 40k items in float32, 64 rows
         at a time cost 150 us per row and 256 at a time 200 us; through the int8 copy 93
         and 169). A large catalogue on a CPU is searched through its int8 copy
         (:class:`model.ranking.Int8Catalogue`, exact)."""
-        k = min(k, self.n_items)
+        wanted = min(k, self.n_items)
+        # Seen items are dropped after ranking: as many more are asked for.
+        k = min(wanted + (seen.shape[1] if seen is not None else 0), self.n_items)
         states, started = states.to(self.device), started.to(self.device)
         index = self._current_index()
         catalogue = None if index is not None else self._int8_catalogue()
@@ -194,7 +246,9 @@ class Recommender:
             popular_indices, popular_values = self._most_popular(k)
             indices[~started] = popular_indices
             values[~started] = popular_values
-        return indices, values
+        if seen is None and not bool(self.unavailable.any()):
+            return indices, values
+        return obey(indices, values, seen, wanted)
 
     def _current_index(self) -> ItemIndex | None:
         """The index when ranking approximately; refused once the weights it was made
@@ -213,12 +267,14 @@ class Recommender:
         vectors, bias = self.network.item_output, self.network.item_bias
         if self._int8 is None or not self._int8.matches(vectors, bias):
             self._int8 = Int8Catalogue(vectors, bias)
+            self._apply_rules(self._int8)
         return self._int8
 
     def _most_popular(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The answer to a session with no known item yet (the same for all of them)."""
         if k not in self._popular:
-            self._popular[k] = top_k_rows(self._popularity_scores[None, :], k)
+            popularity = self._popularity_scores.masked_fill(self.unavailable, -torch.inf)
+            self._popular[k] = top_k_rows(popularity[None, :], k)
         indices, values = self._popular[k]
         return indices[0], values[0]
 

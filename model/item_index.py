@@ -172,6 +172,16 @@ class ItemIndex:
         self._head_vectors = vectors.detach().index_select(0, head).t().contiguous()
         self._head_bias = bias.detach().view(-1).index_select(0, head)
         self._head = head
+        # Catalogue rules (model.rules): the served bias is -inf for an unavailable item,
+        # which the lists skip through a bitmap of the items they may return.
+        self._served_bias = bias.detach().view(-1).clone()
+        self._head_position = np.full(n_items, -1, dtype=np.int64)
+        self._head_position[self.head_items] = np.arange(len(self.head_items))
+        self._allowed = np.full(-(-n_items // 8), 255, dtype=np.uint8)
+        self._skipping = False  # whether any item is unavailable
+        self._search_params = faiss.SearchParametersIVF()
+        self._search_params.nprobe = params.n_probe  # its default (1) overrides the index's
+        self._search_params.sel = faiss.IDSelectorBitmap(n_items, faiss.swig_ptr(self._allowed))
 
     @classmethod
     def build(
@@ -214,9 +224,25 @@ class ItemIndex:
             and self._versions == (vectors._version, bias._version)
         )
 
+    def set_available(self, items: torch.Tensor, available: bool) -> None:
+        """Let ``items`` (indexes) be found again, or skip them in the lists and the head."""
+        served, model_bias = self._served_bias, self._bias.detach().view(-1)
+        served[items] = model_bias[items] if available else -math.inf
+        self._skipping = bool(torch.isneginf(served).any())
+        in_head = self._head_position[items.cpu().numpy()]
+        in_head = torch.from_numpy(in_head[in_head >= 0]).to(served.device)
+        self._head_bias[in_head] = served[self._head[in_head]]
+        index = items.cpu().numpy()
+        bits = (1 << (index & 7)).astype(np.uint8)
+        if available:
+            np.bitwise_or.at(self._allowed, index >> 3, bits)
+        else:
+            np.bitwise_and.at(self._allowed, index >> 3, ~bits)
+
     @torch.no_grad()
     def top_k(self, outputs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``k`` best items for each output row and their exact float32 scores."""
+        """The ``k`` best available items for each output row and their exact float32
+        scores (an unavailable item only where fewer than ``k`` are available: ``-inf``)."""
         rows, width = outputs.shape
         queries = np.empty((rows, width + 1), dtype=np.float32)
         queries[:, :width] = outputs.detach().cpu().numpy()
@@ -226,9 +252,7 @@ class ItemIndex:
         # The coarse step as one matrix product and a top-k: faiss's own quantizer spends
         # most of its time selecting, 40 us per query at 4,096 lists.
         probed = torch.topk(torch.from_numpy(queries) @ self._centroids_t, self.params.n_probe)
-        found_scores, found = self._index.search_preassigned(
-            queries, depth, probed.indices.numpy(), probed.values.numpy()
-        )
+        found_scores, found = self._search_lists(queries, depth, probed)
         candidates = torch.from_numpy(found).to(outputs.device)
         approximate = torch.from_numpy(found_scores).to(outputs.device)
         if len(self._head):
@@ -241,16 +265,45 @@ class ItemIndex:
         chosen = candidates.gather(1, torch.topk(approximate, k, dim=1).indices)
         # faiss sums in its own order: score the chosen items again as the model does, so
         # every returned score is the model's float32 score.
-        vectors, bias = self._vectors.detach(), self._bias.detach().view(-1)
+        vectors, bias = self._vectors.detach(), self._served_bias
         safe = chosen.clamp(min=0)
         scores = torch.bmm(vectors[safe], outputs.unsqueeze(2)).squeeze(2) + bias[safe]
         best = torch.sort(scores, dim=1, descending=True)
         items, values = safe.gather(1, best.indices), best.values
+        missing |= torch.isneginf(approximate)  # unavailable head items
         short = (missing.sum(dim=1) > candidates.shape[1] - k).cpu()
         if bool(short.any()):  # too few candidates: rank those rows exactly
             exact = torch.topk(outputs[short] @ vectors.t() + bias, k, dim=1)
             items[short], values[short] = exact.indices, exact.values
         return items, values
+
+    def _search_lists(
+        self, queries: np.ndarray, depth: int, probed: torch.return_types.topk
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``depth`` best items of each query's probed lists (item -1 where the lists
+        hold fewer), skipping unavailable items. faiss's Python wrapper of
+        ``search_preassigned`` takes no search parameters (so no item selector): with
+        items to skip, its C++ method is called directly."""
+        assign, centroid_scores = probed.indices.numpy(), probed.values.numpy()
+        if not self._skipping:
+            return self._index.search_preassigned(queries, depth, assign, centroid_scores)
+        faiss, rows = _faiss(), len(queries)
+        scores = np.empty((rows, depth), dtype=np.float32)
+        found = np.empty((rows, depth), dtype=np.int64)
+        assign = np.ascontiguousarray(assign, dtype=np.int64)
+        centroid_scores = np.ascontiguousarray(centroid_scores, dtype=np.float32)
+        self._index.search_preassigned_c(
+            rows,
+            faiss.swig_ptr(queries),
+            depth,
+            faiss.swig_ptr(assign),
+            faiss.swig_ptr(centroid_scores),
+            faiss.swig_ptr(scores),
+            faiss.swig_ptr(found),
+            False,
+            self._search_params,
+        )
+        return scores, found
 
 
 def _nearest(faiss: ModuleType, centroids: np.ndarray, rows: np.ndarray) -> np.ndarray:

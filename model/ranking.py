@@ -92,10 +92,15 @@ class Int8Catalogue:
     best integer product plus its largest bias, so one pass over the integer products
     (their block maxima) finds the few blocks worth looking into.
     Made for one matrix: :meth:`matches` tells whether the weights changed since.
+
+    An unavailable item (:meth:`set_available`, :mod:`model.rules`) has the bias ``-inf``
+    in both passes, so it is never a candidate while ``k`` available items score higher.
     """
 
     def __init__(self, vectors: torch.Tensor, bias: torch.Tensor) -> None:
-        self.vectors, self.bias = vectors.detach(), bias.detach().view(-1)
+        self.vectors = vectors.detach()
+        self.model_bias = bias.detach().view(-1)
+        self.bias = self.model_bias.clone()  # the served bias: -inf where unavailable
         self._sources = (vectors, bias)
         self._versions = (vectors._version, bias._version)
         self.scale = max(float(self.vectors.abs().max()), 1e-30) / 127.0
@@ -113,6 +118,13 @@ class Int8Catalogue:
         self.padded_bias[:n] = self.bias
         self.max_abs_bias = float(self.bias.abs().max())
         self.block_max_bias = self.padded_bias.view(-1, _BLOCK).amax(dim=1)
+
+    def set_available(self, items: torch.Tensor, available: bool) -> None:
+        """Let ``items`` (indexes) be ranked again, or leave them out of every list."""
+        self.bias[items] = self.model_bias[items] if available else -torch.inf
+        self.padded_bias[items] = self.bias[items]
+        blocks = torch.unique(items // _BLOCK)
+        self.block_max_bias[blocks] = self.padded_bias.view(-1, _BLOCK)[blocks].amax(dim=1)
 
     def matches(self, vectors: torch.Tensor, bias: torch.Tensor) -> bool:
         """Whether this copy was made from these tensors and they are unchanged."""

@@ -347,14 +347,22 @@ def build_report(
     ks: Sequence[int],
     ties: str = "conservative",
     progress: Callable[[str], None] = lambda message: None,
+    exclude_seen: bool = False,
 ) -> Report:
-    """GRU4Rec and the paper's baselines (fitted on ``train``) evaluated on ``test``."""
+    """GRU4Rec and the paper's baselines (fitted on ``train``) evaluated on ``test``;
+    GRU4Rec under ``model``'s catalogue rules and ``exclude_seen`` (:mod:`model.rules`),
+    as the stream serves it."""
     ks = tuple(sorted(set(int(k) for k in ks)))
     popular_ids = popular_item_ids(train)
     methods: dict[str, MethodReport] = {}
     progress(f"evaluating {LABELS[MODEL_NAME]} on {test.n_sessions:,} test sessions")
     methods[MODEL_NAME] = evaluate_method(
-        MODEL_NAME, RecommenderScorer(model, depth=max(ks)), test, ks, ties, popular_ids
+        MODEL_NAME,
+        RecommenderScorer(model, depth=max(ks), exclude_seen=exclude_seen),
+        test,
+        ks,
+        ties,
+        popular_ids,
     )
     progress(f"  {_headline(methods[MODEL_NAME])}")
     for method in BASELINES:

@@ -15,38 +15,16 @@ from safetensors.torch import save_file
 from model import inference
 from model.artifact import INDEX, METADATA, load_model, save_model
 from model.config import GRU4RecConfig
-from model.data import ClickLog, ItemMap
+from model.data import ClickLog
 from model.errors import UserError
 from model.evaluate import RecommenderScorer, evaluate
 from model.inference import Recommender
 from model.item_index import IndexParams, ItemIndex
-from model.network import GRU4RecNetwork
 from model.synth import SynthSpec, generate
 from model.train import train
+from stream.devtools.testing import clustered, states_of
 
 CONFIG = GRU4RecConfig(layers=(16,))
-
-
-def clustered(n_items: int, seed: int = 0) -> Recommender:
-    """A recommender whose item vectors form clusters, as trained embeddings do (random
-    vectors have no structure for an index to find)."""
-    generator = torch.Generator().manual_seed(seed)
-    network = GRU4RecNetwork(CONFIG, n_items, generator=generator)
-    centres = torch.randn(32, 16, generator=generator) * 2
-    members = torch.randint(0, 32, (n_items,), generator=generator)
-    with torch.no_grad():
-        noise = torch.randn(n_items, 16, generator=generator)
-        network.item_output.copy_(centres[members] + 0.3 * noise)
-        network.item_bias.copy_(0.1 * torch.randn(n_items, 1, generator=generator))
-    ids = ItemMap(str(i) for i in range(n_items))
-    return Recommender(network, ids, np.ones(n_items), CONFIG)
-
-
-def states_of(recommender: Recommender, n: int, seed: int = 1) -> torch.Tensor:
-    """Session states whose outputs point at the item clusters."""
-    generator = torch.Generator().manual_seed(seed)
-    items = torch.randint(0, recommender.n_items, (n,), generator=generator)
-    return recommender.step(recommender.initial_states(n), items)
 
 
 def exact_and_approximate(

@@ -19,7 +19,9 @@ from model.config import GRU4RecConfig
 from model.data import ClickLog, read_clicks, standard_filter
 from model.errors import UserError
 from model.evaluate import DEFAULT_KS, TIE_MODES, RecommenderScorer, evaluate
+from model.inference import Recommender
 from model.item_index import APPROXIMATE_FROM, RANKINGS
+from model.rules import RECENT_ITEMS, read_unavailable
 from model.synth import add_shape_options, generate, spec_from_args, write_clicks
 from model.train import train
 from stream.cli.base import print_json
@@ -55,6 +57,32 @@ def add_ranking_option(parser: argparse.ArgumentParser) -> None:
         help="exact: score every item; approximate: through the model's item index "
         "(re-ranked exactly; built now if the model has none); auto (default): "
         f"approximate from {APPROXIMATE_FROM:,} items on when the model has an index",
+    )
+
+
+def add_rules_options(parser: argparse.ArgumentParser) -> None:
+    """The worker's catalogue rules, for offline runs (:mod:`model.rules`)."""
+    parser.add_argument(
+        "--availability",
+        metavar="FILE",
+        help="availability snapshot: one unavailable item id per line (what "
+        "'streamrec availability list' prints); those items are never recommended",
+    )
+    parser.add_argument(
+        "--exclude-seen",
+        action="store_true",
+        help=f"leave each session's last {RECENT_ITEMS} clicked items out of its "
+        "recommendations (as the worker's --exclude-seen)",
+    )
+
+
+def apply_rules(recommender: Recommender, args: argparse.Namespace) -> str:
+    """Give ``recommender`` the ``--availability`` snapshot; a line saying the rules."""
+    unavailable = read_unavailable(args.availability) if args.availability else set()
+    known = recommender.restrict(unavailable)
+    return (
+        f"rules: {len(unavailable):,} items unavailable ({known:,} known to the model), "
+        f"seen items {'excluded' if args.exclude_seen else 'allowed'}"
     )
 
 
@@ -109,9 +137,10 @@ def run_train(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     recommender = load_model(args.model, device=args.device)
     print(f"ranking: {recommender.use_ranking(args.ranking)}", file=sys.stderr)
+    print(apply_rules(recommender, args), file=sys.stderr)
     log = read_log(args.data, args)
     started = time.perf_counter()
-    scorer = RecommenderScorer(recommender, depth=max(args.k))
+    scorer = RecommenderScorer(recommender, depth=max(args.k), exclude_seen=args.exclude_seen)
     result = evaluate(scorer, log, ks=args.k, ties=args.ties)
     print_json(
         {
@@ -192,6 +221,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     _add_eval_options(p)
     add_ranking_option(p)
+    add_rules_options(p)
     add_data_options(p)
     p.set_defaults(run=run_evaluate)
 

@@ -25,7 +25,13 @@ from model.errors import UserError
 from model.evaluate import TIE_MODES
 from model.report import LABELS, MODEL_NAME, Report, build_report
 from stream.cli.base import print_json
-from stream.cli.offline import add_data_options, add_ranking_option, read_log
+from stream.cli.offline import (
+    add_data_options,
+    add_ranking_option,
+    add_rules_options,
+    apply_rules,
+    read_log,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -53,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{out}: exists and is not a directory")
     recommender = load_model(args.model, device=args.device)
     _progress(f"ranking: {recommender.use_ranking(args.ranking)}")
+    _progress(apply_rules(recommender, args))
     train_log = read_log(args.train, args)
     test_log = read_log(args.test, args)
     try:
@@ -60,7 +67,13 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UserError(f"{out}: cannot create the report directory ({exc.strerror})") from None
     report = build_report(
-        recommender, train_log, test_log, ks=args.k, ties=args.ties, progress=_progress
+        recommender,
+        train_log,
+        test_log,
+        ks=args.k,
+        ties=args.ties,
+        progress=_progress,
+        exclude_seen=args.exclude_seen,
     )
     content = report.to_dict()
     content["inputs"] = {"model": str(args.model), "train": str(args.train), "test": str(args.test)}
@@ -137,6 +150,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     add_ranking_option(p)
+    add_rules_options(p)
     add_data_options(p)
     p.set_defaults(run=run)
 
