@@ -53,6 +53,18 @@ METRICS: dict[str, tuple[str, str]] = {
         "counter",
         "Stored session states that did not decode: the session restarted empty",
     ),
+    "streamrec_shortened_answers": (
+        "counter",
+        "Recommendation lists shorter than --top-n: the catalogue rules left fewer items",
+    ),
+    "streamrec_unavailable_items": (
+        "gauge",
+        "Items the availability topic marks unavailable (known to the model or not)",
+    ),
+    "streamrec_availability_delay_seconds": (
+        "histogram",
+        "Broker acknowledgement of an availability change to its use by the served model",
+    ),
     "streamrec_online_predictions": (
         "counter",
         "Published lists judged by the session's next click, by the version that published",

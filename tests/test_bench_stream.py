@@ -35,7 +35,9 @@ def bench_stream(bootstrap: str, *args: str) -> dict:
 
 @pytest.mark.kafka
 def test_tiny_stream_bench_reports_every_figure(kafka_bootstrap: str) -> None:
-    figures = bench_stream(kafka_bootstrap, "--items", "300", "--events", "600")
+    figures = bench_stream(
+        kafka_bootstrap, "--items", "300", "--events", "600", "--unavailable", "0.1"
+    )
     assert figures["noop_events_per_s"] > 0 and figures["events_per_run"] == 600
     assert figures["cores"] >= 1
     [run] = figures["runs"]
@@ -54,8 +56,11 @@ def test_tiny_stream_bench_reports_every_figure(kafka_bootstrap: str) -> None:
     ):
         assert per_event > 0
         assert 0 < busy <= figures["cores"] + 0.2
-    # Exact ranking serves exactly the exact top-20 (the replay here agrees with the worker).
+    # Exact ranking serves exactly the exact top-20 (the replay here agrees with the worker),
+    # both leaving out the same unavailable tenth of the catalogue.
     assert run["ranking"] == "exact" and run["recall_vs_exact@20"] == 1.0
+    assert run["unavailable_items"] == 30 and run["availability_changes"] > 0
+    assert run["availability_delay_p99_ms_at_most"] <= 1000
     assert run["index_build_seconds"] is None  # no index below 10,000 items
     assert run["worker_peak_rss_mib"] > 100
 

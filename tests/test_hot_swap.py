@@ -39,6 +39,21 @@ from stream.serving.hot_swap import ModelWatcher
 from stream.serving.metrics import WorkerCounters
 
 
+class WatchedWorker:
+    """What the watcher drives, without Faust: the served model (no availability rules)
+    and the counters."""
+
+    def __init__(self, recommender: Recommender) -> None:
+        self.recommender = recommender
+        self.counters = WorkerCounters()
+
+    def prepare_model(self, recommender: Recommender) -> tuple[Recommender, int]:
+        return recommender, 0
+
+    def swap_model(self, recommender: Recommender, rules_sequence: int) -> None:
+        self.recommender = recommender
+
+
 @pytest.fixture(scope="module")
 def models() -> tuple[Recommender, Recommender]:
     """Two versions: ``old``, and ``new`` fine-tuned from it on other data (new items)."""
@@ -71,7 +86,7 @@ def test_the_watcher_swaps_rejects_and_follows_rollback(
     old, new = (copy.deepcopy(m) for m in models)
     registry = ModelRegistry(tmp_path / "reg")
     v1 = registry.publish(old)
-    processor = SimpleNamespace(recommender=registry.current(), counters=WorkerCounters())
+    processor = WatchedWorker(registry.current())
     watcher = ModelWatcher(registry, processor)  # type: ignore[arg-type]
     loading_threads: list[threading.Thread] = []
     real_load = registry.load
@@ -113,7 +128,7 @@ def test_an_io_error_is_retried_not_rejected(
 ) -> None:
     registry = ModelRegistry(tmp_path / "reg")
     registry.publish(copy.deepcopy(models[0]))
-    processor = SimpleNamespace(recommender=registry.current(), counters=WorkerCounters())
+    processor = WatchedWorker(registry.current())
     watcher = ModelWatcher(registry, processor)  # type: ignore[arg-type]
     v2 = registry.publish(copy.deepcopy(models[1]))
     real_load = registry.load
@@ -178,7 +193,7 @@ def test_the_watcher_refuses_a_bad_version_and_keeps_serving(
 ) -> None:
     registry = ModelRegistry(tmp_path / "reg")
     v1 = registry.publish(copy.deepcopy(models[0]))
-    processor = SimpleNamespace(recommender=registry.current(), counters=WorkerCounters())
+    processor = WatchedWorker(registry.current())
     watcher = ModelWatcher(registry, processor)  # type: ignore[arg-type]
     publish_by_hand(registry, models[1], "000002-vbad", spoil)
     with caplog.at_level("ERROR", logger="streamrec.hot_swap"):
@@ -195,7 +210,7 @@ def test_a_watcher_started_on_a_fallback_counts_the_refused_version(
     registry = ModelRegistry(tmp_path / "reg")
     v1 = registry.publish(copy.deepcopy(models[0]))
     publish_corrupt(registry, models[1], "000002-vcorrupt")
-    processor = SimpleNamespace(recommender=registry.current(), counters=WorkerCounters())
+    processor = WatchedWorker(registry.current())
     assert processor.recommender.version == v1  # what a restarting worker starts on
     watcher = ModelWatcher(registry, processor)  # type: ignore[arg-type]
     assert processor.counters.rejected_models == 1
@@ -341,7 +356,6 @@ def test_a_swap_during_a_batch_takes_effect_from_the_next_batch(tmp_path: Path) 
     the worker's real app and table, with a producer that swaps the model on its first
     send, as the registry watcher would between two awaits."""
     import asyncio
-    from types import SimpleNamespace
 
     from stream.bench.serving import untrained_model
     from stream.kafka.wire import Click, encode_click

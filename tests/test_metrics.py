@@ -156,6 +156,7 @@ def _fake_processor():
         metrics=metrics.WorkerMetrics(),
         health=metrics.Health(),
         recommender=recommender,
+        availability=None,
     )
     metrics.register(processor)
     return processor

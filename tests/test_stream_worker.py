@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -40,6 +41,7 @@ from stream.devtools.testing import (
 from stream.kafka.topics import ensure_topics
 from stream.kafka.wire import Click
 from stream.quality import online_quality
+from stream.serving.availability import AVAILABILITY_CONFIG
 
 pytestmark = pytest.mark.kafka
 
@@ -85,11 +87,15 @@ def run_worker_command(*args: str, timeout: float) -> subprocess.CompletedProces
     )
 
 
-@pytest.mark.parametrize("ranking", ["exact", "approximate"])
-def test_stream_equals_offline_evaluation(kafka_bootstrap, rsc15_model, tmp_path, ranking):
+@pytest.mark.parametrize(
+    ("ranking", "rules"),
+    [("exact", False), ("approximate", False), ("exact", True), ("approximate", True)],
+)
+def test_stream_equals_offline_evaluation(kafka_bootstrap, rsc15_model, tmp_path, ranking, rules):
     """Replaying test sessions through Kafka gives the offline Recall@20 / MRR@20, with
     either ranking (the approximate one through an index saved with the model, so the
-    worker and the evaluation search the same lists)."""
+    worker and the evaluation search the same lists), and with the catalogue rules: an
+    availability snapshot (the topic for the worker) and seen items excluded."""
     test = read_clicks(DATA / "test.tsv")
     keep = test.sessions < 300
     prefix = ClickLog(
@@ -110,12 +116,22 @@ def test_stream_equals_offline_evaluation(kafka_bootstrap, rsc15_model, tmp_path
         model_dir = save_model(indexed, tmp_path / "indexed")
     recommender = load_model(model_dir)
     recommender.use_ranking(ranking)
-    offline = evaluate(RecommenderScorer(recommender), prefix, ks=(20,))
-    clicks = clicks_in_time_order(prefix)
     names = StreamNames("equal")
-    with WorkerProcess(
-        kafka_bootstrap, model_dir, names, tmp_path, "--batch-size", "64", "--ranking", ranking
-    ) as worker:
+    worker_args = ["--batch-size", "64", "--ranking", ranking]
+    if rules:  # a tenth of the items, the most popular among them
+        ids = recommender.item_map.ids
+        by_popularity = np.argsort(-recommender.popularity, kind="stable")
+        unavailable = [ids[i] for i in by_popularity[:50]] + ids[100::10] + ["not-an-item"]
+        recommender.restrict(unavailable)
+        records = [(item.encode(), b'{"available": false}') for item in unavailable]
+        ensure_topics(
+            kafka_bootstrap, {names.availability: 1}, {names.availability: AVAILABILITY_CONFIG}
+        )
+        produce_raw(kafka_bootstrap, names.availability, records)
+        worker_args += ["--exclude-seen", "true"]
+    offline = evaluate(RecommenderScorer(recommender, exclude_seen=rules), prefix, ks=(20,))
+    clicks = clicks_in_time_order(prefix)
+    with WorkerProcess(kafka_bootstrap, model_dir, names, tmp_path, *worker_args) as worker:
         produce_clicks(kafka_bootstrap, names.clicks, clicks)
         messages = read_topic(
             kafka_bootstrap, names.recommendations, lambda ms: len(ms) >= len(clicks), timeout=120

@@ -37,8 +37,9 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,14 +61,18 @@ from stream.devtools.processes import (
     StreamNames,
     WorkerProcess,
     collector_paused,
+    free_port,
+    scrape_histogram,
     start_readers,
 )
 from stream.devtools.procfs import cpu_seconds, machine_busy_seconds, peak_rss_mib
 from stream.kafka.config import producer_config
 from stream.kafka.log_sender import replay
+from stream.kafka.topics import ensure_topics
 from stream.kafka.wire import Click, encode_click
 from stream.serving import faust_patches
 from stream.serving.app import faust_app, raw_topic, run_app
+from stream.serving.availability import AVAILABILITY_CONFIG
 from stream.serving.settings import WorkerSettings
 
 PARTITIONS = 4
@@ -221,17 +226,24 @@ def measure(
     work: Path,
     subcommand: tuple[str, ...] = ("worker",),
     *worker_args: str,
+    unavailable: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Throughput (max speed) then latency (1,000 events/s) of one worker process; also
-    the burst's clicks and answers and the worker's peak RSS."""
+    the burst's clicks and answers and the worker's peak RSS. With ``unavailable`` items,
+    the worker starts with them unavailable, and during the latency run they are switched
+    on and off again (:class:`AvailabilityFlips`): the worker's propagation delays."""
     with collector_paused():  # the readers' consume times are the measurement
         names = StreamNames("bench")
         inputs, outputs = start_readers(bootstrap, names, PARTITIONS)
+        web_port = free_port()
+        flips = AvailabilityFlips(bootstrap, names.availability, list(unavailable))
         worker = WorkerProcess(
             bootstrap,
             model_dir,
             names,
             work,
+            "--web-port",
+            str(web_port),
             *worker_args,
             partitions=PARTITIONS,
             subcommand=subcommand,
@@ -251,11 +263,13 @@ def measure(
             first_sent = min(m.timestamp()[1] for m in inputs.messages) / 1000.0
             throughput = len(burst) / (outputs.messages[len(burst) - 1].consumed_at - first_sent)
             paced = make_clicks("b", min(events, 5000), 2, 1000.0)
-            _produce_paced(bootstrap, names.clicks, paced, rate=1000.0)
+            with flips:
+                _produce_paced(bootstrap, names.clicks, paced, rate=1000.0)
             total = len(burst) + len(paced) + 1
             outputs.wait_for(total, timeout=120)
             inputs.wait_for(total, timeout=30)
             rss = peak_rss_mib(worker.process.pid)  # type: ignore[union-attr]
+            delays = scrape_histogram(web_port, "streamrec_availability_delay_seconds")
         finally:
             worker.stop()
             inputs.close()
@@ -276,7 +290,51 @@ def measure(
         "peak_rss_mib": rss,
         "clicks": burst,
         "answers": outputs.messages[: len(burst)],
+        "availability_changes": delays.count if delays else 0,
+        "availability_delay_p50_ms_at_most": delays.at_most(0.5) * 1000 if delays else None,
+        "availability_delay_p99_ms_at_most": delays.at_most(0.99) * 1000 if delays else None,
     }
+
+
+class AvailabilityFlips:
+    """The bench's availability topic: ``items`` marked unavailable at creation; while
+    entered, one of them switched available and back every 50 ms (20 changes/s), so the
+    worker measures its propagation delay under load."""
+
+    def __init__(self, bootstrap: str, topic: str, items: list[str]) -> None:
+        self.topic, self.items = topic, items
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._flip, daemon=True)
+        if not items:
+            return
+        ensure_topics(bootstrap, {topic: 1}, configs={topic: AVAILABILITY_CONFIG})
+        self._producer = Producer(producer_config(bootstrap, acks="all", **{"linger.ms": 5}))
+        for item in items:
+            self._send(item, available=False)
+        if self._producer.flush(60):
+            raise UserError("the bench's availability records were not delivered in 60 s")
+
+    def _send(self, item: str, available: bool) -> None:
+        value = None if available else json.dumps({"available": False}).encode()
+        self._producer.produce(self.topic, key=item.encode(), value=value)
+        self._producer.poll(0)
+
+    def _flip(self) -> None:
+        for n in range(len(self.items) * 2):
+            if self._stop.wait(0.05):
+                return
+            self._send(self.items[n // 2], available=n % 2 == 0)
+
+    def __enter__(self) -> AvailabilityFlips:
+        if self.items:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.items:
+            self._stop.set()
+            self._thread.join()
+            self._producer.flush(30)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -304,6 +362,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             recommender = load_model(model_dir)
             load_seconds = time.perf_counter() - started
             ranking = recommender.use_ranking(args.ranking)
+            unavailable = _unavailable(recommender, args.unavailable)
+            recommender.restrict(unavailable)  # the ceiling and the exact lists obey them
             ceiling = scoring_ceiling(recommender)
             print(
                 f"{recommender.n_items:,} items, ranking {ranking}: scoring ceiling "
@@ -326,6 +386,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 str(args.torch_threads),
                 "--ranking",
                 args.ranking,
+                unavailable=unavailable,
             )
             recall = recall_vs_exact(
                 recommender, result["clicks"], result["answers"], args.recall_sample
@@ -349,6 +410,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "index_seconds"
                     ),
                     "recall_vs_exact@20": recall,
+                    "unavailable_items": len(unavailable),
+                    **{k: v for k, v in result.items() if k.startswith("availability_")},
                 }
             )
             print(json.dumps(runs[-1]), file=sys.stderr)
@@ -374,6 +437,13 @@ def _models(args: argparse.Namespace, work: Path) -> Iterator[Path]:
         untrained_model(n_items, model_dir, indexed=True)
         yield model_dir
         shutil.rmtree(model_dir)  # a 5M-item model is 2 GB of disk
+
+
+def _unavailable(recommender: Recommender, share: float) -> list[str]:
+    """A random ``share`` of the catalogue (seeded): the items the run marks unavailable."""
+    count = int(round(share * recommender.n_items))
+    chosen = np.random.default_rng(0).choice(recommender.n_items, count, replace=False)
+    return [recommender.item_map.ids[i] for i in sorted(chosen)]
 
 
 def _synthetic_clicks(n_items: int) -> ClickMaker:
@@ -451,6 +521,14 @@ def add_parsers(benches: argparse._SubParsersAction) -> None:
         default=2000,
         help="clicks whose served lists are compared with the exact top-20 (default 2000)",
     )
+    p.add_argument(
+        "--unavailable",
+        type=_share,
+        default=0.0,
+        help="share of the catalogue marked unavailable on the availability topic "
+        "(e.g. 0.1); one of them is switched on and off every 50 ms during the latency "
+        "run, for the propagation delay (default 0: no rules)",
+    )
     p.add_argument("--events", type=int, default=20000, help="clicks per throughput run")
     p.add_argument("--broker", default=None, help="use this Kafka instead of starting a local one")
     p.add_argument(
@@ -468,3 +546,10 @@ def add_parsers(benches: argparse._SubParsersAction) -> None:
     )
     WorkerSettings.add_arguments(p)
     p.set_defaults(run=run_noop_worker)
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value

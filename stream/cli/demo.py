@@ -45,7 +45,14 @@ from model.synth import SynthSpec, generate
 from model.train import train
 from stream.cli.base import print_json
 from stream.devtools.brokers import LocalKafka, Tansu, tansu_binary
-from stream.devtools.processes import Received, StreamNames, WorkerProcess, free_port, start_readers
+from stream.devtools.processes import (
+    Received,
+    StreamNames,
+    WorkerProcess,
+    free_port,
+    scrape_histogram,
+    start_readers,
+)
 from stream.kafka.log_sender import replay
 from stream.quality import online_quality
 
@@ -216,37 +223,13 @@ def _latency_lines(summary: dict) -> str:
 def _worker_consume_to_publish(web_port: int) -> dict[str, float | None]:
     """The worker's own time from consuming a click to publishing its answer, from the
     histogram on its /metrics: the mean (exact) and the bound of the bucket with the p99."""
-    from urllib.request import urlopen
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    name = "streamrec_consume_to_publish_seconds"
-    result: dict[str, float | None] = {
-        "worker_consume_to_publish_mean_ms": None,
-        "worker_consume_to_publish_p99_at_most_ms": None,
+    summary = scrape_histogram(web_port, "streamrec_consume_to_publish_seconds")
+    return {
+        "worker_consume_to_publish_mean_ms": summary.mean * 1000 if summary else None,
+        "worker_consume_to_publish_p99_at_most_ms": summary.at_most(0.99) * 1000
+        if summary
+        else None,
     }
-    try:
-        with urlopen(f"http://127.0.0.1:{web_port}/metrics", timeout=5) as response:
-            text = response.read().decode()
-    except OSError:
-        return result
-    samples = [
-        s
-        for family in text_string_to_metric_families(text)
-        if family.name == name
-        for s in family.samples
-    ]
-    count = sum(s.value for s in samples if s.name == f"{name}_count")
-    if count:
-        total = sum(s.value for s in samples if s.name == f"{name}_sum")
-        buckets = sorted(
-            (float(s.labels["le"]), s.value) for s in samples if s.name == f"{name}_bucket"
-        )
-        result["worker_consume_to_publish_mean_ms"] = total / count * 1000
-        result["worker_consume_to_publish_p99_at_most_ms"] = next(
-            bound * 1000 for bound, below in buckets if below >= 0.99 * count
-        )
-    return result
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

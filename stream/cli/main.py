@@ -17,7 +17,18 @@ from collections.abc import Sequence
 from model.errors import UserError
 
 #: The command files, in ``--help`` order.
-COMMANDS = ("offline", "report", "broker", "worker", "trainer", "model", "replay", "demo", "bench")
+COMMANDS = (
+    "offline",
+    "report",
+    "broker",
+    "worker",
+    "trainer",
+    "model",
+    "availability",
+    "replay",
+    "demo",
+    "bench",
+)
 #: Tooling an install may leave out (the runtime image does): the commands built on it
 #: are then absent instead of breaking every command.
 OPTIONAL_MODULES = ("stream.bench", "stream.devtools", "stream.cli.demo")

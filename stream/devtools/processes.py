@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,9 +42,12 @@ class StreamNames:
         self.clicks = f"clicks-{tag}"
         self.recommendations = f"recs-{tag}"
         self.dlq = f"dlq-{tag}"
+        self.availability = f"avail-{tag}"
 
     def worker_args(self) -> list[str]:
         return [
+            "--availability-topic",
+            self.availability,
             "--app-id",
             self.app_id,
             "--input-topic",
@@ -364,3 +368,40 @@ def start_readers(
     inputs.start()
     outputs.start()
     return inputs, outputs
+
+
+@dataclass(frozen=True)
+class HistogramSummary:
+    """A Prometheus histogram as a process served it: how many observations, their mean,
+    and the upper bound of the bucket holding each quantile (its value is at most that)."""
+
+    count: float
+    mean: float
+    bounds: tuple[tuple[float, float], ...]  # (le, cumulative count), ascending
+
+    def at_most(self, quantile: float) -> float:
+        return next(le for le, below in self.bounds if below >= quantile * self.count)
+
+
+def scrape_histogram(web_port: int, name: str) -> HistogramSummary | None:
+    """``name`` from the /metrics of the process serving on ``web_port`` (None: not
+    served, or nothing observed)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    samples = [
+        sample
+        for family in text_string_to_metric_families(text)
+        if family.name == name
+        for sample in family.samples
+    ]
+    count = sum(s.value for s in samples if s.name == f"{name}_count")
+    if not count:
+        return None
+    total = sum(s.value for s in samples if s.name == f"{name}_sum")
+    bounds = sorted((float(s.labels["le"]), s.value) for s in samples if s.name == f"{name}_bucket")
+    return HistogramSummary(count, total / count, tuple(bounds))

@@ -14,6 +14,7 @@ so does a lapsed group membership (exit status 75, :mod:`stream.serving.fencing`
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from stream.kafka.probe import BrokerProbe
 from stream.observability import serve
 from stream.registry import ModelRegistry
 from stream.serving import faust_patches, fencing
+from stream.serving.availability import AVAILABILITY_INTERVAL_S, AvailabilityFollower
 from stream.serving.credentials import faust_credentials
 from stream.serving.fencing import MEMBERSHIP_LOST_EXIT, MembershipLost, heartbeat_interval
 from stream.serving.hot_swap import watch_registry
@@ -140,6 +142,12 @@ def create_app(
                 force=True,
             )
 
+    @app.timer(AVAILABILITY_INTERVAL_S, on_leader=False, name="streamrec.availability")
+    async def apply_availability() -> None:
+        # Between batches too: a worker with no clicks to answer still has its model
+        # current when the next one comes (and the delay metric says when it was).
+        await asyncio.gather(*processor.apply_availability())
+
     @app.timer(REFRESH_S, on_leader=False, name="streamrec.metrics")
     async def refresh_health() -> None:
         refresh(
@@ -168,6 +176,8 @@ def run(settings: WorkerSettings) -> int:
         serve(worker_app(processor), settings.web_port, settings.web_host)
         logger.info("metrics on http://%s:%d/metrics", settings.web_host, settings.web_port)
     prepare_topics_patiently(settings, processor.health)
+    if settings.availability_topic:
+        follow_availability(settings, processor)
     processor.health.not_ready_reason = "starting"
     processor.health.broker = BrokerProbe(settings.bootstrap, settings.input_topic).start()
     if registry is not None:
@@ -182,6 +192,23 @@ def run(settings: WorkerSettings) -> int:
         settings.partitions,
     )
     return run_app(app, settings)
+
+
+def follow_availability(settings: WorkerSettings, processor: ClickProcessor) -> None:
+    """Read the availability topic to its end, give it to the served model, and keep
+    following it (:mod:`stream.serving.availability`): before the worker joins the
+    click group, so no click is answered with an older catalogue."""
+    topic = settings.availability_topic
+    processor.health.not_ready_reason = f"reading the availability topic {topic!r}"
+    availability = AvailabilityFollower(settings.bootstrap, topic)
+    availability.start(timeout=settings.broker_wait_s).wait_until_read(settings.broker_wait_s)
+    processor.availability = availability
+    processor.swap_model(*processor.prepare_model(processor.recommender))
+    logger.warning(
+        "availability: %d items unavailable (%d known to the model)",
+        availability.unavailable_count,
+        int(processor.recommender.unavailable.sum()),
+    )
 
 
 def run_app(app: faust.App, settings: WorkerSettings) -> int:

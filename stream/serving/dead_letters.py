@@ -13,11 +13,11 @@ keeps :data:`TRUNCATED_DEAD_LETTER_BYTES` of the key and of the value and a
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
 import faust
 from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
 from faust.exceptions import ProducerSendError
-from faust.types import Message
 
 from stream.kafka.wire import MAX_MESSAGE_BYTES, Rejected
 
@@ -27,6 +27,21 @@ TRUNCATED_DEAD_LETTER_BYTES = MAX_MESSAGE_BYTES
 #: The worker's own reason code, besides :mod:`stream.kafka.wire`'s: a valid click on
 #: another partition than its session's (see ``ClickProcessor._split_misplaced``).
 WRONG_PARTITION = "wrong_partition"
+
+
+class SourceRecord(Protocol):
+    """What a dead letter copies: a Faust message, or an availability record."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
 
 
 def _too_large(exc: BaseException) -> bool:
@@ -42,7 +57,7 @@ class DeadLetters:
         self.topic = topic
         self.counts = counts
 
-    async def send(self, message: Message, rejected: Rejected) -> None:
+    async def send(self, message: SourceRecord, rejected: Rejected) -> None:
         """Send the dead letter of ``message`` and await its delivery."""
         self.counts[rejected.reason] = self.counts.get(rejected.reason, 0) + 1
         headers = [

@@ -4,7 +4,9 @@ Every worker (not only the group's leader: each one serves its own partitions wi
 own copy of the model) polls the registry's pointer on a Faust timer. When it names a
 version other than the one being served, the worker loads and verifies it in a thread
 (``loop.run_in_executor``), so reading and checksumming weights never stalls the event
-loop, and then assigns ``processor.recommender`` on the loop. The agent reads that
+loop, gives it the current item availability there, and then swaps it in on the loop
+(:meth:`~stream.serving.processor.ClickProcessor.swap_model`, which applies the
+availability changes read meanwhile). The agent reads that
 attribute once per batch (:class:`stream.serving.processor.ClickProcessor`), so the swap
 falls between two batches and no batch mixes versions. Sessions whose stored state was computed
 by the old version are rebuilt from their recent items on their next click
@@ -69,7 +71,7 @@ class ModelWatcher:
             return
         noticed = time.time()
         try:
-            recommender = await loop.run_in_executor(None, self._load, version)
+            recommender, rules_sequence = await loop.run_in_executor(None, self._load, version)
         except UserError as exc:
             self.rejected.add(version)
             self.processor.counters.rejected_models += 1
@@ -81,7 +83,7 @@ class ModelWatcher:
             )
             return
         loaded = time.time()
-        self.processor.recommender = recommender
+        self.processor.swap_model(recommender, rules_sequence)
         self.processor.counters.swaps += 1
         logger.warning(
             "swapped model %s -> %s (%d items): pointer moved %.3f s before it "
@@ -94,12 +96,12 @@ class ModelWatcher:
             time.time(),
         )
 
-    def _load(self, version: str) -> Recommender:
-        """Load and verify ``version`` and prepare its ranking (in a thread: building an
-        index for a version saved without one takes seconds)."""
+    def _load(self, version: str) -> tuple[Recommender, int]:
+        """Load and verify ``version`` and prepare its ranking and its catalogue rules
+        (in a thread: building an index for a version saved without one takes seconds)."""
         recommender = self.registry.load(version)
         logger.info("model %s ranking: %s", version, recommender.use_ranking(self.ranking))
-        return recommender
+        return self.processor.prepare_model(recommender)
 
     def _pointer_moved_at(self) -> float:
         """When ``CURRENT`` was last replaced (its mtime), for the swap's log line."""

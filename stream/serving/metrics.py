@@ -35,6 +35,7 @@ from model.inference import Recommender
 from stream.kafka.probe import BrokerProbe
 from stream.observability import STALL_S, help_text, wsgi_app
 from stream.quality import ONLINE_KS, PrequentialQuality
+from stream.serving.availability import AvailabilityFollower
 
 REFRESH_S = 1.0  # heartbeat / lag / table-size refresh on the event loop
 #: Not ready from the moment partitions are revoked (set by the rebalance signal, so that
@@ -61,6 +62,8 @@ LATENCY_BUCKETS = (
 )
 SCORING_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+# Availability changes must reach the served model within a second (docs/operations.md).
+AVAILABILITY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 30.0)
 
 
 @dataclass
@@ -76,6 +79,7 @@ class WorkerCounters:
     swaps: int = 0  # models swapped in by the registry watcher
     rejected_models: int = 0  # registry versions that failed verification, never served
     undecodable_states: int = 0  # stored states that did not decode: sessions restarted empty
+    shortened_answers: int = 0  # lists the catalogue rules left shorter than --top-n
 
 
 class WorkerMetrics:
@@ -92,6 +96,9 @@ class WorkerMetrics:
         self.consume_latency = histogram("streamrec_consume_to_publish_seconds", LATENCY_BUCKETS)
         self.scoring_time = histogram("streamrec_batch_scoring_seconds", SCORING_BUCKETS)
         self.batch_size = histogram("streamrec_batch_size", BATCH_BUCKETS)
+        self.availability_delay = histogram(
+            "streamrec_availability_delay_seconds", AVAILABILITY_BUCKETS
+        )
         self.online = PrequentialQuality()
         # Next offset to process per (topic, partition), from processed batches.
         self.positions: dict[tuple[str, int], int] = {}
@@ -136,6 +143,7 @@ class ServedWorker(Protocol):
     metrics: WorkerMetrics
     health: Health
     recommender: Recommender
+    availability: AvailabilityFollower | None
 
 
 class _CountersCollector:
@@ -180,6 +188,10 @@ class _CountersCollector:
         yield counter("streamrec_model_swaps", counters.swaps)
         yield counter("streamrec_models_rejected", counters.rejected_models)
         yield counter("streamrec_undecodable_states", counters.undecodable_states)
+        yield counter("streamrec_shortened_answers", counters.shortened_answers)
+        availability = worker.availability
+        unavailable = availability.unavailable_count if availability is not None else 0
+        yield gauge("streamrec_unavailable_items", unavailable)
 
         online = metrics.online
         predictions, skipped = dict(online.predictions), dict(online.skipped_unknown)
@@ -248,6 +260,8 @@ def readiness(worker: ServedWorker) -> tuple[bool, str]:
     reason = health.not_ready_reason
     if reason is None and health.broker is not None:
         reason = health.broker.problem
+    if reason is None and worker.availability is not None and worker.availability.failed:
+        reason = f"not following the availability topic: {worker.availability.failed}"
     # the version is said when ready too: a rollout or a fallback is visible to a probe
     return (False, reason) if reason else (True, f"ok: serving {worker.recommender.version}")
 

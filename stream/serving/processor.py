@@ -33,11 +33,13 @@ from collections.abc import Awaitable, Sequence, Set
 from typing import Any, cast
 
 import faust
+import torch
 from faust.types import TP, AppT, EventT, TableT
 from mode.types.signals import BaseSignalT
 
 from model.inference import Recommender
 from stream.kafka.wire import Rejected, encode_recommendation, parse_click
+from stream.serving.availability import AvailabilityFollower
 from stream.serving.dead_letters import WRONG_PARTITION, DeadLetters
 from stream.serving.expiry import EXPIRY_DELETES_FLOOR, SessionExpiry
 from stream.serving.fencing import GroupFence, MembershipLost
@@ -64,9 +66,12 @@ class ClickProcessor:
         table: TableT,
         output: faust.TopicT,
         dead_letters: faust.TopicT,
+        availability: AvailabilityFollower | None = None,
     ) -> None:
         self.settings = settings
         self.recommender = recommender
+        self.availability = availability
+        self._rules_sequence = 0  # the last availability change the recommender has
         self.table = table
         self.output = output
         self.counters = WorkerCounters()
@@ -83,6 +88,7 @@ class ClickProcessor:
 
     async def process(self, events: Sequence[EventT]) -> None:
         logger.debug("batch of %d events", len(events))
+        dead_letters = self.apply_availability()
         if not self._serving:
             # Everything alive when serving starts (Faust, aiokafka, torch, the model, the
             # recovered table) lives as long as the worker: freeze it out of the cyclic
@@ -94,7 +100,6 @@ class ClickProcessor:
         generation = self.fence.generation()
         now = time.time()
         clicks: list[tuple[EventT, SourcedClick]] = []
-        dead_letters = []
         for event in events:
             message = event.message
             if message.topic == self._expiry_topic:
@@ -120,6 +125,59 @@ class ClickProcessor:
             self.metrics.processed(
                 event.message.topic, event.message.partition, event.message.offset
             )
+
+    def apply_availability(self) -> list[Awaitable[None]]:
+        """Bring the served model's unavailable items up to date with the availability
+        topic (before every batch, and on a timer); returns the dead letters of the bad
+        records read since, to be awaited."""
+        if self.availability is None:
+            return []
+        if self.availability.failed is not None:  # serving on would ignore new changes
+            raise RuntimeError(f"availability topic no longer followed: {self.availability.failed}")
+        self._catch_up(self.availability)
+        return [
+            self.dead_letters.send(bad, bad.rejected)
+            for bad in self.availability.take_bad_records()
+        ]
+
+    def _catch_up(self, availability: AvailabilityFollower) -> None:
+        """Apply the availability changes the served model has not had yet."""
+        changes = availability.changes_since(self._rules_sequence)
+        if changes is None:  # fell behind what the follower keeps: start again
+            _, self._rules_sequence = self._restricted(self.recommender)
+        elif changes:
+            latest = {change.item_id: change.available for change in changes}
+            item_map, now = self.recommender.item_map, time.time()
+            for available in (True, False):
+                indexes = [item_map.index_of(i) for i, a in latest.items() if a is available]
+                known = torch.tensor([i for i in indexes if i >= 0], dtype=torch.int64)
+                self.recommender.set_available(known, available)
+            # Measured while serving: changes read during start-up wait for the event
+            # loop, but no answer is published before they are applied.
+            for change in changes if self._serving else ():
+                self.metrics.availability_delay.observe(max(now - change.acknowledged, 0.0))
+            self._rules_sequence = changes[-1].sequence
+
+    def _restricted(self, recommender: Recommender) -> tuple[Recommender, int]:
+        """``recommender`` given the availability read so far, and its sequence number."""
+        assert self.availability is not None
+        sequence, unavailable = self.availability.snapshot()
+        recommender.restrict(unavailable)
+        return recommender, sequence
+
+    def prepare_model(self, recommender: Recommender) -> tuple[Recommender, int]:
+        """A model about to be swapped in, given the current availability (in a thread:
+        at a million items and many unavailable ones it takes tens of milliseconds)."""
+        if self.availability is None:
+            return recommender, 0
+        return self._restricted(recommender)
+
+    def swap_model(self, recommender: Recommender, rules_sequence: int) -> None:
+        """Serve ``recommender`` from the next batch on; it obeys the availability up to
+        ``rules_sequence`` and is brought up to date now, on the event loop."""
+        self.recommender, self._rules_sequence = recommender, rules_sequence
+        if self.availability is not None:
+            self._catch_up(self.availability)
 
     def _stored_states(
         self, clicks: list[tuple[EventT, SourcedClick]]
@@ -193,7 +251,13 @@ class ClickProcessor:
         store = self.table.data
         recommender = self.recommender  # one version for the whole batch
         started = time.perf_counter()
-        outcomes = apply_clicks(recommender, [c for _, c in clicks], stored, self.settings.top_n)
+        outcomes = apply_clicks(
+            recommender,
+            [c for _, c in clicks],
+            stored,
+            self.settings.top_n,
+            self.settings.exclude_seen,
+        )
         self.metrics.scoring_time.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(len(clicks))
         deliveries = []
@@ -203,6 +267,7 @@ class ClickProcessor:
                 self.counters.duplicates += 1
                 continue
             self.counters.unknown_items += not outcome.known_item
+            self.counters.shortened_answers += len(outcome.items) < self.settings.top_n
             value = encode_recommendation(
                 sourced.click,
                 outcome.items,

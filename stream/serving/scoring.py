@@ -12,6 +12,9 @@ it returns each click's new state and top-N list. It goes through
   crash: it is reported as a duplicate and changes nothing (idempotent state).
 - A state computed by another model version is rebuilt from the session's recent items
   under the current model before the click is applied.
+- The lists obey the model's catalogue rules (:mod:`model.rules`): unavailable items never,
+  and with ``exclude_seen`` not the session's recent items either. A list is shorter than
+  ``top_n`` only when fewer items are left.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ import numpy as np
 import torch
 
 from model.inference import Recommender
+from model.rules import RECENT_ITEMS, seen_indexes
 from stream.kafka.wire import Click
-from stream.serving.state import RECENT_ITEMS, SessionState
+from stream.serving.state import SessionState
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +56,7 @@ def apply_clicks(
     clicks: Sequence[SourcedClick],
     stored: dict[str, SessionState | None],
     top_n: int,
+    exclude_seen: bool = False,
 ) -> list[Outcome]:
     """New state and recommendations for each click, in input order."""
     outcomes: list[Outcome | None] = [None] * len(clicks)
@@ -80,12 +85,20 @@ def apply_clicks(
         # matrix reads all of it (4 MB in int8 at 40k items) whatever the number of rows.
         hidden = torch.cat([a.hidden for a in advanced])
         started = torch.cat([a.started for a in advanced])
-        top_items, top_scores = recommender.top_k(hidden, started, top_n)
+        recently_seen = (
+            seen_indexes(recommender.item_map, [s.recent_items for a in advanced for s in a.states])
+            if exclude_seen
+            else None
+        )
+        top_items, top_scores = recommender.top_k(hidden, started, top_n, recently_seen)
         item_id = recommender.item_map.ids.__getitem__
         rows = zip(top_items.tolist(), top_scores.tolist())
         for done in advanced:
             for i, state, known, rebuilt in zip(done.clicks, done.states, done.known, done.rebuilt):
                 items, scores = next(rows)
+                if items[-1] < 0:  # shortened by the rules: item -1 pads the list
+                    scores = scores[: items.index(-1)]
+                    items = items[: len(scores)]
                 outcomes[i] = Outcome(
                     state, tuple(map(item_id, items)), tuple(scores), known, rebuilt
                 )

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model.item_index import APPROXIMATE_FROM, RANKINGS
+from model.rules import RECENT_ITEMS
 from stream.kafka.config import bootstrap_servers
 from stream.settings import Settings, at_least, non_empty, one_of, port, positive, setting, within
 
@@ -32,7 +33,19 @@ class WorkerSettings(Settings):
     )
     input_topic: str = setting("clicks", "topic of click events", non_empty)
     output_topic: str = setting("recommendations", "topic of recommendation messages", non_empty)
-    dlq_topic: str = setting("clicks-dlq", "dead-letter topic for rejected clicks", non_empty)
+    dlq_topic: str = setting(
+        "clicks-dlq", "dead-letter topic for rejected clicks and availability records", non_empty
+    )
+    availability_topic: str = setting(
+        "item-availability",
+        "compacted topic of item availability (key: item id, value: "
+        '{"available": false}, tombstone: available); every worker reads all of it '
+        "(empty: no availability rules)",
+    )
+    exclude_seen: bool = setting(
+        False,
+        f"leave each session's last {RECENT_ITEMS} clicked items out of its recommendations",
+    )
     session_timeout_s: float = setting(
         1800.0, "expire a session after this much event time without clicks", positive
     )

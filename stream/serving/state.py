@@ -4,8 +4,9 @@ What a session needs to be answered on its next click, and no more:
 
 - ``hidden``: the GRU hidden state (float32), the whole of what the model knows about the
   session;
-- ``recent_items``: the last ``RECENT_ITEMS`` clicked item ids, so that a state computed
-  by an older model version can be recomputed under a new one (sessions are short: in
+- ``recent_items``: the last :data:`model.rules.RECENT_ITEMS` clicked item ids, so that
+  a state computed by an older model version can be recomputed under a new one, and the
+  items a session has seen can be left out of its lists (sessions are short: in
   RSC15 99% have at most 20 clicks, and a GRU's state depends little on clicks further
   back than that);
 - ``last_offset``: the input offset of the last applied click, the idempotence guard
@@ -34,8 +35,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from model.rules import RECENT_ITEMS
+
 FORMAT = 1
-RECENT_ITEMS = 20
 # format, partition, offset, time, started, len(version), n_items, dims
 _HEADER = struct.Struct("<BHqdBBBH")
 _ITEM_LENGTH = struct.Struct("<H")

@@ -13,6 +13,7 @@ import logging
 import time
 
 from stream.kafka.topics import BrokerUnreachable, check_topics, ensure_topics
+from stream.serving.availability import AVAILABILITY_CONFIG
 from stream.serving.metrics import Health
 from stream.serving.settings import WorkerSettings
 
@@ -36,7 +37,8 @@ def expiry_topic(settings: WorkerSettings) -> str:
 
 
 def prepare_topics(settings: WorkerSettings, timeout: float = 30.0) -> None:
-    """Create (or, with ``create_topics`` off, require) co-partitioned topics."""
+    """Create (or, with ``create_topics`` off, require) co-partitioned topics, and the
+    availability topic (one partition, compacted)."""
     topics = {
         name: settings.partitions
         for name in (
@@ -47,13 +49,12 @@ def prepare_topics(settings: WorkerSettings, timeout: float = 30.0) -> None:
             changelog_topic(settings),
         )
     }
+    configs = {changelog_topic(settings): CHANGELOG_CONFIG}
+    if settings.availability_topic:  # read whole by every worker: one partition is enough
+        topics[settings.availability_topic] = 1
+        configs[settings.availability_topic] = AVAILABILITY_CONFIG
     if settings.create_topics:
-        ensure_topics(
-            settings.bootstrap,
-            topics,
-            configs={changelog_topic(settings): CHANGELOG_CONFIG},
-            timeout=timeout,
-        )
+        ensure_topics(settings.bootstrap, topics, configs=configs, timeout=timeout)
     else:
         check_topics(settings.bootstrap, topics, timeout=timeout)
 
