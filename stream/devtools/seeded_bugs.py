@@ -154,6 +154,36 @@ BUGS = (
             "test_a_click_on_another_partition_than_its_session_s_is_dead_lettered",
         ),
     ),
+    SeededBug(
+        "availability-changes-ignored",
+        "a running worker does not apply availability changes (it still reads them at start)",
+        "stream/serving/processor.py",
+        "        changes = availability.changes_since(self._rules_sequence)",
+        "        changes: list | None = []",
+        (
+            "tests/test_availability.py::"
+            "test_two_workers_leave_unavailable_items_out_within_a_second",
+        ),
+    ),
+    SeededBug(
+        "index-ignores-availability",
+        "the item index's lists return unavailable items as candidates",
+        "model/item_index.py",
+        "        if not self._skipping:",
+        "        if True:",
+        (
+            "tests/test_rules.py::"
+            "test_approximate_ranking_skips_unavailable_items_in_lists_and_head",
+        ),
+    ),
+    SeededBug(
+        "seen-kept",
+        "--exclude-seen asks for no more items than the list's length",
+        "model/inference.py",
+        "        k = min(wanted + (seen.shape[1] if seen is not None else 0), self.n_items)",
+        "        k = wanted",
+        ("tests/test_rules.py",),
+    ),
 )
 
 
