@@ -20,20 +20,22 @@ import pytest
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 
 from model.artifact import load_model
-from model.inference import Recommender
 from stream.devtools.brokers import LocalKafka
 from stream.devtools.processes import StreamNames, WorkerProcess, start_readers
 from stream.devtools.testing import (
+    STATE_TOLERANCE,
     PacedClicks,
     answered_sources,
-    click_by_click,
     committed_offsets,
     end_offsets,
+    final_states,
     free_port,
     http_get,
     produce_clicks,
     read_all,
     read_topic,
+    same_up_to_ties,
+    uninterrupted,
     wait_for_http,
 )
 from stream.kafka.config import client_config
@@ -41,38 +43,6 @@ from stream.kafka.wire import Click
 from stream.serving.state import SessionState
 
 pytestmark = pytest.mark.kafka
-
-STATE_TOLERANCE = 1e-5  # the issue's bar for a recovered state
-TIE = 1e-6  # scores this close may come in either order
-SCORE_ROUNDING = 1e-6  # output scores carry six decimals
-
-
-def uninterrupted(
-    recommender: Recommender, items: list[str], top_n: int
-) -> tuple[np.ndarray, list[tuple[str, float]]]:
-    """Final hidden state and last top-N of a session, applied one click at a time."""
-    hidden, lists = click_by_click(recommender, items, top_n)
-    return hidden, lists[-1]
-
-
-def same_up_to_ties(published: list[tuple[str, float]], expected: list[tuple[str, float]]) -> bool:
-    """Equal lists, except that items whose expected scores tie may swap places."""
-    if len(published) != len(expected):
-        return False
-    for (item, score), (want_item, want_score) in zip(published, expected):
-        if abs(score - want_score) > SCORE_ROUNDING + TIE:
-            return False
-        if item != want_item and not any(
-            abs(s - want_score) <= TIE for i, s in expected if i == item
-        ):
-            return False
-    return True
-
-
-def final_states(bootstrap: str, topic: str) -> dict[str, SessionState]:
-    """The last changelog record of each session (what a restarted worker recovers)."""
-    latest = {m.key().decode(): m.value() for m in read_all(bootstrap, topic)}
-    return {key: SessionState.decode(value) for key, value in latest.items() if value is not None}
 
 
 def test_kills_at_several_points_lose_nothing_and_change_no_state(

@@ -308,7 +308,7 @@ class AvailabilityFlips:
         if not items:
             return
         ensure_topics(bootstrap, {topic: 1}, configs={topic: AVAILABILITY_CONFIG})
-        self._producer = Producer(producer_config(bootstrap, acks="all", **{"linger.ms": 5}))
+        self._producer = Producer(producer_config(bootstrap, **{"linger.ms": 5}))
         for item in items:
             self._send(item, available=False)
         if self._producer.flush(60):

@@ -26,7 +26,7 @@ def run_set(args: argparse.Namespace) -> int:
         raise UserError("no items given: name them, or --file FILE")
     bootstrap = bootstrap_servers(args.broker)
     ensure_topics(bootstrap, {args.topic: 1}, configs={args.topic: AVAILABILITY_CONFIG})
-    producer = Producer(producer_config(bootstrap, acks="all", **{"linger.ms": 5}))
+    producer = Producer(producer_config(bootstrap, **{"linger.ms": 5}))
     acknowledged: list[float] = []
     failures: list[str] = []
 

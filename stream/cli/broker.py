@@ -6,11 +6,12 @@ import argparse
 import signal
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from model.errors import UserError
 from stream.cli.base import SubParsers, signals_as_interrupt
-from stream.devtools.brokers import Broker, LocalKafka, Tansu, cache_root
+from stream.devtools.brokers import Broker, KafkaCluster, LocalKafka, Tansu, cache_root
 
 
 def add_parser(subparsers: SubParsers) -> None:
@@ -54,11 +55,26 @@ def add_parser(subparsers: SubParsers) -> None:
         help="kafka only: keep the log in DIR so topics and messages survive a restart "
         "(default: a temporary directory, deleted on exit)",
     )
+    parser.add_argument(
+        "--brokers",
+        type=int,
+        default=1,
+        help="kafka only: a cluster of this many brokers on ports PORT, PORT+1, ... "
+        "(topics replicated to min(N, 3) brokers, min.insync.replicas one less); default 1",
+    )
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Handler of ``streamrec broker``: start, announce, wait for Ctrl-C/SIGTERM, stop."""
+    if args.brokers < 1:
+        raise UserError(f"--brokers must be at least 1, got {args.brokers}")
+    if args.brokers > 1:
+        if args.engine != "kafka":
+            raise UserError("--brokers above 1 needs --engine kafka")
+        cluster = KafkaCluster(args.brokers, args.data_dir, port=args.port)
+        serve(cluster, lambda: list(cluster.nodes.values()), args.engine)
+        return 0
     broker: Broker
     if args.engine == "kafka":
         broker = LocalKafka(port=args.port, data_dir=args.data_dir)
@@ -66,20 +82,36 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--data-dir needs --engine kafka: Tansu keeps messages in memory only")
     else:
         broker = Tansu(port=args.port)
+    serve(broker, lambda: [broker], args.engine)
+    return 0
+
+
+def serve(
+    broker: Broker | KafkaCluster, processes: Callable[[], Sequence[Broker]], engine: str
+) -> None:
+    """Start ``broker``, announce it, wait for Ctrl-C/SIGTERM or a broker's death, stop."""
     # The broker's own process group never sees the terminal's Ctrl-C: we stop it.
     with signals_as_interrupt(signal.SIGINT, signal.SIGTERM):
         broker.start()  # interrupted: start() kills the broker and the CLI exits 130
         try:
-            print(f"broker ready at {broker.bootstrap} (engine {broker.engine})", flush=True)
-            print(f"broker log: {broker.log_path}; Ctrl-C stops it", file=sys.stderr, flush=True)
-            while broker.running:
+            print(f"broker ready at {broker.bootstrap} (engine {engine})", flush=True)
+            for process in processes():
+                node = getattr(process, "node", None)
+                name = f"broker {node.node_id}" if node is not None else "broker"
+                print(
+                    f"{name}: pid {process.pid}, {process.bootstrap}, log {process.log_path}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            print("Ctrl-C stops it", file=sys.stderr, flush=True)
+            while all(process.running for process in processes()):
                 time.sleep(0.5)
+            dead = next(process for process in processes() if not process.running)
             raise UserError(
-                f"the {broker.engine} broker exited unexpectedly; last lines of "
-                f"{broker.log_path}:\n{broker.log_tail()}"
+                f"a {engine} broker exited unexpectedly; last lines of "
+                f"{dead.log_path}:\n{dead.log_tail()}"
             )
         except KeyboardInterrupt:
             pass
         finally:
             broker.stop()
-    return 0

@@ -36,11 +36,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 import weakref
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -274,6 +276,26 @@ class Broker(abc.ABC):
         Raises UserError with the tail of the broker's log if it exits while starting or
         does not answer within ``startup_timeout`` seconds; the process is killed then.
         """
+        self.launch()
+        self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Return once a client has fetched metadata from the launched broker (see
+        :meth:`start`); kill it if it does not come up."""
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.kill()
+            raise
+
+    @property
+    def pid(self) -> int | None:
+        """The broker process's id while it runs."""
+        return self._proc.pid if self.running and self._proc is not None else None
+
+    def launch(self) -> None:
+        """Start the broker process without waiting for it to answer (the nodes of a
+        cluster wait for each other: each is launched before any is waited for)."""
         if self.running:
             raise RuntimeError(f"the {self.engine} broker is already running")
         if self._dir is None:
@@ -309,11 +331,6 @@ class Broker(abc.ABC):
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.kill()
-            raise
 
     def stop(self, timeout: float = 30.0) -> None:
         """Shut down cleanly (SIGTERM; SIGKILL after ``timeout`` s) and wait for the exit.
@@ -444,11 +461,15 @@ class LocalKafka(Broker):
         startup_timeout: float = 90.0,
         cache_dir: Path | None = None,
         sasl_users: Mapping[str, str] | None = None,
+        node: ClusterNode | None = None,
     ) -> None:
         super().__init__(port, data_dir, startup_timeout)
         self.heap = heap
         self._cache_dir = cache_dir
         self._sasl_users = dict(sasl_users or {})
+        self.node = node
+        if node is not None:
+            self._ports = [node.port, node.controller_port]
 
     def client_security(self) -> dict[str, str]:
         if not self._sasl_users:
@@ -493,7 +514,7 @@ class LocalKafka(Broker):
                 "format",
                 "--ignore-formatted",
                 "-t",
-                new_cluster_id(),
+                self.node.cluster_id if self.node else new_cluster_id(),
                 "-c",
                 str(config),
             ],
@@ -538,6 +559,8 @@ class LocalKafka(Broker):
             # The compaction buffer (Faust changelogs are compacted) defaults to 128 MiB of heap.
             "log.cleaner.dedupe.buffer.size": str(32 * 1024 * 1024),
         }
+        if self.node is not None:
+            settings.update(self.node.settings())
         if self._sasl_users:
             settings.update(self._sasl_settings(port, controller_port))
         return "".join(f"{key}={value}\n" for key, value in settings.items())
@@ -560,6 +583,140 @@ class LocalKafka(Broker):
                 f"username={quote(user)} password={quote(password)} {accounts};"
             ),
         }
+
+
+@dataclass(frozen=True)
+class ClusterNode:
+    """One node of a :class:`KafkaCluster`: its id and ports, and what all nodes share
+    (the cluster id, the controller quorum, the replication every topic gets)."""
+
+    node_id: int
+    port: int
+    controller_port: int
+    cluster_id: str
+    voters: str
+    replication: int
+    min_insync: int
+
+    def settings(self) -> dict[str, str]:
+        r, isr = str(self.replication), str(self.min_insync)
+        return {
+            "node.id": str(self.node_id),
+            "controller.quorum.voters": self.voters,
+            "default.replication.factor": r,
+            "min.insync.replicas": isr,
+            "offsets.topic.replication.factor": r,
+            "transaction.state.log.replication.factor": r,
+            "transaction.state.log.min.isr": isr,
+            "share.coordinator.state.topic.replication.factor": r,
+            "share.coordinator.state.topic.min.isr": isr,
+        }
+
+
+class KafkaCluster:
+    """Apache Kafka on ``brokers`` local nodes (KRaft, each node broker and controller):
+    every topic replicated to ``min(brokers, 3)`` nodes with ``min.insync.replicas`` one
+    less (2 of 3), so acknowledged writes survive a node's death. Each node is a
+    :class:`LocalKafka` that can be killed, stopped and started on its own (``node(id)``),
+    as the fault tests need; ``bootstrap`` lists every node."""
+
+    def __init__(
+        self,
+        brokers: int = 3,
+        data_dir: str | os.PathLike[str] | None = None,
+        *,
+        port: int = 0,
+        heap: str = "512m",
+        startup_timeout: float = 120.0,
+    ) -> None:
+        if brokers < 1:
+            raise UserError(f"a cluster needs at least one broker, got {brokers}")
+        self.brokers = brokers
+        self._given_dir = Path(data_dir) if data_dir is not None else None
+        self._port = port
+        self._heap = heap
+        self._startup_timeout = startup_timeout
+        self._dir: Path | None = None
+        self.nodes: dict[int, LocalKafka] = {}
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(node.bootstrap for node in self.nodes.values())
+
+    def node(self, node_id: int) -> LocalKafka:
+        return self.nodes[node_id]
+
+    def start(self) -> None:
+        """Launch every node, then wait for each (a node needs a quorum to register)."""
+        if not self.nodes:
+            self._create_nodes()
+        try:
+            for node in self.nodes.values():
+                node.launch()
+            for node in self.nodes.values():
+                node.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _create_nodes(self) -> None:
+        self._dir = self._given_dir or Path(tempfile.mkdtemp(prefix="streamrec-cluster-"))
+        requested = [self._port] if self._port else []
+        ports = _reserve_ports(requested, 2 * self.brokers)
+        voters = ",".join(f"{i + 1}@127.0.0.1:{ports[2 * i + 1]}" for i in range(self.brokers))
+        cluster_id, replication = new_cluster_id(), min(self.brokers, 3)
+        for i in range(self.brokers):
+            node = ClusterNode(
+                node_id=i + 1,
+                port=ports[2 * i],
+                controller_port=ports[2 * i + 1],
+                cluster_id=cluster_id,
+                voters=voters,
+                replication=replication,
+                min_insync=max(replication - 1, 1),
+            )
+            self.nodes[i + 1] = LocalKafka(
+                data_dir=self._dir / f"node-{i + 1}",
+                heap=self._heap,
+                startup_timeout=self._startup_timeout,
+                node=node,
+            )
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop every node at once (one after the other, the last ones would wait for a
+        controller quorum that is gone), each killed after ``timeout`` s."""
+        stopping = [
+            threading.Thread(target=node.stop, args=(timeout,)) for node in self.nodes.values()
+        ]
+        for thread in stopping:
+            thread.start()
+        for thread in stopping:
+            thread.join()
+        self._remove_temporary_dir()
+
+    def kill(self) -> None:
+        """SIGKILL every node (and delete a temporary data directory)."""
+        for node in self.nodes.values():
+            node.kill()
+        self._remove_temporary_dir()
+
+    def _remove_temporary_dir(self) -> None:
+        if self._given_dir is None and self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def leader(self, topic: str, partition: int) -> int:
+        """The node id leading ``topic``'s ``partition`` now."""
+        config: dict[str, Any] = {"bootstrap.servers": self.bootstrap, "logger": _QUIET_LIBRDKAFKA}
+        admin = AdminClient(config)
+        metadata = admin.list_topics(topic, timeout=10)
+        return int(metadata.topics[topic].partitions[partition].leader)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 class Tansu(Broker):

@@ -38,6 +38,7 @@ from stream.devtools.processes import (
 )
 from stream.kafka.config import client_config, producer_config
 from stream.kafka.wire import Click, encode_click
+from stream.serving.state import SessionState
 
 DATA = REPO.parent / "shared" / "data" / "rsc15-100k"
 #: The tiny model of the tests that need a model to run rather than a good one.
@@ -179,7 +180,8 @@ class PacedClicks(threading.Thread):
 
         super().__init__(daemon=True)
         self.topic, self.click, self.per_s, self.count = topic, click, per_s, count
-        self.producer = Producer(producer_config(bootstrap))
+        # Idempotent: a retry after a broker's death must not write a click twice.
+        self.producer = Producer(producer_config(bootstrap, **{"enable.idempotence": True}))
         self.sent = 0
         self.error: BaseException | None = None
         self._stop_event = threading.Event()
@@ -324,3 +326,36 @@ def states_of(recommender: Recommender, n: int, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     items = torch.randint(0, recommender.n_items, (n,), generator=generator)
     return recommender.step(recommender.initial_states(n), items)
+
+
+STATE_TOLERANCE = 1e-5  # the issue's bar for a recovered state
+TIE = 1e-6  # scores this close may come in either order
+SCORE_ROUNDING = 1e-6  # output scores carry six decimals
+
+
+def uninterrupted(
+    recommender: Recommender, items: list[str], top_n: int
+) -> tuple[np.ndarray, list[tuple[str, float]]]:
+    """Final hidden state and last top-N of a session, applied one click at a time."""
+    hidden, lists = click_by_click(recommender, items, top_n)
+    return hidden, lists[-1]
+
+
+def same_up_to_ties(published: list[tuple[str, float]], expected: list[tuple[str, float]]) -> bool:
+    """Equal lists, except that items whose expected scores tie may swap places."""
+    if len(published) != len(expected):
+        return False
+    for (item, score), (want_item, want_score) in zip(published, expected):
+        if abs(score - want_score) > SCORE_ROUNDING + TIE:
+            return False
+        if item != want_item and not any(
+            abs(s - want_score) <= TIE for i, s in expected if i == item
+        ):
+            return False
+    return True
+
+
+def final_states(bootstrap: str, topic: str) -> dict[str, SessionState]:
+    """The last changelog record of each session (what a restarted worker recovers)."""
+    latest = {m.key().decode(): m.value() for m in read_all(bootstrap, topic)}
+    return {key: SessionState.decode(value) for key, value in latest.items() if value is not None}

@@ -111,7 +111,9 @@ def producer_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
     """A confluent-kafka Producer config that partitions keys like Java, aiokafka and Faust.
 
     Always contains ``partitioner: murmur2_random`` (unless explicitly overridden, which
-    breaks co-partitioning with the Faust workers), the bootstrap servers and the security
-    pass-through of :func:`security_config`. ``overrides`` work as in :func:`client_config`.
+    breaks co-partitioning with the Faust workers), ``acks: all`` (a record is acknowledged
+    once every in-sync replica has it: on a replicated cluster a broker's death loses no
+    acknowledged record), the bootstrap servers and the security pass-through of
+    :func:`security_config`. ``overrides`` work as in :func:`client_config`.
     """
-    return client_config(bootstrap, **{"partitioner": PARTITIONER, **overrides})
+    return client_config(bootstrap, **{"partitioner": PARTITIONER, "acks": "all", **overrides})

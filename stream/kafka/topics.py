@@ -94,6 +94,21 @@ def check_topics(bootstrap: str, topics: Mapping[str, int], timeout: float = 30.
     _raise_on_mismatch(metadata, topics, bootstrap)
 
 
+def check_replication(bootstrap: str, topic: str, minimum: int, timeout: float = 30.0) -> None:
+    """Raise UserError unless every partition of ``topic`` has at least ``minimum``
+    replicas (a topic created before the cluster grew keeps its replication)."""
+    metadata = _metadata(_Admin(bootstrap), bootstrap, timeout)
+    partitions = metadata.topics[topic].partitions.values()
+    replicas = min((len(p.replicas) for p in partitions), default=0)
+    if replicas < minimum:
+        raise UserError(
+            f"topic {topic!r} on {bootstrap} is replicated to {replicas} broker(s), "
+            f"fewer than --min-replication {minimum}: recreate it on a cluster with "
+            f"default.replication.factor >= {minimum}, or add replicas with "
+            "kafka-reassign-partitions"
+        )
+
+
 def _validate_counts(topics: Mapping[str, int]) -> None:
     bad = [name for name, count in topics.items() if count < 1]
     if bad:

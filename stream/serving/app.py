@@ -54,7 +54,9 @@ def faust_app(settings: WorkerSettings) -> faust.App:
     session_timeout = settings.group_session_timeout_s
     return faust.App(
         settings.app_id,
-        broker=f"kafka://{settings.bootstrap}",
+        # Faust takes a list of URLs separated by ";" (one URL with commas would be read
+        # as one host)
+        broker=";".join(f"kafka://{server}" for server in settings.bootstrap.split(",")),
         broker_credentials=faust_credentials(),
         store="memory://",
         datadir=str(data_dir),
@@ -70,6 +72,7 @@ def faust_app(settings: WorkerSettings) -> faust.App:
         broker_request_timeout=max(3 * session_timeout, 30.0),
         broker_commit_interval=1.0,
         producer_linger_ms=PRODUCER_LINGER_MS,
+        producer_acks=-1,  # all in-sync replicas: a broker's death loses no answer or state
         producer_max_request_size=PRODUCER_MAX_REQUEST_BYTES,  # the broker's limit applies
         # The worker serves /metrics, /healthz and /readyz itself (stream.serving.metrics):
         # Faust's web server (which can expose table contents) stays off.

@@ -68,6 +68,12 @@ class WorkerSettings(Settings):
     log_level: str = setting(
         "warning", "debug, info, warning or error", one_of("debug", "info", "warning", "error")
     )
+    min_replication: int = setting(
+        1,
+        "refuse to start on a session changelog replicated to fewer brokers than this "
+        "(3 on a three-broker cluster: a broker's death then loses no session state)",
+        positive,
+    )
     create_topics: bool = setting(
         True, "create missing topics (false: a missing topic is a start-up error)"
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 
-from stream.kafka.topics import BrokerUnreachable, check_topics, ensure_topics
+from stream.kafka.topics import BrokerUnreachable, check_replication, check_topics, ensure_topics
 from stream.serving.availability import AVAILABILITY_CONFIG
 from stream.serving.metrics import Health
 from stream.serving.settings import WorkerSettings
@@ -38,7 +38,8 @@ def expiry_topic(settings: WorkerSettings) -> str:
 
 def prepare_topics(settings: WorkerSettings, timeout: float = 30.0) -> None:
     """Create (or, with ``create_topics`` off, require) co-partitioned topics, and the
-    availability topic (one partition, compacted)."""
+    availability topic (one partition, compacted); refuse a changelog replicated to fewer
+    brokers than ``min_replication``."""
     topics = {
         name: settings.partitions
         for name in (
@@ -57,6 +58,9 @@ def prepare_topics(settings: WorkerSettings, timeout: float = 30.0) -> None:
         ensure_topics(settings.bootstrap, topics, configs=configs, timeout=timeout)
     else:
         check_topics(settings.bootstrap, topics, timeout=timeout)
+    check_replication(
+        settings.bootstrap, changelog_topic(settings), settings.min_replication, timeout
+    )
 
 
 def prepare_topics_patiently(settings: WorkerSettings, health: Health) -> None:
