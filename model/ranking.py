@@ -120,9 +120,19 @@ class Int8Catalogue:
         self.block_max_bias = self.padded_bias.view(-1, _BLOCK).amax(dim=1)
 
     def set_available(self, items: torch.Tensor, available: bool) -> None:
-        """Let ``items`` (indexes) be ranked again, or leave them out of every list."""
+        """Let ``items`` (indexes) be ranked again, or leave them out of every list.
+
+        An unavailable item's int8 vector is zeroed too: its product would still raise
+        its block's ceiling, the search would then take the block for one of the best and
+        lower its threshold (at 40,000 items with a random tenth unavailable: 145 items
+        scored exactly per row instead of 47, 105 instead of 70 us per row)."""
         self.bias[items] = self.model_bias[items] if available else -torch.inf
         self.padded_bias[items] = self.bias[items]
+        if available:
+            restored = torch.round(self.vectors[items] / self.scale).to(torch.int8)
+            self.quantized_t[:, items] = restored.t()
+        else:
+            self.quantized_t[:, items] = 0
         blocks = torch.unique(items // _BLOCK)
         self.block_max_bias[blocks] = self.padded_bias.view(-1, _BLOCK)[blocks].amax(dim=1)
 

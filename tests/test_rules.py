@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from model import native
+from model import native, ranking
 from model.config import GRU4RecConfig
 from model.data import ItemMap
 from model.errors import UserError
 from model.inference import Recommender
 from model.item_index import IndexParams, ItemIndex
 from model.network import GRU4RecNetwork
-from model.ranking import LARGE_CATALOGUE, int8_supported
+from model.ranking import LARGE_CATALOGUE, Int8Catalogue, int8_supported
 from model.rules import RECENT_ITEMS, obey, read_unavailable, seen_indexes
 from stream.devtools.testing import clustered, states_of
 
@@ -172,3 +172,32 @@ def test_availability_snapshot_file(tmp_path) -> None:
     assert read_unavailable(path) == {"A", "B"}
     with pytest.raises(UserError, match="cannot read the availability snapshot"):
         read_unavailable(tmp_path / "missing.txt")
+
+
+@pytest.mark.skipif(not int8_supported(torch.device("cpu")), reason="no int8 product")
+def test_unavailable_items_do_not_widen_the_int8_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unavailable item's product must not lift its block's ceiling: the search would
+    take the block for a best one and lower its threshold (3x the exact re-scores)."""
+    monkeypatch.setenv("STREAMREC_NATIVE", "0")  # the torch search, whose steps are visible
+    recommender = plain(40_000)
+    with torch.no_grad():  # no bias: the products alone decide, as in an untrained model
+        recommender.network.item_bias.zero_()
+    outputs = recommender.network.last_output(states_of(recommender, 64))
+    catalogue = Int8Catalogue(recommender.network.item_output, recommender.network.item_bias)
+    pristine = catalogue.quantized_t.clone()
+    candidates: list[int] = []
+    counting = ranking._best_per_row
+
+    def count(row, column, score, rows, k):  # type: ignore[no-untyped-def]
+        candidates.append(len(row))
+        return counting(row, column, score, rows, k)
+
+    monkeypatch.setattr(ranking, "_best_per_row", count)
+    catalogue.top_k(outputs, 20)
+    gone = torch.randperm(40_000, generator=torch.Generator().manual_seed(3))[:4_000]
+    catalogue.set_available(gone, False)
+    items, _ = catalogue.top_k(outputs, 20)
+    assert not torch.isin(items, gone).any()
+    assert candidates[1] <= 1.2 * candidates[0], candidates
+    catalogue.set_available(gone, True)
+    assert torch.equal(catalogue.quantized_t, pristine)
