@@ -224,6 +224,7 @@ def test_producer_config_passes_security_settings_from_the_environment(
     assert config == {
         "bootstrap.servers": "k1:9093,k2:9093",
         "partitioner": "murmur2_random",
+        "acks": "all",
         "linger.ms": 7,
         "security.protocol": "SASL_SSL",
         "sasl.mechanism": "SCRAM-SHA-512",
@@ -247,6 +248,7 @@ def test_producer_config_has_no_security_settings_when_unset(
     assert producer_config("h:9092") == {
         "bootstrap.servers": "h:9092",
         "partitioner": "murmur2_random",
+        "acks": "all",
     }
 
 
