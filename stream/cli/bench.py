@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from stream.bench import learning, offline, serving, soak
+from stream.bench import faults, learning, offline, serving, soak
 from stream.cli.base import SubParsers, print_json
 
 
@@ -20,7 +20,7 @@ def add_parser(subparsers: SubParsers) -> None:
     )
     parser.set_defaults(run=_print_measurement)
     benches = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
-    for module in (offline, serving, learning, soak):
+    for module in (offline, serving, learning, soak, faults):
         module.add_parsers(benches)
 
 
