@@ -171,20 +171,16 @@ def test_compose_file_parses_and_references_existing_files():
 def test_topic_init_creates_every_worker_topic():
     yaml = pytest.importorskip("yaml")
     from stream.serving.settings import WorkerSettings
-    from stream.serving.topics import changelog_topic, expiry_topic
+    from stream.serving.topics import worker_topics
 
     script = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["topic-init"][
         "command"
     ][0]
     settings = WorkerSettings(model=str(REPO))  # defaults: app id "streamrec"
-    for topic in (
-        settings.input_topic,
-        settings.output_topic,
-        settings.dlq_topic,
-        expiry_topic(settings),
-        changelog_topic(settings),
-    ):
-        assert topic in script, topic
+    for topic, (_, config) in worker_topics(settings).items():
+        assert re.search(rf"(?<![\w-]){re.escape(topic)}(?![\w-])", script), topic
+        for key, value in config.items():
+            assert f"--config {key}={value}" in script, (topic, key)
 
 
 def test_dockerfile_runs_as_non_root_and_installs_pinned_versions():

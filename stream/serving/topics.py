@@ -36,28 +36,36 @@ def expiry_topic(settings: WorkerSettings) -> str:
     return f"{settings.app_id}-expiry"
 
 
-def prepare_topics(settings: WorkerSettings, timeout: float = 30.0) -> None:
-    """Create (or, with ``create_topics`` off, require) co-partitioned topics, and the
-    availability topic (one partition, compacted); refuse a changelog replicated to fewer
-    brokers than ``min_replication``."""
-    topics = {
-        name: settings.partitions
+def worker_topics(settings: WorkerSettings) -> dict[str, tuple[int, dict[str, str]]]:
+    """Every topic a worker needs: name -> (partition count, configuration when created).
+    The co-partitioned ones, and the availability topic (one partition: every worker reads
+    all of it)."""
+    topics: dict[str, tuple[int, dict[str, str]]] = {
+        name: (settings.partitions, {})
         for name in (
             settings.input_topic,
             settings.output_topic,
             settings.dlq_topic,
             expiry_topic(settings),
-            changelog_topic(settings),
         )
     }
-    configs = {changelog_topic(settings): CHANGELOG_CONFIG}
-    if settings.availability_topic:  # read whole by every worker: one partition is enough
-        topics[settings.availability_topic] = 1
-        configs[settings.availability_topic] = AVAILABILITY_CONFIG
+    topics[changelog_topic(settings)] = (settings.partitions, CHANGELOG_CONFIG)
+    if settings.availability_topic:
+        topics[settings.availability_topic] = (1, AVAILABILITY_CONFIG)
+    return topics
+
+
+def prepare_topics(settings: WorkerSettings, timeout: float = 30.0) -> None:
+    """Create (or, with ``create_topics`` off, require) the worker's topics
+    (:func:`worker_topics`); refuse a changelog replicated to fewer brokers than
+    ``min_replication``."""
+    wanted = worker_topics(settings)
+    counts = {name: count for name, (count, _) in wanted.items()}
     if settings.create_topics:
-        ensure_topics(settings.bootstrap, topics, configs=configs, timeout=timeout)
+        configs = {name: config for name, (_, config) in wanted.items() if config}
+        ensure_topics(settings.bootstrap, counts, configs=configs, timeout=timeout)
     else:
-        check_topics(settings.bootstrap, topics, timeout=timeout)
+        check_topics(settings.bootstrap, counts, timeout=timeout)
     check_replication(
         settings.bootstrap, changelog_topic(settings), settings.min_replication, timeout
     )
