@@ -229,10 +229,10 @@ class ItemIndex:
         served, model_bias = self._served_bias, self._bias.detach().view(-1)
         served[items] = model_bias[items] if available else -math.inf
         self._skipping = bool(torch.isneginf(served).any())
-        in_head = self._head_position[items.cpu().numpy()]
+        index = items.cpu().numpy()
+        in_head = self._head_position[index]
         in_head = torch.from_numpy(in_head[in_head >= 0]).to(served.device)
         self._head_bias[in_head] = served[self._head[in_head]]
-        index = items.cpu().numpy()
         bits = (1 << (index & 7)).astype(np.uint8)
         if available:
             np.bitwise_or.at(self._allowed, index >> 3, bits)

@@ -29,12 +29,12 @@ from stream.devtools.testing import (
     read_topic,
 )
 from stream.kafka.config import producer_config
-from stream.kafka.topics import ensure_topics
 from stream.kafka.wire import Click, Rejected
 from stream.serving.availability import (
-    AVAILABILITY_CONFIG,
     BAD_AVAILABILITY,
     AvailabilityFollower,
+    availability_value,
+    ensure_availability_topic,
     parse_availability,
 )
 
@@ -46,6 +46,8 @@ def test_parse_availability() -> None:
     assert parse_availability(b"a", None) is True
     assert parse_availability(b"a", b'{"available": false, "stock": 0}') is False
     assert parse_availability(b"a", b'{"available": true}') is True
+    for available in (True, False):  # what streamrec's own writers send
+        assert parse_availability(b"a", availability_value(available)) is available
     for key, value in [
         (None, UNAVAILABLE),
         (b"", UNAVAILABLE),
@@ -62,7 +64,7 @@ class Availability:
     """Writes availability records and remembers when the broker acknowledged each."""
 
     def __init__(self, bootstrap: str, topic: str) -> None:
-        ensure_topics(bootstrap, {topic: 1}, configs={topic: AVAILABILITY_CONFIG})
+        ensure_availability_topic(bootstrap, topic)
         self.topic = topic
         self.producer = Producer(producer_config(bootstrap))
         self.acknowledged: list[tuple[float, str, bool]] = []  # (broker time, item, available)
@@ -74,7 +76,7 @@ class Availability:
             self.acknowledged.append((stamp, message.key().decode(), available))  # type: ignore[attr-defined]
 
         for item in items:
-            value = None if available else UNAVAILABLE
+            value = availability_value(available)
             self.producer.produce(self.topic, key=item.encode(), value=value, on_delivery=delivered)
         assert self.producer.flush(30) == 0
 

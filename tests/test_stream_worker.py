@@ -41,7 +41,7 @@ from stream.devtools.testing import (
 from stream.kafka.topics import ensure_topics
 from stream.kafka.wire import Click
 from stream.quality import online_quality
-from stream.serving.availability import AVAILABILITY_CONFIG
+from stream.serving.availability import availability_value, ensure_availability_topic
 
 pytestmark = pytest.mark.kafka
 
@@ -123,10 +123,8 @@ def test_stream_equals_offline_evaluation(kafka_bootstrap, rsc15_model, tmp_path
         by_popularity = np.argsort(-recommender.popularity, kind="stable")
         unavailable = [ids[i] for i in by_popularity[:50]] + ids[100::10] + ["not-an-item"]
         recommender.restrict(unavailable)
-        records = [(item.encode(), b'{"available": false}') for item in unavailable]
-        ensure_topics(
-            kafka_bootstrap, {names.availability: 1}, {names.availability: AVAILABILITY_CONFIG}
-        )
+        records = [(item.encode(), availability_value(False)) for item in unavailable]
+        ensure_availability_topic(kafka_bootstrap, names.availability)
         produce_raw(kafka_bootstrap, names.availability, records)
         worker_args += ["--exclude-seen", "true"]
     offline = evaluate(RecommenderScorer(recommender, exclude_seen=rules), prefix, ks=(20,))

@@ -68,11 +68,10 @@ from stream.devtools.processes import (
 from stream.devtools.procfs import cpu_seconds, machine_busy_seconds, peak_rss_mib
 from stream.kafka.config import producer_config
 from stream.kafka.log_sender import replay
-from stream.kafka.topics import ensure_topics
 from stream.kafka.wire import Click, encode_click
 from stream.serving import faust_patches
 from stream.serving.app import faust_app, raw_topic, run_app
-from stream.serving.availability import AVAILABILITY_CONFIG
+from stream.serving.availability import availability_value, ensure_availability_topic
 from stream.serving.settings import WorkerSettings
 
 PARTITIONS = 4
@@ -307,7 +306,7 @@ class AvailabilityFlips:
         self._thread = threading.Thread(target=self._flip, daemon=True)
         if not items:
             return
-        ensure_topics(bootstrap, {topic: 1}, configs={topic: AVAILABILITY_CONFIG})
+        ensure_availability_topic(bootstrap, topic)
         self._producer = Producer(producer_config(bootstrap, **{"linger.ms": 5}))
         for item in items:
             self._send(item, available=False)
@@ -315,7 +314,7 @@ class AvailabilityFlips:
             raise UserError("the bench's availability records were not delivered in 60 s")
 
     def _send(self, item: str, available: bool) -> None:
-        value = None if available else json.dumps({"available": False}).encode()
+        value = availability_value(available)
         self._producer.produce(self.topic, key=item.encode(), value=value)
         self._producer.poll(0)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from confluent_kafka import KafkaException, Producer
@@ -12,8 +11,11 @@ from model.errors import UserError
 from model.rules import read_unavailable
 from stream.cli.base import SubParsers, print_json
 from stream.kafka.config import bootstrap_servers, producer_config
-from stream.kafka.topics import ensure_topics
-from stream.serving.availability import AVAILABILITY_CONFIG, AvailabilityFollower
+from stream.serving.availability import (
+    AvailabilityFollower,
+    availability_value,
+    ensure_availability_topic,
+)
 
 DEFAULT_TOPIC = "item-availability"
 
@@ -25,7 +27,7 @@ def run_set(args: argparse.Namespace) -> int:
     if not items:
         raise UserError("no items given: name them, or --file FILE")
     bootstrap = bootstrap_servers(args.broker)
-    ensure_topics(bootstrap, {args.topic: 1}, configs={args.topic: AVAILABILITY_CONFIG})
+    ensure_availability_topic(bootstrap, args.topic)
     producer = Producer(producer_config(bootstrap, **{"linger.ms": 5}))
     acknowledged: list[float] = []
     failures: list[str] = []
@@ -36,7 +38,7 @@ def run_set(args: argparse.Namespace) -> int:
         else:
             acknowledged.append(message.timestamp()[1] / 1000.0)  # type: ignore[attr-defined]
 
-    value = None if args.available else json.dumps({"available": False}).encode()
+    value = availability_value(args.available)
     for item in items:
         producer.produce(args.topic, key=item.encode("utf-8"), value=value, on_delivery=delivered)
         producer.poll(0)

@@ -46,6 +46,7 @@ from confluent_kafka import (
 
 from model.errors import UserError
 from stream.kafka.config import client_config
+from stream.kafka.topics import ensure_topics
 from stream.kafka.wire import MAX_ID_BYTES, Rejected
 
 logger = logging.getLogger("streamrec.availability")
@@ -88,6 +89,17 @@ class BadRecord:
     key: bytes | None
     value: bytes | None
     rejected: Rejected
+
+
+def ensure_availability_topic(bootstrap: str, topic: str) -> None:
+    """Create the availability topic as a worker would, if it is missing."""
+    ensure_topics(bootstrap, {topic: 1}, configs={topic: AVAILABILITY_CONFIG})
+
+
+def availability_value(available: bool) -> bytes | None:
+    """The record value that sets an item's availability (what
+    :func:`parse_availability` reads): a tombstone makes it available again."""
+    return None if available else b'{"available": false}'
 
 
 def parse_availability(key: bytes | None, value: bytes | None) -> bool | Rejected:
@@ -189,11 +201,6 @@ class AvailabilityFollower:
     def stop(self) -> None:
         self._stopping.set()
         self._thread.join(timeout=5)
-
-    @property
-    def read(self) -> bool:
-        """Whether the topic has been read to the end offsets it had at start."""
-        return self._read.is_set()
 
     @property
     def failed(self) -> BaseException | None:

@@ -66,11 +66,11 @@ class ClickProcessor:
         table: TableT,
         output: faust.TopicT,
         dead_letters: faust.TopicT,
-        availability: AvailabilityFollower | None = None,
     ) -> None:
         self.settings = settings
         self.recommender = recommender
-        self.availability = availability
+        #: Set once the worker has read the availability topic (``follow_availability``).
+        self.availability: AvailabilityFollower | None = None
         self._rules_sequence = 0  # the last availability change the recommender has
         self.table = table
         self.output = output
@@ -144,7 +144,7 @@ class ClickProcessor:
         """Apply the availability changes the served model has not had yet."""
         changes = availability.changes_since(self._rules_sequence)
         if changes is None:  # fell behind what the follower keeps: start again
-            _, self._rules_sequence = self._restricted(self.recommender)
+            self._rules_sequence = self._restrict(self.recommender)
         elif changes:
             latest = {change.item_id: change.available for change in changes}
             item_map, now = self.recommender.item_map, time.time()
@@ -158,19 +158,19 @@ class ClickProcessor:
                 self.metrics.availability_delay.observe(max(now - change.acknowledged, 0.0))
             self._rules_sequence = changes[-1].sequence
 
-    def _restricted(self, recommender: Recommender) -> tuple[Recommender, int]:
-        """``recommender`` given the availability read so far, and its sequence number."""
+    def _restrict(self, recommender: Recommender) -> int:
+        """Give ``recommender`` the availability read so far; its sequence number."""
         assert self.availability is not None
         sequence, unavailable = self.availability.snapshot()
         recommender.restrict(unavailable)
-        return recommender, sequence
+        return sequence
 
     def prepare_model(self, recommender: Recommender) -> tuple[Recommender, int]:
         """A model about to be swapped in, given the current availability (in a thread:
         at a million items and many unavailable ones it takes tens of milliseconds)."""
         if self.availability is None:
             return recommender, 0
-        return self._restricted(recommender)
+        return recommender, self._restrict(recommender)
 
     def swap_model(self, recommender: Recommender, rules_sequence: int) -> None:
         """Serve ``recommender`` from the next batch on; it obeys the availability up to
