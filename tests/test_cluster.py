@@ -48,6 +48,20 @@ def test_broker_faults_lose_no_click_and_change_no_state(
     print(run)
 
 
+def test_workers_killed_in_rebalances_between_model_swaps_lose_no_click(
+    cluster: KafkaCluster, small_model: Path, tmp_path: Path
+) -> None:
+    """Ten times: a new model version published and answering, a worker started, and the
+    oldest SIGKILLed while the group rebalances for it. Every click answered; a
+    duplicate differs only when the version that gave it differs; final states equal a
+    click-by-click run, each click applied by the version that answered it."""
+    run = run_scenario(cluster.bootstrap, cluster, small_model, tmp_path, "worker-kill", 200)
+    print(run)
+    assert (run.worker_kills, run.model_swaps) == (10, 11), run
+    assert run.sent > 1000 and run.answered == run.written >= run.sent, run
+    assert (run.lost, run.diverged, run.differing_duplicates) == (0, 0, 0), run
+
+
 def test_a_changelog_under_the_minimum_replication_is_refused(
     kafka_bootstrap: str, small_model: Path, tmp_path: Path
 ) -> None:

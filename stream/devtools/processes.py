@@ -132,7 +132,9 @@ class WorkerProcess(CommandProcess):
         *extra: str,
         partitions: int = 4,
         subcommand: tuple[str, ...] = ("worker",),
+        web_port: int = 0,
     ) -> None:
+        self.web_port = web_port  # 0: any free port, unknown to the caller
         super().__init__(
             [
                 *subcommand,
@@ -143,7 +145,7 @@ class WorkerProcess(CommandProcess):
                 "--partitions",
                 str(partitions),
                 "--web-port",
-                "0",
+                str(web_port),
                 "--data-dir",
                 str(work_dir / "faust"),
                 "--group-session-timeout-s",

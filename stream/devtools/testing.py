@@ -15,7 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,7 @@ from model.config import GRU4RecConfig
 from model.data import ClickLog, ItemMap
 from model.inference import Recommender
 from model.network import GRU4RecNetwork
+from model.rules import RECENT_ITEMS
 from stream.devtools.processes import (
     REPO,
     CommandProcess,
@@ -38,6 +39,7 @@ from stream.devtools.processes import (
 )
 from stream.kafka.config import client_config, producer_config
 from stream.kafka.wire import Click, encode_click
+from stream.serving.scoring import rebuild_states
 from stream.serving.state import SessionState
 
 DATA = REPO.parent / "shared" / "data" / "rsc15-100k"
@@ -339,6 +341,26 @@ def uninterrupted(
     """Final hidden state and last top-N of a session, applied one click at a time."""
     hidden, lists = click_by_click(recommender, items, top_n)
     return hidden, lists[-1]
+
+
+def served_state(
+    models: Mapping[str, Recommender], items: Sequence[str], versions: Sequence[str]
+) -> np.ndarray:
+    """A session's final hidden state, each click applied one at a time by the model
+    version that answered it, as a worker applies them: a state computed by another
+    version is first rebuilt from the session's last RECENT_ITEMS items under the new one."""
+    hidden: torch.Tensor | None = None
+    computed_by: str | None = None
+    recent: list[str] = []
+    for item, version in zip(items, versions, strict=True):
+        model = models[version]
+        if version != computed_by or hidden is None:
+            hidden, _ = rebuild_states(model, [recent])
+            computed_by = version
+        hidden = model.step(hidden, torch.tensor([model.item_map.index_of(item)]))
+        recent = [*recent, item][-RECENT_ITEMS:]
+    assert hidden is not None, "a session without clicks"
+    return hidden[0].cpu().numpy()
 
 
 def same_up_to_ties(published: list[tuple[str, float]], expected: list[tuple[str, float]]) -> bool:
