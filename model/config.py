@@ -9,8 +9,11 @@ RecSys 2023: cross-entropy with logQ, tied embeddings, 100 units).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from model.errors import UserError
@@ -105,6 +108,26 @@ class GRU4RecConfig:
                 f"unknown hyperparameter(s) {', '.join(unknown)}; known: {', '.join(sorted(types))}"
             )
         return cls(**{key: _typed(key, types[key], value) for key, value in data.items()})
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> GRU4RecConfig:
+        """Read a parameter file: :meth:`write_file`'s output (``streamrec tune``'s
+        ``best_params.json``) or a saved model's ``config.json``, validated by
+        :meth:`from_dict`; every problem is a :class:`UserError` naming the file."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserError(f"{path}: no such file") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UserError(f"{path}: cannot read a parameter file ({exc})") from None
+        try:
+            return cls.from_dict(data)
+        except UserError as exc:
+            raise UserError(f"{path}: {exc}") from None
+
+    def write_file(self, path: str | os.PathLike[str]) -> None:
+        """Write every field as JSON, for :meth:`from_file` to give this config back."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n")
 
     @classmethod
     def from_strings(cls, pairs: list[str], base: GRU4RecConfig | None = None) -> GRU4RecConfig:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,6 +110,14 @@ class TrainingSessions:
         return cls(items=log.item_indexes(item_map), starts=starts[order], ends=ends[order])
 
 
+class TrainingDiverged(UserError):
+    """The loss became infinite or NaN: the setting (a learning rate too high) cannot train.
+
+    A :class:`UserError` for a user who chose the setting; a hyperparameter search tells it
+    apart from other errors, because it condemns one trial, not the search.
+    """
+
+
 @dataclass(frozen=True)
 class TrainStats:
     epochs: int
@@ -134,10 +142,16 @@ def train(
     progress: bool = True,
     max_batches: int | None = None,
     resume_optimizer: bool = True,
+    on_epoch: Callable[[int, Recommender], None] | None = None,
 ) -> tuple[Recommender, TrainStats]:
     """Train GRU4Rec on ``log``; warm-start from ``base`` when given.
 
     ``max_batches`` stops each epoch early (benchmarks on logs too large to finish).
+
+    ``on_epoch(epoch, model)``, when given, is called after each epoch (numbered from 1)
+    with the model as trained so far, so that a caller can evaluate it on held-out data
+    (its time counts in ``train_seconds``). It must not change the model; an exception it
+    raises stops the training and propagates (how a hyperparameter search prunes a trial).
 
     Warm-starting keeps ``base``'s weights and item indexes, adds rows for items first seen
     in ``log``, and adds ``log``'s item counts to the popularity used for fallbacks. If
@@ -177,8 +191,23 @@ def train(
     counts = np.bincount(sessions.items, minlength=len(item_map)).astype(np.float64)
     popularity += counts
     network.to(torch_device)
+
+    def after_epoch(epoch: int) -> None:
+        if on_epoch is not None:
+            on_epoch(epoch, Recommender(network, item_map, popularity, config))
+            network.train()  # the Recommender put it in evaluation mode
+
     stats, optimizer_state = _fit(
-        network, sessions, counts, config, seed, torch_device, progress, max_batches, resume
+        network,
+        sessions,
+        counts,
+        config,
+        seed,
+        torch_device,
+        progress,
+        max_batches,
+        resume,
+        after_epoch,
     )
     network.eval()
     return Recommender(
@@ -195,7 +224,8 @@ def _fit(
     device: torch.device,
     progress: bool,
     max_batches: int | None,
-    resume: dict[str, torch.Tensor] | None = None,
+    resume: dict[str, torch.Tensor] | None,
+    after_epoch: Callable[[int], None],
 ) -> tuple[TrainStats, dict[str, torch.Tensor]]:
     network.train()
     sampler = PopularitySampler(
@@ -254,13 +284,14 @@ def _fit(
                 _show(bar, n_steps * config.batch_size, loss_sum.item() / n_steps, epoch_start)
         epoch_loss = loss_sum.item() / max(n_steps, 1)
         if not math.isfinite(epoch_loss):
-            raise UserError(
+            raise TrainingDiverged(
                 f"training diverged in epoch {epoch + 1} (loss {epoch_loss}); "
                 f"try a lower learning_rate than {config.learning_rate}"
             )
         _show(bar, sessions.n_predictions, epoch_loss, epoch_start)
         bar.close()
         epoch_losses.append(epoch_loss)
+        after_epoch(epoch + 1)
     n_events = sessions.n_events if max_batches is None else n_steps * config.batch_size
     stats = TrainStats(
         epochs=config.n_epochs,

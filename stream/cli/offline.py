@@ -104,7 +104,8 @@ def _add_eval_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    config = GRU4RecConfig.from_strings(args.param)
+    base = GRU4RecConfig.from_file(args.params) if args.params else None
+    config = GRU4RecConfig.from_strings(args.param, base)
     if args.epochs is not None:
         config = config.replace(n_epochs=args.epochs)
     out = Path(args.out)
@@ -192,13 +193,25 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="training click log (TSV/CSV)")
     p.add_argument("--out", required=True, help="model directory to create (must not exist)")
     p.add_argument(
+        "--params",
+        metavar="FILE",
+        help="hyperparameters from a JSON file instead of the defaults: the best_params.json "
+        "of `streamrec tune`, or a model's config.json",
+    )
+    p.add_argument(
         "--param",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="hyperparameter override, repeatable (e.g. loss=bpr-max, layers=100)",
+        help="hyperparameter override on top of the defaults or --params, repeatable "
+        "(e.g. loss=bpr-max, layers=100)",
     )
-    p.add_argument("--epochs", type=int, default=None, help="number of epochs (default 10)")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="number of epochs (default: the --params file's, else 10)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument(
