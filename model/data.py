@@ -348,3 +348,61 @@ def time_split(log: ClickLog, train_fraction: float) -> tuple[ClickLog, ClickLog
     cutoff = np.quantile(session_start, train_fraction)
     in_train = (session_start <= cutoff)[log.sessions]
     return _subset(log, in_train), _subset(log, ~in_train)
+
+
+DAY_S = 86_400.0
+#: The logs of the authors' evaluation protocol, in the order :func:`split_for_tuning`
+#: returns them: the final test and the training before it, and the same split again
+#: inside that training for choosing hyperparameters without seeing the test period.
+SPLIT_NAMES = ("train_full", "test", "train_tr", "train_valid")
+
+
+def split_last_days(
+    log: ClickLog, days: float, name: str = "second log"
+) -> tuple[ClickLog, ClickLog]:
+    """The GRU4Rec authors' time split: (earlier sessions, sessions of the last ``days``).
+
+    A session goes to the second log when its last click falls within ``days`` days of the
+    log's last click, so no session is cut and nothing after the first log's period leaks
+    into it. The second log then keeps only the items the first one has (a model cannot rank
+    an item it never saw) and, of what is left, the sessions with two or more clicks.
+    ``name`` names the second log in errors.
+    """
+    _check_days(days, name)
+    offsets = log.session_offsets()
+    session_end = log.times[offsets[1:] - 1]  # events are in time order within a session
+    late = (session_end >= log.times.max() - days * DAY_S)[log.sessions]
+    if late.all():
+        raise UserError(
+            f"{log.source}: {name}: every session ends in the last {days:g} day(s), "
+            "so none is left before them (fewer days?)"
+        )
+    in_earlier = np.zeros(len(log.item_ids), dtype=bool)
+    in_earlier[log.items[~late]] = True
+    keep = late & in_earlier[log.items]
+    keep &= (np.bincount(log.sessions[keep], minlength=log.n_sessions) >= 2)[log.sessions]
+    if not keep.any():
+        raise UserError(
+            f"{log.source}: {name}: no session of 2+ clicks on earlier items ends in the "
+            f"last {days:g} day(s) (more days?)"
+        )
+    return _subset(log, ~late), _subset(log, keep)
+
+
+def split_for_tuning(
+    log: ClickLog, test_days: float, valid_days: float
+) -> tuple[dict[str, ClickLog], FilterReport]:
+    """The authors' preprocessing of a raw log: :func:`standard_filter`, then the four logs
+    of :data:`SPLIT_NAMES`: ``test`` is the last ``test_days`` of the filtered log and
+    ``train_valid`` the last ``valid_days`` of the rest (:func:`split_last_days` both)."""
+    _check_days(test_days, "test")
+    _check_days(valid_days, "train_valid")
+    filtered, report = standard_filter(log)
+    train_full, test = split_last_days(filtered, test_days, "test")
+    train_tr, train_valid = split_last_days(train_full, valid_days, "train_valid")
+    return dict(zip(SPLIT_NAMES, (train_full, test, train_tr, train_valid))), report
+
+
+def _check_days(days: float, name: str) -> None:
+    if not days > 0:
+        raise UserError(f"{name}: the days to split off must be > 0, got {days:g}")
