@@ -19,6 +19,7 @@ from model.errors import UserError
 #: The command files, in ``--help`` order.
 COMMANDS = (
     "offline",
+    "tune",
     "report",
     "broker",
     "worker",
