@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ import torch
 
 from model.baselines import make_baseline
 from model.data import ClickLog
+from model.errors import UserError
 from model.evaluate import (
     EvaluationResult,
     PredictionBatch,
@@ -348,23 +349,29 @@ def build_report(
     ties: str = "conservative",
     progress: Callable[[str], None] = lambda message: None,
     exclude_seen: bool = False,
+    compared: Mapping[str, Recommender] | None = None,
 ) -> Report:
     """GRU4Rec and the paper's baselines (fitted on ``train``) evaluated on ``test``;
     GRU4Rec under ``model``'s catalogue rules and ``exclude_seen`` (:mod:`model.rules`),
-    as the stream serves it."""
+    as the stream serves it. ``compared`` adds more GRU4Rec models under their labels
+    (a tuned one beside the default, say), evaluated the same way."""
+    taken = sorted(set(compared or ()) & {MODEL_NAME, *BASELINES})
+    if taken:
+        raise UserError(f"label(s) {', '.join(taken)} name the report's own methods; choose others")
     ks = tuple(sorted(set(int(k) for k in ks)))
     popular_ids = popular_item_ids(train)
     methods: dict[str, MethodReport] = {}
-    progress(f"evaluating {LABELS[MODEL_NAME]} on {test.n_sessions:,} test sessions")
-    methods[MODEL_NAME] = evaluate_method(
-        MODEL_NAME,
-        RecommenderScorer(model, depth=max(ks), exclude_seen=exclude_seen),
-        test,
-        ks,
-        ties,
-        popular_ids,
-    )
-    progress(f"  {_headline(methods[MODEL_NAME])}")
+    for name, recommender in {MODEL_NAME: model, **(compared or {})}.items():
+        progress(f"evaluating {LABELS.get(name, name)} on {test.n_sessions:,} test sessions")
+        methods[name] = evaluate_method(
+            name,
+            RecommenderScorer(recommender, depth=max(ks), exclude_seen=exclude_seen),
+            test,
+            ks,
+            ties,
+            popular_ids,
+        )
+        progress(f"  {_headline(methods[name])}")
     for method in BASELINES:
         progress(
             f"fitting {LABELS[method]} on {train.n_sessions:,} training sessions and evaluating it"

@@ -318,6 +318,32 @@ def test_report_matches_evaluate_and_baseline_exactly(tiny_inputs: dict[str, Pat
     assert report["comparison"]["note"] in page
 
 
+def test_report_shows_a_compared_model_beside_the_default(tiny_inputs: dict[str, Path]) -> None:
+    """`--compare tuned=DIR` (a tuned model beside the default one): its own row, lines and
+    point, evaluated exactly as `--model` is (here the same model, so the same numbers)."""
+    out = tiny_inputs["root"] / "compared"
+    common = ["--train", str(tiny_inputs["train"]), "--test", str(tiny_inputs["test"])]
+    model = str(tiny_inputs["model"])
+    summary = run_report(
+        "--model", model, "--compare", f"tuned={model}", *common, "--out", str(out)
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["methods"]) == ["gru4rec", "tuned", "itemknn", "spop", "pop"]
+    assert report["methods"]["tuned"]["overall"] == report["methods"]["gru4rec"]["overall"]
+    assert report["methods"]["tuned"]["label"] == "tuned"
+    assert summary["overall"]["tuned"] == summary["overall"]["gru4rec"]
+    assert report["inputs"]["compared"] == {"tuned": model}
+    assert_consistent(report)
+    assert f"tuned <code>{model}</code>" in (out / "index.html").read_text()
+    for argv, words in (
+        (["--compare", f"pop={model}"], "label(s) pop name the report's own methods"),
+        (["--compare", f"a={model}", "--compare", f"a={model}"], "each label once, got a, a"),
+    ):
+        with pytest.raises(UserError) as caught:
+            report_command.run(report_args("--model", model, *argv, *common, "--out", str(out)))
+        assert words in str(caught.value) and "\n" not in str(caught.value)
+
+
 def test_report_builds_headless_with_the_default_backend(
     tiny_inputs: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 from model.artifact import load_model
 from model.errors import UserError
 from model.evaluate import TIE_MODES
-from model.report import LABELS, MODEL_NAME, Report, build_report
+from model.report import BASELINES, LABELS, MODEL_NAME, Report, build_report
 from stream.cli.base import print_json
 from stream.cli.offline import (
     add_data_options,
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 DEFAULT_KS = (5, 20)
 COLORS = {"gru4rec": "#d62728", "itemknn": "#1f77b4", "spop": "#2ca02c", "pop": "#7f7f7f"}
+COMPARED_COLORS = ("#9467bd", "#ff7f0e", "#8c564b", "#e377c2")  # --compare models, in order
 PLOTS = {  # file name -> caption
     "by_position.png": "Recall@{k} and MRR@{k} by position in the session (the prediction "
     "after the 1st, 2nd, ... click); grey bars: number of predictions",
@@ -60,6 +61,13 @@ def run(args: argparse.Namespace) -> int:
     recommender = load_model(args.model, device=args.device)
     _progress(f"ranking: {recommender.use_ranking(args.ranking)}")
     _progress(apply_rules(recommender, args))
+    labels = [label for label, _ in args.compare]
+    if len(set(labels)) < len(labels):
+        raise UserError(f"--compare: each label once, got {', '.join(labels)}")
+    compared = {label: load_model(path, device=args.device) for label, path in args.compare}
+    for other in compared.values():
+        other.use_ranking(args.ranking)
+        apply_rules(other, args)
     train_log = read_log(args.train, args)
     test_log = read_log(args.test, args)
     try:
@@ -74,9 +82,15 @@ def run(args: argparse.Namespace) -> int:
         ties=args.ties,
         progress=_progress,
         exclude_seen=args.exclude_seen,
+        compared=compared,
     )
     content = report.to_dict()
-    content["inputs"] = {"model": str(args.model), "train": str(args.train), "test": str(args.test)}
+    content["inputs"] = {
+        "model": str(args.model),
+        "train": str(args.train),
+        "test": str(args.test),
+        "compared": dict(args.compare),
+    }
     _progress("drawing plots")
     plots = {
         "by_position.png": _plot_buckets(
@@ -126,6 +140,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "OUT. Progress on stderr; last stdout line is JSON.",
     )
     p.add_argument("--model", required=True, help="model directory")
+    p.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        type=_labelled,
+        metavar="LABEL=MODEL_DIR",
+        help="another model to show beside --model under LABEL (e.g. tuned=models/tuned), "
+        "repeatable",
+    )
     p.add_argument("--train", required=True, help="training click log (fits the baselines)")
     p.add_argument("--test", required=True, help="test click log")
     p.add_argument(
@@ -153,6 +176,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_rules_options(p)
     add_data_options(p)
     p.set_defaults(run=run)
+
+
+def _labelled(value: str) -> tuple[str, str]:
+    """``LABEL=MODEL_DIR`` of ``--compare`` as (label, directory)."""
+    label, sep, path = value.partition("=")
+    if not (sep and label.strip() and path.strip()):
+        raise argparse.ArgumentTypeError(f"expected LABEL=MODEL_DIR, got {value!r}")
+    return label.strip(), path.strip()
+
+
+def _color(report: Report, name: str) -> str:
+    """The fixed colour of GRU4Rec and the baselines; compared models take the next ones."""
+    if name in COLORS:
+        return COLORS[name]
+    others = [n for n in report.methods if n not in COLORS]
+    return COMPARED_COLORS[others.index(name) % len(COMPARED_COLORS)]
 
 
 def _progress(message: str) -> None:
@@ -192,9 +231,9 @@ def _plot_buckets(
                 x,
                 values,
                 marker="o",
-                color=COLORS.get(name),
+                color=_color(report, name),
                 label=LABELS.get(name, name),
-                linewidth=2.4 if name == MODEL_NAME else 1.4,
+                linewidth=1.4 if name in BASELINES else 2.4,
             )
         ax.set_xticks(x, [b.bucket for b in buckets])
         ax.set_xlabel(xlabel)
@@ -242,7 +281,7 @@ def _plot_lists(figure_class: type[Figure], report: Report) -> Figure:
     ax = figure.subplots()
     for name, method in report.methods.items():
         coverage, popular = 100 * method.lists.coverage, 100 * method.lists.popular_share
-        ax.scatter([coverage], [popular], s=70, color=COLORS.get(name))
+        ax.scatter([coverage], [popular], s=70, color=_color(report, name))
         ax.annotate(
             LABELS.get(name, name), (coverage, popular), xytext=(6, 4), textcoords="offset points"
         )
@@ -279,6 +318,10 @@ def _html(content: dict[str, Any]) -> str:
         f"session ranked against the whole catalogue (tie rule: "
         f"{esc(content['ties'])}).</p>",
     ]
+    compared = content["inputs"]["compared"]
+    if compared:
+        listed = ", ".join(f"{esc(a)} <code>{esc(b)}</code>" for a, b in compared.items())
+        parts.append(f"<p>Compared with the same protocol: {listed}.</p>")
     if "comparison" in content:
         parts.append(f"<p class='note'>{esc(content['comparison']['note'])}</p>")
     header = (
