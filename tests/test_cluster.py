@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from stream.bench.faults import run_scenario
+from stream.cli.main import main
 from stream.devtools.brokers import KafkaCluster
 from stream.devtools.processes import StreamNames
 from stream.devtools.testing import REPO
@@ -90,3 +91,13 @@ def test_a_changelog_under_the_minimum_replication_is_refused(
     )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "replicated to 1 broker(s), fewer than --min-replication 3" in done.stderr
+
+
+@pytest.mark.parametrize("scenario", ["leader-kill", "rolling-restart"])
+def test_the_bench_refuses_to_fault_brokers_it_did_not_start(
+    scenario: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A user's cluster (``--broker``) gets only the scenarios that leave its brokers alone."""
+    code = main(["bench", "faults", "--broker", "kafka://127.0.0.1:1", "--scenarios", scenario])
+    assert code == 2
+    assert "leave out leader-kill and rolling-restart there" in capsys.readouterr().err
