@@ -39,7 +39,6 @@ import argparse
 import copy
 import json
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -54,7 +53,13 @@ from model.errors import UserError
 from model.inference import Recommender
 from stream.bench.serving import untrained_model
 from stream.devtools.brokers import KafkaCluster
-from stream.devtools.processes import StreamNames, TopicReader, WorkerProcess, start_readers
+from stream.devtools.processes import (
+    StreamNames,
+    TopicReader,
+    WorkerProcess,
+    start_readers,
+    work_directory,
+)
 from stream.devtools.testing import (
     STATE_TOLERANCE,
     PacedClicks,
@@ -332,8 +337,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"restart: leave out {' and '.join(BROKER_FAULTS)} there (worker-kill and none "
             "run anywhere), or give no --broker (a local 3-broker cluster)"
         )
-    with tempfile.TemporaryDirectory(prefix="streamrec-faults-") as tmp:
-        work = Path(tmp)
+    if args.work_dir and Path(args.work_dir).exists() and any(Path(args.work_dir).iterdir()):
+        raise UserError(f"--work-dir {args.work_dir}: not empty; give a new directory")
+    with work_directory(args.work_dir, "faults") as work:
         model = Path(args.model) if args.model else work / "model"
         if not args.model:
             untrained_model(300, model)
@@ -351,6 +357,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     bootstrap, cluster, model, work / scenario, scenario, args.rate
                 )
                 print(asdict(result), file=sys.stderr)
+                if (result.lost or result.diverged or result.differing_duplicates) and not (
+                    args.work_dir
+                ):
+                    print(
+                        f"{scenario}: checks failed; rerun with --work-dir DIR to keep the "
+                        "worker and broker logs",
+                        file=sys.stderr,
+                    )
                 runs.append(asdict(result))
         finally:
             if cluster is not None:
@@ -379,5 +393,10 @@ def add_parsers(benches: argparse._SubParsersAction) -> None:
         default=None,
         help="a running cluster instead of a local one (its brokers are not touched: "
         "--scenarios worker-kill none)",
+    )
+    p.add_argument(
+        "--work-dir",
+        default=None,
+        help="keep the worker and broker logs and the model registry in this directory",
     )
     p.set_defaults(measure=run)

@@ -89,7 +89,13 @@ from model.evaluate import RecommenderScorer, evaluate
 from model.synth import SynthSpec, generate
 from model.train import train
 from stream.devtools.brokers import kafka_or_local
-from stream.devtools.processes import StreamNames, TrainerProcess, WorkerProcess, start_readers
+from stream.devtools.processes import (
+    StreamNames,
+    TrainerProcess,
+    WorkerProcess,
+    start_readers,
+    work_directory,
+)
 from stream.event_time import WATERMARK_RANK
 from stream.kafka.config import producer_config
 from stream.kafka.log_sender import replay
@@ -608,17 +614,6 @@ def _without_gc_pauses() -> Iterator[None]:
         gc.unfreeze()
 
 
-@contextlib.contextmanager
-def _work_dir(path: str | None) -> Iterator[Path]:
-    """``path`` (created, kept afterwards: logs and observations) or a temporary one."""
-    if path:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        yield Path(path)
-        return
-    with tempfile.TemporaryDirectory(prefix="streamrec-bench-drift-") as tmp:
-        yield Path(tmp)
-
-
 def _dump(path: Path, run: dict[str, Any], new_items: set[str]) -> None:
     """A run's raw observations as JSON lines, for looking at a timeline afterwards."""
     with open(path, "w") as out:
@@ -902,7 +897,7 @@ def run_drift(args: argparse.Namespace) -> dict[str, Any]:
     if (args.base_model is None) != (args.base_data is None):
         raise UserError("--base-model and --base-data go together")
     data = _drift_data(args)
-    with kafka_or_local(args.broker) as bootstrap, _work_dir(args.work_dir) as work:
+    with kafka_or_local(args.broker) as bootstrap, work_directory(args.work_dir, "drift") as work:
         if args.base_model is not None:
             model_dir = Path(args.base_model)
         else:

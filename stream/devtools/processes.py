@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -57,6 +58,18 @@ class StreamNames:
             "--dlq-topic",
             self.dlq,
         ]
+
+
+@contextmanager
+def work_directory(path: str | None, bench: str) -> Iterator[Path]:
+    """A benchmark's working directory: ``path`` (created, and kept afterwards with the
+    processes' logs, to look into a failure) or a temporary one."""
+    if path:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix=f"streamrec-bench-{bench}-") as tmp:
+        yield Path(tmp)
 
 
 class CommandProcess:
