@@ -8,7 +8,8 @@ it:
 
 - ``sent``, ``written`` (clicks on the input topic: the producer's retries after a
   broker's death can write one twice), ``answered`` (clicks with at least one answer),
-  ``lost`` (written, never answered), ``duplicates`` (answers beyond the first),
+  ``lost`` (written, never answered; ``lost_by_partition`` says where and when),
+  ``dead_lettered``, ``duplicates`` (answers beyond the first),
   ``differing_duplicates`` (a duplicate whose list differs beyond ties from the first
   answer by the same model version: never allowed) and ``duplicates_across_swaps`` (a
   duplicate from another version than the first answer: it may differ);
@@ -67,6 +68,7 @@ from stream.devtools.testing import (
     final_states,
     free_port,
     http_get,
+    read_all,
     same_up_to_ties,
     served_state,
 )
@@ -133,6 +135,11 @@ class FaultRun:
     written: int
     answered: int
     lost: int
+    #: partition -> [clicks lost, first and last offset lost, and the seconds after the
+    #: first click when they were sent]: where to look in the logs
+    lost_by_partition: dict[int, list[float]]
+    #: clicks the workers dead-lettered (none here: every click is valid)
+    dead_lettered: int
     duplicates: int
     differing_duplicates: int
     duplicates_across_swaps: int
@@ -183,6 +190,11 @@ def kill_workers_in_rebalances(rig: Rig) -> None:
         wait_until_rebalancing(oldest)
         oldest.kill()
         rig.worker_kills += 1
+        print(
+            f"worker-kill {rig.worker_kills}: SIGKILLed {oldest.log_path.name} "
+            f"at {time.time():.1f}",
+            file=sys.stderr,
+        )
     rig.swap_model()  # and the survivors answer again
 
 
@@ -305,7 +317,8 @@ def check(
                 atol=STATE_TOLERANCE,
             )
         )
-    first_sent = min(m.timestamp()[1] for m in inputs.messages) / 1000.0
+    sent_at = {(m.partition(), m.offset()): m.timestamp()[1] / 1000.0 for m in inputs.messages}
+    first_sent = min(sent_at.values())
     answered_at = sorted(r.consumed_at for r in rig.outputs.messages)
     flowing = [first_sent] + [t for t in answered_at if t <= faults_over]
     return FaultRun(
@@ -315,6 +328,8 @@ def check(
         written=len(produced),
         answered=len(set(by_source) & produced),
         lost=len(produced - set(by_source)),
+        lost_by_partition=_by_partition(produced - set(by_source), sent_at, first_sent),
+        dead_lettered=len(read_all(rig.bootstrap, rig.names.dlq)),
         duplicates=len(again),
         differing_duplicates=differing,
         duplicates_across_swaps=across_swaps,
@@ -324,6 +339,18 @@ def check(
         worker_kills=rig.worker_kills,
         model_swaps=len(rig.models) - 1,
     )
+
+
+def _by_partition(
+    sources: set[tuple[int, int]], sent_at: dict[tuple[int, int], float], start: float
+) -> dict[int, list[float]]:
+    offsets: dict[int, list[int]] = defaultdict(list)
+    for partition, offset in sources:
+        offsets[partition].append(offset)
+    return {
+        p: [len(o), min(o), max(o), sent_at[p, min(o)] - start, sent_at[p, max(o)] - start]
+        for p, o in sorted(offsets.items())
+    }
 
 
 def _scored(answer: dict[str, Any]) -> list[tuple[str, float]]:
