@@ -14,7 +14,8 @@ it:
   answer by the same model version: never allowed) and ``duplicates_across_swaps`` (a
   duplicate from another version than the first answer: it may differ);
 - ``diverged``: sessions whose final changelog state differs from the uninterrupted
-  run's by more than 1e-5 (or is missing, or a click of it was lost);
+  run's by more than 1e-5 (or is missing, or a click of it was lost), or whose first list
+  under a model version differs from it (where a stale state is rebuilt);
 - ``longest_answer_gap_s``: the longest time without any answer while clicks were being
   sent; ``recovery_s``: from the end of the faults to the last click answered;
 - ``worker_kills`` and ``model_swaps``: what ``worker-kill`` did.
@@ -293,29 +294,31 @@ def check(
     # The reference is what the input topic holds, in offset order: an idempotent
     # producer can still write a click twice when a broker dies (measured: 2 of 35,820).
     # Each click is applied by the version of its last answer: the one whose state stayed.
-    sessions: dict[str, list[tuple[str, str | None]]] = defaultdict(list)
+    sessions: dict[str, list[tuple[str, dict[str, Any] | None]]] = defaultdict(list)
     for message in sorted(inputs.messages, key=lambda m: (m.partition(), m.offset())):
         clicked = json.loads(message.value())
         answers = by_source.get((message.partition(), message.offset()))
-        version = answers[-1]["model_version"] if answers else None
-        sessions[clicked["session_id"]].append((clicked["item_id"], version))
+        sessions[clicked["session_id"]].append(
+            (clicked["item_id"], answers[-1] if answers else None)
+        )
     states = final_states(rig.bootstrap, f"{rig.names.app_id}-sessions-changelog")
     diverged = 0
     for session, clicks in sessions.items():
         items = [item for item, _ in clicks]
-        versions = [version for _, version in clicks if version is not None]
+        answered = [answer for _, answer in clicks if answer is not None]
         state = states.get(session)
+        if state is None or len(answered) < len(items):  # a click lost
+            diverged += 1
+            continue
+        versions = [answer["model_version"] for answer in answered]
+        # The first list under each version: where a state from another one is rebuilt
+        swapped = [j for j, v in enumerate(versions) if j == 0 or v != versions[j - 1]]
+        hidden, lists = served_state(rig.models, items, versions, ranked_at=swapped)
         diverged += (
-            state is None
-            or len(versions) < len(items)  # a click lost
-            or state.recent_items != tuple(items[-20:])
+            state.recent_items != tuple(items[-20:])
             or state.model_version != versions[-1]
-            or not np.allclose(
-                state.hidden,
-                served_state(rig.models, items, versions),
-                rtol=0,
-                atol=STATE_TOLERANCE,
-            )
+            or not np.allclose(state.hidden, hidden, rtol=0, atol=STATE_TOLERANCE)
+            or not all(same_up_to_ties(_scored(answered[j]), lists[j]) for j in swapped)
         )
     sent_at = {(m.partition(), m.offset()): m.timestamp()[1] / 1000.0 for m in inputs.messages}
     first_sent = min(sent_at.values())

@@ -15,7 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -344,23 +344,38 @@ def uninterrupted(
 
 
 def served_state(
-    models: Mapping[str, Recommender], items: Sequence[str], versions: Sequence[str]
-) -> np.ndarray:
+    models: Mapping[str, Recommender],
+    items: Sequence[str],
+    versions: Sequence[str],
+    ranked_at: Collection[int] = (),
+    top_n: int = 20,
+) -> tuple[np.ndarray, dict[int, list[tuple[str, float]]]]:
     """A session's final hidden state, each click applied one at a time by the model
     version that answered it, as a worker applies them: a state computed by another
-    version is first rebuilt from the session's last RECENT_ITEMS items under the new one."""
+    version is first rebuilt from the session's last RECENT_ITEMS items under the new one.
+    Also the top-N ``(item, score)`` list after each click at a position of ``ranked_at``."""
     hidden: torch.Tensor | None = None
+    started = torch.zeros(1, dtype=torch.bool)
     computed_by: str | None = None
     recent: list[str] = []
-    for item, version in zip(items, versions, strict=True):
+    lists: dict[int, list[tuple[str, float]]] = {}
+    for position, (item, version) in enumerate(zip(items, versions, strict=True)):
         model = models[version]
         if version != computed_by or hidden is None:
-            hidden, _ = rebuild_states(model, [recent])
+            hidden, started = rebuild_states(model, [recent])
             computed_by = version
-        hidden = model.step(hidden, torch.tensor([model.item_map.index_of(item)]))
+        index = torch.tensor([model.item_map.index_of(item)])
+        hidden = model.step(hidden, index)
+        started = started | (index >= 0)
         recent = [*recent, item][-RECENT_ITEMS:]
+        if position in ranked_at:
+            top, scores = model.top_k(hidden, started, top_n)
+            lists[position] = [
+                (model.item_map.ids[i], float(v))
+                for i, v in zip(top[0].tolist(), scores[0].tolist())
+            ]
     assert hidden is not None, "a session without clicks"
-    return hidden[0].cpu().numpy()
+    return hidden[0].cpu().numpy(), lists
 
 
 def same_up_to_ties(published: list[tuple[str, float]], expected: list[tuple[str, float]]) -> bool:
