@@ -12,11 +12,14 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from model.errors import UserError
+
+T = TypeVar("T")
 
 LOSSES = ("cross-entropy", "bpr-max", "top1-max", "bpr", "top1")
 
@@ -114,16 +117,7 @@ class GRU4RecConfig:
         """Read a parameter file: :meth:`write_file`'s output (``streamrec tune``'s
         ``best_params.json``) or a saved model's ``config.json``, validated by
         :meth:`from_dict`; every problem is a :class:`UserError` naming the file."""
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UserError(f"{path}: no such file") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UserError(f"{path}: cannot read a parameter file ({exc})") from None
-        try:
-            return cls.from_dict(data)
-        except UserError as exc:
-            raise UserError(f"{path}: {exc}") from None
+        return read_json_file(path, "a parameter file", cls.from_dict)
 
     def write_file(self, path: str | os.PathLike[str]) -> None:
         """Write every field as JSON, for :meth:`from_file` to give this config back."""
@@ -146,6 +140,21 @@ class GRU4RecConfig:
                 )
             changes[key] = _parse_value(key, str(types[key]), raw.strip())
         return base.replace(**changes)
+
+
+def read_json_file(path: str | os.PathLike[str], what: str, parse: Callable[[Any], T]) -> T:
+    """``parse`` applied to the JSON in ``path``; every problem, reading or parsing, is a
+    :class:`UserError` that names the file (``what`` says what it should have held)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: cannot read {what} ({exc})") from None
+    try:
+        return parse(data)
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
 
 
 def _parse_value(key: str, type_name: str, raw: str) -> Any:

@@ -33,7 +33,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from model.config import GRU4RecConfig
+from model.config import GRU4RecConfig, read_json_file
 from model.data import ClickLog
 from model.errors import UserError
 from model.evaluate import RecommenderScorer, evaluate
@@ -148,16 +148,7 @@ class SearchSpace:
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> SearchSpace:
         """Read a space from a JSON file (errors name the file and the parameter)."""
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UserError(f"{path}: no such file") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UserError(f"{path}: cannot read a search space ({exc})") from None
-        try:
-            return cls.from_dict(data)
-        except UserError as exc:
-            raise UserError(f"{path}: {exc}") from None
+        return read_json_file(path, "a search space", cls.from_dict)
 
     @classmethod
     def from_dict(cls, data: Any) -> SearchSpace:
