@@ -118,21 +118,11 @@ def click_by_click(
     """A session applied one click at a time from an empty state, in-process: its final
     hidden state and the top-N ``(item, score)`` list after each click. The uninterrupted
     run that streamed (batched, crashed, swapped) answers must equal."""
-    state = recommender.initial_states(1)
-    started = torch.zeros(1, dtype=torch.bool)
-    lists = []
-    for item in items:
-        index = torch.tensor([recommender.item_map.index_of(item)])
-        state = recommender.step(state, index)
-        started |= index >= 0
-        top, scores = recommender.top_k(state, started, top_n)
-        lists.append(
-            [
-                (recommender.item_map.ids[i], float(s))
-                for i, s in zip(top[0].tolist(), scores[0].tolist())
-            ]
-        )
-    return state[0].cpu().numpy(), lists
+    versions = [recommender.version] * len(items)
+    hidden, lists = served_state(
+        {recommender.version: recommender}, items, versions, range(len(items)), top_n
+    )
+    return hidden, [lists[position] for position in range(len(items))]
 
 
 def produce_clicks(bootstrap: str, topic: str, clicks: list[Click]) -> None:
