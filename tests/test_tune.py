@@ -84,15 +84,22 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return paths
 
 
-def tune(files: dict[str, Path], out: Path, *more: str) -> tuple[int, str, str]:
+def tune(
+    files: dict[str, Path],
+    out: Path,
+    *more: str,
+    train: Path | None = None,
+    space: Path | None = None,
+) -> tuple[int, str, str]:
+    """``streamrec tune`` on the module's logs and space, or on ``train``/``space``."""
     return streamrec(
         "tune",
         "--train",
-        files["train"],
+        train or files["train"],
         "--valid",
         files["valid"],
         "--space",
-        files["space"],
+        space or files["space"],
         "--out",
         out,
         "--device",
@@ -223,19 +230,7 @@ def test_a_bad_space_is_a_clear_error(
     files: dict[str, Path], tmp_path: Path, space: object, words: list[str]
 ) -> None:
     (tmp_path / "space.json").write_text(json.dumps(space))
-    done = streamrec(
-        "tune",
-        "--train",
-        files["train"],
-        "--valid",
-        files["valid"],
-        "--space",
-        tmp_path / "space.json",
-        "--trials",
-        "1",
-        "--out",
-        tmp_path / "out",
-    )
+    done = tune(files, tmp_path / "out", "--trials", "1", space=tmp_path / "space.json")
     assert_error(done, "tune", "space.json", *words)
     assert not (tmp_path / "out").exists()  # refused before any work
 
@@ -265,37 +260,13 @@ def test_resuming_on_other_data_or_space_is_refused(
     out = searched["out"]
     other = tmp_path / "other.tsv"
     write_clicks(generate(SynthSpec(sessions=300, items=50, seed=5)), other)
-    done = streamrec(
-        "tune",
-        "--train",
-        other,
-        "--valid",
-        files["valid"],
-        "--space",
-        files["space"],
-        "--out",
-        out,
-        "--trials",
-        "9",
-    )
+    done = tune(files, out, "--trials", "9", train=other)
     assert_error(done, "tune", "another train", str(files["train"]))
     space = tmp_path / "space.json"
     space.write_text(
         json.dumps({**TINY_SPACE, "momentum": {"kind": "float", "low": 0, "high": 0.9}})
     )
-    done = streamrec(
-        "tune",
-        "--train",
-        files["train"],
-        "--valid",
-        files["valid"],
-        "--space",
-        space,
-        "--out",
-        out,
-        "--trials",
-        "9",
-    )
+    done = tune(files, out, "--trials", "9", space=space)
     assert_error(done, "tune", "another space")
     assert len(load(out).trials) == 3  # nothing ran, and the study's space file stays
     assert (
