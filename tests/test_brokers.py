@@ -29,7 +29,7 @@ from stream.cli import broker as broker_cli
 from stream.devtools import brokers
 from stream.devtools.brokers import LocalKafka, Tansu, fetch_kafka_jars, find_java
 from stream.devtools.testing import free_port, kcat, produce_raw, read_topic
-from stream.kafka.topics import check_topics, ensure_topics
+from stream.kafka.topics import check_replication, check_topics, ensure_topics
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -152,6 +152,23 @@ def test_check_topics_reports_missing_topic_quickly(kafka_bootstrap: str, topic_
     with pytest.raises(UserError, match=rf"missing topic\(s\) on .*: '{topic_name}-nope'$"):
         check_topics(kafka_bootstrap, {topic_name: 1, f"{topic_name}-nope": 1}, timeout=30)
     assert time.monotonic() - started < 5
+
+
+@pytest.mark.kafka
+def test_check_replication_waits_for_a_topic_then_names_it(
+    kafka_bootstrap: str, topic_name: str
+) -> None:
+    """A topic just created can be missing from another broker's metadata for a moment
+    (seen: a worker started under load died with a KeyError): it is waited for, and one
+    that never shows is named."""
+    ensure_topics(kafka_bootstrap, {topic_name: 2})
+    check_replication(kafka_bootstrap, topic_name, minimum=1, timeout=5)
+    started = time.monotonic()
+    missing = f"{topic_name}-nope"
+    expected = rf"topic '{missing}' is not on {kafka_bootstrap} after 2 s"
+    with pytest.raises(UserError, match=expected):
+        check_replication(kafka_bootstrap, missing, minimum=1, timeout=2)
+    assert 2 <= time.monotonic() - started < 10
 
 
 def test_check_topics_unreachable_broker_is_a_user_error_not_a_hang() -> None:

@@ -96,8 +96,19 @@ def check_topics(bootstrap: str, topics: Mapping[str, int], timeout: float = 30.
 
 def check_replication(bootstrap: str, topic: str, minimum: int, timeout: float = 30.0) -> None:
     """Raise UserError unless every partition of ``topic`` has at least ``minimum``
-    replicas (a topic created before the cluster grew keeps its replication)."""
-    metadata = _metadata(_Admin(bootstrap), bootstrap, timeout)
+    replicas (a topic created before the cluster grew keeps its replication).
+
+    A topic just created reaches the brokers' metadata one after another, so one that is
+    missing is asked for again until ``timeout`` s have passed."""
+    admin = _Admin(bootstrap)
+    deadline = time.monotonic() + timeout
+    while True:
+        metadata = _metadata(admin, bootstrap, max(deadline - time.monotonic(), 0.1))
+        if topic in metadata.topics and metadata.topics[topic].error is None:
+            break
+        if time.monotonic() >= deadline:
+            raise UserError(f"topic {topic!r} is not on {bootstrap} after {timeout:g} s")
+        time.sleep(0.1)
     partitions = metadata.topics[topic].partitions.values()
     replicas = min((len(p.replicas) for p in partitions), default=0)
     if replicas < minimum:
