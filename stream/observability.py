@@ -43,6 +43,12 @@ METRICS: dict[str, tuple[str, str]] = {
         "counter",
         "Redelivered clicks recognised by offset and not answered again",
     ),
+    "streamrec_input_offsets_skipped": (
+        "counter",
+        "Click-topic offsets never received between two that were, within one assignment: "
+        "transaction markers, else records a client dropped (alert on any on a "
+        "non-transactional topic)",
+    ),
     "streamrec_expired_sessions": ("counter", "Sessions deleted after the session timeout"),
     "streamrec_model_swaps": ("counter", "Models swapped in from the registry"),
     "streamrec_models_rejected": (

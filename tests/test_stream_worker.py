@@ -38,8 +38,9 @@ from stream.devtools.testing import (
     produce_raw,
     read_topic,
 )
+from stream.kafka.config import producer_config
 from stream.kafka.topics import ensure_topics
-from stream.kafka.wire import Click
+from stream.kafka.wire import Click, encode_click
 from stream.quality import online_quality
 from stream.serving.availability import availability_value, ensure_availability_topic
 
@@ -556,3 +557,41 @@ def test_an_unreachable_broker_is_retried_with_backoff_then_a_clear_exit(small_m
     assert result.returncode == 2
     assert f"(retried for {wait_s} s; --broker-wait-s sets how long)" in result.stderr
     assert elapsed >= wait_s
+
+
+def test_offsets_skipped_on_the_way_to_the_agent_are_counted(
+    kafka_bootstrap: str, small_model: Path, tmp_path: Path
+) -> None:
+    """Every offset of a click partition the agent never receives is counted and logged:
+    a skipped click would be taken as applied by the idempotence guard and committed past.
+    Transaction markers are such offsets: three transactions of five clicks on one
+    partition leave two markers between the clicks received."""
+    from confluent_kafka import Producer
+
+    ids = load_model(small_model).item_map.ids
+    names = StreamNames("skipped")
+    port = free_port()
+    with WorkerProcess(
+        kafka_bootstrap,
+        small_model,
+        names,
+        tmp_path,
+        "--log-level",
+        "info",
+        partitions=1,
+        web_port=port,
+    ) as worker:
+        worker.wait_until_consuming(kafka_bootstrap, names.app_id, timeout=60)
+        producer = Producer(producer_config(kafka_bootstrap, **{"transactional.id": names.app_id}))
+        producer.init_transactions(30)
+        for batch in range(3):
+            producer.begin_transaction()
+            for k in range(5):
+                key, value = encode_click(Click(f"s{k}", ids[batch * 5 + k], 100.0 + batch))
+                producer.produce(names.clicks, value, key, partition=0)
+            producer.commit_transaction(30)
+        read_topic(kafka_bootstrap, names.recommendations, lambda ms: len(ms) >= 15)
+        _, metrics = http_get(f"http://127.0.0.1:{port}/metrics")
+    assert "streamrec_input_offsets_skipped_total 2.0" in metrics, metrics[-3000:]
+    assert "partition 0: offsets 5..5 never received" in worker.log()
+    assert "partition 0: offsets 11..11 never received" in worker.log()

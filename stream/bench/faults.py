@@ -100,7 +100,7 @@ class Rig:
 
     def start_worker(self) -> WorkerProcess:
         """One more worker of the group; ``/readyz`` on a port of its own."""
-        extra = ["--model-poll-s", "0.5"]
+        extra = ["--model-poll-s", "0.5", "--log-level", "info"]
         if self.cluster is not None:
             extra += ["--min-replication", "3"]
         worker = WorkerProcess(

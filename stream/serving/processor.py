@@ -85,6 +85,8 @@ class ClickProcessor:
         self._owned: set[int] = set()  # input partitions assigned at the last rebalance
         self._state_writes: list[Awaitable[Any]] = []  # changelog records in flight
         self._write_failure: Exception | None = None  # the first record refused
+        #: per input partition, the offset expected next since the last rebalance
+        self._expected_offsets: dict[int, int] = {}
 
     async def process(self, events: Sequence[EventT]) -> None:
         logger.debug("batch of %d events", len(events))
@@ -105,6 +107,7 @@ class ClickProcessor:
             if message.topic == self._expiry_topic:
                 self.expiry.on_marker(event)
                 continue
+            self._check_sequence(message.partition, message.offset)
             parsed = parse_click(message.key, message.value, now)
             if isinstance(parsed, Rejected):
                 dead_letters.append(self.dead_letters.send(message, parsed))
@@ -125,6 +128,29 @@ class ClickProcessor:
             self.metrics.processed(
                 event.message.topic, event.message.partition, event.message.offset
             )
+
+    def _check_sequence(self, partition: int, offset: int) -> None:
+        """Count and log click-topic offsets skipped within one assignment.
+
+        A click must never be passed over silently: the idempotence guard takes every
+        offset below a session's last applied one as applied, and the commit moves past
+        it. On a topic no transactional producer writes to, offsets are consecutive, so
+        any skipped one here was dropped on its way to the agent."""
+        expected = self._expected_offsets.get(partition)
+        if expected is None:
+            logger.info(
+                "partition %d: first click since the rebalance at offset %d", partition, offset
+            )
+        elif offset > expected:
+            self.counters.skipped_offsets += offset - expected
+            logger.info(
+                "partition %d: offsets %d..%d never received (transaction markers, "
+                "else dropped on the way)",
+                partition,
+                expected,
+                offset - 1,
+            )
+        self._expected_offsets[partition] = max(offset + 1, expected or 0)
 
     def apply_availability(self) -> list[Awaitable[None]]:
         """Bring the served model's unavailable items up to date with the availability
@@ -291,6 +317,15 @@ class ClickProcessor:
         await asyncio.gather(*deliveries)
         self.counters.published += len(deliveries)
         answered = [(e, s, o, o.state) for (e, s), o in zip(clicks, outcomes) if o.state]
+        if len(answered) < len(clicks):
+            replayed = sorted(
+                {(s.partition, s.offset) for (_, s), o in zip(clicks, outcomes) if o.state is None}
+            )
+            logger.info(
+                "%d clicks already applied, not answered again: %s",
+                len(replayed),
+                _ranges(replayed),
+            )
         self.metrics.observe_published(
             time.time(),
             consumed_at,
@@ -368,6 +403,7 @@ class ClickProcessor:
         but the assigned signal drops nothing."""
         self.expiry.reset()
         self.health.not_ready_reason = REBALANCING
+        self._expected_offsets.clear()
         if signal is None or signal is not app.on_partitions_assigned:
             return
         topic = self.settings.input_topic
@@ -415,3 +451,18 @@ class ClickProcessor:
             len(store),
             sorted(owned),
         )
+
+
+def _ranges(sources: list[tuple[int, int]]) -> str:
+    """``[(partition, offset)]`` (sorted) as ``p3 10..12 15, p4 7``, for the logs."""
+    parts: dict[int, list[list[int]]] = {}
+    for partition, offset in sources:
+        runs = parts.setdefault(partition, [])
+        if runs and runs[-1][1] == offset - 1:
+            runs[-1][1] = offset
+        else:
+            runs.append([offset, offset])
+    return ", ".join(
+        f"p{partition} " + " ".join(f"{a}..{b}" if a < b else str(a) for a, b in runs)
+        for partition, runs in parts.items()
+    )
