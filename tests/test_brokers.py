@@ -28,6 +28,7 @@ from model.errors import UserError
 from stream.cli import broker as broker_cli
 from stream.devtools import brokers
 from stream.devtools.brokers import LocalKafka, Tansu, fetch_kafka_jars, find_java
+from stream.devtools.ports import ephemeral_ports
 from stream.devtools.testing import free_port, kcat, produce_raw, read_topic
 from stream.kafka.topics import check_replication, check_topics, ensure_topics
 
@@ -252,6 +253,17 @@ def test_broker_does_not_outlive_a_killed_owner() -> None:
     while not _refuses_connections(bootstrap) or Path(data_dir).exists():
         assert time.monotonic() < deadline, "the broker or its data outlived its killed owner"
         time.sleep(0.1)
+
+
+def test_free_ports_lie_outside_the_ephemeral_range_and_differ() -> None:
+    """A port in the kernel's ephemeral range can become a client connection's source
+    port between the probe and the worker's bind (seen with two test processes: a
+    worker's metrics port refused connections)."""
+    ports = [free_port() for _ in range(50)]
+    assert len(set(ports)) == len(ports)
+    assert not set(ports) & set(ephemeral_ports())
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", ports[-1]))
 
 
 @needs_tansu

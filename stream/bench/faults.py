@@ -55,6 +55,7 @@ from model.errors import UserError
 from model.inference import Recommender
 from stream.bench.serving import untrained_model
 from stream.devtools.brokers import KafkaCluster
+from stream.devtools.ports import free_port
 from stream.devtools.processes import (
     StreamNames,
     TopicReader,
@@ -67,7 +68,6 @@ from stream.devtools.testing import (
     PacedClicks,
     answered_sources,
     final_states,
-    free_port,
     http_get,
     read_all,
     same_up_to_ties,

@@ -56,12 +56,12 @@ from model.item_index import RANKINGS
 from model.network import GRU4RecNetwork
 from model.synth import SynthSpec, generate
 from stream.devtools.brokers import kafka_or_local
+from stream.devtools.ports import free_port
 from stream.devtools.processes import (
     Received,
     StreamNames,
     WorkerProcess,
     collector_paused,
-    free_port,
     scrape_histogram,
     start_readers,
 )

@@ -60,7 +60,8 @@ from model.errors import UserError
 from model.synth import SynthSpec, generate
 from stream.bench.serving import untrained_model
 from stream.devtools.brokers import kafka_or_local
-from stream.devtools.processes import StreamNames, WorkerProcess, free_port
+from stream.devtools.ports import free_port
+from stream.devtools.processes import StreamNames, WorkerProcess
 from stream.devtools.procfs import cpu_seconds, rss_mib
 from stream.kafka.config import client_config, producer_config
 from stream.kafka.log_sender import REPLAY_PRODUCER_SETTINGS

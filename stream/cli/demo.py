@@ -45,11 +45,11 @@ from model.synth import SynthSpec, generate
 from model.train import train
 from stream.cli.base import print_json
 from stream.devtools.brokers import LocalKafka, Tansu, tansu_binary
+from stream.devtools.ports import free_port
 from stream.devtools.processes import (
     Received,
     StreamNames,
     WorkerProcess,
-    free_port,
     scrape_histogram,
     start_readers,
 )

@@ -51,6 +51,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
 from model.errors import UserError
+from stream.devtools.ports import free_port
 from stream.kafka.config import bootstrap_servers
 
 if TYPE_CHECKING:
@@ -771,15 +772,15 @@ def kafka_or_local(url: str | None) -> Iterator[str]:
 def _reserve_ports(ports: list[int], count: int) -> list[int]:
     """Check that ``ports`` are free on 127.0.0.1 and add free ones up to ``count`` in all.
 
-    The probe sockets stay bound until all are chosen so the OS cannot hand out one twice.
-    SO_REUSEADDR makes a port whose old connections linger in TIME_WAIT (a broker killed a
-    moment ago) count as free, as it is for the broker, while a live listener still
-    conflicts.
+    Free ones come from :func:`free_port` (never from the kernel's ephemeral range, where
+    a client connection could take one before the broker binds it). SO_REUSEADDR makes a
+    port whose old connections linger in TIME_WAIT (a broker killed a moment ago) count
+    as free, as it is for the broker, while a live listener still conflicts.
     """
     probes: list[socket.socket] = []
     try:
         chosen: list[int] = []
-        for port in [*ports, *[0] * (count - len(ports))]:
+        for port in [*ports, *[free_port() for _ in range(count - len(ports))]]:
             probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             probes.append(probe)
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -28,6 +28,7 @@ from model.data import ClickLog, ItemMap
 from model.inference import Recommender
 from model.network import GRU4RecNetwork
 from model.rules import RECENT_ITEMS
+from stream.devtools.ports import free_port
 from stream.devtools.processes import (
     REPO,
     CommandProcess,
@@ -35,7 +36,6 @@ from stream.devtools.processes import (
     StreamNames,
     TopicReader,
     WorkerProcess,
-    free_port,
 )
 from stream.kafka.config import client_config, producer_config
 from stream.kafka.wire import Click, encode_click
