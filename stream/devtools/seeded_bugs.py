@@ -114,6 +114,14 @@ BUGS = (
         ),
     ),
     SeededBug(
+        "dead-letters-one-by-one",
+        "each dead letter's delivery is awaited before the next message is read",
+        "stream/serving/processor.py",
+        "                dead_letters.append(self.dead_letters.send(message, parsed))\n",
+        "                await self.dead_letters.send(message, parsed)\n",
+        ("tests/test_dead_letters.py::test_a_flood_of_bad_messages_does_not_slow_the_worker",),
+    ),
+    SeededBug(
         "duplicates-uncounted",
         "redelivered clicks found applied are not counted",
         "stream/serving/processor.py",
