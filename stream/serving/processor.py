@@ -130,7 +130,8 @@ class ClickProcessor:
             )
 
     def _check_sequence(self, partition: int, offset: int) -> None:
-        """Count and log click-topic offsets skipped within one assignment.
+        """Count and log click-topic offsets skipped within one assignment (and log those
+        received again).
 
         A click must never be passed over silently: the idempotence guard takes every
         offset below a session's last applied one as applied, and the commit moves past
@@ -150,7 +151,11 @@ class ClickProcessor:
                 expected,
                 offset - 1,
             )
-        self._expected_offsets[partition] = max(offset + 1, expected or 0)
+        elif offset < expected:  # sought back: harmless unless later clicks were applied
+            logger.info(
+                "partition %d: offset %d received again after %d", partition, offset, expected - 1
+            )
+        self._expected_offsets[partition] = offset + 1
 
     def apply_availability(self) -> list[Awaitable[None]]:
         """Bring the served model's unavailable items up to date with the availability
