@@ -16,10 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from confluent_kafka.admin import AdminClient
 
 from model.artifact import load_model, save_model
 from model.config import GRU4RecConfig
 from model.data import ClickLog, read_clicks
+from model.errors import UserError
 from model.evaluate import RecommenderScorer, evaluate
 from model.item_index import IndexParams, ItemIndex
 from model.train import train
@@ -38,7 +40,7 @@ from stream.devtools.testing import (
     produce_raw,
     read_topic,
 )
-from stream.kafka.config import producer_config
+from stream.kafka.config import client_config, producer_config, worker_client_id
 from stream.kafka.topics import ensure_topics
 from stream.kafka.wire import Click, encode_click
 from stream.quality import online_quality
@@ -595,3 +597,25 @@ def test_offsets_skipped_on_the_way_to_the_agent_are_counted(
     assert "streamrec_input_offsets_skipped_total 2.0" in metrics, metrics[-3000:]
     assert "partition 0: offsets 5..5 never received" in worker.log()
     assert "partition 0: offsets 11..11 never received" in worker.log()
+
+
+def test_a_worker_is_consuming_only_once_it_holds_partitions_itself(
+    kafka_bootstrap: str, small_model: Path, tmp_path: Path
+) -> None:
+    """Each worker's Kafka client id names its host and process, so the group's member
+    list says which worker holds which partition (``kafka-consumer-groups --describe``),
+    and waiting for a worker waits for that worker: a stable group whose partitions
+    another member holds is not enough (a replaced worker was taken for serving and
+    answered nothing)."""
+    serving, other = StreamNames("holder"), StreamNames("bystander")
+    with (
+        WorkerProcess(kafka_bootstrap, small_model, serving, tmp_path) as holder,
+        WorkerProcess(kafka_bootstrap, small_model, other, tmp_path) as bystander,
+    ):
+        holder.wait_until_consuming(kafka_bootstrap, serving.app_id, timeout=60)
+        with pytest.raises(UserError, match="did not start consuming within 3 s"):
+            bystander.wait_until_consuming(kafka_bootstrap, serving.app_id, timeout=3)
+        admin = AdminClient(client_config(kafka_bootstrap))
+        group = admin.describe_consumer_groups([serving.app_id])[serving.app_id].result(10)
+    assert holder.process is not None
+    assert [m.client_id for m in group.members] == [worker_client_id(holder.process.pid)]

@@ -28,7 +28,7 @@ from confluent_kafka import Consumer, ConsumerGroupState, KafkaException, TopicP
 from confluent_kafka.admin import AdminClient
 
 from model.errors import UserError
-from stream.kafka.config import client_config
+from stream.kafka.config import client_config, worker_client_id
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -171,9 +171,11 @@ class WorkerProcess(CommandProcess):
         )
 
     def wait_until_consuming(self, bootstrap: str, group: str, timeout: float = 60.0) -> None:
-        """Block until the worker's consumer group is stable with partitions assigned,
-        so that what is measured next is processing, not start-up."""
+        """Block until the worker's consumer group is stable with partitions assigned to
+        this worker, so that what is measured next is processing, not start-up."""
         admin = AdminClient(client_config(bootstrap))
+        assert self.process is not None, "start() the worker first"
+        member = worker_client_id(self.process.pid)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.check_alive()
@@ -182,7 +184,10 @@ class WorkerProcess(CommandProcess):
                 # Tansu reports a stable group without its members' assignments.
                 if description.state == ConsumerGroupState.STABLE and (
                     not description.members
-                    or any(m.assignment.topic_partitions for m in description.members)
+                    or any(
+                        m.client_id == member and m.assignment.topic_partitions
+                        for m in description.members
+                    )
                 ):
                     return
             except (KafkaException, TimeoutError):  # no coordinator yet, or a slow answer

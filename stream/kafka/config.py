@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from collections.abc import Mapping
 from typing import Any
 
@@ -117,3 +118,9 @@ def producer_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
     :func:`security_config`. ``overrides`` work as in :func:`client_config`.
     """
     return client_config(bootstrap, **{"partitioner": PARTITIONER, "acks": "all", **overrides})
+
+
+def worker_client_id(pid: int | None = None) -> str:
+    """The Kafka client id of the worker process ``pid`` (default: this one) on this host,
+    so that a group's member list says which worker holds which partition."""
+    return f"streamrec-{socket.gethostname()}-{os.getpid() if pid is None else pid}"

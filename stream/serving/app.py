@@ -24,6 +24,7 @@ import torch
 
 from model.artifact import load_model
 from model.inference import Recommender
+from stream.kafka.config import worker_client_id
 from stream.kafka.probe import BrokerProbe
 from stream.observability import serve
 from stream.registry import ModelRegistry
@@ -58,6 +59,7 @@ def faust_app(settings: WorkerSettings) -> faust.App:
         # as one host)
         broker=";".join(f"kafka://{server}" for server in settings.bootstrap.split(",")),
         broker_credentials=faust_credentials(),
+        broker_client_id=worker_client_id(),  # which worker holds which partition
         store="memory://",
         datadir=str(data_dir),
         autodiscover=False,
