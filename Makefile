@@ -35,5 +35,9 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check --quiet .
 	$(BIN)/mypy
 
+# Two pytest processes (each with its own local Kafka); a module's tests stay in one
+# process, so module fixtures such as the three-broker cluster start once.
+TEST_PROCESSES ?= 2
+
 test: lint system-deps
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_PROCESSES) --dist loadfile
