@@ -7,6 +7,7 @@ Workers SIGKILLed in rebalances are tested on the three-broker cluster
 
 from __future__ import annotations
 
+import re
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -205,8 +206,9 @@ def test_redelivered_clicks_already_applied_are_counted_as_duplicates_not_answer
             raise AssertionError("no kill left an applied click uncommitted")
 
         port = free_port()
+        args = ("--web-port", str(port), "--log-level", "info")
         with WorkerProcess(
-            kafka_bootstrap, small_model, names, tmp_path, "--web-port", str(port), partitions=1
+            kafka_bootstrap, small_model, names, tmp_path, *args, partitions=1
         ) as worker:
             consumed = f"\nstreamrec_events_consumed_total {len(redelivered)}.0\n"
             metrics = wait_for_http(
@@ -215,6 +217,15 @@ def test_redelivered_clicks_already_applied_are_counted_as_duplicates_not_answer
     finally:
         inputs.close()
         outputs.close()
+    # and the log names them, for tracing a click that was never answered
+    logged = set()
+    for ranges in re.findall(
+        r"clicks already applied, not answered again: p0 ([\d. ]+)", worker.log()
+    ):
+        for run in ranges.split():
+            first, _, last = run.partition("..")
+            logged.update(range(int(first), int(last or first) + 1))
+    assert logged == {m.offset() for m in redelivered if m.offset() <= applied[m.key().decode()]}
     assert f"\nstreamrec_duplicate_events_total {duplicates}.0\n" in metrics, metrics
     assert f"\nstreamrec_recommendations_published_total {len(redelivered) - duplicates}.0\n" in (
         metrics

@@ -322,7 +322,7 @@ class ClickProcessor:
         await asyncio.gather(*deliveries)
         self.counters.published += len(deliveries)
         answered = [(e, s, o, o.state) for (e, s), o in zip(clicks, outcomes) if o.state]
-        if len(answered) < len(clicks):
+        if len(answered) < len(clicks) and logger.isEnabledFor(logging.INFO):
             replayed = sorted(
                 {(s.partition, s.offset) for (_, s), o in zip(clicks, outcomes) if o.state is None}
             )
