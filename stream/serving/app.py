@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import os
+from typing import NoReturn
 
 import faust
 import torch
@@ -95,6 +96,15 @@ def raw_topic(app: faust.App, settings: WorkerSettings, *names: str) -> faust.To
     )
 
 
+def leave_lapsed_group(exc: MembershipLost, without: str) -> NoReturn:
+    """Exit with status 75 at once, writing and committing nothing more: the partitions
+    are someone else's now, and a restart rejoins the group (whether a batch or an offset
+    commit found the lapse first)."""
+    logger.error("%s; exiting without %s", exc, without)
+    logging.shutdown()
+    os._exit(MEMBERSHIP_LOST_EXIT)
+
+
 def create_app(
     settings: WorkerSettings, recommender: Recommender
 ) -> tuple[faust.App, ClickProcessor]:
@@ -113,7 +123,14 @@ def create_app(
         extra_topic_configs=CHANGELOG_CONFIG,
     )
     processor = ClickProcessor(settings, recommender, table, output, dead_letters)
-    faust_patches.hold_commits_until(app, processor.await_state_writes)
+
+    async def before_commit() -> None:
+        try:
+            await processor.await_state_writes()
+        except MembershipLost as exc:  # a pause found at a commit before any batch
+            leave_lapsed_group(exc, "committing")
+
+    faust_patches.hold_commits_until(app, before_commit)
     fencing.guard(table.changelog_topic.get_topic_name(), processor.fence)
     app.on_partitions_revoked.connect(processor.on_rebalance)
     app.on_partitions_assigned.connect(processor.on_rebalance)
@@ -127,9 +144,7 @@ def create_app(
             try:
                 await processor.process(events)
             except MembershipLost as exc:  # nothing of the batch written or committed
-                logger.error("%s; exiting without writing the batch", exc)
-                logging.shutdown()
-                os._exit(MEMBERSHIP_LOST_EXIT)
+                leave_lapsed_group(exc, "writing the batch")
             except Exception:  # a bug: do not let take_events() ack the batch
                 logger.critical(
                     "unexpected error; exiting so the batch is redelivered", exc_info=True
