@@ -28,7 +28,7 @@ from model.errors import UserError
 from stream.cli import broker as broker_cli
 from stream.devtools import brokers
 from stream.devtools.brokers import LocalKafka, Tansu, fetch_kafka_jars, find_java
-from stream.devtools.ports import ephemeral_ports
+from stream.devtools.ports import ephemeral_ports, port_candidates
 from stream.devtools.testing import free_port, kcat, produce_raw, read_topic
 from stream.kafka.topics import check_replication, check_topics, ensure_topics
 
@@ -264,6 +264,16 @@ def test_free_ports_lie_outside_the_ephemeral_range_and_differ() -> None:
     assert not set(ports) & set(ephemeral_ports())
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", ports[-1]))
+
+
+def test_free_ports_avoid_any_ephemeral_range_and_exist_under_every_one() -> None:
+    """Where free ports are looked for, whatever range the kernel hands to clients: below
+    it, above it when that is larger, and, when it covers every port, the whole range (a
+    choice, not an import error: with ``1024 65535``, common in containers, the module
+    failed to import and the demo with it)."""
+    assert port_candidates(range(32768, 61000)) == range(10000, 32768)
+    assert port_candidates(range(10500, 60000)) == range(60000, 65536)
+    assert port_candidates(range(1024, 65536)) == range(10000, 65536)
 
 
 @needs_tansu

@@ -18,10 +18,17 @@ def ephemeral_ports() -> range:
     return range(low, high + 1)
 
 
-#: Where :func:`free_port` looks: below the ephemeral range, from a random start, so that
-#: neither an outgoing connection nor another process picking at the same moment takes
-#: the port between the probe and its use.
-_CANDIDATES = range(10000, min(ephemeral_ports().start, 32768))
+def port_candidates(ephemeral: range) -> range:
+    """Where :func:`free_port` looks: outside the ``ephemeral`` range (below it, or above it
+    where that is larger), so that no outgoing connection takes the port between the probe
+    and its use; the ports from 10000 up when that range leaves none outside it."""
+    below, above = range(10000, ephemeral.start), range(ephemeral.stop, 65536)
+    return max(below, above, key=len) or range(10000, 65536)
+
+
+#: Searched from a random start, so that another process picking at the same moment
+#: rarely tries the same ports.
+_CANDIDATES = port_candidates(ephemeral_ports())
 _next_candidate = itertools.count(random.randrange(len(_CANDIDATES)))
 
 
