@@ -45,9 +45,14 @@ METRICS: dict[str, tuple[str, str]] = {
     ),
     "streamrec_input_offsets_skipped": (
         "counter",
-        "Click-topic offsets never received between two that were, within one assignment: "
-        "transaction markers, else records a client dropped (alert on any on a "
-        "non-transactional topic)",
+        "Click-topic offsets the consumer never handed the agent, from the committed offset "
+        "on: transaction markers, records removed by retention, or dropped clicks (these "
+        "are read again: streamrec_input_clicks_refetched)",
+    ),
+    "streamrec_input_clicks_refetched": (
+        "counter",
+        "Clicks the consumer dropped on their way to the agent, read from the broker and "
+        "applied in their place (each would otherwise have been lost)",
     ),
     "streamrec_expired_sessions": ("counter", "Sessions deleted after the session timeout"),
     "streamrec_model_swaps": ("counter", "Models swapped in from the registry"),

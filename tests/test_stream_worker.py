@@ -564,10 +564,10 @@ def test_an_unreachable_broker_is_retried_with_backoff_then_a_clear_exit(small_m
 def test_offsets_skipped_on_the_way_to_the_agent_are_counted(
     kafka_bootstrap: str, small_model: Path, tmp_path: Path
 ) -> None:
-    """Every offset of a click partition the agent never receives is counted and logged:
-    a skipped click would be taken as applied by the idempotence guard and committed past.
-    Transaction markers are such offsets: three transactions of five clicks on one
-    partition leave two markers between the clicks received."""
+    """Every offset of a click partition the agent never receives is counted and logged,
+    and read from the broker: a skipped click would be taken as applied by the idempotence
+    guard and committed past. Transaction markers are such offsets, holding no click: three
+    transactions of five clicks on one partition leave two between the clicks received."""
     from confluent_kafka import Producer
 
     ids = load_model(small_model).item_map.ids
@@ -595,8 +595,9 @@ def test_offsets_skipped_on_the_way_to_the_agent_are_counted(
         read_topic(kafka_bootstrap, names.recommendations, lambda ms: len(ms) >= 15)
         _, metrics = http_get(f"http://127.0.0.1:{port}/metrics")
     assert "streamrec_input_offsets_skipped_total 2.0" in metrics, metrics[-3000:]
-    assert "partition 0: offsets 5..5 never received" in worker.log()
-    assert "partition 0: offsets 11..11 never received" in worker.log()
+    assert "streamrec_input_clicks_refetched_total 0.0" in metrics
+    assert "partition 0: offsets 5..5 hold no click" in worker.log()
+    assert "partition 0: offsets 11..11 hold no click" in worker.log()
 
 
 def test_a_worker_is_consuming_only_once_it_holds_partitions_itself(

@@ -117,9 +117,31 @@ BUGS = (
         "dead-letters-one-by-one",
         "each dead letter's delivery is awaited before the next message is read",
         "stream/serving/processor.py",
-        "                dead_letters.append(self.dead_letters.send(message, parsed))\n",
-        "                await self.dead_letters.send(message, parsed)\n",
+        "                    dead_letters.append(self.dead_letters.send(record, parsed))\n",
+        "                    await self.dead_letters.send(record, parsed)\n",
         ("tests/test_dead_letters.py::test_a_flood_of_bad_messages_does_not_slow_the_worker",),
+    ),
+    SeededBug(
+        "holes-not-read",
+        "a hole in a partition's offsets is counted, but its clicks are not read again",
+        "stream/serving/sequence.py",
+        "        records = await asyncio.to_thread(self.reader.read, partition, start, end)\n",
+        "        records: list[FetchedRecord] = []\n",
+        (
+            "tests/test_input_sequence.py::"
+            "test_a_hole_after_the_committed_offset_is_read_from_the_broker",
+        ),
+    ),
+    SeededBug(
+        "sequence-kept-across-rebalances",
+        "after a rebalance the next click is checked against the last batch, not the commit",
+        "stream/serving/sequence.py",
+        "        self._expected.clear()\n",
+        "        pass\n",
+        (
+            "tests/test_input_sequence.py::"
+            "test_the_check_starts_again_from_the_commit_after_every_rebalance",
+        ),
     ),
     SeededBug(
         "duplicates-uncounted",

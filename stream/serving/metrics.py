@@ -73,8 +73,10 @@ class WorkerCounters:
     events: int = 0
     published: int = 0
     duplicates: int = 0
-    #: click-topic offsets the agent never received between two it did (one assignment)
+    #: click-topic offsets Faust never handed the agent (:mod:`stream.serving.sequence`)
     skipped_offsets: int = 0
+    #: of those, clicks read from the broker and applied: Faust would have lost them
+    refetched_clicks: int = 0
     unknown_items: int = 0
     expired: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
@@ -187,6 +189,7 @@ class _CountersCollector:
         yield counter("streamrec_unknown_items", counters.unknown_items)
         yield counter("streamrec_duplicate_events", counters.duplicates)
         yield counter("streamrec_input_offsets_skipped", counters.skipped_offsets)
+        yield counter("streamrec_input_clicks_refetched", counters.refetched_clicks)
         yield counter("streamrec_expired_sessions", counters.expired)
         yield counter("streamrec_model_swaps", counters.swaps)
         yield counter("streamrec_models_rejected", counters.rejected_models)

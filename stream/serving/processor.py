@@ -2,6 +2,9 @@
 
 For each batch the agent hands over (:mod:`stream.serving.app`):
 
+0. Each partition's clicks are checked to follow on from the ones before (from the
+   committed offset after a rebalance); the clicks of a hole Faust left are read from the
+   broker and take their place (:mod:`stream.serving.sequence`).
 1. Each message is validated (:mod:`stream.kafka.wire`); a bad one goes to the
    dead-letter topic with its reason and original bytes (:mod:`stream.serving.dead_letters`),
    and the batch goes on. Expiry markers go to :mod:`stream.serving.expiry`.
@@ -38,6 +41,7 @@ from faust.types import TP, AppT, EventT, TableT
 from mode.types.signals import BaseSignalT
 
 from model.inference import Recommender
+from stream.kafka.partition_reader import PartitionReader
 from stream.kafka.wire import Rejected, encode_recommendation, parse_click
 from stream.serving.availability import AvailabilityFollower
 from stream.serving.dead_letters import WRONG_PARTITION, DeadLetters
@@ -45,6 +49,7 @@ from stream.serving.expiry import EXPIRY_DELETES_FLOOR, SessionExpiry
 from stream.serving.fencing import GroupFence, MembershipLost
 from stream.serving.metrics import REBALANCING, Health, WorkerCounters, WorkerMetrics
 from stream.serving.scoring import SourcedClick, apply_clicks
+from stream.serving.sequence import InputRecord, InputSequence
 from stream.serving.settings import WorkerSettings
 from stream.serving.state import SessionState, UndecodableState, sessions_by_partition
 from stream.serving.topics import expiry_topic
@@ -81,12 +86,13 @@ class ClickProcessor:
         self.expiry = SessionExpiry(table, settings.session_timeout_s, self._expired)
         self.fence = GroupFence(settings.app_id, settings.group_session_timeout_s)
         self._expiry_topic = expiry_topic(settings)
+        # Faust's consumer group is the app id
+        reader = PartitionReader(settings.bootstrap, settings.input_topic, settings.app_id)
+        self.sequence = InputSequence(reader, self.counters)
         self._serving = False
         self._owned: set[int] = set()  # input partitions assigned at the last rebalance
         self._state_writes: list[Awaitable[Any]] = []  # changelog records in flight
         self._write_failure: Exception | None = None  # the first record refused
-        #: per input partition, the offset expected next since the last rebalance
-        self._expected_offsets: dict[int, int] = {}
 
     async def process(self, events: Sequence[EventT]) -> None:
         logger.debug("batch of %d events", len(events))
@@ -101,22 +107,24 @@ class ClickProcessor:
         await self.await_state_writes()
         generation = self.fence.generation()
         now = time.time()
-        clicks: list[tuple[EventT, SourcedClick]] = []
+        received = [e.message for e in events if e.message.topic != self._expiry_topic]
+        holes = await self.sequence.holes(received)
+        clicks: list[tuple[InputRecord, SourcedClick]] = []
         for event in events:
             message = event.message
             if message.topic == self._expiry_topic:
                 self.expiry.on_marker(event)
                 continue
-            self._check_sequence(message.partition, message.offset)
-            parsed = parse_click(message.key, message.value, now)
-            if isinstance(parsed, Rejected):
-                dead_letters.append(self.dead_letters.send(message, parsed))
-                continue
-            clicks.append((event, SourcedClick(parsed, message.partition, message.offset)))
-            self.expiry.watermarks.advance(message.partition, parsed.timestamp)
+            for record in [*holes.get((message.partition, message.offset), ()), message]:
+                parsed = parse_click(record.key, record.value, now)
+                if isinstance(parsed, Rejected):
+                    dead_letters.append(self.dead_letters.send(record, parsed))
+                    continue
+                clicks.append((record, SourcedClick(parsed, record.partition, record.offset)))
+                self.expiry.watermarks.advance(record.partition, parsed.timestamp)
         stored = self._stored_states(clicks)
         clicks, misplaced = self._split_misplaced(clicks, stored)
-        dead_letters += [self.dead_letters.send(e.message, why) for e, why in misplaced]
+        dead_letters += [self.dead_letters.send(record, why) for record, why in misplaced]
         # Dead letters are sent together with the answers and all delivered before the
         # batch is committed: awaiting each one's delivery in turn would cap a worker at
         # about 130 bad messages/s, and a flood of them would delay every good click.
@@ -128,34 +136,6 @@ class ClickProcessor:
             self.metrics.processed(
                 event.message.topic, event.message.partition, event.message.offset
             )
-
-    def _check_sequence(self, partition: int, offset: int) -> None:
-        """Count and log click-topic offsets skipped within one assignment (and log those
-        received again).
-
-        A click must never be passed over silently: the idempotence guard takes every
-        offset below a session's last applied one as applied, and the commit moves past
-        it. On a topic no transactional producer writes to, offsets are consecutive, so
-        any skipped one here was dropped on its way to the agent."""
-        expected = self._expected_offsets.get(partition)
-        if expected is None:
-            logger.info(
-                "partition %d: first click since the rebalance at offset %d", partition, offset
-            )
-        elif offset > expected:
-            self.counters.skipped_offsets += offset - expected
-            logger.info(
-                "partition %d: offsets %d..%d never received (transaction markers, "
-                "else dropped on the way)",
-                partition,
-                expected,
-                offset - 1,
-            )
-        elif offset < expected:  # sought back: harmless unless later clicks were applied
-            logger.info(
-                "partition %d: offset %d received again after %d", partition, offset, expected - 1
-            )
-        self._expected_offsets[partition] = offset + 1
 
     def apply_availability(self) -> list[Awaitable[None]]:
         """Bring the served model's unavailable items up to date with the availability
@@ -211,7 +191,7 @@ class ClickProcessor:
             self._catch_up(self.availability)
 
     def _stored_states(
-        self, clicks: list[tuple[EventT, SourcedClick]]
+        self, clicks: list[tuple[InputRecord, SourcedClick]]
     ) -> dict[str, SessionState | None]:
         """The stored state of each clicked session (None: a new session).
 
@@ -221,11 +201,11 @@ class ClickProcessor:
         counted and logged; the state written after its click replaces the bad value."""
         stored: dict[str, SessionState | None] = {}
         store = self.table.data  # read as _answer writes: the store, without per-key sensors
-        for event, sourced in clicks:
+        for record, sourced in clicks:
             session_id = sourced.click.session_id
             if session_id in stored:
                 continue
-            raw = store.get(event.message.key)
+            raw = store.get(record.key)
             try:
                 stored[session_id] = None if raw is None else SessionState.decode(raw)
             except UndecodableState as exc:
@@ -240,8 +220,8 @@ class ClickProcessor:
 
     @staticmethod
     def _split_misplaced(
-        clicks: list[tuple[EventT, SourcedClick]], stored: dict[str, SessionState | None]
-    ) -> tuple[list[tuple[EventT, SourcedClick]], list[tuple[EventT, Rejected]]]:
+        clicks: list[tuple[InputRecord, SourcedClick]], stored: dict[str, SessionState | None]
+    ) -> tuple[list[tuple[InputRecord, SourcedClick]], list[tuple[InputRecord, Rejected]]]:
         """Split off the clicks on another partition than their session's.
 
         A session lives on one partition: its state's changelog record, its expiry and its
@@ -257,24 +237,24 @@ class ClickProcessor:
         in the batch. (A worker only sees the states of its own partitions: a click whose
         session lives on another worker's starts a session of its own there.)"""
         home = {session: s.partition for session, s in stored.items() if s is not None}
-        kept: list[tuple[EventT, SourcedClick]] = []
-        misplaced: list[tuple[EventT, Rejected]] = []
-        for event, sourced in clicks:
+        kept: list[tuple[InputRecord, SourcedClick]] = []
+        misplaced: list[tuple[InputRecord, Rejected]] = []
+        for record, sourced in clicks:
             partition = home.setdefault(sourced.click.session_id, sourced.partition)
             if sourced.partition == partition:
-                kept.append((event, sourced))
+                kept.append((record, sourced))
             else:
                 detail = (
                     f"session {sourced.click.session_id!r} lives on partition {partition}, "
                     f"this click is on partition {sourced.partition}: producers must "
                     "partition by murmur2 on the session id"
                 )
-                misplaced.append((event, Rejected(WRONG_PARTITION, detail)))
+                misplaced.append((record, Rejected(WRONG_PARTITION, detail)))
         return kept, misplaced
 
     async def _answer(
         self,
-        clicks: list[tuple[EventT, SourcedClick]],
+        clicks: list[tuple[InputRecord, SourcedClick]],
         stored: dict[str, SessionState | None],
         consumed_at: float,
         generation: int | None,
@@ -292,7 +272,7 @@ class ClickProcessor:
         self.metrics.scoring_time.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(len(clicks))
         deliveries = []
-        for (event, sourced), outcome in zip(clicks, outcomes):
+        for (record, sourced), outcome in zip(clicks, outcomes):
             self.counters.events += 1
             if outcome.state is None:
                 self.counters.duplicates += 1
@@ -312,7 +292,7 @@ class ClickProcessor:
             deliveries.append(
                 await self.output.app.producer.send(
                     self.output.get_topic_name(),
-                    event.message.key,
+                    record.key,
                     value,
                     sourced.partition,
                     None,
@@ -335,7 +315,7 @@ class ClickProcessor:
             time.time(),
             consumed_at,
             [s.click.timestamp for _, s, _, _ in answered],
-            [e.message.timestamp for e, _, _, _ in answered],
+            [r.timestamp for r, _, _, _ in answered],
         )
         for _, sourced, outcome, _ in answered:
             self.metrics.online.observe(
@@ -353,8 +333,8 @@ class ClickProcessor:
         # stops the worker with its clicks uncommitted (see :meth:`await_state_writes`).
         await self.fence.confirm(generation)
         changelog = self.table.changelog_topic.get_topic_name()
-        for event, sourced, _, state in answered:
-            key, value = cast(bytes, event.message.key), state.encode()  # clicks have keys
+        for record, sourced, _, state in answered:
+            key, value = cast(bytes, record.key), state.encode()  # clicks have keys
             store[key] = value
             self._state_writes.append(
                 await self.output.app.producer.send(
@@ -408,7 +388,7 @@ class ClickProcessor:
         but the assigned signal drops nothing."""
         self.expiry.reset()
         self.health.not_ready_reason = REBALANCING
-        self._expected_offsets.clear()
+        self.sequence.reset()
         if signal is None or signal is not app.on_partitions_assigned:
             return
         topic = self.settings.input_topic

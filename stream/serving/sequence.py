@@ -1,0 +1,125 @@
+"""Every click of an input partition reaches the agent: checked, and holes read again.
+
+The idempotence guard takes a click as applied when its session has applied a later offset,
+and Faust commits past every click it acked. So a click that Faust's consumer never hands
+the agent, while later ones of its partition are, is lost without a trace. This happened
+in the fault bench: a worker given back, in one rebalance, the partition it already held
+was sought to the group's committed offset 23, and the first click its agent received was
+52. Offsets 23..51 had been fetched before the rebalance and never applied by anyone; the
+commit moved past them. (The drop is inside Faust's fetch bookkeeping across rebalances;
+which path, the records do not say.)
+
+So the worker does not take the order it is handed on trust. Per input partition it knows
+the offset it must receive next: for the first click after a rebalance, the group's
+committed offset, where the assignment starts; then one past the highest offset received.
+A click above it shows a hole. The hole is read from the broker directly
+(:class:`~stream.kafka.partition_reader.PartitionReader`) and its clicks are applied
+before the click that showed it, as if Faust had delivered them. Offsets there that hold no
+record (a transactional producer's commit markers, records removed by retention) are
+only counted. A click below it was sought back to: a replay, which the guard leaves
+unanswered.
+
+A reading that fails (the broker unreachable past the reader's timeout) raises: the batch is
+then not acked, the worker exits, and the clicks are redelivered to the next owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Protocol
+
+from stream.kafka.partition_reader import FetchedRecord, PartitionReader
+from stream.serving.metrics import WorkerCounters
+
+logger = logging.getLogger("streamrec.worker")
+
+
+class InputRecord(Protocol):
+    """What the worker reads of a click-topic record: a Faust message, or a
+    :class:`~stream.kafka.partition_reader.FetchedRecord`."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def timestamp(self) -> float: ...
+
+
+class InputSequence:
+    """The offsets each input partition's next click must have, and the holes' clicks."""
+
+    def __init__(self, reader: PartitionReader, counters: WorkerCounters) -> None:
+        self.reader = reader
+        self.counters = counters
+        self._expected: dict[int, int] = {}  # partition -> the offset to receive next
+        self._last: dict[int, int] = {}  # partition -> the offset received last
+
+    def reset(self) -> None:
+        """A rebalance: each partition's next click is checked against the commit again."""
+        self._expected.clear()
+        self._last.clear()
+
+    async def holes(
+        self, received: Sequence[InputRecord]
+    ) -> dict[tuple[int, int], list[FetchedRecord]]:
+        """For the click-topic records of one batch, in the order received: (partition,
+        offset) of each record that came after a hole -> the hole's records, read from the
+        broker, to be applied before it."""
+        found: dict[tuple[int, int], list[FetchedRecord]] = {}
+        for record in received:
+            partition, offset = record.partition, record.offset
+            expected = self._expected.get(partition)
+            if expected is None:
+                expected = await asyncio.to_thread(self.reader.committed, partition)
+                logger.info(
+                    "partition %d: first click since the rebalance at offset %d "
+                    "(committed offset %s)",
+                    partition,
+                    offset,
+                    expected,
+                )
+                if expected is None:  # a group's first clicks: nothing to check against
+                    expected = offset
+            if offset > expected:
+                found[(partition, offset)] = await self._read_hole(partition, expected, offset)
+            elif (last := self._last.get(partition)) is not None and offset <= last:
+                logger.info(  # once per step back, not for every replay that follows
+                    "partition %d: offset %d received again after %d", partition, offset, last
+                )
+            self._expected[partition] = max(expected, offset + 1)
+            self._last[partition] = offset
+        return found
+
+    async def _read_hole(self, partition: int, start: int, end: int) -> list[FetchedRecord]:
+        records = await asyncio.to_thread(self.reader.read, partition, start, end)
+        self.counters.skipped_offsets += end - start
+        self.counters.refetched_clicks += len(records)
+        if records:
+            logger.warning(
+                "partition %d: offsets %d..%d skipped by the consumer; read %d clicks of "
+                "them from the broker, applied before offset %d (the guard leaves those "
+                "already applied)",
+                partition,
+                start,
+                end - 1,
+                len(records),
+                end,
+            )
+        else:
+            logger.info(
+                "partition %d: offsets %d..%d hold no click (transaction markers, or "
+                "records removed by retention)",
+                partition,
+                start,
+                end - 1,
+            )
+        return records
