@@ -18,6 +18,8 @@ it:
   under a model version differs from it (where a stale state is rebuilt);
 - ``longest_answer_gap_s``: the longest time without any answer while clicks were being
   sent; ``recovery_s``: from the end of the faults to the last click answered;
+- ``clicks_refetched``: clicks the workers' consumers skipped, which the workers read from
+  the broker themselves (:mod:`stream.serving.sequence`; their logs say where);
 - ``worker_kills`` and ``model_swaps``: what ``worker-kill`` did.
 
 Scenarios:
@@ -40,6 +42,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import sys
 import time
 from collections import defaultdict
@@ -79,6 +82,8 @@ from stream.registry import ModelRegistry
 from stream.serving.metrics import REBALANCING
 
 SESSIONS = 30
+#: a worker's log line for a hole its consumer left (stream.serving.sequence)
+REFETCHED = re.compile(r"read (\d+) clicks of them from the broker")
 WORKER_KILLS = 10
 
 
@@ -147,6 +152,7 @@ class FaultRun:
     diverged: int
     longest_answer_gap_s: float
     recovery_s: float
+    clicks_refetched: int
     worker_kills: int
     model_swaps: int
 
@@ -339,6 +345,11 @@ def check(
         diverged=diverged,
         longest_answer_gap_s=float(np.diff(flowing).max()) if len(flowing) > 1 else 0.0,
         recovery_s=max(answered_at[-1] - faults_over, 0.0) if answered_at else float("nan"),
+        clicks_refetched=sum(
+            int(n)
+            for log in rig.work.glob("worker-*.log")
+            for n in REFETCHED.findall(log.read_text(errors="replace"))
+        ),
         worker_kills=rig.worker_kills,
         model_swaps=len(rig.models) - 1,
     )
