@@ -135,14 +135,15 @@ def test_offsets_holding_no_click_are_counted_not_read(
     assert (counters.skipped_offsets, counters.refetched_clicks) == (1, 0)
 
 
-def test_a_group_that_never_committed_starts_where_its_first_click_is(
+def test_a_group_that_never_committed_starts_at_the_first_offset(
     kafka_bootstrap: str, names: StreamNames, reader: PartitionReader
 ) -> None:
-    """Nothing says where a new group's first assignment starts (the consumer's reset
-    policy does): its first click is taken as the start, and nothing is read."""
+    """A group with no committed offset starts where the worker's consumer resets to: the
+    partition's first offset. A first click past it is a hole like any other."""
     produce(kafka_bootstrap, names.clicks, 6)
     counters = WorkerCounters()
 
     holes = asyncio.run(InputSequence(reader, counters).holes(received(reader, range(4, 6))))
 
-    assert holes == {} and counters.skipped_offsets == 0
+    assert [r.offset for r in holes[(0, 4)]] == [0, 1, 2, 3]
+    assert (counters.skipped_offsets, counters.refetched_clicks) == (4, 4)

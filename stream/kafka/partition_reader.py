@@ -79,6 +79,18 @@ class PartitionReader:
                     ) from exc
                 time.sleep(0.5)
 
+    def first_offset(self, partition: int) -> int:
+        """The first offset ``partition`` still holds (its log start offset)."""
+        try:
+            low, _ = self._reader().get_watermark_offsets(
+                TopicPartition(self.topic, partition), timeout=self.timeout_s
+            )
+        except KafkaException as exc:
+            raise TimeoutError(
+                f"no first offset of {self.topic}/{partition} within {self.timeout_s:g} s: {exc}"
+            ) from exc
+        return int(low)
+
     def read(self, partition: int, start: int, end: int) -> list[FetchedRecord]:
         """The records of ``partition`` from ``start`` up to, not including, ``end``.
 

@@ -10,8 +10,9 @@ commit moved past them. (The drop is inside Faust's fetch bookkeeping across reb
 which path, the records do not say.)
 
 So the worker does not take the order it is handed on trust. Per input partition it knows
-the offset it must receive next: for the first click after a rebalance, the group's
-committed offset, where the assignment starts; then one past the highest offset received.
+the offset it must receive next: for the first click after a rebalance, where the
+assignment starts (the group's committed offset, or the partition's first offset if the
+group has committed none); then one past the highest offset received.
 A click above it shows a hole. The hole is read from the broker directly
 (:class:`~stream.kafka.partition_reader.PartitionReader`) and its clicks are applied
 before the click that showed it, as if Faust had delivered them. Offsets there that hold no
@@ -79,16 +80,13 @@ class InputSequence:
             partition, offset = record.partition, record.offset
             expected = self._expected.get(partition)
             if expected is None:
-                expected = await asyncio.to_thread(self.reader.committed, partition)
+                expected = await asyncio.to_thread(self._start, partition)
                 logger.info(
-                    "partition %d: first click since the rebalance at offset %d "
-                    "(committed offset %s)",
+                    "partition %d: first click since the rebalance at offset %d (start %d)",
                     partition,
                     offset,
                     expected,
                 )
-                if expected is None:  # a group's first clicks: nothing to check against
-                    expected = offset
             if offset > expected:
                 found[(partition, offset)] = await self._read_hole(partition, expected, offset)
             elif (last := self._last.get(partition)) is not None and offset <= last:
@@ -98,6 +96,13 @@ class InputSequence:
             self._expected[partition] = max(expected, offset + 1)
             self._last[partition] = offset
         return found
+
+    def _start(self, partition: int) -> int:
+        """Where the group's assignment of ``partition`` starts: its committed offset, or,
+        for a group that has committed none there, the first offset the partition holds
+        (the worker's consumer resets to the earliest)."""
+        committed = self.reader.committed(partition)
+        return self.reader.first_offset(partition) if committed is None else committed
 
     async def _read_hole(self, partition: int, start: int, end: int) -> list[FetchedRecord]:
         records = await asyncio.to_thread(self.reader.read, partition, start, end)
