@@ -115,7 +115,7 @@ class ClickProcessor:
             if message.topic == self._expiry_topic:
                 self.expiry.on_marker(event)
                 continue
-            for record in [*holes.get((message.partition, message.offset), ()), message]:
+            for record in [*holes.pop((message.partition, message.offset), ()), message]:
                 parsed = parse_click(record.key, record.value, now)
                 if isinstance(parsed, Rejected):
                     dead_letters.append(self.dead_letters.send(record, parsed))
