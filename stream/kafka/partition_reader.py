@@ -10,8 +10,9 @@ thread, and only when a rebalance is over or a hole was found.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import TypeVar, cast
 
 from confluent_kafka import (
     Consumer,
@@ -26,6 +27,7 @@ from stream.kafka.config import client_config
 
 #: librdkafka's "no committed offset"
 _NO_OFFSET = -1001
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,35 +63,44 @@ class PartitionReader:
         """The group's committed offset on ``partition`` (None: it has committed none)."""
         if self._admin is None:
             self._admin = AdminClient(client_config(self._bootstrap))
+        admin = self._admin
         request = ConsumerGroupTopicPartitions(
             self.group_id, [TopicPartition(self.topic, partition)]
         )
-        deadline = time.monotonic() + self.timeout_s
-        while True:
-            try:
-                futures = self._admin.list_consumer_group_offsets([request], request_timeout=5)
-                answer = futures[self.group_id].result()
-                offset = int(answer.topic_partitions[0].offset)
-                return None if offset == _NO_OFFSET else offset
-            except KafkaException as exc:
-                if time.monotonic() >= deadline:
-                    raise TimeoutError(
-                        f"no committed offset of group {self.group_id!r} on "
-                        f"{self.topic}/{partition} within {self.timeout_s:g} s: {exc}"
-                    ) from exc
-                time.sleep(0.5)
+
+        def ask() -> int | None:
+            futures = admin.list_consumer_group_offsets([request], request_timeout=5)
+            answer = futures[self.group_id].result().topic_partitions[0]
+            if answer.error is not None:  # e.g. the group's coordinator is moving
+                raise KafkaException(answer.error)
+            return None if answer.offset == _NO_OFFSET else int(answer.offset)
+
+        return self._retried(ask, f"the committed offset of group {self.group_id!r}", partition)
 
     def first_offset(self, partition: int) -> int:
         """The first offset ``partition`` still holds (its log start offset)."""
-        try:
-            low, _ = self._reader().get_watermark_offsets(
-                TopicPartition(self.topic, partition), timeout=self.timeout_s
-            )
-        except KafkaException as exc:
-            raise TimeoutError(
-                f"no first offset of {self.topic}/{partition} within {self.timeout_s:g} s: {exc}"
-            ) from exc
-        return int(low)
+        tp = TopicPartition(self.topic, partition)
+
+        def ask() -> int:
+            low, _ = self._reader().get_watermark_offsets(tp, timeout=5)
+            return int(low)
+
+        return self._retried(ask, "the first offset", partition)
+
+    def _retried(self, ask: Callable[[], T], what: str, partition: int) -> T:
+        """``ask()`` until it answers or ``timeout_s`` passes: a leader or coordinator
+        that just died is replaced within seconds, and librdkafka does not retry these."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                return ask()
+            except KafkaException as exc:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(
+                        f"no answer for {what} of {self.topic}/{partition} within "
+                        f"{self.timeout_s:g} s: {exc}"
+                    ) from exc
+                time.sleep(0.5)
 
     def read(self, partition: int, start: int, end: int) -> list[FetchedRecord]:
         """The records of ``partition`` from ``start`` up to, not including, ``end``.
