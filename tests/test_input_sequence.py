@@ -9,6 +9,7 @@ what the broker does not hold (transaction markers) is counted, not invented."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -147,3 +148,19 @@ def test_a_group_that_never_committed_starts_at_the_first_offset(
 
     assert [r.offset for r in holes[(0, 4)]] == [0, 1, 2, 3]
     assert (counters.skipped_offsets, counters.refetched_clicks) == (4, 4)
+
+
+def test_a_question_the_broker_cannot_answer_yet_is_asked_again(kafka_bootstrap: str) -> None:
+    """A partition without a leader (a broker just died; here, a topic created a moment
+    later) is answered once it has one: librdkafka itself fails such a question at once,
+    and the worker's check then made the worker exit in the fault bench's leader kill."""
+    names = StreamNames("sequence")
+    reader = PartitionReader(kafka_bootstrap, names.clicks, names.app_id, timeout_s=20)
+    creating = threading.Timer(2.0, ensure_topics, (kafka_bootstrap, {names.clicks: 1}))
+    creating.start()
+    try:
+        assert reader.first_offset(0) == 0
+        assert reader.committed(0) is None
+    finally:
+        creating.join()
+        reader.close()
