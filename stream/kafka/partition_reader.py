@@ -2,8 +2,8 @@
 
 For the worker's check that its agent receives every click (:mod:`stream.serving.sequence`):
 when Faust's consumer hands the agent a partition's clicks with a hole in them, the hole is
-read here. The reader's consumer belongs to no group of the worker's, commits nothing and
-never touches the worker's own consumer. Every call blocks; the worker makes them in a
+read here. Its clients commit nothing, never join the worker's group and never touch the
+worker's own consumer. Every call blocks; the worker makes them in a
 thread, and only when a rebalance is over or a hole was found.
 """
 
@@ -14,14 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar, cast
 
-from confluent_kafka import (
-    Consumer,
-    ConsumerGroupTopicPartitions,
-    KafkaError,
-    KafkaException,
-    TopicPartition,
-)
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from stream.kafka.config import client_config
 
@@ -56,21 +49,15 @@ class PartitionReader:
         self.group_id = group_id
         self.timeout_s = timeout_s
         self._bootstrap = bootstrap
-        self._admin: AdminClient | None = None
-        self._consumer: Consumer | None = None
+        self._group: Consumer | None = None  # of the worker's group, for its offsets
+        self._consumer: Consumer | None = None  # of no group, for records
 
     def committed(self, partition: int) -> int | None:
         """The group's committed offset on ``partition`` (None: it has committed none)."""
-        if self._admin is None:
-            self._admin = AdminClient(client_config(self._bootstrap))
-        admin = self._admin
-        request = ConsumerGroupTopicPartitions(
-            self.group_id, [TopicPartition(self.topic, partition)]
-        )
+        tp = TopicPartition(self.topic, partition)
 
         def ask() -> int | None:
-            futures = admin.list_consumer_group_offsets([request], request_timeout=5)
-            answer = futures[self.group_id].result().topic_partitions[0]
+            (answer,) = self._group_client().committed([tp], timeout=5)
             if answer.error is not None:  # e.g. the group's coordinator is moving
                 raise KafkaException(answer.error)
             return None if answer.offset == _NO_OFFSET else int(answer.offset)
@@ -82,7 +69,7 @@ class PartitionReader:
         tp = TopicPartition(self.topic, partition)
 
         def ask() -> int:
-            low, _ = self._reader().get_watermark_offsets(tp, timeout=5)
+            low, _ = self._group_client().get_watermark_offsets(tp, timeout=5)
             return int(low)
 
         return self._retried(ask, "the first offset", partition)
@@ -148,9 +135,25 @@ class PartitionReader:
         )
 
     def close(self) -> None:
-        if self._consumer is not None:
-            self._consumer.close()
-            self._consumer = None
+        for client in (self._group, self._consumer):
+            if client is not None:
+                client.close()
+        self._group = self._consumer = None
+
+    def _group_client(self) -> Consumer:
+        """A consumer of the worker's group that never subscribes, so it never joins the
+        group, and never commits: it only asks the group's coordinator. (An AdminClient
+        cannot be used for that: librdkafka 2.x crashes the process when the coordinator
+        answers an admin OffsetFetch with NOT_COORDINATOR, as it does while it moves,
+        confluentinc/librdkafka#5040; a rolling restart killed a worker that way.)"""
+        if self._group is None:
+            self._group = Consumer(
+                client_config(
+                    self._bootstrap,
+                    **{"group.id": self.group_id, "enable.auto.commit": False},
+                )
+            )
+        return self._group
 
     def _reader(self) -> Consumer:
         if self._consumer is None:
