@@ -260,3 +260,29 @@ def test_faust_still_has_what_the_fixes_patch() -> None:
         assert callable(getattr(Consumer, name, None)), name
     assert "self._buffered_partitions = set()" in source
     assert {"_suspend", "_resume"} <= set(vars(FlowControlEvent(initially_suspended=False)))
+
+
+def test_the_offset_sought_to_is_what_faust_seeks_to_at_the_end_of_a_rebalance() -> None:
+    """The input check takes where an assignment starts from Faust's own seek to committed
+    offsets, without asking the group's coordinator. Faust's real ``perform_seek`` fills it
+    (a committed 0 is stored as None: unknown, so the check asks the broker); a revocation
+    empties it."""
+
+    class Sought:
+        def __init__(self) -> None:
+            self._read_offset: dict[TP, int | None] = {}
+            self._committed_offset: dict[TP, int | None] = {}
+
+        async def seek_to_committed(self) -> dict[TP, int]:
+            return {CLICKS0: 23, CLICKS1: 0}
+
+    consumer = Sought()
+    app = SimpleNamespace(consumer=consumer)
+    assert faust_fixes.sought_offset(app, CLICKS0) is None  # not sought yet
+
+    asyncio.run(Consumer.perform_seek(consumer))  # type: ignore[arg-type]
+
+    assert faust_fixes.sought_offset(app, CLICKS0) == 23
+    assert faust_fixes.sought_offset(app, CLICKS1) is None
+    source = inspect.getsource(Consumer.on_partitions_revoked)
+    assert "self._committed_offset.pop(tp, None)" in source

@@ -164,3 +164,18 @@ def test_a_question_the_broker_cannot_answer_yet_is_asked_again(kafka_bootstrap:
     finally:
         creating.join()
         reader.close()
+
+
+def test_the_offset_the_consumer_was_sought_to_needs_no_question(
+    kafka_bootstrap: str, names: StreamNames, reader: PartitionReader
+) -> None:
+    """Where the consumer says it sought a partition to is where its assignment starts: the
+    check takes it without asking the group's coordinator (here the broker's committed 2
+    would make the hole start earlier)."""
+    produce(kafka_bootstrap, names.clicks, 8)
+    commit(kafka_bootstrap, names.app_id, names.clicks, 2)
+    sequence = InputSequence(reader, WorkerCounters(), sought=lambda partition: 4)
+
+    holes = asyncio.run(sequence.holes(received(reader, range(6, 8))))
+
+    assert [r.offset for r in holes[(0, 6)]] == [4, 5]

@@ -1,6 +1,6 @@
 """Four targeted corrections to faust-streaming 0.15 / mode 0.7, one observation of
 aiokafka 0.14 and one guard in its producer, applied once at start-up, and the one
-private hook the worker needs (:class:`in_context_of`).
+private hooks the worker needs (:class:`in_context_of`, :func:`sought_offset`).
 
 1. **Lost events after recovery.** At the end of table recovery Faust resumes flow control,
    and mode's ``FlowControlEvent.resume()`` always clears the stream queues, dropping
@@ -217,6 +217,17 @@ def apply(fetch_max_wait_ms: int) -> None:
 
     AIOKafkaConsumerThread._create_worker_consumer = _create_worker_consumer  # type: ignore
     _applied = True
+
+
+def sought_offset(app: Any, tp: TP) -> int | None:
+    """The offset Faust's consumer sought ``tp`` to when its assignment began, as Faust
+    knows it without asking the broker: ``Consumer._committed_offset``, which the seek to
+    committed offsets at the end of every rebalance fills (and the revocation empties).
+    None when Faust does not know it (not sought yet, nothing committed, or 0, which Faust
+    stores as None). Until the agent acknowledges a click of ``tp`` nothing else writes it,
+    so for the first click of an assignment it is where the assignment starts."""
+    offset = app.consumer._committed_offset.get(tp)
+    return None if offset is None else int(offset)
 
 
 class in_context_of:

@@ -43,6 +43,7 @@ from mode.types.signals import BaseSignalT
 from model.inference import Recommender
 from stream.kafka.partition_reader import PartitionReader
 from stream.kafka.wire import Rejected, encode_recommendation, parse_click
+from stream.serving import faust_patches
 from stream.serving.availability import AvailabilityFollower
 from stream.serving.dead_letters import WRONG_PARTITION, DeadLetters
 from stream.serving.expiry import EXPIRY_DELETES_FLOOR, SessionExpiry
@@ -88,7 +89,11 @@ class ClickProcessor:
         self._expiry_topic = expiry_topic(settings)
         # Faust's consumer group is the app id
         reader = PartitionReader(settings.bootstrap, settings.input_topic, settings.app_id)
-        self.sequence = InputSequence(reader, self.counters)
+        self.sequence = InputSequence(
+            reader,
+            self.counters,
+            lambda p: faust_patches.sought_offset(output.app, TP(settings.input_topic, p)),
+        )
         self._serving = False
         self._owned: set[int] = set()  # input partitions assigned at the last rebalance
         self._state_writes: list[Awaitable[Any]] = []  # changelog records in flight

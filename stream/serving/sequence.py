@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from stream.kafka.partition_reader import FetchedRecord, PartitionReader
@@ -58,9 +58,16 @@ class InputRecord(Protocol):
 class InputSequence:
     """The offsets each input partition's next click must have, and the holes' clicks."""
 
-    def __init__(self, reader: PartitionReader, counters: WorkerCounters) -> None:
+    def __init__(
+        self,
+        reader: PartitionReader,
+        counters: WorkerCounters,
+        sought: Callable[[int], int | None] = lambda partition: None,
+    ) -> None:
         self.reader = reader
         self.counters = counters
+        #: where the consumer says it sought a partition to (None: ask the broker)
+        self.sought = sought
         self._expected: dict[int, int] = {}  # partition -> the offset to receive next
         self._last: dict[int, int] = {}  # partition -> the offset received last
 
@@ -100,7 +107,12 @@ class InputSequence:
     def _start(self, partition: int) -> int:
         """Where the group's assignment of ``partition`` starts: its committed offset, or,
         for a group that has committed none there, the first offset the partition holds
-        (the worker's consumer resets to the earliest)."""
+        (the worker's consumer resets to the earliest). The offset the consumer was sought
+        to is that committed offset, and needs no question to the group's coordinator,
+        which a broker's death can leave unanswered for tens of seconds."""
+        sought = self.sought(partition)
+        if sought is not None:
+            return sought
         committed = self.reader.committed(partition)
         return self.reader.first_offset(partition) if committed is None else committed
 
