@@ -187,3 +187,23 @@ def test_a_commit_that_finds_the_membership_lapsed_exits_like_a_batch(
             faust_patches._handle_attached_after_barrier(consumer, {TP(settings.input_topic, 0): 5})
         )
     assert (left.value.code, committed) == (MEMBERSHIP_LOST_EXIT, [])
+
+
+def test_a_batch_waits_out_a_broker_outage_longer_than_the_session() -> None:
+    """While the broker is down no heartbeat can be answered, yet the membership may have
+    survived (a coordinator that restarts reloads its groups), and the next answer says so.
+    The batch waits for that answer up to the fence's patience (the worker's broker wait)
+    instead of exiting after one session: the worker then paused through an outage, as the
+    README promises, where it exited with status 75 (CI, test_crash_recovery's outage)."""
+    group = f"g-{time.monotonic_ns()}"
+    fence = GroupFence(group, session_timeout_s=0.3, patience_s=3.0)
+    fencing.confirmed(group, 5, time.monotonic() - 0.3)  # the last answer before the outage
+    threading.Timer(0.8, lambda: fencing.confirmed(group, 5, time.monotonic())).start()
+    started = time.monotonic()
+    asyncio.run(fence.confirm(5))
+    assert time.monotonic() - started >= 0.75
+
+    impatient = GroupFence(group, session_timeout_s=0.3, patience_s=0.6)
+    fencing.confirmed(group, 5, time.monotonic() - 0.3)
+    with pytest.raises(MembershipLost, match="waited 0.6 s"):
+        asyncio.run(impatient.confirm(5))

@@ -19,7 +19,10 @@ requires the membership of the batch's start to be confirmed less than a session
 less one heartbeat interval as a margin. A worker that woke up from a long pause waits
 for its next heartbeat's answer: still a member (a pause shorter than the session), it
 writes; evicted, it raises :class:`MembershipLost` and the worker exits without writing
-or committing, so the batch's clicks are applied by their new owner only.
+or committing, so the batch's clicks are applied by their new owner only. While no answer
+can come (the broker is down), the batch waits for one up to the worker's broker wait, as
+the worker waits for its broker everywhere else: a coordinator that restarts reloads its
+groups, and its answer says whether the membership survived the outage.
 
 Records already handed to the producer when the pause began would still go out on waking
 (measured in CI: one batch of 7 states). So the check is made a second time where the
@@ -92,10 +95,14 @@ def guarding(topic: str) -> GroupFence | None:
 class GroupFence:
     """Checks a group's membership before a batch writes (see the module docstring)."""
 
-    def __init__(self, group_id: str, session_timeout_s: float) -> None:
+    def __init__(
+        self, group_id: str, session_timeout_s: float, patience_s: float | None = None
+    ) -> None:
         self.group_id = group_id
         self.session_timeout_s = session_timeout_s
         self.lease_s = session_timeout_s - heartbeat_interval(session_timeout_s)
+        #: how long a batch waits for a heartbeat's answer (at least a session)
+        self.patience_s = max(session_timeout_s, patience_s or 0.0)
 
     def generation(self) -> int | None:
         """The membership's generation now (at a batch's start); None before any join,
@@ -110,8 +117,8 @@ class GroupFence:
 
     async def confirm(self, generation: int | None) -> None:
         """Return once the membership of ``generation`` is confirmed within the lease;
-        raise :class:`MembershipLost` if it ended or no heartbeat confirms it within a
-        group session."""
+        raise :class:`MembershipLost` if it ended, or if no heartbeat was answered within
+        the fence's patience."""
         if generation is None:
             return
         waited_from = time.monotonic()
@@ -125,10 +132,10 @@ class GroupFence:
                 )
             if now - membership.confirmed_at < self.lease_s:
                 return
-            if now - waited_from > self.session_timeout_s:
+            if now - waited_from > self.patience_s:
                 raise MembershipLost(
                     f"no heartbeat confirmed the group membership for "
                     f"{now - membership.confirmed_at:.1f} s (group session "
-                    f"{self.session_timeout_s:g} s)"
+                    f"{self.session_timeout_s:g} s, waited {self.patience_s:g} s)"
                 )
             await asyncio.sleep(_POLL_S)

@@ -85,7 +85,9 @@ class ClickProcessor:
         self.health = Health()
         self.dead_letters = DeadLetters(dead_letters, self.counters.rejected)
         self.expiry = SessionExpiry(table, settings.session_timeout_s, self._expired)
-        self.fence = GroupFence(settings.app_id, settings.group_session_timeout_s)
+        self.fence = GroupFence(
+            settings.app_id, settings.group_session_timeout_s, settings.broker_wait_s
+        )
         self._expiry_topic = expiry_topic(settings)
         # Faust's consumer group is the app id
         reader = PartitionReader(settings.bootstrap, settings.input_topic, settings.app_id)
