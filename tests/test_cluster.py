@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -102,50 +101,3 @@ def test_the_bench_refuses_to_fault_brokers_it_did_not_start(
     code = main(["bench", "faults", "--broker", "kafka://127.0.0.1:1", "--scenarios", scenario])
     assert code == 2
     assert "leave out leader-kill and rolling-restart there" in capsys.readouterr().err
-
-
-ASK_COMMITTED = """
-import sys, time
-from stream.kafka.partition_reader import PartitionReader
-reader = PartitionReader(sys.argv[1], sys.argv[2], sys.argv[3])
-answers = set()
-deadline = time.monotonic() + float(sys.argv[4])
-while time.monotonic() < deadline:
-    answers.add(reader.committed(0))
-print(sorted(answers, key=str))
-"""
-
-
-def test_the_committed_offset_is_asked_safely_while_the_coordinator_restarts(
-    cluster: KafkaCluster, tmp_path: Path
-) -> None:
-    """The worker asks its group's committed offset after every rebalance, and rebalances
-    come with brokers restarting. Asked through an AdminClient while the group's
-    coordinator moved, the question crashed the worker's process (librdkafka answers an
-    admin OffsetFetch's NOT_COORDINATOR through a consumer group the admin client does not
-    have: confluentinc/librdkafka#5040), in the fault bench's rolling restart."""
-    from confluent_kafka import Consumer, TopicPartition
-    from confluent_kafka.admin import AdminClient
-
-    from stream.kafka.config import client_config
-    from stream.kafka.topics import ensure_topics
-
-    names = StreamNames("coordinator")
-    ensure_topics(cluster.bootstrap, {names.clicks: 1})
-    committer = Consumer(client_config(cluster.bootstrap, **{"group.id": names.app_id}))
-    committer.commit(offsets=[TopicPartition(names.clicks, 0, 7)], asynchronous=False)
-    admin = AdminClient(client_config(cluster.bootstrap))
-    group = admin.describe_consumer_groups([names.app_id])[names.app_id].result(10)
-    asking = subprocess.Popen(
-        [sys.executable, "-c", ASK_COMMITTED, cluster.bootstrap, names.clicks, names.app_id, "25"],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    coordinator = cluster.node(group.coordinator.id)
-    time.sleep(3.0)
-    coordinator.stop()  # SIGTERM: its groups move to another broker
-    coordinator.start()
-    out, _ = asking.communicate(timeout=120)
-    committer.close()
-    assert (asking.returncode, out.strip()) == (0, "[7]")

@@ -9,14 +9,13 @@ what the broker does not hold (transaction markers) is counted, not invented."""
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Iterator
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 
 from stream.devtools.processes import StreamNames
-from stream.kafka.config import client_config, producer_config
+from stream.kafka.config import producer_config
 from stream.kafka.partition_reader import FetchedRecord, PartitionReader
 from stream.kafka.topics import ensure_topics
 from stream.kafka.wire import Click, encode_click
@@ -46,13 +45,6 @@ def produce(bootstrap: str, topic: str, n: int) -> None:
     assert producer.flush(30) == 0
 
 
-def commit(bootstrap: str, group: str, topic: str, offset: int) -> None:
-    """Commit ``offset`` for ``group``, which has no member (as after its workers stopped)."""
-    consumer = Consumer(client_config(bootstrap, **{"group.id": group}))
-    consumer.commit(offsets=[TopicPartition(topic, 0, offset)], asynchronous=False)
-    consumer.close()
-
-
 def received(reader: PartitionReader, offsets: range) -> list[FetchedRecord]:
     """What the agent is handed: the topic's records at ``offsets``."""
     return reader.read(0, offsets.start, offsets.stop)
@@ -61,12 +53,12 @@ def received(reader: PartitionReader, offsets: range) -> list[FetchedRecord]:
 def test_a_hole_after_the_committed_offset_is_read_from_the_broker(
     kafka_bootstrap: str, names: StreamNames, reader: PartitionReader
 ) -> None:
-    """After a rebalance the first click must be at the committed offset: offsets 2..5 never
-    handed over come back, the broker's own records, to be applied before offset 6."""
+    """After a rebalance the first click must be at the committed offset the consumer was
+    sought to: offsets 2..5 never handed over come back, the broker's own records, to be
+    applied before offset 6."""
     produce(kafka_bootstrap, names.clicks, 10)
-    commit(kafka_bootstrap, names.app_id, names.clicks, 2)
     counters = WorkerCounters()
-    sequence = InputSequence(reader, counters)
+    sequence = InputSequence(reader, counters, sought=lambda partition: 2)
 
     holes = asyncio.run(sequence.holes(received(reader, range(6, 10))))
 
@@ -82,9 +74,8 @@ def test_a_hole_within_an_assignment_is_read_and_replays_are_not(
     """A hole between two batches is read as well; clicks received again after a seek back
     are replays (the idempotence guard's), and never make a hole of their own."""
     produce(kafka_bootstrap, names.clicks, 12)
-    commit(kafka_bootstrap, names.app_id, names.clicks, 0)
     counters = WorkerCounters()
-    sequence = InputSequence(reader, counters)
+    sequence = InputSequence(reader, counters, sought=lambda partition: 0)
 
     first = asyncio.run(sequence.holes(received(reader, range(0, 4))))
     later = asyncio.run(sequence.holes(received(reader, range(7, 9))))
@@ -101,8 +92,7 @@ def test_the_check_starts_again_from_the_commit_after_every_rebalance(
     """The offsets received before a rebalance say nothing about the next assignment: a
     partition given back starts at the committed offset, wherever the last batch ended."""
     produce(kafka_bootstrap, names.clicks, 8)
-    commit(kafka_bootstrap, names.app_id, names.clicks, 3)
-    sequence = InputSequence(reader, WorkerCounters())
+    sequence = InputSequence(reader, WorkerCounters(), sought=lambda partition: 3)
     asyncio.run(sequence.holes(received(reader, range(3, 8))))
 
     sequence.reset()
@@ -124,9 +114,8 @@ def test_offsets_holding_no_click_are_counted_not_read(
             key, value = encode_click(Click(f"s{k}", f"item{k}", 1000.0 + transaction))
             producer.produce(names.clicks, value, key, partition=0)
         producer.commit_transaction(30)
-    commit(kafka_bootstrap, names.app_id, names.clicks, 0)
     counters = WorkerCounters()
-    sequence = InputSequence(reader, counters)
+    sequence = InputSequence(reader, counters, sought=lambda partition: 0)
 
     records = received(reader, range(0, 8))
     holes = asyncio.run(sequence.holes(records))
@@ -136,46 +125,15 @@ def test_offsets_holding_no_click_are_counted_not_read(
     assert (counters.skipped_offsets, counters.refetched_clicks) == (1, 0)
 
 
-def test_a_group_that_never_committed_starts_at_the_first_offset(
+def test_a_group_that_never_committed_starts_where_its_first_click_is(
     kafka_bootstrap: str, names: StreamNames, reader: PartitionReader
 ) -> None:
-    """A group with no committed offset starts where the worker's consumer resets to: the
-    partition's first offset. A first click past it is a hole like any other."""
+    """Before a group's first commit the consumer says nothing of where it started (its
+    reset policy did): the first click is taken as the start, and nothing is read."""
     produce(kafka_bootstrap, names.clicks, 6)
     counters = WorkerCounters()
+    sequence = InputSequence(reader, counters, sought=lambda partition: None)
 
-    holes = asyncio.run(InputSequence(reader, counters).holes(received(reader, range(4, 6))))
+    holes = asyncio.run(sequence.holes(received(reader, range(4, 6))))
 
-    assert [r.offset for r in holes[(0, 4)]] == [0, 1, 2, 3]
-    assert (counters.skipped_offsets, counters.refetched_clicks) == (4, 4)
-
-
-def test_a_question_the_broker_cannot_answer_yet_is_asked_again(kafka_bootstrap: str) -> None:
-    """A partition without a leader (a broker just died; here, a topic created a moment
-    later) is answered once it has one: librdkafka itself fails such a question at once,
-    and the worker's check then made the worker exit in the fault bench's leader kill."""
-    names = StreamNames("sequence")
-    reader = PartitionReader(kafka_bootstrap, names.clicks, names.app_id, timeout_s=20)
-    creating = threading.Timer(2.0, ensure_topics, (kafka_bootstrap, {names.clicks: 1}))
-    creating.start()
-    try:
-        assert reader.first_offset(0) == 0
-        assert reader.committed(0) is None
-    finally:
-        creating.join()
-        reader.close()
-
-
-def test_the_offset_the_consumer_was_sought_to_needs_no_question(
-    kafka_bootstrap: str, names: StreamNames, reader: PartitionReader
-) -> None:
-    """Where the consumer says it sought a partition to is where its assignment starts: the
-    check takes it without asking the group's coordinator (here the broker's committed 2
-    would make the hole start earlier)."""
-    produce(kafka_bootstrap, names.clicks, 8)
-    commit(kafka_bootstrap, names.app_id, names.clicks, 2)
-    sequence = InputSequence(reader, WorkerCounters(), sought=lambda partition: 4)
-
-    holes = asyncio.run(sequence.holes(received(reader, range(6, 8))))
-
-    assert [r.offset for r in holes[(0, 6)]] == [4, 5]
+    assert holes == {} and counters.skipped_offsets == 0

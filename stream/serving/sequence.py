@@ -11,8 +11,11 @@ which path, the records do not say.)
 
 So the worker does not take the order it is handed on trust. Per input partition it knows
 the offset it must receive next: for the first click after a rebalance, where the
-assignment starts (the group's committed offset, or the partition's first offset if the
-group has committed none); then one past the highest offset received.
+assignment starts, the committed offset Faust's consumer has just sought the partition to;
+then one past the highest offset received. (Before a group's first commit on a partition,
+its first click is taken as the start. The start is not asked of the broker: the group's
+coordinator and the partition's leader are exactly what a failing broker takes away, and
+a worker kept waiting for them stopped answering for tens of seconds.)
 A click above it shows a hole. The hole is read from the broker directly
 (:class:`~stream.kafka.partition_reader.PartitionReader`) and its clicks are applied
 before the click that showed it, as if Faust had delivered them. Offsets there that hold no
@@ -66,7 +69,8 @@ class InputSequence:
     ) -> None:
         self.reader = reader
         self.counters = counters
-        #: where the consumer says it sought a partition to (None: ask the broker)
+        #: where the consumer sought a partition to at the rebalance: its committed offset
+        #: (None: nothing committed, or 0)
         self.sought = sought
         self._expected: dict[int, int] = {}  # partition -> the offset to receive next
         self._last: dict[int, int] = {}  # partition -> the offset received last
@@ -87,13 +91,15 @@ class InputSequence:
             partition, offset = record.partition, record.offset
             expected = self._expected.get(partition)
             if expected is None:
-                expected = await asyncio.to_thread(self._start, partition)
+                expected = self.sought(partition)
                 logger.info(
-                    "partition %d: first click since the rebalance at offset %d (start %d)",
+                    "partition %d: first click since the rebalance at offset %d (sought to %s)",
                     partition,
                     offset,
                     expected,
                 )
+                if expected is None:  # nothing committed yet: the first click is the start
+                    expected = offset
             if offset > expected:
                 found[(partition, offset)] = await self._read_hole(partition, expected, offset)
             elif (last := self._last.get(partition)) is not None and offset <= last:
@@ -103,18 +109,6 @@ class InputSequence:
             self._expected[partition] = max(expected, offset + 1)
             self._last[partition] = offset
         return found
-
-    def _start(self, partition: int) -> int:
-        """Where the group's assignment of ``partition`` starts: its committed offset, or,
-        for a group that has committed none there, the first offset the partition holds
-        (the worker's consumer resets to the earliest). The offset the consumer was sought
-        to is that committed offset, and needs no question to the group's coordinator,
-        which a broker's death can leave unanswered for tens of seconds."""
-        sought = self.sought(partition)
-        if sought is not None:
-            return sought
-        committed = self.reader.committed(partition)
-        return self.reader.first_offset(partition) if committed is None else committed
 
     async def _read_hole(self, partition: int, start: int, end: int) -> list[FetchedRecord]:
         records = await asyncio.to_thread(self.reader.read, partition, start, end)
