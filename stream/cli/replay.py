@@ -114,7 +114,8 @@ def add_parser(subparsers: SubParsers) -> None:
 def run(args: argparse.Namespace) -> int:
     """Handler of ``streamrec replay``: check, read, report bad rows, send, print JSON."""
     servers = bootstrap_servers(args.broker)
-    with signals_as_interrupt(signal.SIGTERM):  # stops like Ctrl-C: flush, report
+    # SIGINT too: a command started in the background by a script inherits it ignored
+    with signals_as_interrupt(signal.SIGINT, signal.SIGTERM):  # both: flush, report
         partitions = check_topic(servers, args.topic)  # fail fast, before a long read
         try:
             log = read_replay_log(args.data, tuple(args.columns), args.sep)
