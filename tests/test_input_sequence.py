@@ -20,7 +20,7 @@ from stream.kafka.partition_reader import FetchedRecord, PartitionReader
 from stream.kafka.topics import ensure_topics
 from stream.kafka.wire import Click, encode_click
 from stream.serving.metrics import WorkerCounters
-from stream.serving.sequence import InputSequence
+from stream.serving.sequence import REFETCHED_LOG, InputSequence
 
 
 @pytest.fixture
@@ -51,7 +51,10 @@ def received(reader: PartitionReader, offsets: range) -> list[FetchedRecord]:
 
 
 def test_a_hole_after_the_committed_offset_is_read_from_the_broker(
-    kafka_bootstrap: str, names: StreamNames, reader: PartitionReader
+    kafka_bootstrap: str,
+    names: StreamNames,
+    reader: PartitionReader,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """After a rebalance the first click must be at the committed offset the consumer was
     sought to: offsets 2..5 never handed over come back, the broker's own records, to be
@@ -66,6 +69,8 @@ def test_a_hole_after_the_committed_offset_is_read_from_the_broker(
     assert [r.offset for r in holes[(0, 6)]] == [2, 3, 4, 5]
     assert holes[(0, 6)] == received(reader, range(2, 6))  # keys, values, timestamps
     assert (counters.skipped_offsets, counters.refetched_clicks) == (4, 4)
+    # what bench faults counts in the workers' logs
+    assert REFETCHED_LOG.findall(caplog.text) == ["4"]
 
 
 def test_a_hole_within_an_assignment_is_read_and_replays_are_not(

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import re
 import sys
 import time
 from collections import defaultdict
@@ -80,10 +79,9 @@ from stream.kafka.config import bootstrap_servers
 from stream.kafka.wire import Click
 from stream.registry import ModelRegistry
 from stream.serving.metrics import REBALANCING
+from stream.serving.sequence import REFETCHED_LOG
 
 SESSIONS = 30
-#: a worker's log line for a hole its consumer left (stream.serving.sequence)
-REFETCHED = re.compile(r"read (\d+) clicks of them from the broker")
 WORKER_KILLS = 10
 
 
@@ -348,7 +346,7 @@ def check(
         clicks_refetched=sum(
             int(n)
             for log in rig.work.glob("worker-*.log")
-            for n in REFETCHED.findall(log.read_text(errors="replace"))
+            for n in REFETCHED_LOG.findall(log.read_text(errors="replace"))
         ),
         worker_kills=rig.worker_kills,
         model_swaps=len(rig.models) - 1,

@@ -1,5 +1,5 @@
 """Four targeted corrections to faust-streaming 0.15 / mode 0.7, one observation of
-aiokafka 0.14 and one guard in its producer, applied once at start-up, and the one
+aiokafka 0.14 and one guard in its producer, applied once at start-up, and the two
 private hooks the worker needs (:class:`in_context_of`, :func:`sought_offset`).
 
 1. **Lost events after recovery.** At the end of table recovery Faust resumes flow control,

@@ -31,29 +31,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from stream.kafka.partition_reader import FetchedRecord, PartitionReader
+from stream.serving.dead_letters import SourceRecord
 from stream.serving.metrics import WorkerCounters
 
 logger = logging.getLogger("streamrec.worker")
+#: matches the warning a hole's read logs (below), for those who count them in the logs
+REFETCHED_LOG = re.compile(r"read (\d+) clicks of them from the broker")
 
 
-class InputRecord(Protocol):
-    """What the worker reads of a click-topic record: a Faust message, or a
+class InputRecord(SourceRecord, Protocol):
+    """What the worker reads of a click-topic record (what a dead letter copies, and when
+    it was written): a Faust message, or a
     :class:`~stream.kafka.partition_reader.FetchedRecord`."""
 
-    @property
-    def topic(self) -> str: ...
-    @property
-    def partition(self) -> int: ...
-    @property
-    def offset(self) -> int: ...
-    @property
-    def key(self) -> bytes | None: ...
-    @property
-    def value(self) -> bytes | None: ...
     @property
     def timestamp(self) -> float: ...
 
